@@ -1,0 +1,146 @@
+"""Trackable objects: named dependency edges and the queues that make deferred restore work.
+
+A ``Trackable`` keeps its children as ``(local_name, child)`` pairs in insertion order; those edges
+name everything in a checkpoint. When a restore reaches a child name the live object does not have
+yet, the checkpoint position waits in ``_deferred_dependencies[name]`` and is applied the moment a
+dependency with that name is tracked (``_track_trackable``).
+
+Per-object state lives in ``_self_*`` attributes set by ``_maybe_initialize_trackable`` so that
+subclasses need not call ``super().__init__`` (as in TensorFlow).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+__all__ = ["Trackable", "NoDependency", "TrackableReference"]
+
+logger = logging.getLogger("asyncckpt")
+
+
+class TrackableReference:
+    """A named edge to a child trackable."""
+
+    __slots__ = ("name", "ref")
+
+    def __init__(self, name: str, ref: "Trackable"):
+        self.name = name
+        self.ref = ref
+
+    def __iter__(self):
+        return iter((self.name, self.ref))
+
+    def __repr__(self) -> str:
+        return f"TrackableReference(name={self.name!r}, ref={self.ref!r})"
+
+
+class Trackable:
+    """Base class for objects whose state goes into checkpoints.
+
+    Subclasses declare children with ``_track_trackable`` and their own values with
+    ``_serialize_to_tensors`` / ``_restore_from_tensors``.
+    """
+
+    def _maybe_initialize_trackable(self) -> None:
+        if "_self_dependencies" in self.__dict__:
+            return
+        set_ = object.__setattr__
+        set_(self, "_self_dependencies", [])  # list[TrackableReference], insertion order
+        set_(self, "_self_deferred_dependencies", {})  # name -> list[CheckpointPosition]
+        set_(self, "_self_update_uid", -1)  # uid of the newest restore applied to this object
+
+    # ------------------------------------------------------------------ dependencies
+    @property
+    def _deferred_dependencies(self) -> dict:
+        self._maybe_initialize_trackable()
+        return self._self_deferred_dependencies
+
+    @property
+    def _update_uid(self) -> int:
+        self._maybe_initialize_trackable()
+        return self._self_update_uid
+
+    @_update_uid.setter
+    def _update_uid(self, value: int) -> None:
+        self._maybe_initialize_trackable()
+        object.__setattr__(self, "_self_update_uid", value)
+
+    @property
+    def _checkpoint_dependencies(self) -> list[TrackableReference]:
+        self._maybe_initialize_trackable()
+        return list(self._self_dependencies)
+
+    def _trackable_children(self) -> dict[str, "Trackable"]:
+        """Children as an insertion-ordered ``{local_name: child}`` mapping."""
+        self._maybe_initialize_trackable()
+        return {ref.name: ref.ref for ref in self._self_dependencies}
+
+    def _lookup_dependency(self, name: str, cached_dependencies: dict | None = None) -> "Trackable | None":
+        if cached_dependencies is not None:
+            return cached_dependencies.get(name)
+        self._maybe_initialize_trackable()
+        for ref in self._self_dependencies:
+            if ref.name == name:
+                return ref.ref
+        return None
+
+    def _track_trackable(self, trackable: "Trackable", name: str, overwrite: bool = False) -> "Trackable":
+        """Declare ``trackable`` as the dependency ``name``; apply any restore waiting for that name."""
+        self._maybe_initialize_trackable()
+        if not isinstance(trackable, Trackable):
+            raise TypeError(
+                "Trackable._track_trackable() can only be used to track objects of type Trackable. "
+                f"Got type {type(trackable).__name__}."
+            )
+        current = self._lookup_dependency(name)
+        if current is not None and current is not trackable:
+            if not overwrite:
+                raise ValueError(
+                    f"Called Trackable._track_trackable() with name='{name}', but a Trackable with this "
+                    "name is already declared as a dependency. Names must be unique (or overwrite=True)."
+                )
+            for index, ref in enumerate(self._self_dependencies):
+                if ref.name == name:
+                    self._self_dependencies[index] = TrackableReference(name, trackable)
+        elif current is None:
+            self._self_dependencies.append(TrackableReference(name, trackable))
+            self._handle_deferred_dependencies(name, trackable)
+        return trackable
+
+    def _handle_deferred_dependencies(self, name: str, trackable: "Trackable") -> None:
+        """Apply restores queued for ``name``, newest restore first (the newest one wins)."""
+        positions = self._deferred_dependencies.pop(name, ())
+        for position in sorted(positions, key=lambda p: p.restore_uid, reverse=True):
+            position.restore(trackable)
+
+    def _delete_tracking(self, name: str) -> None:
+        self._maybe_initialize_trackable()
+        self._self_dependencies[:] = [ref for ref in self._self_dependencies if ref.name != name]
+
+    # ------------------------------------------------------------------ values
+    def _serialize_to_tensors(self) -> dict[str, Any]:
+        """``{attribute_name: value}`` to save for this object (none by default)."""
+        return {}
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
+        """Receive the checkpoint values of this object's attributes."""
+        if restored_tensors:
+            raise NotImplementedError(f"{type(self).__name__} does not restore attributes {sorted(restored_tensors)}")
+
+    def _checkpoint_attribute_names(self) -> tuple[str, ...]:
+        """Names of the attributes this object saves and can restore."""
+        return tuple(self._serialize_to_tensors())
+
+
+class NoDependency:
+    """Wrap a value assigned to an attribute so that it is stored but not tracked."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"NoDependency({self.value!r})"
+

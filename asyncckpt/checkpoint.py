@@ -1,0 +1,406 @@
+"""``Checkpoint``: group trackables, save them as one object graph, restore them by matching edges.
+
+``save``/``write`` walk the object graph, hand the values to the write pipeline (which snapshots
+them and writes in the background) and either wait for the commit (default) or return at once with
+``CheckpointOptions(enable_async=True)``. At most one write per ``Checkpoint`` is in flight: a new
+save first waits for the previous one and re-raises its error, as do ``sync()`` and ``restore()``'s
+wait. ``asave``/``arestore`` serve asyncio programs without blocking their loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import inspect
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from asyncckpt import pipeline
+from asyncckpt.autotrackable import AutoTrackable
+from asyncckpt.errors import NotFoundError
+from asyncckpt.graph import GraphView, serialize_graph
+from asyncckpt.restore import (
+    CheckpointLoadStatus,
+    CheckpointPosition,
+    InitializationOnlyStatus,
+    RestoreCoordinator,
+    preload_simple_restoration,
+)
+from asyncckpt.checkpoint_management import update_checkpoint_state
+from asyncckpt.trackable import Trackable, TrackableReference
+from asyncckpt.variable import Variable
+
+__all__ = ["Checkpoint", "CheckpointOptions", "add_variable"]
+
+logger = logging.getLogger("asyncckpt")
+
+
+@dataclasses.dataclass
+class CheckpointOptions:
+    """Options for ``save``/``write``/``restore``/``read``.
+
+    Parameters
+    ----------
+    enable_async : bool
+        Return from ``save``/``write`` once the snapshot is taken; the bytes are written in the
+        background. ``sync()`` waits for them and re-raises any error.
+    experimental_write_callbacks : list of callables, optional
+        Called in order, with no argument or with the saved path, after each write is durable.
+    experimental_skip_slot_variables : bool
+        On restore, neither restore nor require optimizer slot variables.
+    write_settings, read_settings : optional
+        Staging budget, chunk sizes and concurrency of the I/O pipeline.
+    experimental_io_device, experimental_sharding_callback :
+        Accepted for TensorFlow compatibility and ignored (placement and sharding are the pipeline's).
+    experimental_enable_async_checkpoint : bool
+        Deprecated spelling of ``enable_async``.
+    """
+
+    experimental_io_device: str | None = None
+    experimental_enable_async_checkpoint: bool = False
+    experimental_write_callbacks: Sequence[Callable] | None = None
+    enable_async: bool = False
+    experimental_sharding_callback: Any = None
+    experimental_skip_slot_variables: bool = False
+    write_settings: pipeline.WriteSettings | None = None
+    read_settings: pipeline.ReadSettings | None = None
+
+    def __post_init__(self):
+        if self.experimental_enable_async_checkpoint:
+            logger.warning("experimental_enable_async_checkpoint is deprecated; use enable_async=True")
+            self.enable_async = True
+        self.experimental_write_callbacks = list(self.experimental_write_callbacks or ())
+        for callback in self.experimental_write_callbacks:
+            _callback_arity(callback)
+
+
+def _callback_arity(callback: Callable) -> int:
+    try:
+        parameters = inspect.signature(callback).parameters
+    except (TypeError, ValueError):
+        return 1
+    required = [
+        p for p in parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(parameters) > 1 and len(required) > 1:
+        raise AssertionError(
+            f"A write callback must take no argument or one (the checkpoint path); {callback!r} takes "
+            f"{len(parameters)}."
+        )
+    return min(len(parameters), 1)
+
+
+def _bind_callback(callback: Callable, path: str) -> Callable[[], None]:
+    if _callback_arity(callback) == 0:
+        return callback
+    return lambda: callback(path)
+
+
+def _assert_trackable(obj: Any, name: str) -> None:
+    if not isinstance(obj, Trackable):
+        raise ValueError(
+            f"`Checkpoint` was expecting {name} to be a trackable object (an object derived from "
+            f"`Trackable`), got {obj}. If you believe this object should be trackable (i.e. it is part "
+            "of the TensorFlow Python API and manages state), please open an issue."
+        )
+
+
+def add_variable(
+    trackable: Trackable,
+    name: str,
+    shape: Sequence[int] | None = None,
+    dtype: Any = np.float32,
+    initializer: Any = None,
+    trainable: bool = True,
+    device: str | None = None,
+) -> Variable:
+    """Create a variable and track it as ``trackable.<name>``.
+
+    If a restore is waiting for ``trackable.<name>`` and it is a plain variable, the checkpoint value
+    is the initial value and ``initializer`` is not called (restore-on-create). ``initializer`` is an
+    array-like value or a callable ``initializer(shape, dtype)``; with neither, the variable is zeros.
+    """
+    trackable._maybe_initialize_trackable()
+    if trackable._lookup_dependency(name) is not None:
+        raise ValueError(
+            f"Called Trackable._track_trackable() with name='{name}', but a Trackable with this name is "
+            "already declared as a dependency. Names must be unique (or overwrite=True)."
+        )
+    declared_shape = tuple(shape) if shape is not None else None
+    position = preload_simple_restoration(trackable, name)
+    if position is not None:
+        value = position.value()
+        if declared_shape is not None and tuple(value.shape) != declared_shape:
+            raise ValueError(
+                f"In the creation of variable {name!r}, the checkpoint value's shape {tuple(value.shape)} is "
+                f"not compatible with the explicitly supplied `shape` argument {declared_shape}."
+            )
+        if dtype is not None and np.dtype(value.dtype) != np.dtype(dtype):
+            raise ValueError(
+                f"In the creation of variable {name!r}, the checkpoint value's dtype {value.dtype} does not "
+                f"match the requested dtype {np.dtype(dtype)}."
+            )
+        variable = Variable(value, name=name, trainable=trainable, device=device)
+        variable._update_uid = position.restore_uid
+    else:
+        variable = Variable(_initial_value(name, declared_shape, dtype, initializer), dtype=dtype, name=name,
+                            trainable=trainable, device=device)
+    return trackable._track_trackable(variable, name)
+
+
+def _initial_value(name: str, shape: tuple[int, ...] | None, dtype: Any, initializer: Any):
+    if initializer is None:
+        if shape is None:
+            raise ValueError(f"add_variable({name!r}) needs a shape or an initializer")
+        return np.zeros(shape, dtype=dtype)
+    if callable(initializer):
+        value = initializer(shape, dtype)
+    else:
+        value = initializer
+    value = np.asarray(value, dtype=dtype) if not hasattr(value, "__cuda_array_interface__") else value
+    if shape is not None and tuple(value.shape) != shape:
+        if value.ndim == 0:
+            return np.full(shape, value, dtype=dtype)
+        raise ValueError(
+            f"add_variable({name!r}): the initial value's shape {tuple(value.shape)} is not compatible with "
+            f"the explicitly supplied `shape` argument {shape}"
+        )
+    return value
+
+
+class Checkpoint(AutoTrackable):
+    """Groups trackable objects, saving and restoring them.
+
+    ``Checkpoint(**kwargs)`` tracks each keyword argument under its name; ``Checkpoint(root, **kwargs)``
+    saves ``root`` as the top of the graph with the kwargs attached to it. See the package README for
+    the programming model, which follows TensorFlow 2's ``tf.train.Checkpoint``.
+    """
+
+    def __init__(self, root: Any = None, **kwargs: Any):
+        super().__init__()
+        self._maybe_initialize_trackable()
+        internals = {
+            "_self_save_counter": None,
+            "_self_root": root,
+            "_self_attached": None,
+            "_self_pending": None,
+            "_self_save_lock": threading.RLock(),
+        }
+        for name, value in internals.items():
+            object.__setattr__(self, name, value)
+        attached: list[TrackableReference] = []
+        trackable_root = None
+        if root is not None:
+            trackable_root = root() if isinstance(root, weakref.ref) else root
+            _assert_trackable(trackable_root, "root")
+            trackable_root._maybe_initialize_trackable()
+            kwargs["root"] = root
+        for key, value in sorted(kwargs.items(), key=lambda item: item[0]):
+            setattr(self, key, value)
+            converted = getattr(self, key)
+            if isinstance(converted, weakref.ref):
+                converted = converted()
+            _assert_trackable(converted, key)
+            if trackable_root is not None:
+                child = trackable_root._lookup_dependency(key)
+                if child is None:
+                    attached.append(TrackableReference(key, weakref.ref(converted) if key == "root" else converted))
+                elif child is not converted:
+                    raise ValueError(
+                        f"Cannot create a Checkpoint with keyword argument {key} if root.{key} already exists."
+                    )
+        if root is not None:
+            object.__setattr__(self, "_self_attached", attached)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "root" and isinstance(value, weakref.ref):
+            object.__setattr__(self, name, value)  # a weak root is not a dependency of the Checkpoint
+            return
+        super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ graph
+    def _graph_view(self) -> GraphView:
+        if self._self_root is None:
+            return GraphView(self)
+        return GraphView(self._self_root, tuple(self._self_attached))
+
+    @property
+    def save_counter(self) -> Variable:
+        """An int64 variable incremented by ``save()``; created on first use (restore-on-create)."""
+        self._maybe_create_save_counter()
+        return self._self_save_counter
+
+    def _maybe_create_save_counter(self) -> None:
+        if self._self_save_counter is not None:
+            return
+        counter = add_variable(self, "save_counter", initializer=0, dtype=np.int64, trainable=False)
+        object.__setattr__(self, "_self_save_counter", counter)
+        if self._self_attached is not None:
+            self._self_attached.append(TrackableReference("save_counter", counter))
+            root = self._graph_view().root_object
+            for position in sorted(root._deferred_dependencies.pop("save_counter", ()),
+                                   key=lambda p: p.restore_uid, reverse=True):
+                position.restore(counter)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None) -> str:
+        """Write ``<file_prefix>-<save_counter + 1>``, record it in the ``checkpoint`` state file, return it."""
+        options = copy.copy(options) if options is not None else CheckpointOptions()
+        prefix = os.fspath(file_prefix)
+        with self._self_save_lock:
+            self._wait_for_pending_write()
+            counter = self.save_counter
+            counter.assign_add(1)
+            path = f"{prefix}-{int(counter)}"
+            directory = os.path.dirname(path) or "."
+            state_updater = lambda: update_checkpoint_state(directory, path)  # noqa: E731
+            return self._write(path, options, extra_callbacks=[state_updater])
+
+    def write(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None) -> str:
+        """Write exactly ``file_prefix``: no numbering, no ``save_counter`` change, no state file."""
+        options = copy.copy(options) if options is not None else CheckpointOptions()
+        with self._self_save_lock:
+            self._wait_for_pending_write()
+            return self._write(os.fspath(file_prefix), options)
+
+    def _write(self, path: str, options: CheckpointOptions, extra_callbacks: Sequence[Callable] = ()) -> str:
+        handle = self._start_write(path, options, extra_callbacks)
+        if options.enable_async:
+            object.__setattr__(self, "_self_pending", handle)
+        else:
+            handle.result()
+        return path
+
+    def _start_write(self, path: str, options: CheckpointOptions, extra_callbacks: Sequence[Callable]):
+        serialized = serialize_graph(self._graph_view())
+        entries = [pipeline.SaveEntry(key, source) for key, source in serialized.entries]
+        callbacks = [_bind_callback(callback, path) for callback in options.experimental_write_callbacks]
+        callbacks.extend(extra_callbacks)
+        return pipeline.start_write(
+            path,
+            entries,
+            serialized.object_graph,
+            settings=options.write_settings or pipeline.WriteSettings(),
+            on_commit=callbacks,
+        )
+
+    def _wait_for_pending_write(self) -> None:
+        """Wait for this checkpoint's write in flight; re-raise its error once."""
+        handle = self._self_pending
+        if handle is None:
+            return
+        object.__setattr__(self, "_self_pending", None)
+        handle.result()
+
+    def sync(self) -> None:
+        """Wait until pending asynchronous writes are durable; re-raise the first background error."""
+        with self._self_save_lock:
+            self._wait_for_pending_write()
+
+    async def asave(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None) -> str:
+        """``save`` for asyncio programs: the snapshot is taken now; awaiting resolves when durable."""
+        options = copy.copy(options) if options is not None else CheckpointOptions()
+        options.enable_async = True
+        path = await asyncio.to_thread(self.save, file_prefix, options)
+        await self._await_pending()
+        return path
+
+    async def awrite(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None) -> str:
+        """``write`` for asyncio programs."""
+        options = copy.copy(options) if options is not None else CheckpointOptions()
+        options.enable_async = True
+        path = await asyncio.to_thread(self.write, file_prefix, options)
+        await self._await_pending()
+        return path
+
+    async def _await_pending(self) -> None:
+        handle = self._self_pending
+        if handle is not None:
+            await handle.wait()
+            self.sync()
+
+    # ------------------------------------------------------------------ restoring
+    def restore(self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None):
+        """Restore from ``save_path`` (``read`` plus the ``save_counter``); ``None`` restores nothing."""
+        if save_path is None:
+            self._maybe_create_save_counter()
+            return InitializationOnlyStatus(self._graph_view())
+        try:
+            status = self.read(save_path, options)
+        except NotFoundError as error:
+            raise NotFoundError(
+                f"Error when restoring from checkpoint or SavedModel at {os.fspath(save_path)}: {error}\n"
+                "Please double-check that the path is correct. You may be missing the checkpoint suffix "
+                "(e.g. the '-1' in 'path/to/ckpt-1')."
+            ) from error
+        self._maybe_create_save_counter()
+        return status
+
+    def read(self, save_path: str | os.PathLike, options: CheckpointOptions | None = None) -> CheckpointLoadStatus:
+        """Restore values of objects that exist (or are queued for creation); ``save_counter`` is left alone."""
+        options = options or CheckpointOptions()
+        path = os.fspath(save_path)
+        pipeline.wait_for_pending_writes(path)
+        reader = pipeline.open_reader(path, settings=options.read_settings or pipeline.ReadSettings())
+        coordinator = RestoreCoordinator(
+            reader.object_graph, reader, skip_slot_variables=options.experimental_skip_slot_variables
+        )
+        view = self._graph_view()
+        root = view.root_object
+        CheckpointPosition(coordinator, 0).restore(root)
+        self._restore_attached(coordinator, root)
+        return CheckpointLoadStatus(coordinator, view)
+
+    def _restore_attached(self, coordinator: RestoreCoordinator, root: Trackable) -> None:
+        """Match kwargs attached to an explicit root against the saved root's children."""
+        if self._self_attached is None:
+            return
+        saved_children = {child["local_name"]: child["node_id"] for child in coordinator.nodes[0]["children"]}
+        for ref in self._self_attached:
+            if ref.name == "root" or ref.name not in saved_children:
+                continue
+            queued = root._deferred_dependencies.get(ref.name)
+            if queued:
+                queued[:] = [p for p in queued if p.checkpoint is not coordinator]
+                if not queued:
+                    del root._deferred_dependencies[ref.name]
+            node_id = saved_children[ref.name]
+            if node_id in coordinator.object_by_proto_id:
+                continue
+            target = ref.ref() if isinstance(ref.ref, weakref.ref) else ref.ref
+            CheckpointPosition(coordinator, node_id).restore(target)
+
+    async def arestore(self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None):
+        """``restore`` for asyncio programs: reads run off the event loop."""
+        return await asyncio.to_thread(self.restore, save_path, options)
+
+    async def aread(self, save_path: str | os.PathLike, options: CheckpointOptions | None = None):
+        """``read`` for asyncio programs."""
+        return await asyncio.to_thread(self.read, save_path, options)
+
+    # ------------------------------------------------------------------ copying
+    def __deepcopy__(self, memo):
+        copied = Checkpoint.__new__(Checkpoint)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            if name == "_self_deferred_dependencies":
+                value = {}
+            elif name == "_self_update_uid":
+                value = -1
+            elif name == "_self_pending":
+                value = None
+            elif name == "_self_save_lock":
+                value = threading.RLock()
+            elif name == "_self_root" and isinstance(value, weakref.ref):
+                pass
+            else:
+                value = copy.deepcopy(value, memo)
+            object.__setattr__(copied, name, value)
+        return copied

@@ -1,0 +1,46 @@
+"""``Module``: an ``AutoTrackable`` that can list the variables it owns."""
+
+from __future__ import annotations
+
+import re
+
+from asyncckpt.autotrackable import AutoTrackable
+from asyncckpt.graph import GraphView, list_objects
+from asyncckpt.variable import Variable
+
+__all__ = ["Module"]
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class Module(AutoTrackable):
+    """A container of variables and sub-modules, tracked through attribute assignment.
+
+    ``variables`` and ``trainable_variables`` list every variable reachable from the module (through
+    attributes, lists, dicts and sub-modules) once, in breadth-first order.
+    """
+
+    def __init__(self, name: str | None = None):
+        self._maybe_initialize_trackable()
+        object.__setattr__(self, "_self_module_name", name or _snake_case(type(self).__name__))
+
+    @property
+    def name(self) -> str:
+        return self.__dict__.get("_self_module_name") or _snake_case(type(self).__name__)
+
+    def _reachable(self) -> list:
+        return list_objects(GraphView(self), skip_slots=True)[1:]
+
+    @property
+    def variables(self) -> list[Variable]:
+        return [obj for obj in self._reachable() if isinstance(obj, Variable)]
+
+    @property
+    def trainable_variables(self) -> list[Variable]:
+        return [variable for variable in self.variables if variable.trainable]
+
+    @property
+    def submodules(self) -> list["Module"]:
+        return [obj for obj in self._reachable() if isinstance(obj, Module)]

@@ -1,0 +1,102 @@
+"""The README's set-up commands and code snippets are real: CI runs one, the others run here."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+FENCE = re.compile(r"^(?:<!-- (?P<marker>[^>]*) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def setup_section() -> str:
+    match = re.search(r"^## Set up on a fresh machine\n(?P<body>.*?)(?=^## )", README, re.MULTILINE | re.DOTALL)
+    assert match, "README.md has no '## Set up on a fresh machine' section"
+    return match["body"]
+
+
+def setup_commands() -> dict[str, str]:
+    """The set-up section's code blocks by marker; each must be one line."""
+    commands = {}
+    for block in FENCE.finditer(setup_section()):
+        lines = block["body"].strip().splitlines()
+        assert len(lines) == 1, f"set-up command after <!-- {block['marker']} --> must be one line: {lines}"
+        commands[block["marker"]] = lines[0]
+    return commands
+
+
+def split_and(command: str) -> list[list[str]]:
+    """``a b && c d`` -> ``[["a", "b"], ["c", "d"]]``; nothing else (no pipes, no ``;``) is allowed."""
+    parts = [shlex.split(part) for part in command.split("&&")]
+    assert all(parts), f"empty command part in {command!r}"
+    for words in parts:
+        assert not {";", "|", "||"} & set(words), f"unexpected shell operator in {command!r}"
+    return parts
+
+
+def python_snippets() -> list[tuple[str, str]]:
+    """Every ```python block outside the set-up section, with the marker comment above it (or '')."""
+    return [(block["marker"] or "", block["body"]) for block in FENCE.finditer(README) if block["lang"] == "python"]
+
+
+def test_setup_section_has_exactly_the_two_commands():
+    assert list(setup_commands()) == ["setup:example", "setup:tests"]
+    assert len(re.findall(r"^```", setup_section(), re.MULTILINE)) == 4  # two blocks, nothing else
+
+
+def test_ci_runs_the_readme_test_command():
+    printed = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run"), "--print-test-command"], capture_output=True, text=True, check=True
+    ).stdout
+    assert printed == setup_commands()["setup:tests"] + "\n"
+
+
+def test_test_command_installs_the_test_extra_and_runs_pytest():
+    install, run = split_and(setup_commands()["setup:tests"])
+    assert install == ["python", "-m", "pip", "install", "-e", ".[test]"]
+    assert run[:3] == ["python", "-m", "pytest"]
+    test_extra = [req for req in importlib.metadata.requires("asyncckpt") or [] if 'extra == "test"' in req]
+    assert {"pytest", "import-linter"} <= {re.split(r"[<>=!~\[ ;]", req)[0] for req in test_extra}
+
+
+def test_example_command_runs_and_resumes(tmp_path):
+    install, run = split_and(setup_commands()["setup:example"])
+    assert install == ["python", "-m", "pip", "install", "-e", "."]
+    assert run[0] == "python" and (ROOT / run[1]).is_file()
+    assert "--dir" in run, "the example command must name its checkpoint directory"
+    # The package is already installed in this interpreter; run the second half only, in a fresh directory.
+    argv = [sys.executable, *run[1:]]
+    argv[argv.index("--dir") + 1] = str(tmp_path / "demo")
+
+    first = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "starting from scratch" in first.stdout
+
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"^resumed from \S+ at step \d+$", again.stdout, re.MULTILINE), again.stdout
+
+
+def test_readme_has_runnable_snippets():
+    runnable = [body for marker, body in python_snippets() if not marker.startswith("readme-test: skip")]
+    assert len(runnable) >= 3
+
+
+@pytest.mark.parametrize(
+    "marker, body",
+    python_snippets(),
+    ids=[f"snippet{i}" for i in range(len(python_snippets()))],
+)
+def test_python_snippet_runs(tmp_path, marker, body):
+    if marker.startswith("readme-test: skip"):
+        assert "(" in marker, "a skipped snippet must say why: <!-- readme-test: skip (reason) -->"
+        pytest.skip(marker)
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", body], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, f"README snippet failed:\n{body}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

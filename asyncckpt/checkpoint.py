@@ -208,10 +208,10 @@ class Checkpoint(AutoTrackable):
             if isinstance(converted, weakref.ref):
                 converted = converted()
             _assert_trackable(converted, key)
-            if trackable_root is not None:
+            if trackable_root is not None and key != "root":
                 child = trackable_root._lookup_dependency(key)
                 if child is None:
-                    attached.append(TrackableReference(key, weakref.ref(converted) if key == "root" else converted))
+                    attached.append(TrackableReference(key, converted))
                 elif child is not converted:
                     raise ValueError(
                         f"Cannot create a Checkpoint with keyword argument {key} if root.{key} already exists."
@@ -227,9 +227,11 @@ class Checkpoint(AutoTrackable):
 
     # ------------------------------------------------------------------ graph
     def _graph_view(self) -> GraphView:
+        """The saved graph's view; it holds the root weakly so that statuses don't keep it alive."""
         if self._self_root is None:
-            return GraphView(self)
-        return GraphView(self._self_root, tuple(self._self_attached))
+            return GraphView(weakref.ref(self))
+        root = self._self_root
+        return GraphView(root if isinstance(root, weakref.ref) else weakref.ref(root), tuple(self._self_attached))
 
     @property
     def save_counter(self) -> Variable:

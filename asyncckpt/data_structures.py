@@ -419,6 +419,7 @@ class TupleWrapper(TrackableDataStructure, tuple):
     """A tuple whose trackable elements are dependencies named by index (and field name for namedtuples)."""
 
     def __new__(cls, original: tuple):
+        depend = [not isinstance(element, NoDependency) for element in original]
         wrapped = [wrap_or_unwrap(element) for element in original]
         fields = getattr(type(original), "_fields", None)
         if fields is not None and cls is TupleWrapper:
@@ -427,13 +428,12 @@ class TupleWrapper(TrackableDataStructure, tuple):
         else:
             instance = tuple.__new__(cls, wrapped)
         instance._maybe_initialize_trackable()
-        for index, element in enumerate(wrapped):
-            if isinstance(element, Trackable):
-                instance._track_trackable(element, str(index), overwrite=True)
-        if fields is not None:
-            for field, element in zip(fields, wrapped):
-                if isinstance(element, Trackable):
-                    instance._track_trackable(element, field, overwrite=True)
+        # Namedtuple fields first (as dict-like names), then positions (as list-like names).
+        names = [(field, index) for index, field in enumerate(fields or ())]
+        names += [(str(index), index) for index in range(len(wrapped))]
+        for name, index in names:
+            if depend[index] and isinstance(wrapped[index], Trackable):
+                instance._track_trackable(wrapped[index], name, overwrite=True)
         return instance
 
     def __init__(self, original: tuple):  # noqa: D107 - construction happens in __new__

@@ -379,6 +379,9 @@ class CheckpointLoadStatus:
     def __init__(self, coordinator: RestoreCoordinator, view: GraphView):
         self._checkpoint = coordinator
         self._view = view
+        # The view holds the root weakly (no cycle through deferred positions); the status keeps it
+        # alive so that `Checkpoint(...).restore(path).assert_consumed()` works on a temporary.
+        self._root = view.root_object
 
     def _live_objects(self) -> list[Any]:
         return list_objects(self._view, skip_slots=self._checkpoint.skip_slot_variables)
@@ -471,6 +474,7 @@ class InitializationOnlyStatus:
 
     def __init__(self, view: GraphView):
         self._view = view
+        self._root = view.root_object
 
     def assert_consumed(self):
         raise AssertionError(self._MESSAGE)

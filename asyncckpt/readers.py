@@ -1,0 +1,196 @@
+"""Read a checkpoint without a `Checkpoint` object: list, load and inspect saved values.
+
+Mirrors ``tf.train.list_variables``, ``tf.train.load_variable``, ``tf.train.load_checkpoint``
+and ``tf.train.Checkpoint``'s ``object_metadata``. Every function accepts a checkpoint prefix
+or a directory (meaning the checkpoint its state file names as latest), and first waits for
+this process's pending asynchronous writes to that path, so a save that returned is readable.
+Every value read is checked against the checksum recorded when it was written.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import numpy as np
+
+from asyncckpt import format as _format
+from asyncckpt import pipeline
+from asyncckpt.checkpoint_management import latest_checkpoint
+from asyncckpt.errors import NotFoundError
+
+__all__ = [
+    "CheckpointReader",
+    "load_checkpoint",
+    "load_variable",
+    "list_variables",
+    "object_metadata",
+    "resolve_checkpoint_path",
+]
+
+
+def resolve_checkpoint_path(ckpt_dir_or_file: Any) -> str:
+    """The checkpoint prefix meant by a prefix or a directory (its latest checkpoint).
+
+    Waits first for this process's pending writes to the path.
+
+    Raises
+    ------
+    asyncckpt.NotFoundError
+        When a directory holds no existing latest checkpoint.
+    """
+    try:
+        path = os.fspath(ckpt_dir_or_file)
+    except TypeError:
+        raise TypeError(
+            f"expected a checkpoint path (str or os.PathLike), got {type(ckpt_dir_or_file).__name__}"
+        ) from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    pipeline.wait_for_pending_writes(path)
+    if os.path.isdir(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise NotFoundError(f"Couldn't find 'checkpoint' file or checkpoints in given directory {path}")
+        return latest
+    return path
+
+
+class CheckpointReader:
+    """Random access to the saved values of one checkpoint (``tf.train.CheckpointReader``).
+
+    Obtain one with `load_checkpoint`. Keys are the checkpoint keys of section A of the
+    specification (``model/kernel/.ATTRIBUTES/VARIABLE_VALUE``), plus the reserved
+    ``_CHECKPOINTABLE_OBJECT_GRAPH`` holding the object graph as bytes.
+    """
+
+    def __init__(self, path: str, reader: Any):
+        self._path = path
+        self._reader = reader
+        self._keys = list(reader.keys())
+        self._key_set = frozenset(self._keys)
+
+    @property
+    def path(self) -> str:
+        """The checkpoint prefix this reader reads."""
+        return self._path
+
+    def _require(self, key: Any) -> str:
+        if not isinstance(key, str):
+            raise TypeError(f"checkpoint keys are str, got {type(key).__name__}")
+        if key not in self._key_set:
+            raise KeyError(f"Key {key!r} not found in checkpoint {self._path}")
+        return key
+
+    def has_tensor(self, key: str) -> bool:
+        """True when ``key`` is saved in this checkpoint."""
+        return isinstance(key, str) and key in self._key_set
+
+    def get_tensor(self, key: str) -> np.ndarray | bytes:
+        """The saved value of ``key``: a NumPy array, or ``bytes`` for string values.
+
+        Raises
+        ------
+        KeyError
+            Naming the key and the checkpoint, when the key is not saved.
+        asyncckpt.CorruptCheckpointError
+            When the stored bytes do not match their checksum.
+        """
+        return self._reader.read(self._require(key))
+
+    def get_variable_to_shape_map(self) -> dict[str, list[int]]:
+        """``{key: shape as a list of ints}`` for every saved key (``[]`` for scalars and bytes)."""
+        return {key: list(self._reader.spec(key).shape) for key in self._keys}
+
+    def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
+        """``{key: NumPy dtype}``; string values (such as the object graph) map to ``object``.
+
+        ``object`` is what ``tf.string.as_numpy_dtype`` gives, so ported code comparing dtypes
+        keeps working.
+        """
+        return {key: _numpy_dtype(self._reader.spec(key).dtype) for key in self._keys}
+
+    def keys(self) -> list[str]:
+        """Every saved key, sorted bytewise."""
+        return list(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._key_set
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self._path!r}, {len(self._keys)} keys)"
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, str) and dtype == _format.BYTES_DTYPE:
+        return np.dtype(object)
+    return np.dtype(dtype)
+
+
+def load_checkpoint(ckpt_dir_or_file) -> CheckpointReader:
+    """Open a checkpoint for reading (``tf.train.load_checkpoint``).
+
+    Parameters
+    ----------
+    ckpt_dir_or_file : str or os.PathLike
+        A checkpoint prefix, or a directory whose latest checkpoint is meant.
+
+    Returns
+    -------
+    CheckpointReader
+
+    Raises
+    ------
+    asyncckpt.NotFoundError
+        When no committed checkpoint exists there.
+    """
+    path = resolve_checkpoint_path(ckpt_dir_or_file)
+    return CheckpointReader(path, pipeline.open_reader(path))
+
+
+def load_variable(ckpt_dir_or_file, name: str) -> np.ndarray | bytes:
+    """The saved value of one key (``tf.train.load_variable``); a trailing ``:0`` is ignored.
+
+    Raises
+    ------
+    KeyError
+        Naming the key and the checkpoint, when the key is not saved.
+    asyncckpt.NotFoundError
+        When no committed checkpoint exists at the path.
+    """
+    if isinstance(name, str) and name.endswith(":0"):
+        name = name[:-2]
+    return load_checkpoint(ckpt_dir_or_file).get_tensor(name)
+
+
+def list_variables(ckpt_dir_or_file) -> list[tuple[str, list[int]]]:
+    """``[(key, shape), ...]`` for every saved key, sorted bytewise by key.
+
+    Includes ``_CHECKPOINTABLE_OBJECT_GRAPH`` (shape ``[]``), which therefore precedes keys that
+    start with a lowercase letter but follows those starting with a digit or an uppercase letter.
+    """
+    shapes = load_checkpoint(ckpt_dir_or_file).get_variable_to_shape_map()
+    return [(key, shapes[key]) for key in sorted(shapes, key=lambda k: k.encode("utf-8"))]
+
+
+def object_metadata(save_path) -> dict:
+    """The object graph saved in a checkpoint, as a dict (``nodes``, ``children``, ...).
+
+    Raises
+    ------
+    ValueError
+        When the checkpoint holds no object graph (it is not object-based).
+    asyncckpt.NotFoundError
+        When no committed checkpoint exists at the path.
+    """
+    path = resolve_checkpoint_path(save_path)
+    reader = pipeline.open_reader(path)
+    graph = getattr(reader, "object_graph", None)
+    if _format.OBJECT_GRAPH_KEY not in reader.keys() or not graph:
+        raise ValueError(
+            f'The specified checkpoint "{path}" does not appear to be object-based since it is missing '
+            f'the key "{_format.OBJECT_GRAPH_KEY}": it holds no object graph, so it cannot be restored '
+            "by matching objects (name-based checkpoints are not supported)."
+        )
+    return copy.deepcopy(graph)

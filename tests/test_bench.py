@@ -1,0 +1,59 @@
+"""benchmarks/bench.py runs end to end on tiny sizes, reports every section and cleans up after itself."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True)
+
+
+def test_tiny_run_reports_every_section(tmp_path):
+    workdir = tmp_path / "work"
+    report = tmp_path / "report.md"
+    proc = run_bench(
+        "--size-mb", "2", "--small-arrays", "20", "--repeat", "1",
+        "--train-state-mb", "1", "--train-steps", "2", "--train-matmul", "32",
+        "--scaling", "--scaling-sizes-mb", "1", "--scaling-counts", "1,5",
+        "--dir", str(workdir), "--output", str(report),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    assert text.strip() == proc.stdout.strip()
+    for heading in (
+        "## Machine",
+        "### (a) large arrays: 4 arrays, 2.0 MiB",
+        "### (b) small arrays of 4 KiB: 20 arrays, 0.1 MiB",
+        "### Training overhead",
+        "### asyncckpt scaling with total size",
+        "### asyncckpt scaling with the number of arrays",
+    ):
+        assert heading in text, heading
+    for method in (
+        "disk: sequential write+fsync / read",
+        "numpy.savez+fsync / np.load",
+        "tensorstore kvstore (file)",
+        "asyncckpt save (blocking) / restore",
+        "asyncckpt save (async): until durable",
+    ):
+        rows = re.findall(rf"^\| {re.escape(method)} \| [\d.]+ m?s \| [\d.]+ GB/s \|", text, re.MULTILINE)
+        assert len(rows) == 2, f"{method}: expected one measured row per case, got {rows}"
+    assert re.search(r"^\| async save every step \| [\d.]+ m?s \| [+-]\d+% \|", text, re.MULTILINE)
+    assert re.search(r"^\| 5 \| 20 KiB \| ", text, re.MULTILINE)
+    # Nothing measured is left behind in a directory the caller chose.
+    assert [p for p in workdir.rglob("*") if p.is_file()] == []
+
+
+def test_rejects_bad_sizes():
+    proc = run_bench("--size-mb", "0")
+    assert proc.returncode == 2
+    assert "expected a positive integer, got '0'" in proc.stderr
+    proc = run_bench("--skip", "disk,bogus")
+    assert proc.returncode == 2
+    assert "unknown --skip name(s) ['bogus']" in proc.stderr

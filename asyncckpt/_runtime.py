@@ -1,0 +1,147 @@
+"""The owned background event loop that runs every asynchronous operation of asyncckpt.
+
+A :class:`Runtime` owns one daemon thread running one asyncio loop. The synchronous API blocks on
+``runtime.run(coro)``; background work is started with ``runtime.submit(coro)``. Calling ``run``
+from the loop thread itself would deadlock, so it raises ``RuntimeError`` instead and points to the
+``async`` API.
+
+One default runtime exists per process (:func:`get_runtime`); it is forgotten in a forked child,
+whose copy of the loop thread does not exist. Every entry point accepts another runtime through
+its settings, which is how tests isolate themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["Runtime", "get_runtime"]
+
+T = TypeVar("T")
+
+
+class Runtime:
+    """An asyncio loop on a daemon thread, started on first use.
+
+    Parameters
+    ----------
+    name:
+        Name of the loop thread (shows in stack dumps and debuggers).
+    """
+
+    def __init__(self, name: str = "asyncckpt-runtime") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, starting the thread if needed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this asyncckpt Runtime has been closed")
+            if self._loop is None:
+                ready = threading.Event()
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=self._serve, args=(loop, ready), name=self._name, daemon=True)
+                thread.start()
+                ready.wait()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def in_loop_thread(self) -> bool:
+        """True when called from this runtime's loop thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop and return a thread-safe future of its result."""
+        try:
+            loop = self.loop
+        except RuntimeError:
+            coro.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and block until it finishes; re-raise its exception.
+
+        Raises
+        ------
+        RuntimeError
+            When called from the loop thread (for example from code already running on it); use
+            the ``async`` API (``asave``, ``arestore``, ``aread_many``) there instead.
+        """
+        if self.in_loop_thread():
+            coro.close()
+            raise RuntimeError(
+                "a blocking asyncckpt call was made from the asyncckpt event-loop thread, which would "
+                "deadlock; use the async API instead (await asave()/arestore()/aread_many())"
+            )
+        return self.submit(coro).result(timeout)
+
+    def call_soon(self, callback, *args) -> None:
+        """Run ``callback(*args)`` on the loop thread, from any thread."""
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Cancel what still runs on the loop, stop it and join the thread. Idempotent."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._closed = True
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        if threading.current_thread() is thread:
+            raise RuntimeError("a Runtime cannot be closed from its own loop thread")
+
+        async def _cancel_all() -> None:
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+
+
+_default_lock = threading.Lock()
+_default: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """The process-wide default runtime (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Runtime()
+        return _default
+
+
+def _forget_after_fork() -> None:
+    # The child has the parent's Runtime object but not its thread: start afresh on next use.
+    global _default, _default_lock
+    _default_lock = threading.Lock()
+    _default = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,452 @@
+"""The on-disk format as pure data: names, the manifest schema, strict parsing, checksums.
+
+Nothing here touches storage. A checkpoint at path ``P`` is
+
+* ``P.data-<nonce>/`` -- a directory of data files holding raw little-endian tensor bytes, and
+* ``P.index`` -- the JSON manifest, written last; its presence is the commit marker.
+
+See ``docs/format.md`` for the full specification. The manifest is untrusted input: ``parse_manifest``
+checks every field and raises :class:`~asyncckpt.errors.CorruptCheckpointError` (or
+:class:`~asyncckpt.errors.UnsupportedFormatError` for an unknown ``format_version``) for anything it
+does not accept, never another exception.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "OBJECT_GRAPH_KEY",
+    "BYTES_DTYPE",
+    "MAX_BYTES",
+    "MAX_NDIM",
+    "TensorSpec",
+    "Extent",
+    "TensorRecord",
+    "Manifest",
+    "index_path",
+    "index_name",
+    "data_dir_name",
+    "index_tmp_name",
+    "lock_name",
+    "parse_data_dir_name",
+    "parse_index_tmp_name",
+    "parse_lock_name",
+    "encode_dtype",
+    "decode_dtype",
+    "is_plain_name",
+    "parse_manifest",
+    "read_data_dir",
+    "object_graph_bytes",
+    "crc32c_combine",
+]
+
+FORMAT_NAME = "asyncckpt"
+FORMAT_VERSION = 1
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+BYTES_DTYPE = "bytes"
+# Every size and offset in a manifest must fit in a double exactly (so readers in any language can
+# hold it) and in an int64 (so storage APIs accept it). Larger values are rejected as corrupt.
+MAX_BYTES = 2**53
+MAX_NDIM = 64
+_MAX_NAME_LENGTH = 255
+
+INDEX_SUFFIX = ".index"
+_NONCE = r"[0-9a-f]{16}"
+_DATA_DIR_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})$", re.DOTALL)
+_LOCK_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})\.lock$", re.DOTALL)
+_INDEX_TMP_RE = re.compile(rf"^(?P<stem>.+)\.index\.tmp-(?P<nonce>{_NONCE})$", re.DOTALL)
+
+# The dtypes a checkpoint may hold, by their little-endian NumPy type string.
+_DTYPES: dict[str, np.dtype] = {
+    np.dtype(name).newbyteorder("<").str: np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+}
+
+DType = Union[np.dtype, str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def index_path(prefix: str) -> str:
+    """The commit marker of the checkpoint at ``prefix``: ``prefix + ".index"``."""
+    return f"{prefix}{INDEX_SUFFIX}"
+
+
+def index_name(stem: str) -> str:
+    """Basename of the manifest of the checkpoint whose basename is ``stem``."""
+    return f"{stem}{INDEX_SUFFIX}"
+
+
+def data_dir_name(stem: str, nonce: str) -> str:
+    """Basename of a data directory: ``<stem>.data-<nonce>``."""
+    return f"{stem}.data-{nonce}"
+
+
+def lock_name(stem: str, nonce: str) -> str:
+    """Basename of the lock file held while ``data_dir_name(stem, nonce)`` is being written."""
+    return f"{data_dir_name(stem, nonce)}.lock"
+
+
+def index_tmp_name(stem: str, nonce: str) -> str:
+    """Basename under which a manifest is written before being renamed to ``index_name(stem)``."""
+    return f"{stem}{INDEX_SUFFIX}.tmp-{nonce}"
+
+
+def _parse(pattern: re.Pattern, name: str) -> tuple[str, str] | None:
+    match = pattern.match(name)
+    return (match["stem"], match["nonce"]) if match else None
+
+
+def parse_data_dir_name(name: str) -> tuple[str, str] | None:
+    """``(stem, nonce)`` if ``name`` is a data directory name, else ``None``."""
+    return _parse(_DATA_DIR_RE, name)
+
+
+def parse_lock_name(name: str) -> tuple[str, str] | None:
+    """``(stem, nonce)`` if ``name`` is a write-lock file name, else ``None``."""
+    return _parse(_LOCK_RE, name)
+
+
+def parse_index_tmp_name(name: str) -> tuple[str, str] | None:
+    """``(stem, nonce)`` if ``name`` is a temporary manifest name, else ``None``."""
+    return _parse(_INDEX_TMP_RE, name)
+
+
+def is_plain_name(name: Any) -> bool:
+    """True for a non-empty single path component that cannot leave its directory.
+
+    Rejects separators (``/`` and ``\\``), ``.`` and ``..``, NUL and other control characters,
+    and names longer than 255 characters.
+    """
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= _MAX_NAME_LENGTH
+        and name not in (".", "..")
+        and not any(ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data types and specs
+
+
+def encode_dtype(dtype: Any) -> str:
+    """The manifest string of a NumPy dtype, e.g. ``"<f4"``; ``TypeError`` for unsupported dtypes."""
+    if isinstance(dtype, str) and dtype == BYTES_DTYPE:
+        return BYTES_DTYPE
+    try:
+        little = np.dtype(dtype).newbyteorder("<")
+    except TypeError as exc:
+        raise TypeError(f"dtype {dtype!r} cannot be stored in a checkpoint") from exc
+    if little.str not in _DTYPES or little.fields is not None:
+        raise TypeError(
+            f"dtype {np.dtype(dtype)} cannot be stored in a checkpoint; supported dtypes are bool, "
+            "int8..int64, uint8..uint64, float16/32/64 and complex64/128"
+        )
+    return little.str
+
+
+def decode_dtype(text: str) -> DType:
+    """The inverse of :func:`encode_dtype`; ``ValueError`` for a string outside the allowlist."""
+    if text == BYTES_DTYPE:
+        return BYTES_DTYPE
+    try:
+        return _DTYPES[text]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown dtype {text!r}") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a checkpoint records about one key: ``dtype`` (a NumPy dtype or ``"bytes"``) and ``shape``."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of a tensor's bytes: ``length`` bytes at ``offset`` in data file ``file``."""
+
+    file: str
+    offset: int
+    length: int
+    crc32c: int
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "offset": self.offset, "length": self.length, "crc32c": self.crc32c}
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """A manifest entry. ``extents`` concatenated in order are the tensor's C-order bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    crc32c: int
+    extents: tuple[Extent, ...]
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(decode_dtype(self.dtype), self.shape)
+
+    def to_json(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "crc32c": self.crc32c,
+            "extents": [extent.to_json() for extent in self.extents],
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed ``P.index``: the data directory, the caller's object graph and the tensor records."""
+
+    data_dir: str
+    object_graph: dict
+    tensors: Mapping[str, TensorRecord]
+
+    def to_json(self) -> bytes:
+        """Serialise to the bytes written as ``P.index`` (UTF-8 JSON)."""
+        document = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "data_dir": self.data_dir,
+            "object_graph": self.object_graph,
+            "tensors": {key: record.to_json() for key, record in self.tensors.items()},
+        }
+        return json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass"
+        )
+
+
+def object_graph_bytes(object_graph: dict) -> bytes:
+    """The UTF-8 JSON bytes exposed as the value of :data:`OBJECT_GRAPH_KEY`."""
+    return json.dumps(object_graph, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+class _Invalid(Exception):
+    """Internal: a validation failure, turned into CorruptCheckpointError with context."""
+
+
+def _reject_constant(name: str):
+    raise _Invalid(f"non-standard JSON constant {name}")
+
+
+def _unique_object(pairs: list) -> dict:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Invalid(f"duplicate JSON object key {key!r}")
+        result[key] = value
+    return result
+
+
+def _load_json(data: bytes) -> Any:
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except _Invalid:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _Invalid(f"not valid UTF-8 JSON ({exc})") from exc
+
+
+def _require_dict(value: Any, what: str, fields: set[str], optional: frozenset = frozenset()) -> dict:
+    if not isinstance(value, dict):
+        raise _Invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+    missing = fields - value.keys() - optional
+    if missing:
+        raise _Invalid(f"{what} lacks field(s) {sorted(missing)}")
+    unknown = value.keys() - fields
+    if unknown:
+        raise _Invalid(f"{what} has unknown field(s) {sorted(unknown)}")
+    return value
+
+
+def _require_int(value: Any, what: str, upper: int = MAX_BYTES) -> int:
+    if type(value) is not int or not 0 <= value <= upper:
+        raise _Invalid(f"{what} must be an integer in [0, {upper}], got {value!r}")
+    return value
+
+
+def _parse_extent(raw: Any, index: int) -> Extent:
+    what = f"extent {index}"
+    raw = _require_dict(raw, what, {"file", "offset", "length", "crc32c"})
+    if not is_plain_name(raw["file"]):
+        raise _Invalid(f"{what} names file {raw['file']!r}, which is not a plain file name")
+    offset = _require_int(raw["offset"], f"{what} offset")
+    length = _require_int(raw["length"], f"{what} length")
+    if length == 0:
+        raise _Invalid(f"{what} is empty")
+    if offset + length > MAX_BYTES:
+        raise _Invalid(f"{what} ends beyond {MAX_BYTES} bytes")
+    return Extent(raw["file"], offset, length, _require_int(raw["crc32c"], f"{what} crc32c", 2**32 - 1))
+
+
+def _parse_record(raw: Any) -> TensorRecord:
+    raw = _require_dict(raw, "the record", {"dtype", "shape", "nbytes", "crc32c", "extents"})
+    try:
+        dtype = decode_dtype(raw["dtype"])
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    shape = raw["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise _Invalid(f"shape must be a list of at most {MAX_NDIM} integers, got {shape!r}")
+    shape = tuple(_require_int(dim, "a shape dimension") for dim in shape)
+    nbytes = _require_int(raw["nbytes"], "nbytes")
+    if dtype == BYTES_DTYPE:
+        if shape != ():
+            raise _Invalid(f"a bytes value must have shape (), got {shape}")
+    else:
+        expected = math.prod(shape) * dtype.itemsize
+        if expected != nbytes:
+            raise _Invalid(f"nbytes {nbytes} does not match shape {shape} of dtype {dtype} ({expected} bytes)")
+    extents_raw = raw["extents"]
+    if not isinstance(extents_raw, list):
+        raise _Invalid("extents must be a list")
+    if len(extents_raw) > nbytes:
+        raise _Invalid(f"{len(extents_raw)} extents cannot tile {nbytes} bytes")
+    extents = tuple(_parse_extent(extent, i) for i, extent in enumerate(extents_raw))
+    covered = sum(extent.length for extent in extents)
+    if covered != nbytes:
+        raise _Invalid(f"extents cover {covered} bytes but the tensor has {nbytes}")
+    crc = _require_int(raw["crc32c"], "crc32c", 2**32 - 1)
+    return TensorRecord(raw["dtype"], shape, nbytes, crc, extents)
+
+
+def parse_manifest(data: bytes, *, source: str) -> Manifest:
+    """Parse and validate manifest bytes read from ``source`` (a path, for error messages).
+
+    Raises
+    ------
+    UnsupportedFormatError
+        The manifest is an asyncckpt manifest of a ``format_version`` this release cannot read.
+    CorruptCheckpointError
+        Anything else is wrong: not JSON, missing or mistyped fields, unknown dtype, a shape that
+        does not match ``nbytes``, extents that do not tile the tensor, file names that could
+        escape the data directory. The message names ``source`` and, where known, the key.
+    """
+    key = None
+    try:
+        document = _load_json(data)
+        if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+            raise _Invalid(f"not an {FORMAT_NAME} manifest (missing \"format\": \"{FORMAT_NAME}\")")
+        version = document.get("format_version")
+        if type(version) is not int:
+            raise _Invalid(f"format_version must be an integer, got {version!r}")
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"checkpoint manifest {source} has format_version {version}; this release of "
+                f"asyncckpt reads format_version {FORMAT_VERSION} only"
+            )
+        document = _require_dict(
+            document, "the manifest", {"format", "format_version", "data_dir", "object_graph", "tensors"}
+        )
+        if not is_plain_name(document["data_dir"]):
+            raise _Invalid(f"data_dir {document['data_dir']!r} is not a plain directory name")
+        if not isinstance(document["object_graph"], dict):
+            raise _Invalid("object_graph must be a JSON object")
+        if not isinstance(document["tensors"], dict):
+            raise _Invalid("tensors must be a JSON object")
+        tensors = {}
+        for key, raw in document["tensors"].items():
+            if key == OBJECT_GRAPH_KEY:
+                raise _Invalid(f"the reserved key {OBJECT_GRAPH_KEY} must not be stored as a tensor")
+            tensors[key] = _parse_record(raw)
+        key = None
+        return Manifest(document["data_dir"], document["object_graph"], tensors)
+    except _Invalid as exc:
+        where = f" (key {key!r})" if key is not None else ""
+        raise CorruptCheckpointError(f"corrupt checkpoint manifest {source}{where}: {exc}") from None
+
+
+def read_data_dir(data: bytes) -> str | None:
+    """The ``data_dir`` a manifest names, or ``None`` when the bytes are not readable as one.
+
+    Used by debris cleanup, which must know what a manifest references even when the rest of it
+    is from a newer format version.
+    """
+    try:
+        document = _load_json(data)
+    except _Invalid:
+        return None
+    if isinstance(document, dict) and document.get("format") == FORMAT_NAME:
+        name = document.get("data_dir")
+        if is_plain_name(name):
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CRC-32C combination (zlib's crc32_combine, for the Castagnoli polynomial)
+
+_CRC32C_POLY_REFLECTED = 0x82F63B78
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total = 0
+    row = 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[row]
+        vector >>= 1
+        row += 1
+    return total
+
+
+@functools.lru_cache(maxsize=1)
+def _zero_operators() -> tuple[list[int], ...]:
+    """``ops[k]`` advances a CRC register over ``2**k`` zero bytes, for k in 0..63."""
+    one_bit = [_CRC32C_POLY_REFLECTED] + [1 << n for n in range(31)]
+    operator = one_bit
+    for _ in range(3):  # 1 bit -> 8 bits = one byte
+        operator = [_gf2_times(operator, row) for row in operator]
+    operators = [operator]
+    for _ in range(63):
+        operator = [_gf2_times(operator, row) for row in operator]
+        operators.append(operator)
+    return tuple(operators)
+
+
+def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """CRC-32C of ``a + b`` given ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the data.
+
+    Lets the writer record a whole-tensor checksum from per-extent checksums computed at different
+    times, and lets the reader verify it without a second pass over the bytes.
+    """
+    operators = _zero_operators()
+    bit = 0
+    while length_b:
+        if length_b & 1:
+            crc_a = _gf2_times(operators[bit], crc_a)
+        length_b >>= 1
+        bit += 1
+    return crc_a ^ crc_b

@@ -1,0 +1,907 @@
+"""The write and read executors: the I/O side's entry points for the object model.
+
+Write pipeline, one :class:`WriteHandle` per ``start_write``::
+
+    start_write (caller's thread)      validate entries, plan files, copy bytes/plain arrays,
+                                       install mutation hooks on live sources   -> returns at once
+    background (runtime loop)
+      open      open the folder's backend, create + lock  P.data-<nonce>/, clean debris
+      stage     copier thread: reserve budget -> copy one file into a bytearray + CRC-32C
+                (mutation hooks stage the same way, from the mutating thread)
+      write     up to max_concurrent_writes files in flight; each durable write frees its budget
+      commit    wait for the previous in-process write to the same path (FIFO), then publish
+                P.index atomically (the commit), then delete the replaced data directory
+      callbacks on_commit callbacks in order, in a worker thread
+      resolve   the handle: the path, or the first exception of any step
+
+Nothing is committed unless every data file was written; an uncommitted data directory is
+removed (best effort) or left as debris that the next write into the folder removes.
+
+Read pipeline: :func:`open_reader` parses and validates ``P.index``; reads coalesce nearby
+extents into byte-range reads, run up to ``max_concurrent_reads`` at a time, and verify every
+extent's CRC-32C and each value's whole CRC-32C before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from asyncckpt._runtime import Runtime, get_runtime
+from asyncckpt.errors import CorruptCheckpointError, NotFoundError
+from asyncckpt.format import (
+    BYTES_DTYPE,
+    OBJECT_GRAPH_KEY,
+    Extent,
+    Manifest,
+    TensorRecord,
+    TensorSpec,
+    crc32c_combine,
+    data_dir_name,
+    index_name,
+    index_tmp_name,
+    lock_name,
+    object_graph_bytes,
+    parse_data_dir_name,
+    parse_index_tmp_name,
+    parse_lock_name,
+    parse_manifest,
+    read_data_dir,
+)
+from asyncckpt.plan import PlanItem, ReadRange, plan_read, plan_write
+from asyncckpt.snapshot import ByteBudget, SaveEntry, Snapshot, StagedFile, prepare_sources
+from asyncckpt.storage import Backend, Storage, TruncatedError, default_storage
+
+__all__ = [
+    "SaveEntry",
+    "TensorSpec",
+    "WriteSettings",
+    "ReadSettings",
+    "WriteMetrics",
+    "WriteHandle",
+    "CheckpointReader",
+    "start_write",
+    "open_reader",
+    "aopen_reader",
+    "checkpoint_exists",
+    "delete_checkpoint",
+    "wait_for_pending_writes",
+    "await_pending_writes",
+]
+
+logger = logging.getLogger("asyncckpt")
+
+MiB = 1 << 20
+
+
+def _require_positive_int(owner: str, name: str, value: Any) -> None:
+    if type(value) is not int or value <= 0:
+        raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """Knobs of one write.
+
+    Parameters
+    ----------
+    staging_budget_bytes:
+        Most bytes staged but not yet durable at any time (see :mod:`asyncckpt.snapshot` for the
+        full memory bound). Must be at least ``chunk_bytes`` and ``pack_bytes``.
+    chunk_bytes:
+        Largest data file a big array is split into.
+    pack_bytes:
+        Target size of a file of packed small arrays.
+    small_array_bytes:
+        Arrays smaller than this are packed; at most ``pack_bytes``.
+    max_concurrent_writes:
+        Data files in flight at once.
+    storage:
+        Where to write (default: :func:`~asyncckpt.storage.default_storage`, the filesystem).
+    runtime:
+        The loop to run on (default: the process-wide runtime).
+    """
+
+    staging_budget_bytes: int = 256 * MiB
+    chunk_bytes: int = 64 * MiB
+    pack_bytes: int = 16 * MiB
+    small_array_bytes: int = 1 * MiB
+    max_concurrent_writes: int = 4
+    storage: Storage | None = None
+    runtime: Runtime | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("staging_budget_bytes", "chunk_bytes", "pack_bytes", "small_array_bytes", "max_concurrent_writes"):
+            _require_positive_int("WriteSettings", name, getattr(self, name))
+        if self.staging_budget_bytes < max(self.chunk_bytes, self.pack_bytes):
+            raise ValueError(
+                f"WriteSettings.staging_budget_bytes ({self.staging_budget_bytes}) must be at least "
+                f"chunk_bytes ({self.chunk_bytes}) and pack_bytes ({self.pack_bytes}): one data file "
+                "must fit in the budget"
+            )
+        if self.small_array_bytes > self.pack_bytes:
+            raise ValueError(
+                f"WriteSettings.small_array_bytes ({self.small_array_bytes}) must not exceed "
+                f"pack_bytes ({self.pack_bytes})"
+            )
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """Knobs of reads.
+
+    Parameters
+    ----------
+    max_concurrent_reads:
+        Byte-range reads in flight at once.
+    coalesce_gap_bytes:
+        Extents of one file at most this far apart are fetched by one read.
+    max_read_bytes:
+        Upper bound of a coalesced read (a single larger extent is still read whole).
+    storage, runtime:
+        As in :class:`WriteSettings`.
+    """
+
+    max_concurrent_reads: int = 8
+    coalesce_gap_bytes: int = 1 * MiB
+    max_read_bytes: int = 64 * MiB
+    storage: Storage | None = None
+    runtime: Runtime | None = None
+
+    def __post_init__(self) -> None:
+        _require_positive_int("ReadSettings", "max_concurrent_reads", self.max_concurrent_reads)
+        _require_positive_int("ReadSettings", "max_read_bytes", self.max_read_bytes)
+        if type(self.coalesce_gap_bytes) is not int or self.coalesce_gap_bytes < 0:
+            raise ValueError(f"ReadSettings.coalesce_gap_bytes must be a non-negative int, got {self.coalesce_gap_bytes!r}")
+
+
+@dataclass
+class WriteMetrics:
+    """What one write did. Seconds are wall-clock; staging also counts copies made by hooks."""
+
+    bytes_written: int = 0
+    files_written: int = 0
+    files_staged_by_hooks: int = 0
+    staging_seconds: float = 0.0
+    writing_seconds: float = 0.0
+    commit_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+class WriteHandle:
+    """A write in progress. Resolves to the checkpoint path once committed and called back."""
+
+    def __init__(self, path: str, key: str) -> None:
+        self.path = path
+        self.metrics = WriteMetrics()
+        self._key = key
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(self) -> bool:
+        """True once the write has committed and run its callbacks, or failed."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> str:
+        """Block until the write finishes; return the path or re-raise the write's exception."""
+        return self._future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Block until the write finishes; return its exception, or ``None`` on success."""
+        return self._future.exception(timeout)
+
+    async def wait(self) -> str:
+        """Await the write from any event loop without blocking it; same outcome as :meth:`result`.
+
+        Cancelling the awaiting task does not cancel the write.
+        """
+        return await asyncio.shield(asyncio.wrap_future(self._future))
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<WriteHandle {self.path!r} {state}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry of in-process pending writes
+
+
+class _Registry:
+    """Pending writes by canonical path, in start order."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._pending: dict[str, list[WriteHandle]] = {}
+        self._calling_back = threading.local()
+
+    def add(self, handle: WriteHandle) -> WriteHandle | None:
+        """Register ``handle``; return the latest earlier pending write to the same path."""
+        with self._guard:
+            queue = self._pending.setdefault(handle._key, [])
+            previous = queue[-1] if queue else None
+            queue.append(handle)
+        handle._future.add_done_callback(lambda _: self._remove(handle))
+        return previous
+
+    def _remove(self, handle: WriteHandle) -> None:
+        with self._guard:
+            queue = self._pending.get(handle._key, [])
+            if handle in queue:
+                queue.remove(handle)
+            if not queue:
+                self._pending.pop(handle._key, None)
+
+    def under(self, key: str) -> list[WriteHandle]:
+        """Pending writes to ``key`` or below folder ``key``, minus those the caller cannot wait for.
+
+        A callback of write W runs before W resolves, and later writes to W's path wait for W;
+        waiting for any of those from inside the callback would deadlock, so they are skipped.
+        """
+        folder = key.rstrip("/") + "/"
+        current = getattr(self._calling_back, "handle", None)
+        found = []
+        with self._guard:
+            for path, queue in self._pending.items():
+                if path != key and not path.startswith(folder):
+                    continue
+                if current is not None and current in queue:
+                    queue = queue[: queue.index(current)]
+                found.extend(queue)
+        return found
+
+    @contextlib.contextmanager
+    def calling_back(self, handle: WriteHandle):
+        self._calling_back.handle = handle
+        try:
+            yield
+        finally:
+            self._calling_back.handle = None
+
+
+_registry = _Registry()
+
+
+def _storage_of(settings) -> Storage:
+    return settings.storage if settings.storage is not None else default_storage()
+
+
+def _runtime_of(settings) -> Runtime:
+    return settings.runtime if settings.runtime is not None else get_runtime()
+
+
+def _unwrap(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _unwrap(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _quietly_wait(handle: WriteHandle) -> None:
+    with contextlib.suppress(BaseException):
+        await handle.wait()
+
+
+def wait_for_pending_writes(path, *, storage: Storage | None = None) -> None:
+    """Block until every in-process write to ``path``, or to a checkpoint under folder ``path``, ends.
+
+    Does not raise the writes' errors: those belong to whoever holds their handles.
+    """
+    key = (storage or default_storage()).canonical(path)
+    for handle in _registry.under(key):
+        with contextlib.suppress(BaseException):
+            handle._future.result()
+
+
+async def await_pending_writes(path, *, storage: Storage | None = None) -> None:
+    """The ``async`` twin of :func:`wait_for_pending_writes`, usable from any event loop."""
+    key = (storage or default_storage()).canonical(path)
+    for handle in _registry.under(key):
+        await _quietly_wait(handle)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def start_write(
+    prefix,
+    entries: Sequence[SaveEntry],
+    object_graph: dict,
+    *,
+    settings: WriteSettings | None = None,
+    on_commit: Sequence[Callable[[], None]] = (),
+) -> WriteHandle:
+    """Start writing a checkpoint at ``prefix``; return once its contents are fixed.
+
+    Parameters
+    ----------
+    prefix:
+        The checkpoint path ``P`` (``str`` or ``os.PathLike``). Data goes to ``P.data-<nonce>/``;
+        ``P.index`` is written last and is the commit marker. An existing checkpoint at ``P`` stays
+        readable until the new one is committed, then its data directory is deleted.
+    entries:
+        One :class:`SaveEntry` per key.
+    object_graph:
+        A JSON-serialisable dict stored in the manifest.
+    settings:
+        :class:`WriteSettings`.
+    on_commit:
+        Callables run in order, in a worker thread, after ``P.index`` is durable. An exception
+        from one of them fails the handle (the checkpoint stays committed).
+
+    Returns
+    -------
+    WriteHandle
+        Whose ``result()`` is the path once committed and called back.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad entries (duplicate or reserved key, unsupported value or dtype), a non-JSON object
+        graph, a path naming a folder. Errors of the background write surface through the handle.
+    """
+    settings = settings if settings is not None else WriteSettings()
+    if not isinstance(settings, WriteSettings):
+        raise TypeError(f"settings must be a WriteSettings, got {type(settings).__name__}")
+    storage = _storage_of(settings)
+    folder, stem = storage.split(prefix)
+    if not isinstance(object_graph, dict):
+        raise TypeError(f"object_graph must be a dict, got {type(object_graph).__name__}")
+    try:
+        json.dumps(object_graph, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"object_graph is not JSON-serialisable: {exc}") from None
+    callbacks = tuple(on_commit)
+    for callback in callbacks:
+        if not callable(callback):
+            raise TypeError(f"on_commit callbacks must be callable, got {callback!r}")
+
+    sources = prepare_sources(entries)
+    plan = plan_write(
+        [PlanItem(source.key, source.nbytes) for source in sources],
+        small_array_bytes=settings.small_array_bytes,
+        pack_bytes=settings.pack_bytes,
+        chunk_bytes=settings.chunk_bytes,
+    )
+    runtime = _runtime_of(settings)
+    handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
+    job = _WriteJob(handle, storage, folder, stem, sources, plan, object_graph, callbacks, settings, runtime.loop)
+    job.snapshot.install_guards()
+    previous = _registry.add(handle)
+    try:
+        future = runtime.submit(job.run(previous))
+    except BaseException as exc:
+        job.snapshot.close()
+        handle._future.set_exception(exc)
+        raise
+    _chain(future, handle._future)
+    return handle
+
+
+def _chain(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
+    def copy(done: concurrent.futures.Future) -> None:
+        if done.cancelled():
+            target.set_exception(concurrent.futures.CancelledError("the write was cancelled"))
+        elif done.exception() is not None:
+            target.set_exception(done.exception())
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
+
+
+class _WriteJob:
+    """The background half of one ``start_write``."""
+
+    def __init__(self, handle, storage, folder, stem, sources, plan, object_graph, callbacks, settings, loop):
+        self.handle = handle
+        self.storage: Storage = storage
+        self.folder = folder
+        self.stem = stem
+        self.sources = sources
+        self.plan = plan
+        self.object_graph = object_graph
+        self.callbacks = callbacks
+        self.settings: WriteSettings = settings
+        self.budget = ByteBudget(settings.staging_budget_bytes)
+        self.queue: asyncio.Queue[StagedFile | BaseException] = asyncio.Queue()
+        self.snapshot = Snapshot(sources, plan, self.budget, loop, self.queue.put_nowait)
+        self.crcs: list[tuple[int, ...] | None] = [None] * len(plan.files)
+        self._write_span = [float("inf"), 0.0]
+
+    async def run(self, previous: WriteHandle | None) -> str:
+        started = time.perf_counter()
+        metrics = self.handle.metrics
+        try:
+            backend = await self.storage.open(self.folder)
+            await backend.prepare()
+            nonce, lock = await _create_data_dir(backend, self.stem)
+            data_dir = data_dir_name(self.stem, nonce)
+            committed = False
+            try:
+                if backend.cleans_debris:
+                    await _clean_debris(backend, exclude=data_dir)
+                await self._write_files(backend, data_dir)
+                manifest = self._manifest(data_dir)
+                if previous is not None:
+                    await _quietly_wait(previous)
+                replaced = await _referenced_data_dir(backend, self.stem)
+                commit_started = time.perf_counter()
+                await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
+                committed = True
+                metrics.commit_seconds = time.perf_counter() - commit_started
+                if replaced is not None and replaced != data_dir:
+                    try:
+                        await backend.delete_tree(replaced)
+                    except OSError as exc:
+                        logger.warning("could not delete replaced data directory %s: %s", backend.describe(replaced), exc)
+            except BaseException:
+                self.snapshot.close()
+                if not committed:
+                    with contextlib.suppress(Exception):
+                        await backend.delete_tree(data_dir)
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    await lock.release()
+            for callback in self.callbacks:
+                await asyncio.to_thread(self._call_back, callback)
+            return self.handle.path
+        finally:
+            self.snapshot.close()
+            metrics.staging_seconds = self.snapshot.staging_seconds
+            metrics.files_staged_by_hooks = self.snapshot.staged_by_hooks
+            if metrics.files_written:
+                metrics.writing_seconds = self._write_span[1] - self._write_span[0]
+            metrics.total_seconds = time.perf_counter() - started
+
+    def _call_back(self, callback: Callable[[], None]) -> None:
+        with _registry.calling_back(self.handle):
+            callback()
+
+    async def _write_files(self, backend: Backend, data_dir: str) -> None:
+        semaphore = asyncio.Semaphore(self.settings.max_concurrent_writes)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.snapshot.run_copier())
+                for _ in self.plan.files:
+                    staged = await self.queue.get()
+                    if isinstance(staged, BaseException):
+                        raise staged
+                    await semaphore.acquire()
+                    group.create_task(self._write_one(backend, data_dir, staged, semaphore))
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+
+    async def _write_one(self, backend: Backend, data_dir: str, staged: StagedFile, semaphore) -> None:
+        size = len(staged.buffer)
+        try:
+            started = time.perf_counter()
+            self._write_span[0] = min(self._write_span[0], started)
+            await backend.write(f"{data_dir}/{staged.name}", staged.buffer)
+            self._write_span[1] = max(self._write_span[1], time.perf_counter())
+            self.crcs[staged.index] = staged.crcs
+            self.handle.metrics.bytes_written += size
+            self.handle.metrics.files_written += 1
+        finally:
+            staged.buffer = bytearray()
+            self.budget.release(size)
+            semaphore.release()
+
+    def _manifest(self, data_dir: str) -> Manifest:
+        tensors = {}
+        for item, source in enumerate(self.sources):
+            extents = []
+            crc = 0  # CRC-32C of no bytes
+            for file_index, piece_index in self.plan.extents[item]:
+                file = self.plan.files[file_index]
+                piece = file.pieces[piece_index]
+                piece_crc = self.crcs[file_index][piece_index]
+                extents.append(Extent(file.name, piece.file_offset, piece.length, piece_crc))
+                crc = crc32c_combine(crc, piece_crc, piece.length)
+            tensors[source.key] = TensorRecord(source.dtype, source.shape, source.nbytes, crc, tuple(extents))
+        return Manifest(data_dir, self.object_graph, tensors)
+
+
+async def _create_data_dir(backend: Backend, stem: str):
+    """Lock and create a fresh ``stem.data-<nonce>``; the lock exists before the directory does."""
+    for _ in range(8):
+        nonce = secrets.token_hex(8)
+        lock = await backend.lock_new(lock_name(stem, nonce))
+        if lock is None:
+            continue  # a cleaner took the brand-new marker; try another name
+        try:
+            await backend.create_data_dir(data_dir_name(stem, nonce))
+        except BaseException:
+            await lock.release()
+            raise
+        return nonce, lock
+    raise RuntimeError(f"could not lock a new data directory for {backend.describe(stem)}")
+
+
+async def _referenced_data_dir(backend: Backend, stem: str) -> str | None:
+    data = await backend.read(index_name(stem))
+    return None if data is None else read_data_dir(data)
+
+
+_UNREADABLE = object()
+
+
+async def _clean_debris(backend: Backend, *, exclude: str) -> None:
+    """Delete what crashed writes left in the folder; never fails the write that calls it.
+
+    A data directory is debris when no writer holds its lock and no manifest in the folder names
+    it. Temporary manifests and stale lock markers go with their data directory.
+    """
+    try:
+        names = await backend.list_names()
+        groups: dict[tuple[str, str], set[str]] = {}
+        for name in names:
+            for kind, parse in (("dir", parse_data_dir_name), ("lock", parse_lock_name), ("tmp", parse_index_tmp_name)):
+                parsed = parse(name)
+                if parsed is not None:
+                    groups.setdefault(parsed, set()).add(kind)
+                    break
+        data_dirs_per_stem: dict[str, int] = {}
+        for (stem, _), kinds in groups.items():
+            if "dir" in kinds:
+                data_dirs_per_stem[stem] = data_dirs_per_stem.get(stem, 0) + 1
+        references: dict[str, Any] = {}
+
+        async def referenced_by(index: str) -> Any:
+            if index not in references:
+                try:
+                    data = await backend.read(index)
+                except OSError:
+                    data = b""
+                references[index] = None if data is None else (read_data_dir(data) or _UNREADABLE)
+            return references[index]
+
+        for (stem, nonce), kinds in sorted(groups.items()):
+            name = data_dir_name(stem, nonce)
+            if name == exclude:
+                continue
+            own_index = index_name(stem)
+            if kinds == {"dir"} and data_dirs_per_stem[stem] == 1 and own_index in names:
+                continue  # the one finished data directory of a committed checkpoint
+            lock = None
+            if "lock" in kinds:
+                lock = await backend.try_lock(lock_name(stem, nonce))
+                if lock is None:
+                    continue  # still being written
+            try:
+                if await _is_referenced(name, own_index, names, referenced_by):
+                    continue
+                if "dir" in kinds:
+                    await backend.delete_tree(name)
+                if "tmp" in kinds:
+                    await backend.delete(index_tmp_name(stem, nonce))
+                logger.info("removed debris of an unfinished write: %s", backend.describe(name))
+            finally:
+                if lock is not None:
+                    await lock.release()
+    except Exception as exc:  # cleanup is best effort: the write itself must not fail for it
+        logger.warning("could not clean up after earlier unfinished writes: %s", exc)
+
+
+async def _is_referenced(name: str, own_index: str, names: set[str], referenced_by) -> bool:
+    own = await referenced_by(own_index)
+    if own == name or own is _UNREADABLE:
+        return True
+    # A checkpoint renamed by hand keeps naming its data directory: look at every manifest.
+    for other in sorted(names):
+        if other.endswith(".index") and other != own_index:
+            found = await referenced_by(other)
+            if found == name:
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class CheckpointReader:
+    """Read access to one committed checkpoint. Obtain it from :func:`open_reader`."""
+
+    def __init__(self, path: str, manifest: Manifest, backend: Backend, settings: ReadSettings, runtime: Runtime):
+        self.path = path
+        self._manifest = manifest
+        self._backend = backend
+        self._settings = settings
+        self._runtime = runtime
+
+    @property
+    def object_graph(self) -> dict:
+        """The object graph stored with the checkpoint (a fresh copy)."""
+        return json.loads(object_graph_bytes(self._manifest.object_graph))
+
+    @property
+    def data_dir(self) -> str:
+        """Name of the data directory the manifest points at."""
+        return self._manifest.data_dir
+
+    def keys(self) -> list[str]:
+        """Every key, including the object-graph key, sorted bytewise (UTF-8)."""
+        return sorted(
+            [OBJECT_GRAPH_KEY, *self._manifest.tensors], key=lambda key: key.encode("utf-8", "surrogatepass")
+        )
+
+    def __contains__(self, key: object) -> bool:
+        return key == OBJECT_GRAPH_KEY or key in self._manifest.tensors
+
+    def spec(self, key: str) -> TensorSpec:
+        """dtype and shape of ``key``; ``KeyError`` naming the key when absent."""
+        if key == OBJECT_GRAPH_KEY:
+            return TensorSpec(BYTES_DTYPE, ())
+        return self._record(key).spec
+
+    def _record(self, key: str) -> TensorRecord:
+        try:
+            return self._manifest.tensors[key]
+        except (KeyError, TypeError):
+            raise KeyError(f"key {key!r} not found in checkpoint {self.path}") from None
+
+    def read(self, key: str):
+        """The value of ``key``: a writable NumPy array, or ``bytes``. Checksums are verified."""
+        return self.read_many([key])[key]
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Values of several keys, read concurrently and verified."""
+        return self._runtime.run(self._read(list(keys), assemble=True))
+
+    async def aread_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The ``async`` twin of :meth:`read_many`, usable from any event loop without blocking it."""
+        return await self._on_runtime(self._read(list(keys), assemble=True))
+
+    async def aread(self, key: str):
+        """The ``async`` twin of :meth:`read`."""
+        return (await self.aread_many([key]))[key]
+
+    def verify(self) -> None:
+        """Check every checksum of the checkpoint without keeping the data.
+
+        Raises ``CorruptCheckpointError`` naming the key and the file of the first problem found.
+        """
+        self._runtime.run(self._read(list(self._manifest.tensors), assemble=False))
+
+    async def _on_runtime(self, coro):
+        if _running_loop() is self._runtime.loop:
+            return await coro
+        return await asyncio.wrap_future(self._runtime.submit(coro))
+
+    async def _read(self, keys: list[str], *, assemble: bool) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        records: dict[str, TensorRecord] = {}
+        for key in keys:
+            if key == OBJECT_GRAPH_KEY:
+                results[key] = object_graph_bytes(self._manifest.object_graph)
+            else:
+                records[key] = self._record(key)
+        assembly = _Assembly(records, assemble)
+        ranges = plan_read(
+            records,
+            coalesce_gap_bytes=self._settings.coalesce_gap_bytes,
+            max_range_bytes=self._settings.max_read_bytes,
+        )
+        semaphore = asyncio.Semaphore(self._settings.max_concurrent_reads)
+
+        async def fetch(read_range: ReadRange) -> None:
+            async with semaphore:
+                data = await self._fetch(read_range)
+            if read_range.stop - read_range.start >= MiB:
+                await asyncio.to_thread(self._deliver, read_range, data, assembly)
+            else:
+                self._deliver(read_range, data, assembly)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for read_range in ranges:
+                    group.create_task(fetch(read_range))
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+        for key, record in records.items():
+            self._check_whole(key, record, assembly.crcs[key])
+            if assemble:
+                results[key] = assembly.result(key)
+        return results
+
+    def _file_location(self, file: str) -> str:
+        return self._backend.describe(f"{self._manifest.data_dir}/{file}")
+
+    def _corrupt(self, key: str, file: str, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"corrupt checkpoint {self.path}: key {key!r}: data file {self._file_location(file)} {problem}"
+        )
+
+    async def _fetch(self, read_range: ReadRange) -> bytes:
+        key = f"{self._manifest.data_dir}/{read_range.file}"
+        first = read_range.targets[0]
+        try:
+            data = await self._backend.read(key, read_range.start, read_range.stop)
+        except TruncatedError:
+            raise await self._truncation(read_range) from None
+        if data is None:
+            raise self._corrupt(first.key, read_range.file, "is missing")
+        if len(data) != read_range.stop - read_range.start:
+            raise self._corrupt(first.key, read_range.file, "is truncated")
+        return data
+
+    async def _truncation(self, read_range: ReadRange) -> CorruptCheckpointError:
+        """Name the first key whose bytes lie past the end of the file."""
+        key = f"{self._manifest.data_dir}/{read_range.file}"
+        for target in read_range.targets:
+            end = read_range.start + target.range_offset + target.length
+            try:
+                await self._backend.read(key, end - 1, end)
+            except TruncatedError:
+                return self._corrupt(
+                    target.key, read_range.file, f"is truncated: the key's bytes [{end - target.length}, {end}) are past its end"
+                )
+        return self._corrupt(read_range.targets[0].key, read_range.file, "is truncated")
+
+    def _deliver(self, read_range: ReadRange, data: bytes, assembly: _Assembly) -> None:
+        view = memoryview(data)
+        for target in read_range.targets:
+            piece = view[target.range_offset : target.range_offset + target.length]
+            crc = crc32c.crc32c(piece)
+            if crc != target.crc32c:
+                raise self._corrupt(
+                    target.key,
+                    read_range.file,
+                    f"fails its checksum at bytes [{read_range.start + target.range_offset}, "
+                    f"{read_range.start + target.range_offset + target.length}) "
+                    f"(crc32c {crc:#010x}, manifest says {target.crc32c:#010x})",
+                )
+            assembly.put(target.key, target.extent_index, target.tensor_offset, piece, crc)
+
+    def _check_whole(self, key: str, record: TensorRecord, crcs: list) -> None:
+        crc = 0
+        for extent, extent_crc in zip(record.extents, crcs):
+            crc = crc32c_combine(crc, extent_crc, extent.length)
+        if crc != record.crc32c:
+            file = record.extents[0].file if record.extents else "(none)"
+            raise self._corrupt(
+                key, file, f"holds extents whose combined crc32c {crc:#010x} differs from the value's {record.crc32c:#010x}"
+            )
+
+
+class _Assembly:
+    """Output buffers of one read, filled extent by extent (possibly from several threads)."""
+
+    def __init__(self, records: dict[str, TensorRecord], assemble: bool) -> None:
+        self._records = records
+        self._assemble = assemble
+        self._buffers: dict[str, Any] = {}
+        self._guard = threading.Lock()
+        self.crcs = {key: [None] * len(record.extents) for key, record in records.items()}
+
+    def _buffer(self, key: str):
+        with self._guard:
+            buffer = self._buffers.get(key)
+            if buffer is None:
+                record = self._records[key]
+                spec = record.spec
+                if spec.dtype == BYTES_DTYPE:
+                    buffer = bytearray(record.nbytes)
+                else:
+                    buffer = np.empty(spec.shape, dtype=spec.dtype)
+                self._buffers[key] = buffer
+            return buffer
+
+    def put(self, key: str, extent_index: int, offset: int, piece: memoryview, crc: int) -> None:
+        self.crcs[key][extent_index] = crc
+        if not self._assemble:
+            return
+        buffer = self._buffer(key)
+        flat = memoryview(buffer) if isinstance(buffer, bytearray) else memoryview(buffer.reshape(-1).view(np.uint8))
+        flat[offset : offset + len(piece)] = piece
+
+    def result(self, key: str):
+        buffer = self._buffer(key)
+        return bytes(buffer) if isinstance(buffer, bytearray) else buffer
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointReader:
+    storage = _storage_of(settings)
+    folder, stem = storage.split(path)
+    backend = await storage.open(folder)
+    index = index_name(stem)
+    data = await backend.read(index)
+    if data is None:
+        raise NotFoundError(
+            f"Failed to find any matching files for {path}: the checkpoint index {backend.describe(index)} "
+            "does not exist"
+        )
+    manifest = parse_manifest(data, source=backend.describe(index))
+    await backend.check_data_dir(manifest.data_dir)
+    return CheckpointReader(os.fspath(path), manifest, backend, settings, runtime)
+
+
+def _read_settings(settings: ReadSettings | None) -> ReadSettings:
+    settings = settings if settings is not None else ReadSettings()
+    if not isinstance(settings, ReadSettings):
+        raise TypeError(f"settings must be a ReadSettings, got {type(settings).__name__}")
+    return settings
+
+
+def open_reader(path, settings: ReadSettings | None = None) -> CheckpointReader:
+    """Open the committed checkpoint at ``path``.
+
+    Raises
+    ------
+    NotFoundError
+        ``path.index`` does not exist (also a ``FileNotFoundError``).
+    CorruptCheckpointError
+        The manifest fails validation (``UnsupportedFormatError`` for an unknown version).
+    """
+    settings = _read_settings(settings)
+    runtime = _runtime_of(settings)
+    return runtime.run(_open(path, settings, runtime))
+
+
+async def aopen_reader(path, settings: ReadSettings | None = None) -> CheckpointReader:
+    """The ``async`` twin of :func:`open_reader`, usable from any event loop."""
+    settings = _read_settings(settings)
+    runtime = _runtime_of(settings)
+    if _running_loop() is runtime.loop:
+        return await _open(path, settings, runtime)
+    return await asyncio.wrap_future(runtime.submit(_open(path, settings, runtime)))
+
+
+def checkpoint_exists(prefix, *, storage: Storage | None = None, runtime: Runtime | None = None) -> bool:
+    """True when a committed asyncckpt checkpoint exists at ``prefix`` (its ``P.index`` parses)."""
+    storage = storage or default_storage()
+    try:
+        folder, stem = storage.split(prefix)
+    except ValueError:
+        return False
+
+    async def exists() -> bool:
+        backend = await storage.open(folder)
+        data = await backend.read(index_name(stem))
+        if data is None:
+            return False
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return False
+        return isinstance(document, dict) and document.get("format") == "asyncckpt"
+
+    return (runtime or get_runtime()).run(exists())
+
+
+def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtime | None = None) -> None:
+    """Delete the checkpoint at ``prefix``: un-commit it (remove ``P.index``), then its data.
+
+    Missing pieces are not an error. Does not wait for pending writes to ``prefix``.
+    """
+    storage = storage or default_storage()
+    folder, stem = storage.split(prefix)
+
+    async def delete() -> None:
+        backend = await storage.open(folder)
+        data = await backend.read(index_name(stem))
+        data_dir = None if data is None else read_data_dir(data)
+        await backend.delete(index_name(stem))
+        if data_dir is not None:
+            await backend.delete_tree(data_dir)
+
+    (runtime or get_runtime()).run(delete())

@@ -1,0 +1,606 @@
+"""Where checkpoint bytes live: a small async ``Backend`` interface over TensorStore kvstores.
+
+This is the only module that imports :mod:`tensorstore`. The pipeline sees a :class:`Storage`
+(chosen through ``WriteSettings.storage`` / ``ReadSettings.storage``) that opens one
+:class:`Backend` per checkpoint folder; a backend sees names and bytes, never arrays.
+
+* :class:`FileStorage` (the default) writes data files through TensorStore's ``file`` kvstore and
+  adds what a local or network filesystem needs on top: the atomic ``P.index`` commit
+  (temporary file, fsync, rename, directory fsync), durable directory creation, ``flock`` write
+  locks that let any process tell in-progress writes from crash debris, and symlink checks.
+* :class:`KvStoreStorage` runs on any other kvstore driver (``memory`` in tests, object stores
+  later); a single ``write`` of ``P.index`` is the commit there, and locks are in-process only.
+
+Backend errors are translated at this seam: TensorStore's ``ValueError`` statuses become
+:class:`StorageError` (an ``OSError`` carrying the errno when TensorStore reports one), a byte range
+past the end of a value becomes :class:`TruncatedError`, and a missing value reads as ``None``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import fcntl
+import os
+import posixpath
+import re
+import shutil
+import threading
+from typing import Any
+
+import tensorstore as ts
+
+from asyncckpt.errors import CorruptCheckpointError
+
+__all__ = [
+    "StorageError",
+    "TruncatedError",
+    "Lock",
+    "Backend",
+    "BackendWrapper",
+    "Storage",
+    "FileStorage",
+    "KvStoreStorage",
+    "default_storage",
+]
+
+
+class StorageError(OSError):
+    """A storage operation failed (disk full, permission denied, I/O error, ...)."""
+
+
+class TruncatedError(StorageError):
+    """A byte range was requested past the end of a stored value."""
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code=(\d+)")
+
+
+def _translate(exc: ValueError, what: str) -> StorageError:
+    message = str(exc)
+    if message.startswith("OUT_OF_RANGE"):
+        return TruncatedError(f"{what}: {message}")
+    code = _OS_ERROR_CODE.search(message)
+    if code:
+        number = int(code.group(1))
+        return StorageError(number, f"{what}: {message} ({os.strerror(number)})")
+    return StorageError(f"{what}: {message}")
+
+
+class Lock(abc.ABC):
+    """A held write lock on a data directory; released (and its marker removed) by :meth:`release`."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Remove the lock marker, then drop the lock. Idempotent."""
+
+
+class Backend(abc.ABC):
+    """Storage for the entries of one folder (the directory holding ``P.index``).
+
+    Names are relative to the folder; data files are ``"<data_dir>/<file>"``.
+    """
+
+    #: Whether a write into this folder may delete debris left by crashed writes. Only safe when
+    #: :meth:`lock_new`/:meth:`try_lock` exclude every writer that can reach the folder.
+    cleans_debris: bool = True
+
+    @abc.abstractmethod
+    def describe(self, name: str) -> str:
+        """A human-readable location of ``name`` (a path or URL), for messages."""
+
+    @abc.abstractmethod
+    async def prepare(self) -> None:
+        """Create the folder (and its parents) if missing, durably."""
+
+    @abc.abstractmethod
+    async def create_data_dir(self, name: str) -> None:
+        """Create the (empty) data directory ``name``, durably."""
+
+    @abc.abstractmethod
+    async def write(self, key: str, value: bytes | bytearray) -> None:
+        """Store ``value`` under ``key``, durably, replacing any old value."""
+
+    @abc.abstractmethod
+    async def read(self, key: str, start: int = 0, stop: int | None = None) -> bytes | None:
+        """Bytes ``[start, stop)`` of ``key``; ``None`` if it does not exist.
+
+        Raises :class:`TruncatedError` when the range extends past the end of the value.
+        """
+
+    @abc.abstractmethod
+    async def commit(self, name: str, tmp_name: str, value: bytes) -> None:
+        """Atomically and durably publish ``value`` as ``name``.
+
+        Afterwards ``name`` holds either its old value or ``value`` even across a crash; ``tmp_name``
+        is where a backend that needs a temporary stages it (and deletes it on failure).
+        """
+
+    @abc.abstractmethod
+    async def list_names(self) -> set[str]:
+        """Names directly in the folder (files and directories)."""
+
+    @abc.abstractmethod
+    async def delete(self, name: str) -> None:
+        """Remove ``name`` durably; a missing name is not an error."""
+
+    @abc.abstractmethod
+    async def delete_tree(self, name: str) -> None:
+        """Remove the directory ``name`` and everything in it; missing is not an error."""
+
+    @abc.abstractmethod
+    async def lock_new(self, name: str) -> Lock | None:
+        """Create the lock marker ``name`` and hold it; ``None`` if that raced with a cleaner."""
+
+    @abc.abstractmethod
+    async def try_lock(self, name: str) -> Lock | None:
+        """Take the existing lock marker ``name`` if nobody holds it; else ``None``."""
+
+    async def check_data_dir(self, name: str) -> None:
+        """Raise ``CorruptCheckpointError`` if data directory ``name`` resolves outside the folder."""
+
+
+class BackendWrapper(Backend):
+    """A backend forwarding everything to ``inner``; subclass it to inject faults or gates."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.cleans_debris = inner.cleans_debris
+
+    def describe(self, name):
+        return self.inner.describe(name)
+
+    async def prepare(self):
+        await self.inner.prepare()
+
+    async def create_data_dir(self, name):
+        await self.inner.create_data_dir(name)
+
+    async def write(self, key, value):
+        await self.inner.write(key, value)
+
+    async def read(self, key, start=0, stop=None):
+        return await self.inner.read(key, start, stop)
+
+    async def commit(self, name, tmp_name, value):
+        await self.inner.commit(name, tmp_name, value)
+
+    async def list_names(self):
+        return await self.inner.list_names()
+
+    async def delete(self, name):
+        await self.inner.delete(name)
+
+    async def delete_tree(self, name):
+        await self.inner.delete_tree(name)
+
+    async def lock_new(self, name):
+        return await self.inner.lock_new(name)
+
+    async def try_lock(self, name):
+        return await self.inner.try_lock(name)
+
+    async def check_data_dir(self, name):
+        await self.inner.check_data_dir(name)
+
+
+class Storage(abc.ABC):
+    """Maps checkpoint paths to backends. Injected through the read/write settings."""
+
+    @abc.abstractmethod
+    def split(self, path: str) -> tuple[str, str]:
+        """``(folder, stem)`` of checkpoint path ``path``; ``ValueError`` if it names no file."""
+
+    @abc.abstractmethod
+    async def open(self, folder: str) -> Backend:
+        """A backend for ``folder`` (one open per checkpoint operation)."""
+
+    @abc.abstractmethod
+    def canonical(self, path: str) -> str:
+        """The canonical spelling of a checkpoint or folder path (to match pending writes)."""
+
+
+class _KvStoreBackend(Backend):
+    """The kvstore operations shared by both storages."""
+
+    def __init__(self, kvstore: ts.KvStore, location: str) -> None:
+        self._kv = kvstore
+        self._location = location
+
+    def describe(self, name: str) -> str:
+        return f"{self._location}{name}"
+
+    async def write(self, key: str, value: bytes | bytearray) -> None:
+        # TensorStore copies a bytearray once and a bytes object twice on the way in (measured),
+        # so staged buffers are bytearrays.
+        try:
+            await self._kv.write(key, value)
+        except ValueError as exc:
+            raise _translate(exc, f"writing {self.describe(key)}") from exc
+
+    async def read(self, key: str, start: int = 0, stop: int | None = None) -> bytes | None:
+        try:
+            result = await self._kv.read(key, byte_range=slice(start, stop))
+        except ValueError as exc:
+            raise _translate(exc, f"reading {self.describe(key)}") from exc
+        return result.value if result.state == "value" else None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, fsyncing each parent whose entry list changed."""
+    missing = []
+    head = path
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+        _fsync_dir(os.path.dirname(directory) or ".")
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _FileLock(Lock):
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd: int | None = fd
+        self._path = path
+
+    async def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        # Unlink while still holding the lock: only a lock holder may remove the marker.
+        try:
+            await asyncio.to_thread(_unlink_and_close, self._path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def _unlink_and_close(path: str, fd: int) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _lock_file(path: str, create: bool) -> _FileLock | None:
+    """Open and ``flock`` ``path``; ``None`` if held elsewhere, missing, or replaced meanwhile."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Whoever removes a marker holds its lock first, so a marker still at `path` with our
+        # inode cannot be removed while we hold it. Anything else means we locked a dead file.
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(path)
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return _FileLock(fd, path)
+
+
+class _FileBackend(_KvStoreBackend):
+    def __init__(self, kvstore: ts.KvStore, folder: str) -> None:
+        super().__init__(kvstore, folder.rstrip(os.sep) + os.sep)
+        self._folder = folder
+
+    def describe(self, name: str) -> str:
+        return os.path.join(self._folder, *name.split("/"))
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(_makedirs_durable, self._folder)
+
+    async def create_data_dir(self, name: str) -> None:
+        def create() -> None:
+            os.mkdir(self.describe(name))
+            _fsync_dir(self._folder)
+
+        await asyncio.to_thread(create)
+
+    async def commit(self, name: str, tmp_name: str, value: bytes) -> None:
+        await asyncio.to_thread(self._commit, name, tmp_name, value)
+
+    def _commit(self, name: str, tmp_name: str, value: bytes) -> None:
+        tmp_path = self.describe(tmp_name)
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(value)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_path, self.describe(name))
+        except BaseException:
+            _remove(tmp_path)
+            raise
+        _fsync_dir(self._folder)
+
+    async def list_names(self) -> set[str]:
+        def names() -> set[str]:
+            try:
+                return set(os.listdir(self._folder))
+            except FileNotFoundError:
+                return set()
+
+        return await asyncio.to_thread(names)
+
+    async def delete(self, name: str) -> None:
+        def delete() -> None:
+            try:
+                os.unlink(self.describe(name))
+            except FileNotFoundError:
+                return
+            _fsync_dir(self._folder)
+
+        await asyncio.to_thread(delete)
+
+    async def delete_tree(self, name: str) -> None:
+        await asyncio.to_thread(_remove, self.describe(name))
+
+    async def lock_new(self, name: str) -> Lock | None:
+        return await asyncio.to_thread(_lock_file, self.describe(name), True)
+
+    async def try_lock(self, name: str) -> Lock | None:
+        return await asyncio.to_thread(_lock_file, self.describe(name), False)
+
+    async def check_data_dir(self, name: str) -> None:
+        def check() -> None:
+            path = self.describe(name)
+            if not os.path.islink(path):
+                return
+            root = os.path.realpath(self._folder)
+            target = os.path.realpath(path)
+            if os.path.commonpath([root, target]) != root or target == root:
+                raise CorruptCheckpointError(
+                    f"data directory {path} is a symbolic link to {target}, outside the checkpoint's "
+                    f"folder {root}; refusing to read it"
+                )
+
+        await asyncio.to_thread(check)
+
+
+class FileStorage(Storage):
+    """Checkpoints on a local or network filesystem (the default).
+
+    Parameters
+    ----------
+    sync:
+        Whether TensorStore fsyncs each data file and its directory (``file_io_sync``). Turning it
+        off trades the crash guarantee of ``docs/format.md`` for speed (e.g. on tmpfs).
+    context:
+        A ``tensorstore.Context`` to share I/O thread pools with other TensorStore users.
+    """
+
+    def __init__(self, *, sync: bool = True, context: ts.Context | None = None) -> None:
+        self._sync = sync
+        self._context = context if context is not None else ts.Context()
+
+    def split(self, path: str) -> tuple[str, str]:
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"checkpoint path must be a non-empty string, got {path!r}")
+        folder, stem = os.path.split(os.path.abspath(path))
+        if not stem or path.endswith(os.sep) or "\0" in path:
+            raise ValueError(f"checkpoint path {path!r} must name a file prefix, not a directory")
+        return folder, stem
+
+    def canonical(self, path: str) -> str:
+        return os.path.abspath(os.fspath(path))
+
+    async def open(self, folder: str) -> Backend:
+        spec = {"driver": "file", "path": folder.rstrip(os.sep) + os.sep, "file_io_sync": self._sync}
+        try:
+            kvstore = await ts.KvStore.open(spec, context=self._context)
+        except ValueError as exc:
+            raise _translate(exc, f"opening {folder}") from exc
+        return _FileBackend(kvstore, folder)
+
+
+class _LockTable:
+    """The write locks held in this process on one storage's keys (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._guard = threading.Lock()
+
+    def scoped(self, location: str) -> _ScopedLocks:
+        return _ScopedLocks(self, location)
+
+    def add(self, key: str) -> bool:
+        with self._guard:
+            if key in self._held:
+                return False
+            self._held.add(key)
+            return True
+
+    def discard(self, key: str) -> None:
+        with self._guard:
+            self._held.discard(key)
+
+
+class _ScopedLocks:
+    def __init__(self, table: _LockTable, location: str) -> None:
+        self._table, self._location = table, location
+
+    def add(self, name: str) -> bool:
+        return self._table.add(self._location + name)
+
+    def discard(self, name: str) -> None:
+        self._table.discard(self._location + name)
+
+
+class _ProcessLock(Lock):
+    def __init__(self, backend: _GenericBackend, name: str) -> None:
+        self._backend: _GenericBackend | None = backend
+        self._name = name
+
+    async def release(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is None:
+            return
+        try:
+            await backend.delete(self._name)
+        finally:
+            backend.locks.discard(self._name)
+
+
+class _GenericBackend(_KvStoreBackend):
+    def __init__(self, kvstore: ts.KvStore, location: str, locks: _LockTable, cleans_debris: bool) -> None:
+        super().__init__(kvstore, location)
+        self.locks = locks.scoped(location)
+        self.cleans_debris = cleans_debris
+
+    async def prepare(self) -> None:
+        pass
+
+    async def create_data_dir(self, name: str) -> None:
+        pass
+
+    async def commit(self, name: str, tmp_name: str, value: bytes) -> None:
+        await self.write(name, value)  # a single kvstore write is atomic
+
+    async def list_names(self) -> set[str]:
+        try:
+            keys = await self._kv.list()
+        except ValueError as exc:
+            raise _translate(exc, f"listing {self.describe('')}") from exc
+        return {key.decode("utf-8", "surrogateescape").split("/", 1)[0] for key in keys}
+
+    async def delete(self, name: str) -> None:
+        try:
+            await self._kv.write(name, None)
+        except ValueError as exc:
+            raise _translate(exc, f"deleting {self.describe(name)}") from exc
+
+    async def delete_tree(self, name: str) -> None:
+        # "0" is the character after "/", so this range is every key below "name/".
+        try:
+            await self._kv.delete_range(ts.KvStore.KeyRange(f"{name}/", f"{name}0"))
+        except ValueError as exc:
+            raise _translate(exc, f"deleting {self.describe(name)}") from exc
+
+    async def _take(self, name: str, create: bool) -> Lock | None:
+        if not self.locks.add(name):
+            return None
+        lock = _ProcessLock(self, name)
+        if create:
+            try:
+                await self.write(name, b"")
+            except BaseException:
+                await lock.release()
+                raise
+        return lock
+
+    async def lock_new(self, name: str) -> Lock | None:
+        return await self._take(name, create=True)
+
+    async def try_lock(self, name: str) -> Lock | None:
+        return await self._take(name, create=False)
+
+
+class KvStoreStorage(Storage):
+    """Checkpoints in any TensorStore kvstore, e.g. ``{"driver": "memory"}``.
+
+    Checkpoint paths are ``/``-separated keys below the spec's ``path``.
+
+    Parameters
+    ----------
+    spec:
+        A kvstore spec (JSON dict). Opened once per checkpoint operation with ``path`` extended by
+        the checkpoint's folder.
+    context:
+        The ``tensorstore.Context`` shared by every open; for the ``memory`` driver it *is* the
+        store, so all backends of one ``KvStoreStorage`` see the same data.
+    clean_debris:
+        Whether writes delete data left by crashed writes. Write locks of this storage are
+        in-process only, so this is safe only when no other process writes into the same
+        folders; it defaults to ``True`` for the ``memory`` driver and ``False`` otherwise.
+    """
+
+    def __init__(self, spec: dict, *, context: ts.Context | None = None, clean_debris: bool | None = None) -> None:
+        if not isinstance(spec, dict) or "driver" not in spec:
+            raise ValueError(f"a kvstore spec must be a dict with a 'driver', got {spec!r}")
+        self._spec = dict(spec)
+        self._context = context if context is not None else ts.Context()
+        self._clean_debris = spec["driver"] == "memory" if clean_debris is None else clean_debris
+        self._locks = _LockTable()
+
+    def split(self, path: str) -> tuple[str, str]:
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path or path.endswith("/") or "\0" in path:
+            raise ValueError(f"checkpoint path {path!r} must name a key prefix, not a folder")
+        folder, stem = posixpath.split(posixpath.normpath(path).lstrip("/"))
+        if stem in ("", ".", ".."):
+            raise ValueError(f"checkpoint path {path!r} must name a key prefix, not a folder")
+        return folder, stem
+
+    def canonical(self, path: str) -> str:
+        return posixpath.normpath(os.fspath(path)).lstrip("/")
+
+    async def open(self, folder: str) -> Backend:
+        base = self._spec.get("path", "")
+        path = posixpath.join(base, folder) if folder else base
+        if path and not path.endswith("/"):
+            path += "/"
+        spec: dict[str, Any] = {**self._spec, "path": path}
+        try:
+            kvstore = await ts.KvStore.open(spec, context=self._context)
+        except ValueError as exc:
+            raise _translate(exc, f"opening kvstore {spec}") from exc
+        return _GenericBackend(kvstore, f"{spec['driver']}://{path}", self._locks, self._clean_debris)
+
+
+_default_storage: FileStorage | None = None
+_default_storage_guard = threading.Lock()
+
+
+def default_storage() -> FileStorage:
+    """The process-wide :class:`FileStorage` used when settings name none."""
+    global _default_storage
+    with _default_storage_guard:
+        if _default_storage is None:
+            _default_storage = FileStorage()
+        return _default_storage
+
+
+def _forget_after_fork() -> None:
+    global _default_storage, _default_storage_guard
+    _default_storage = None
+    _default_storage_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -297,7 +297,7 @@ def test_a06_child_named_attributes_is_escaped(prefix):
     root, leaf = ac.AutoTrackable(), ac.AutoTrackable()
     root._track_trackable(leaf, name=".ATTRIBUTES")
     ac.add_variable(leaf, name="a", shape=[])
-    assert keys(written(root, prefix)) == [GRAPH_KEY, "..ATTRIBUTES/a/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert keys(written(root, prefix)) == ["..ATTRIBUTES/a/.ATTRIBUTES/VARIABLE_VALUE", GRAPH_KEY]  # "." < "_"
 
 
 def test_a06_escaped_names_restore(prefix):

@@ -93,7 +93,7 @@ def test_k52_skipped_slots_not_created_for_late_optimizer(prefix):
 def test_k53_option_defaults():
     options = ac.CheckpointOptions()
     assert options.enable_async is False
-    assert options.experimental_write_callbacks is None
+    assert not options.experimental_write_callbacks  # None or empty: no callbacks
     assert options.experimental_skip_slot_variables is False
 
 

@@ -39,8 +39,11 @@ class SlotOptimizer(ac.Trackable):
     def get_slot_names(self):
         return list(self._slot_names)
 
-    def get_slot(self, var, name):
+    def _lookup(self, var, name):
         return self._slots.get((id(var), name), (None, None))[1]
+
+    def get_slot(self, var, name):
+        return self._lookup(var, name)
 
     def _add_slot(self, var, name):
         slot = ac.Variable(np.zeros(var.shape, dtype=var.dtype), dtype=var.dtype, trainable=False)
@@ -49,7 +52,7 @@ class SlotOptimizer(ac.Trackable):
 
     def _create_or_restore_slot_variable(self, slot_variable_position, slot_name, variable):
         self.restore_calls.append((slot_name, variable))
-        slot = self.get_slot(variable, slot_name)
+        slot = self._lookup(variable, slot_name)
         if slot is None:
             slot = self._add_slot(variable, slot_name)
         slot_variable_position.restore(slot)
@@ -57,7 +60,7 @@ class SlotOptimizer(ac.Trackable):
     def create_slots(self, var_list):
         for var in var_list:
             for name in self._slot_names:
-                if self.get_slot(var, name) is None:
+                if self._lookup(var, name) is None:
                     self._add_slot(var, name)
 
     def build(self):
@@ -167,7 +170,7 @@ def test_g39_slot_node_order(prefix):
 def test_g39_get_slot_may_raise_for_unknown_variables(prefix, error):
     class Raising(SlotOptimizer):
         def get_slot(self, var, name):
-            slot = super().get_slot(var, name)
+            slot = self._lookup(var, name)
             if slot is None:
                 raise error(name)
             return slot

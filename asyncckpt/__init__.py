@@ -1,11 +1,53 @@
-"""asyncckpt: asynchronous, GPU-aware checkpointing with the tf.train.Checkpoint programming model."""
+"""asyncckpt: asynchronous, GPU-aware checkpointing with the tf.train.Checkpoint programming model.
 
+The public surface is exactly ``__all__``.
+"""
+
+from asyncckpt import optimizers
+from asyncckpt.autotrackable import AutoTrackable
+from asyncckpt.checkpoint import Checkpoint, CheckpointOptions, add_variable
+from asyncckpt.checkpoint_management import (
+    CheckpointManager,
+    CheckpointState,
+    checkpoint_exists,
+    get_checkpoint_state,
+    latest_checkpoint,
+    update_checkpoint_state,
+)
 from asyncckpt.errors import CheckpointError, CorruptCheckpointError, NotFoundError, UnsupportedFormatError
+from asyncckpt.module import Module
+from asyncckpt.pipeline import ReadSettings, WriteSettings
+from asyncckpt.python_state import PythonState
+from asyncckpt.readers import list_variables, load_checkpoint, load_variable, object_metadata
+from asyncckpt.trackable import NoDependency, Trackable
+from asyncckpt.variable import Variable
 
 __all__ = [
+    "AutoTrackable",
+    "Checkpoint",
     "CheckpointError",
+    "CheckpointManager",
+    "CheckpointOptions",
+    "CheckpointState",
     "CorruptCheckpointError",
+    "Module",
+    "NoDependency",
     "NotFoundError",
+    "PythonState",
+    "ReadSettings",
+    "Trackable",
     "UnsupportedFormatError",
+    "Variable",
+    "WriteSettings",
+    "add_variable",
+    "checkpoint_exists",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "list_variables",
+    "load_checkpoint",
+    "load_variable",
+    "object_metadata",
+    "optimizers",
+    "update_checkpoint_state",
 ]
 __version__ = "0.1.0"

@@ -751,8 +751,7 @@ class CheckpointManager:
 
         # Guards everything below; bookkeeping runs on the pipeline's background thread.
         self._lock = threading.RLock()
-        self._settled = threading.Condition(self._lock)
-        self._pending: dict[str, int] = {}  # path -> number of saves whose bookkeeping has not run
+        self._pending: list[_PendingSave] = []  # saves whose bookkeeping has not run yet
         self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
         # Paths in the state file this manager must not carry forward: the ones it found but did
         # not adopt (preserved or unmanaged), and the ones it preserved or deleted itself.
@@ -856,37 +855,36 @@ class CheckpointManager:
             save_counter.assign_add(1)
             number = _as_integer(save_counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
             prefix = f"{self._checkpoint_prefix}-{number}"
-            self._pending[prefix] = self._pending.get(prefix, 0) + 1
+            pending = _PendingSave(prefix)
+            self._pending.append(pending)
 
         write_options = copy.copy(options) if options is not None else _default_options()
         write_options.experimental_write_callbacks = [
             *(getattr(options, "experimental_write_callbacks", None) or []),
-            self._make_bookkeeping_callback(prefix),
+            self._make_bookkeeping_callback(pending),
         ]
         try:
-            return self._checkpoint.write(prefix, options=write_options)
+            path = self._checkpoint.write(prefix, options=write_options)
         except BaseException:
-            with self._lock:
-                self._settle(prefix)
+            self._forget(pending)
             raise
+        with self._lock:
+            pending.started = True
+        return path
 
-    def _make_bookkeeping_callback(self, prefix: str) -> Callable[[Any], None]:
+    def _make_bookkeeping_callback(self, pending: _PendingSave) -> Callable[[Any], None]:
         def record_and_sweep(save_path) -> None:
             try:
                 self._record_and_sweep_state(_fspath(save_path, "save path"))
             finally:
-                with self._lock:
-                    self._settle(prefix)
+                self._forget(pending)
 
         return record_and_sweep
 
-    def _settle(self, prefix: str) -> None:
-        count = self._pending.get(prefix, 0) - 1
-        if count > 0:
-            self._pending[prefix] = count
-        else:
-            self._pending.pop(prefix, None)
-        self._settled.notify_all()
+    def _forget(self, pending: _PendingSave) -> None:
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._pending.remove(pending)
 
     def _record_and_sweep_state(self, save_path: str) -> None:
         with self._lock, _state_file_lock(self._directory, None):
@@ -954,20 +952,19 @@ class CheckpointManager:
     # -- waiting and restoring ----------------------------------------------------------------
 
     def _wait_for_own_saves(self) -> None:
-        """Block until the bookkeeping of every save this manager started has run or failed."""
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                return
-            for path in pending:
-                # Returns once that write (and its callbacks) finished, successfully or not.
-                pipeline.wait_for_pending_writes(path)
-            with self._lock:
-                # A failed write never runs its callbacks; forget it once the pipeline is done.
-                for path in pending:
-                    if path in self._pending and not pipeline.has_pending_writes(path):
-                        self._pending.pop(path)
+        """Block until the bookkeeping of every save that returned has run, or its write failed.
+
+        Saves still inside ``save()`` on another thread have not happened yet for the caller and
+        are not waited for; neither is the write whose callback is calling (the pipeline skips
+        it), so a write callback may read these properties without deadlocking.
+        """
+        with self._lock:
+            started = [pending for pending in self._pending if pending.started]
+        for pending in started:
+            # Returns once that write and its callbacks finished, successfully or not.
+            pipeline.wait_for_pending_writes(pending.path)
+        for pending in started:
+            self._forget(pending)  # a failed write never runs its callbacks
 
     def sync(self) -> None:
         """Wait for every pending save of the checkpoint; re-raise a background error."""
@@ -996,6 +993,16 @@ class CheckpointManager:
         if self._init_fn is not None:
             self._init_fn()
         return None
+
+
+class _PendingSave:
+    """One save whose bookkeeping callback has not run; ``started`` once ``write`` returned."""
+
+    __slots__ = ("path", "started")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.started = False
 
 
 def _merge_by_timestamp(

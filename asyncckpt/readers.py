@@ -9,7 +9,6 @@ Every value read is checked against the checksum recorded when it was written.
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
@@ -186,11 +185,11 @@ def object_metadata(save_path) -> dict:
     """
     path = resolve_checkpoint_path(save_path)
     reader = pipeline.open_reader(path)
-    graph = getattr(reader, "object_graph", None)
-    if _format.OBJECT_GRAPH_KEY not in reader.keys() or not graph:
+    graph = reader.object_graph
+    if _format.OBJECT_GRAPH_KEY not in reader.keys() or not isinstance(graph, dict) or not graph.get("nodes"):
         raise ValueError(
             f'The specified checkpoint "{path}" does not appear to be object-based since it is missing '
             f'the key "{_format.OBJECT_GRAPH_KEY}": it holds no object graph, so it cannot be restored '
             "by matching objects (name-based checkpoints are not supported)."
         )
-    return copy.deepcopy(graph)
+    return graph

@@ -1,0 +1,97 @@
+"""The ``asyncckpt`` command: inspect and verify checkpoints from a shell.
+
+Usage::
+
+    asyncckpt ls PATH        # keys, dtypes and shapes, one per line
+    asyncckpt verify PATH    # check every stored checksum
+
+``PATH`` is a checkpoint prefix (``runs/ckpt-40``) or a directory, meaning the checkpoint its
+state file names as latest. Exit status: 0 on success, 1 when the checkpoint is missing or
+corrupt (the message names the key and the file), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence, TextIO
+
+from asyncckpt import pipeline
+from asyncckpt.errors import CheckpointError
+from asyncckpt.readers import load_checkpoint, resolve_checkpoint_path
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``asyncckpt`` command."""
+    parser = argparse.ArgumentParser(
+        prog="asyncckpt",
+        description="Inspect and verify asyncckpt checkpoints.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    verify = commands.add_parser(
+        "verify",
+        help="check every stored checksum of a checkpoint",
+        description="Read every value of a checkpoint and check it against its recorded checksum.",
+    )
+    verify.add_argument("path", metavar="PATH", help="checkpoint prefix, or a directory (its latest checkpoint)")
+    listing = commands.add_parser(
+        "ls",
+        help="list the keys of a checkpoint with their dtypes and shapes",
+        description="List every key of a checkpoint with its dtype and shape, sorted by key.",
+    )
+    listing.add_argument("path", metavar="PATH", help="checkpoint prefix, or a directory (its latest checkpoint)")
+    return parser
+
+
+def _format_shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _ls(path: str, out: TextIO) -> int:
+    reader = load_checkpoint(path)
+    dtypes = reader.get_variable_to_dtype_map()
+    shapes = reader.get_variable_to_shape_map()
+    rows = [(key, "bytes" if dtypes[key].kind == "O" else dtypes[key].name, _format_shape(shapes[key])) for key in reader.keys()]
+    width_key = max((len(r[0]) for r in rows), default=0)
+    width_dtype = max((len(r[1]) for r in rows), default=0)
+    for key, dtype, shape in rows:
+        out.write(f"{key:<{width_key}}  {dtype:<{width_dtype}}  {shape}\n")
+    return 0
+
+
+def _verify(path: str, out: TextIO) -> int:
+    prefix = resolve_checkpoint_path(path)
+    report = pipeline.open_reader(prefix).verify()
+    out.write(f"OK: {report.tensors} tensors, {report.bytes} bytes verified\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``asyncckpt`` command with ``argv`` (``sys.argv[1:]`` by default).
+
+    Returns
+    -------
+    int
+        The exit status: 0 success, 1 missing or corrupt checkpoint, 2 usage error.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already reported by argparse
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    command = {"ls": _ls, "verify": _verify}[args.command]
+    try:
+        return command(args.path, sys.stdout)
+    except CheckpointError as exc:
+        kind = "corrupt checkpoint" if isinstance(exc, ValueError) else "error"
+        print(f"asyncckpt {args.command}: {kind}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"asyncckpt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

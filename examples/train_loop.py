@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     current = int(step.numpy())
     while current < args.steps:
         loss, grads = model.loss_and_gradients(*batch_for_step(current, x, y))
-        optimizer.apply_gradients(zip(grads, model.parameters))
+        optimizer.apply_gradients(zip(grads, model.parameters, strict=True))
         step.assign_add(1)
         current += 1
         if current % args.save_every == 0 or current == args.steps:

@@ -33,15 +33,24 @@ process's pending writes under the directory, so a process always reads its own 
 
 *Across processes* we use a **lock file**, not compare-and-swap: every read-modify-write of the
 state file holds an exclusive ``fcntl.flock`` on ``<directory>/.<latest_filename>.lock``. While
-holding it a manager re-reads the state file, keeps the entries other managers recorded since it
-last looked (when their checkpoints still exist), adds its own, deletes its own expired
-checkpoints and writes the result. Two managers on one directory therefore never lose each
-other's entries, and the state file never names a deleted checkpoint as the latest. The lock file
-is created once and never removed (removing it would let two processes lock different files).
-``flock`` is advisory and POSIX-only; it works on local file systems and on NFSv4, and is a no-op
-on platforms without ``fcntl``. As in TensorFlow, two managers should still use different
-``checkpoint_name`` values: managers sharing one name number their files independently and
-would overwrite each other's checkpoints.
+holding it a manager re-reads the state file and then
+
+1. keeps the entries other managers recorded there (those it did not find at construction, did
+   not delete or preserve itself, and whose checkpoints still exist),
+2. forgets its own entries that another manager deleted (missing from the file and from disk),
+3. adds its new checkpoint, writes the file, deletes its own expired checkpoints and writes the
+   file again.
+
+So two managers sharing a directory never lose each other's entries, every path the file lists
+exists, and ``model_checkpoint_path`` is the checkpoint committed last by anyone. A manager
+still adopts, at construction, every managed entry of the file (TensorFlow's behaviour), so a
+manager created while another is saving may delete that one's older checkpoints; build
+concurrent managers before they save, and give them different ``checkpoint_name`` values
+(managers sharing a name number their files independently and overwrite each other's).
+The lock file is created once and never removed (removing it would let two processes lock
+different files). ``flock`` is advisory and POSIX-only; it works on local file systems and
+NFSv4, and is skipped on platforms without ``fcntl``. Plain `update_checkpoint_state` (used by
+`asyncckpt.Checkpoint.save`) takes the same lock but only writes.
 """
 
 from __future__ import annotations
@@ -620,10 +629,22 @@ def latest_checkpoint(checkpoint_dir, latest_filename: str | None = None) -> str
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
     if state is None or not state.model_checkpoint_path:
         return None
-    if pipeline.checkpoint_exists(state.model_checkpoint_path):
+    if _recorded_checkpoint_exists(state.model_checkpoint_path):
         return state.model_checkpoint_path
     logger.error("Couldn't match files for checkpoint %s", state.model_checkpoint_path)
     return None
+
+
+def _recorded_checkpoint_exists(prefix: str) -> bool:
+    """`pipeline.checkpoint_exists` for a path read from a state file, which may be anything.
+
+    A path the file system cannot even look up (a name too long, say) names no checkpoint.
+    """
+    try:
+        return bool(pipeline.checkpoint_exists(prefix))
+    except OSError as exc:
+        logger.warning("cannot look up checkpoint %r recorded in the state file: %s", prefix, exc)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,7 +787,11 @@ class CheckpointManager:
             return
         self._latest_checkpoint = recovered.model_checkpoint_path
         self._last_preserved_timestamp = recovered.last_preserved_timestamp
-        if now < self._last_preserved_timestamp:
+        if math.isnan(self._last_preserved_timestamp):
+            # Only a hand-edited file says nan; treat it like a clock reset (keeps everything).
+            logger.warning("Ignoring last_preserved_timestamp nan in the state file of %s.", self._directory)
+            self._last_preserved_timestamp = now
+        elif now < self._last_preserved_timestamp:
             # The clock went backwards; min() below keeps old checkpoints from being deleted by mistake.
             logger.warning(
                 "time.time() returned a value %f seconds behind the last preserved checkpoint timestamp.",
@@ -888,7 +913,11 @@ class CheckpointManager:
 
     def _record_and_sweep_state(self, save_path: str) -> None:
         with self._lock, _state_file_lock(self._directory, None):
-            foreign = self._foreign_entries(save_path)
+            on_disk = None
+            with contextlib.suppress(ValueError):  # an empty state file has nothing to keep
+                on_disk = _load_state(self._directory, None)
+            foreign = self._foreign_entries(on_disk, save_path)
+            self._forget_deleted_elsewhere(on_disk, save_path)
             timestamp = self._clock()
             # An overwritten checkpoint moves to the end of the queue.
             self._maybe_delete.pop(save_path, None)
@@ -901,11 +930,8 @@ class CheckpointManager:
             self._sweep()
             self._record_state(foreign)
 
-    def _foreign_entries(self, save_path: str) -> list[tuple[str, float]]:
+    def _foreign_entries(self, on_disk: CheckpointState | None, save_path: str) -> list[tuple[str, float]]:
         """Entries another manager recorded in the state file that must survive our rewrite."""
-        on_disk = None
-        with contextlib.suppress(ValueError):  # an empty state file has nothing to keep
-            on_disk = _load_state(self._directory, None)
         if on_disk is None:
             return []
         return [
@@ -914,8 +940,23 @@ class CheckpointManager:
             if path != save_path
             and path not in self._maybe_delete
             and path not in self._released
-            and pipeline.checkpoint_exists(path)
+            and _recorded_checkpoint_exists(path)
         ]
+
+    def _forget_deleted_elsewhere(self, on_disk: CheckpointState | None, save_path: str) -> None:
+        """Drop managed paths another manager deleted, so the state file never lists them.
+
+        A manager that deletes a checkpoint rewrites the state file without it (under the file
+        lock), so only our paths missing from the file need an existence check; in the usual
+        one-manager case none is missing and nothing is read.
+        """
+        if on_disk is None:
+            return
+        listed = set(on_disk.all_model_checkpoint_paths)
+        for path in [p for p in self._maybe_delete if p not in listed and p != save_path]:
+            if not _recorded_checkpoint_exists(path):
+                del self._maybe_delete[path]
+                self._released.add(path)
 
     def _record_state(self, foreign: list[tuple[str, float]]) -> None:
         own = list(self._maybe_delete.items())

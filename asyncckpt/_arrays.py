@@ -67,13 +67,22 @@ def _parse_device(device: str | None) -> int | None:
     return int(ordinal) if ordinal else 0
 
 
+_STORABLE_DTYPES = frozenset(
+    np.dtype(name)
+    for name in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+)
+
+
 def check_dtype_supported(dtype: np.dtype) -> np.dtype:
-    """Reject dtypes that cannot be stored as raw little-endian bytes (object, str, structured)."""
+    """Reject dtypes a checkpoint cannot store as raw little-endian bytes (object, str, longdouble…)."""
     dtype = np.dtype(dtype)
-    if dtype.kind not in "biufc" or dtype.fields is not None:
+    if dtype.newbyteorder("=") not in _STORABLE_DTYPES:
         raise TypeError(
-            f"dtype {dtype} cannot be stored in a checkpoint; use a numeric or bool dtype "
-            "(strings and Python objects belong in a PythonState)"
+            f"dtype {dtype} cannot be stored in a checkpoint; use a numeric or bool dtype (bool, "
+            "(u)int8-64, float16/32/64, complex64/128); strings and Python objects belong in a PythonState"
         )
     return dtype
 
@@ -90,6 +99,8 @@ def as_array(value: Any, dtype: Any = None, device: str | None = None):
             value = to_numpy(value)
         array = np.array(value, dtype=dtype, copy=True)
     check_dtype_supported(array.dtype)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
     return array
 
 

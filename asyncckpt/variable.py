@@ -124,7 +124,18 @@ class Variable(Trackable):
         if _arrays.is_device_array(value) != _arrays.is_device_array(self._array):
             value = module.asarray(_arrays.to_numpy(value) if _arrays.is_device_array(value) else value)
         source_dtype = getattr(value, "dtype", None)
-        if source_dtype is not None and not np.can_cast(np.dtype(source_dtype), self.dtype, casting="same_kind"):
+        if source_dtype is None:  # Python scalars and lists: judge by the values themselves
+            host = np.asarray(value)
+            source_dtype = host.dtype
+            if source_dtype.kind in "iu" and self.dtype.kind in "iu":
+                limits = np.iinfo(self.dtype)
+                if host.size and (host.min() < limits.min or host.max() > limits.max):
+                    raise ValueError(
+                        f"cannot {what} values outside [{limits.min}, {limits.max}] to variable "
+                        f"{self._name!r} of dtype {self.dtype}"
+                    )
+                source_dtype = self.dtype
+        if not np.can_cast(np.dtype(source_dtype), self.dtype, casting="same_kind"):
             raise ValueError(
                 f"cannot {what} a value of dtype {np.dtype(source_dtype)} to variable {self._name!r} "
                 f"of dtype {self.dtype}"

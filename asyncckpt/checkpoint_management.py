@@ -925,10 +925,10 @@ class CheckpointManager:
             self._released.discard(save_path)
             self._latest_checkpoint = save_path
             # Record before deleting, so a crash while deleting still finds the new checkpoint;
-            # then record again without the deleted ones.
+            # then record again without the deleted ones (when there were any).
             self._record_state(foreign)
-            self._sweep()
-            self._record_state(foreign)
+            if self._sweep():
+                self._record_state(foreign)
 
     def _foreign_entries(self, on_disk: CheckpointState | None, save_path: str) -> list[tuple[str, float]]:
         """Entries another manager recorded in the state file that must survive our rewrite."""
@@ -975,10 +975,13 @@ class CheckpointManager:
         )
         _write_state(self._directory, None, state)
 
-    def _sweep(self) -> None:
-        """Preserve or delete the oldest managed checkpoints beyond ``max_to_keep``."""
-        if not self._max_to_keep:
-            return  # everything stays in the active set; nothing is ever preserved
+    def _sweep(self) -> bool:
+        """Preserve or delete the oldest managed checkpoints beyond ``max_to_keep``.
+
+        Returns whether the active set changed.
+        """
+        if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
+            return False  # with no max_to_keep everything stays active and nothing is preserved
         while len(self._maybe_delete) > self._max_to_keep:
             path, timestamp = self._maybe_delete.popitem(last=False)
             self._released.add(path)
@@ -989,6 +992,7 @@ class CheckpointManager:
                 self._last_preserved_timestamp = timestamp
                 continue
             pipeline.delete_checkpoint(path)
+        return True
 
     # -- waiting and restoring ----------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c
@@ -80,6 +80,8 @@ __all__ = [
     "delete_checkpoint",
     "wait_for_pending_writes",
     "await_pending_writes",
+    "has_pending_writes",
+    "VerifyReport",
 ]
 
 logger = logging.getLogger("asyncckpt")
@@ -300,6 +302,12 @@ def wait_for_pending_writes(path, *, storage: Storage | None = None) -> None:
     for handle in _registry.under(key):
         with contextlib.suppress(BaseException):
             handle._future.result()
+
+
+def has_pending_writes(path, *, storage: Storage | None = None) -> bool:
+    """Whether an in-process write to ``path`` (or below folder ``path``) has not finished yet."""
+    key = (storage or default_storage()).canonical(path)
+    return any(not handle.done() for handle in _registry.under(key))
 
 
 async def await_pending_writes(path, *, storage: Storage | None = None) -> None:
@@ -611,6 +619,14 @@ async def _is_referenced(name: str, own_index: str, names: set[str], referenced_
 # Reading
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`CheckpointReader.verify` checked: how many values and bytes."""
+
+    tensors: int
+    bytes: int
+
+
 class CheckpointReader:
     """Read access to one committed checkpoint. Obtain it from :func:`open_reader`."""
 
@@ -668,12 +684,14 @@ class CheckpointReader:
         """The ``async`` twin of :meth:`read`."""
         return (await self.aread_many([key]))[key]
 
-    def verify(self) -> None:
+    def verify(self) -> VerifyReport:
         """Check every checksum of the checkpoint without keeping the data.
 
         Raises ``CorruptCheckpointError`` naming the key and the file of the first problem found.
         """
-        self._runtime.run(self._read(list(self._manifest.tensors), assemble=False))
+        tensors = self._manifest.tensors
+        self._runtime.run(self._read(list(tensors), assemble=False))
+        return VerifyReport(len(tensors), sum(record.nbytes for record in tensors.values()))
 
     async def _on_runtime(self, coro):
         if _running_loop() is self._runtime.loop:

@@ -78,3 +78,381 @@ def test_unknown_key_raises_key_error_naming_key(tmp_path):
         reader.read("no_such_key")
     with pytest.raises(KeyError, match="no_such_key"):
         reader.spec("no_such_key")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: packing and chunking
+
+
+def _data_files(path):
+    reader = pipeline.open_reader(path)
+    data_dir = path.parent / reader.data_dir
+    return sorted(p.name for p in data_dir.iterdir())
+
+
+def test_many_small_arrays_are_packed_into_few_files(tmp_path):
+    values = {f"layer{i}/w": np.full(100, i, dtype=np.float32) for i in range(2000)}  # 400 bytes each
+    settings = pipeline.WriteSettings(pack_bytes=256 * 1024, staging_budget_bytes=1 << 20, chunk_bytes=1 << 20,
+                                      small_array_bytes=64 * 1024)
+    _write(tmp_path / "ckpt", values, settings=settings)
+    per_pack = (256 * 1024) // 400
+    assert _data_files(tmp_path / "ckpt") == [f"pack-{i:05d}" for i in range(-(-2000 // per_pack))]
+    out = pipeline.open_reader(tmp_path / "ckpt").read_many(values)
+    for key, value in values.items():
+        np.testing.assert_array_equal(out[key], value)
+
+
+def test_array_larger_than_chunk_is_split_across_chunk_files(tmp_path):
+    value = np.arange(2503, dtype=np.int32)  # 10012 bytes
+    settings = pipeline.WriteSettings(chunk_bytes=1000, pack_bytes=1000, small_array_bytes=1000,
+                                      staging_budget_bytes=2000)
+    _write(tmp_path / "ckpt", {"big": value, "small": np.int8(7)}, settings=settings)
+    assert _data_files(tmp_path / "ckpt") == [f"chunk-{i:05d}" for i in range(11)] + ["pack-00000"]
+    reader = pipeline.open_reader(tmp_path / "ckpt")
+    np.testing.assert_array_equal(reader.read("big"), value)
+    assert reader.read("small") == 7
+    # Reading with tiny coalesced ranges exercises many concurrent range reads.
+    small_reads = pipeline.ReadSettings(max_concurrent_reads=2, coalesce_gap_bytes=0, max_read_bytes=1)
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "ckpt", small_reads).read("big"), value)
+
+
+def test_non_contiguous_and_big_endian_sources(tmp_path):
+    base = np.arange(60, dtype=np.float64).reshape(6, 10)
+    values = {
+        "strided": base[::2, ::-3],
+        "fortran": np.asfortranarray(base),
+        "big_endian": base.astype(">f8"),
+        "transposed_int": np.arange(12, dtype=">i2").reshape(3, 4).T,
+    }
+    settings = pipeline.WriteSettings(chunk_bytes=64, pack_bytes=64, small_array_bytes=32, staging_budget_bytes=128)
+    _write(tmp_path / "ckpt", values, settings=settings)
+    out = pipeline.open_reader(tmp_path / "ckpt").read_many(values)
+    for key, value in values.items():
+        np.testing.assert_array_equal(out[key], value)
+        assert out[key].dtype == value.dtype.newbyteorder("<")
+
+
+def test_round_trip_through_memory_kvstore():
+    from asyncckpt.storage import KvStoreStorage
+
+    storage = KvStoreStorage({"driver": "memory"})
+    values = {"a": np.arange(5.0), "b": b"state"}
+    _write("mem/run/ckpt-1", values, settings=pipeline.WriteSettings(storage=storage))
+    assert pipeline.checkpoint_exists("mem/run/ckpt-1", storage=storage)
+    reader = pipeline.open_reader("mem/run/ckpt-1", pipeline.ReadSettings(storage=storage))
+    np.testing.assert_array_equal(reader.read("a"), values["a"])
+    assert reader.read("b") == b"state"
+    pipeline.delete_checkpoint("mem/run/ckpt-1", storage=storage)
+    assert not pipeline.checkpoint_exists("mem/run/ckpt-1", storage=storage)
+
+
+def test_rewriting_a_path_replaces_the_data_directory(tmp_path):
+    _write(tmp_path / "ckpt", {"v": np.zeros(3)})
+    first = pipeline.open_reader(tmp_path / "ckpt").data_dir
+    _write(tmp_path / "ckpt", {"v": np.ones(3)})
+    reader = pipeline.open_reader(tmp_path / "ckpt")
+    assert reader.data_dir != first
+    np.testing.assert_array_equal(reader.read("v"), np.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.index", reader.data_dir])
+
+
+def test_bad_entries_are_rejected_before_anything_is_written(tmp_path):
+    cases = [
+        ([SaveEntry("a", np.ones(1)), SaveEntry("a", np.ones(1))], ValueError, "duplicate.*'a'"),
+        ([SaveEntry(OBJECT_GRAPH_KEY, b"x")], ValueError, "reserved"),
+        ([SaveEntry("", b"x")], ValueError, "non-empty"),
+        ([SaveEntry("s", "text")], TypeError, "'s'.*encode"),
+        ([SaveEntry("o", np.array([object()]))], TypeError, "'o'"),
+        ([SaveEntry("q", np.zeros(2, dtype=np.float128 if hasattr(np, "float128") else "M8[s]"))], TypeError, "'q'"),
+        ([SaveEntry("l", [1, 2])], TypeError, "'l'"),
+    ]
+    for entries, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            pipeline.start_write(tmp_path / "ckpt", entries, {})
+    with pytest.raises(TypeError, match="JSON"):
+        pipeline.start_write(tmp_path / "ckpt", [], {"x": object()})
+    with pytest.raises(ValueError, match="directory"):
+        pipeline.start_write(str(tmp_path) + "/", [], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="staging_budget_bytes"):
+        pipeline.WriteSettings(staging_budget_bytes=10, chunk_bytes=100, pack_bytes=10, small_array_bytes=10)
+    with pytest.raises(ValueError, match="pack_bytes"):
+        pipeline.WriteSettings(staging_budget_bytes=100, chunk_bytes=100, pack_bytes=100, small_array_bytes=200)
+    with pytest.raises(ValueError, match="max_concurrent_writes"):
+        pipeline.WriteSettings(max_concurrent_writes=0)
+    with pytest.raises(ValueError, match="max_concurrent_reads"):
+        pipeline.ReadSettings(max_concurrent_reads=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshot consistency: what is written is the value at start_write time
+
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+
+from _fakes import FailingStorage, FakeVariable, GatedStorage  # noqa: E402
+
+from asyncckpt._runtime import Runtime  # noqa: E402
+from asyncckpt.storage import FileStorage  # noqa: E402
+
+
+@pytest.fixture
+def runtime():
+    runtime = Runtime(name="test-runtime")
+    yield runtime
+    runtime.close()
+
+
+def _tiny(storage=None, runtime=None, **overrides):
+    """Settings where every small array gets its own pack and one file fills the budget."""
+    options = dict(chunk_bytes=64, pack_bytes=64, small_array_bytes=64, staging_budget_bytes=64,
+                   storage=storage, runtime=runtime)
+    options.update(overrides)
+    return pipeline.WriteSettings(**options)
+
+
+def test_mutation_after_start_write_does_not_change_what_is_written(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    variables = [FakeVariable(np.full(8, i, dtype=np.float64)) for i in range(6)]  # 64 bytes: one file each
+    entries = [SaveEntry(f"v{i}", v) for i, v in enumerate(variables)]
+    handle = pipeline.start_write(tmp_path / "ckpt", entries, {}, settings=_tiny(gated, runtime))
+    assert all(v.hook_count == 1 for v in variables)
+    assert gated.reached.wait(10)  # the first file is staged and its write is stuck at the gate
+    # The budget (one file) is held by the stuck write, so the copier cannot stage more; mutating
+    # a variable must stage its old value first, which needs budget: the mutation waits.
+    mutated = threading.Event()
+
+    def mutate_all():
+        for v in reversed(variables):
+            v.assign(-1.0)
+        mutated.set()
+
+    mutator = threading.Thread(target=mutate_all)
+    mutator.start()
+    assert not mutated.wait(0.2)
+    assert not handle.done()
+    gated.open_gate()
+    mutator.join(30)
+    assert mutated.is_set()
+    handle.result(30)
+    out = pipeline.open_reader(tmp_path / "ckpt").read_many([e.key for e in entries])
+    for i in range(6):
+        np.testing.assert_array_equal(out[f"v{i}"], np.full(8, i, dtype=np.float64))
+        np.testing.assert_array_equal(variables[i].numpy(), np.full(8, -1.0))
+        assert variables[i].hook_count == 0
+    assert handle.metrics.files_staged_by_hooks >= 1
+
+
+def test_mutation_of_a_chunked_source_stages_all_its_chunks(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    big = FakeVariable(np.arange(64, dtype=np.int64))  # 512 bytes -> 8 chunks of 64
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("big", big)], {}, settings=_tiny(gated, runtime))
+    assert gated.reached.wait(10)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (big.assign(0), done.set()))
+    thread.start()
+    assert not done.wait(0.2)
+    gated.open_gate()
+    thread.join(30)
+    handle.result(30)
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "ckpt").read("big"), np.arange(64))
+    assert big.hook_count == 0
+
+
+def test_mutation_with_ample_budget_does_not_wait_for_the_writer(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    variables = [FakeVariable(np.full(8, i, dtype=np.float64)) for i in range(4)]
+    entries = [SaveEntry(f"v{i}", v) for i, v in enumerate(variables)]
+    settings = _tiny(gated, runtime, staging_budget_bytes=64 * 8)
+    handle = pipeline.start_write(tmp_path / "ckpt", entries, {}, settings=settings)
+    for v in variables:
+        v.assign(42.0)  # returns although no write can finish: the budget holds every file
+    assert not handle.done()
+    gated.open_gate()
+    handle.result(30)
+    out = pipeline.open_reader(tmp_path / "ckpt").read_many([e.key for e in entries])
+    for i in range(4):
+        np.testing.assert_array_equal(out[f"v{i}"], np.full(8, i, dtype=np.float64))
+
+
+def test_plain_arrays_are_copied_at_start_write(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    array = np.arange(10.0)
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("a", array)], {},
+                                  settings=pipeline.WriteSettings(storage=gated, runtime=runtime))
+    array[:] = -1
+    gated.open_gate()
+    handle.result(30)
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "ckpt").read("a"), np.arange(10.0))
+
+
+class _ExplodingVariable(FakeVariable):
+    def __init__(self, value, fail_after):
+        super().__init__(value)
+        self._fail_after = fail_after
+
+    def _snapshot_array(self):
+        if self.snapshot_calls >= self._fail_after:
+            raise RuntimeError("device lost while copying")
+        return super()._snapshot_array()
+
+
+def test_background_staging_error_surfaces_through_the_handle(tmp_path):
+    bad = _ExplodingVariable(np.ones(4), fail_after=1)  # start_write's inspection is the 1st call
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("bad", bad)], {})
+    with pytest.raises(RuntimeError, match="device lost"):
+        handle.result(30)
+    assert isinstance(handle.exception(), RuntimeError)
+    assert not pipeline.checkpoint_exists(tmp_path / "ckpt")
+    assert bad.hook_count == 0
+    assert list(tmp_path.iterdir()) == []  # the partial data directory was removed
+
+
+def test_disk_full_keeps_the_earlier_checkpoint_and_leaves_nothing_half_written(tmp_path):
+    original = {f"v{i}": np.full(8, i, dtype=np.float64) for i in range(5)}
+    _write(tmp_path / "ckpt", original)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    failing = FailingStorage(FileStorage(), fail_on=3)
+    replacement = {key: value + 100 for key, value in original.items()}
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry(k, v) for k, v in replacement.items()], {},
+                                  settings=_tiny(failing, staging_budget_bytes=128))
+    with pytest.raises(OSError) as info:
+        handle.result(30)
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    out = pipeline.open_reader(tmp_path / "ckpt").read_many(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(out[key], value)
+
+
+import errno  # noqa: E402
+
+
+def test_callbacks_run_in_order_after_commit_off_the_loop(tmp_path, runtime):
+    seen = []
+
+    def first():
+        seen.append(("first", pipeline.checkpoint_exists(tmp_path / "ckpt"), runtime.in_loop_thread()))
+
+    def second():
+        seen.append(("second",))
+
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("a", np.ones(1))], {},
+                                  settings=pipeline.WriteSettings(runtime=runtime), on_commit=[first, second])
+    handle.result(30)
+    assert seen == [("first", True, False), ("second",)]
+
+
+def test_callback_error_fails_the_handle_but_keeps_the_checkpoint(tmp_path):
+    def broken():
+        raise LookupError("state file update failed")
+
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("a", np.ones(1))], {}, on_commit=[broken])
+    with pytest.raises(LookupError, match="state file"):
+        handle.result(30)
+    assert pipeline.checkpoint_exists(tmp_path / "ckpt")
+
+
+def test_writes_to_one_path_commit_in_start_order(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    first = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("v", np.zeros(4))], {"n": 1},
+                                 settings=pipeline.WriteSettings(storage=gated, runtime=runtime))
+    assert gated.reached.wait(10)
+    second = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("v", np.ones(4))], {"n": 2},
+                                  settings=pipeline.WriteSettings(runtime=runtime))
+    # Once the second write's data is durable it must still not commit before the first one has.
+    while second.metrics.files_written < 1:
+        threading.Event().wait(0.01)
+    assert not second.done()
+    assert not pipeline.checkpoint_exists(tmp_path / "ckpt")
+    gated.open_gate()
+    second.result(30)
+    assert first.done()
+    reader = pipeline.open_reader(tmp_path / "ckpt")
+    assert reader.object_graph == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.index", reader.data_dir])
+
+
+def test_wait_for_pending_writes_blocks_until_done_and_swallows_errors(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    handle = pipeline.start_write(tmp_path / "run" / "ckpt-1", [SaveEntry("v", np.zeros(4))], {},
+                                  settings=pipeline.WriteSettings(storage=gated, runtime=runtime))
+    failing = pipeline.start_write(tmp_path / "run" / "ckpt-2", [SaveEntry("v", np.zeros(4))], {},
+                                   settings=pipeline.WriteSettings(storage=FailingStorage(FileStorage(), 1)))
+    assert pipeline.has_pending_writes(tmp_path / "run")
+    assert pipeline.has_pending_writes(tmp_path / "run" / "ckpt-1")
+    assert not pipeline.has_pending_writes(tmp_path / "run" / "ckpt")
+    waited = threading.Event()
+    waiter = threading.Thread(target=lambda: (pipeline.wait_for_pending_writes(tmp_path / "run"), waited.set()))
+    waiter.start()
+    assert not waited.wait(0.2)
+    gated.open_gate()
+    waiter.join(30)
+    assert waited.is_set() and handle.done() and failing.done()
+    assert isinstance(failing.exception(), OSError)
+    assert not pipeline.has_pending_writes(tmp_path / "run")
+
+
+def test_wait_for_pending_writes_inside_a_callback_does_not_deadlock(tmp_path):
+    calls = []
+
+    def callback():
+        pipeline.wait_for_pending_writes(tmp_path)  # the write running this callback is skipped
+        calls.append(True)
+
+    pipeline.start_write(tmp_path / "ckpt", [SaveEntry("v", np.zeros(1))], {}, on_commit=[callback]).result(30)
+    assert calls == [True]
+
+
+def test_wait_from_a_user_event_loop_does_not_block_it(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+
+    async def main():
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        tick_task = asyncio.create_task(ticker())
+        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("v", np.arange(3))], {},
+                                      settings=pipeline.WriteSettings(storage=gated, runtime=runtime))
+        waiting = asyncio.create_task(handle.wait())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        ticks_while_waiting = ticks
+        gated.open_gate()
+        path = await waiting
+        reader = await pipeline.aopen_reader(tmp_path / "ckpt", pipeline.ReadSettings(runtime=runtime))
+        values = await reader.aread_many(["v"])
+        stop.set()
+        await tick_task
+        return path, ticks_while_waiting, values
+
+    path, ticks, values = asyncio.run(main())
+    assert path == str(tmp_path / "ckpt")
+    assert ticks >= 5  # the user's loop kept running while the write was stuck
+    np.testing.assert_array_equal(values["v"], np.arange(3))
+
+
+def test_cancelling_a_waiter_does_not_cancel_the_write(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("v", np.arange(3))], {},
+                                  settings=pipeline.WriteSettings(storage=gated, runtime=runtime))
+
+    async def main():
+        waiting = asyncio.create_task(handle.wait())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(main())
+    gated.open_gate()
+    assert handle.result(30) == str(tmp_path / "ckpt")

@@ -1,0 +1,119 @@
+"""Test doubles for the I/O side: a snapshot source and storage wrappers that gate or fail writes.
+
+They are injected through ``WriteSettings(storage=...)``; nothing is monkeypatched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+
+import numpy as np
+
+from asyncckpt.storage import Backend, BackendWrapper, Storage
+
+__all__ = ["FakeVariable", "WrappingStorage", "GatedStorage", "FailingStorage"]
+
+
+class FakeVariable:
+    """A minimal snapshot source: a NumPy array whose in-place changes call hooks first."""
+
+    def __init__(self, value) -> None:
+        self._array = np.array(value)
+        self._hooks: list = []
+        self._hooks_guard = threading.Lock()
+        self.snapshot_calls = 0
+
+    def _snapshot_array(self):
+        self.snapshot_calls += 1
+        return self._array
+
+    def _add_mutation_hook(self, hook) -> None:
+        with self._hooks_guard:
+            self._hooks.append(hook)
+
+    def _remove_mutation_hook(self, hook) -> None:
+        with self._hooks_guard:
+            self._hooks.remove(hook)
+
+    @property
+    def hook_count(self) -> int:
+        return len(self._hooks)
+
+    def assign(self, value) -> None:
+        with self._hooks_guard:
+            hooks = list(self._hooks)  # a hook may remove itself while we iterate
+        for hook in hooks:
+            hook(self)
+        self._array[...] = value
+
+    def numpy(self) -> np.ndarray:
+        return self._array.copy()
+
+
+class WrappingStorage(Storage):
+    """A storage whose backends are ``wrapper(inner_backend)``."""
+
+    def __init__(self, inner: Storage, wrapper) -> None:
+        self.inner = inner
+        self.wrapper = wrapper
+
+    def split(self, path):
+        return self.inner.split(path)
+
+    def canonical(self, path):
+        return self.inner.canonical(path)
+
+    async def open(self, folder) -> Backend:
+        return self.wrapper(await self.inner.open(folder))
+
+
+class GatedStorage(WrappingStorage):
+    """Every data-file write waits until :meth:`open_gate` (an ``asyncio.Event`` on the runtime loop).
+
+    ``writes_waiting`` counts writes that reached the gate, so a test can tell the writer is stuck.
+    """
+
+    def __init__(self, inner: Storage, runtime) -> None:
+        super().__init__(inner, self._wrap)
+        self.runtime = runtime
+        self.gate = asyncio.Event()  # bound to the runtime loop on first wait
+        self.writes_waiting = 0
+        self.reached = threading.Event()
+
+    def _wrap(self, backend: Backend) -> Backend:
+        storage = self
+
+        class Gated(BackendWrapper):
+            async def write(self, key, value):
+                storage.writes_waiting += 1
+                storage.reached.set()
+                await storage.gate.wait()
+                await super().write(key, value)
+
+        return Gated(backend)
+
+    def open_gate(self) -> None:
+        self.runtime.call_soon(self.gate.set)
+
+
+class FailingStorage(WrappingStorage):
+    """The ``fail_on``-th data-file write (1-based, counted over the storage's life) raises ENOSPC."""
+
+    def __init__(self, inner: Storage, fail_on: int) -> None:
+        super().__init__(inner, self._wrap)
+        self.fail_on = fail_on
+        self.writes = 0
+
+    def _wrap(self, backend: Backend) -> Backend:
+        storage = self
+
+        class Failing(BackendWrapper):
+            async def write(self, key, value):
+                storage.writes += 1
+                if storage.writes == storage.fail_on:
+                    raise OSError(errno.ENOSPC, "No space left on device (injected)", key)
+                await super().write(key, value)
+
+        return Failing(backend)

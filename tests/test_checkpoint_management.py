@@ -229,6 +229,14 @@ def test_get_checkpoint_state_on_hostile_bytes_returns_none_or_valid_state(tmp_p
     if state is not None:
         _assert_valid_state(state)
         assert state.model_checkpoint_path
+    assert cm.latest_checkpoint(tmp_path) is None  # no checkpoint exists, whatever the file says
+
+
+def test_latest_checkpoint_of_an_unlookupable_path_is_none(tmp_path, caplog):
+    write_state(tmp_path, 'model_checkpoint_path: "' + "n" * 300 + '"\n')  # longer than any file name
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        assert cm.latest_checkpoint(tmp_path) is None
+    assert any(r.levelno == logging.ERROR and "Couldn't match files" in r.getMessage() for r in caplog.records)
 
 
 def test_oversized_state_file_is_refused_with_a_warning(tmp_path, caplog):
@@ -351,3 +359,348 @@ def test_failed_write_keeps_the_old_state_and_removes_the_temporary_file(tmp_pat
         cm.update_checkpoint_state(tmp_path, tmp_path / "c-\udcff")  # not encodable: the write fails
     assert read_text(tmp_path) == 'model_checkpoint_path: "c-1"\nall_model_checkpoint_paths: "c-1"\n'
     assert sorted(os.listdir(tmp_path)) == [".checkpoint.lock", "checkpoint"]
+
+
+# ---------------------------------------------------------------- the cross-process lock
+
+
+def test_state_writes_wait_for_the_documented_lock_file(tmp_path):
+    import fcntl
+    import threading
+
+    lock_path = tmp_path / ".checkpoint.lock"
+    with open(lock_path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what another process's read-modify-write holds
+        writer = threading.Thread(target=cm.update_checkpoint_state, args=(tmp_path, tmp_path / "c-1"))
+        writer.start()
+        writer.join(0.3)
+        blocked = writer.is_alive()
+        written_while_held = os.path.exists(tmp_path / "checkpoint")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    writer.join()
+    assert blocked and not written_while_held
+    assert cm.get_checkpoint_state(tmp_path).model_checkpoint_path == str(tmp_path / "c-1")
+
+
+def test_lock_file_follows_latest_filename(tmp_path):
+    cm.update_checkpoint_state(tmp_path, tmp_path / "c-1", latest_filename="state")
+    assert sorted(os.listdir(tmp_path)) == [".state.lock", "state"]
+
+
+# ---------------------------------------------------------------- CheckpointManager
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import asyncckpt as ac  # noqa: E402
+from asyncckpt import pipeline  # noqa: E402
+from asyncckpt._runtime import get_runtime  # noqa: E402
+from asyncckpt.format import index_path  # noqa: E402
+from asyncckpt.storage import default_storage  # noqa: E402
+
+from _fakes import FailingStorage, GatedStorage  # noqa: E402
+
+V_KEY = "v/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def committed_on_disk(prefix: str) -> bool:
+    """Whether ``P.index`` exists, looked up without waiting for pending writes."""
+    return os.path.exists(index_path(prefix))
+
+
+def state_on_disk(directory) -> CheckpointState | None:
+    """The state file as it is on disk right now, without waiting for pending writes."""
+    path = os.path.join(str(directory), "checkpoint")
+    if not os.path.exists(path):
+        return None
+    return cm.parse_checkpoint_state(read_text(directory))
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_to_keep": 1.5}, ValueError, "got 1.5."),
+        ({"max_to_keep": True}, ValueError, "got True."),
+        ({"max_to_keep": 2, "keep_checkpoint_every_n_hours": -1}, ValueError, "keep_checkpoint_every_n_hours"),
+        ({"max_to_keep": 2, "step_counter": 0, "checkpoint_interval": -1}, ValueError, "checkpoint_interval"),
+        ({"max_to_keep": 2, "checkpoint_name": ""}, ValueError, "checkpoint_name"),
+        ({"max_to_keep": 2, "init_fn": 3}, TypeError, "init_fn"),
+    ],
+)
+def test_manager_rejects_bad_arguments(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        cm.CheckpointManager(ac.Checkpoint(), tmp_path, **kwargs)
+
+
+def test_manager_accepts_numpy_integers_and_rejects_non_integer_numbers(tmp_path):
+    manager = cm.CheckpointManager(ac.Checkpoint(), tmp_path, max_to_keep=np.int64(2))
+    assert manager.save(checkpoint_number=np.int32(4)).endswith("ckpt-4")
+    with pytest.raises(TypeError, match="checkpoint_number"):
+        manager.save(checkpoint_number=4.0)
+    with pytest.raises(TypeError, match="checkpoint_number"):
+        manager.save(checkpoint_number=ac.Variable(np.float32(4)))
+
+
+def test_injected_clock_drives_timestamps_and_preservation(tmp_path):
+    clock = Clock(1000.0)
+    manager = cm.CheckpointManager(
+        ac.Checkpoint(), tmp_path, max_to_keep=1, keep_checkpoint_every_n_hours=1.0, clock=clock
+    )
+    clock.now = 1000.0 + 3600.0
+    first = manager.save()
+    clock.now += 60.0
+    second = manager.save()
+    state = cm.get_checkpoint_state(tmp_path)
+    assert state.all_model_checkpoint_timestamps == [4660.0]
+    assert state.last_preserved_timestamp == 4600.0  # first was preserved, not deleted
+    assert ac.checkpoint_exists(first) and manager.checkpoints == [second]
+
+
+def test_hostile_state_file_makes_a_fresh_manager(tmp_path, caplog):
+    write_state(tmp_path, b"model_checkpoint_path: {}\n")
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        manager = cm.CheckpointManager(ac.Checkpoint(), tmp_path, max_to_keep=2)
+    assert manager.latest_checkpoint is None and manager.checkpoints == []
+    assert any("Checkpoint ignored" in r.getMessage() for r in caplog.records)
+    path = manager.save()
+    assert cm.latest_checkpoint(tmp_path) == path
+
+
+def test_nan_preserved_timestamp_keeps_every_recorded_checkpoint(tmp_path, caplog):
+    checkpoint = ac.Checkpoint()
+    kept = [checkpoint.write(str(tmp_path / f"ckpt-{n}")) for n in (1, 2)]
+    write_state(
+        tmp_path,
+        'model_checkpoint_path: "ckpt-2"\nall_model_checkpoint_paths: "ckpt-1"\nall_model_checkpoint_paths: "ckpt-2"\n'
+        "all_model_checkpoint_timestamps: 1.0\nall_model_checkpoint_timestamps: 2.0\nlast_preserved_timestamp: nan\n",
+    )
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=1, clock=Clock(100.0))
+    assert any("nan" in r.getMessage() for r in caplog.records)
+    assert manager.checkpoints == []
+    newest = manager.save(checkpoint_number=3)
+    assert all(ac.checkpoint_exists(p) for p in kept)
+    assert cm.get_checkpoint_state(tmp_path) == CheckpointState(newest, [newest], [100.0], 100.0)
+
+
+def test_user_callbacks_run_before_bookkeeping_and_deletion_follows_commit(tmp_path):
+    manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(3))), tmp_path, max_to_keep=1)
+    first = manager.save()
+    seen = []
+
+    def callback(path):
+        # The new checkpoint is durable, the old one is not deleted yet, the state file is unchanged.
+        seen.append((path, committed_on_disk(path), committed_on_disk(first), state_on_disk(tmp_path).model_checkpoint_path))
+
+    options = ac.CheckpointOptions(experimental_write_callbacks=[callback])
+    second = manager.save(options=options)
+    assert seen == [(second, True, True, "ckpt-1")]
+    assert options.experimental_write_callbacks == [callback]  # the caller's options are not mutated
+    assert not ac.checkpoint_exists(first)
+    final = state_on_disk(tmp_path)
+    assert (final.model_checkpoint_path, final.all_model_checkpoint_paths) == ("ckpt-2", ["ckpt-2"])
+
+
+def test_manager_properties_read_inside_a_write_callback_do_not_deadlock(tmp_path):
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(3)))
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    first = manager.save()
+    seen = []
+    options = ac.CheckpointOptions(
+        enable_async=True, experimental_write_callbacks=[lambda: seen.append(manager.latest_checkpoint)]
+    )
+    second = manager.save(options=options)
+    manager.sync()
+    assert seen == [first]  # the callback ran before the bookkeeping of its own save
+    assert manager.latest_checkpoint == second
+
+
+# ---------------------------------------------------------------- asynchronous saves
+
+
+@pytest.fixture
+def gated():
+    return GatedStorage(default_storage(), get_runtime())
+
+
+def async_options(storage=None):
+    settings = ac.WriteSettings(storage=storage) if storage is not None else None
+    return ac.CheckpointOptions(enable_async=True, write_settings=settings)
+
+
+def test_async_save_bookkeeping_waits_for_durable_data(tmp_path, gated):
+    variable = ac.Variable(np.arange(4, dtype=np.float32))
+    checkpoint = ac.Checkpoint(v=variable)
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    first = manager.save()
+    second = manager.save(options=async_options(gated))
+    # save() returned: the counter moved, but nothing of the second checkpoint is durable yet.
+    assert second.endswith("ckpt-2") and checkpoint.save_counter.numpy() == 2
+    gated.reached.wait()
+    assert pipeline.has_pending_writes(second)
+    assert not committed_on_disk(second) and committed_on_disk(first)
+    assert state_on_disk(tmp_path).model_checkpoint_path == "ckpt-1"
+    variable.assign(np.zeros(4, np.float32))  # after the snapshot: not in the checkpoint
+    gated.open_gate()
+    assert manager.latest_checkpoint == second  # waits for the save's bookkeeping
+    assert manager.checkpoints == [second]
+    assert not committed_on_disk(first)
+    assert state_on_disk(tmp_path).all_model_checkpoint_paths == ["ckpt-2"]
+    np.testing.assert_array_equal(ac.load_variable(second, V_KEY), np.arange(4, dtype=np.float32))
+
+
+def test_restore_or_initialize_waits_for_a_pending_first_save(tmp_path, gated):
+    variable = ac.Variable(np.float32(5.0))
+    checkpoint = ac.Checkpoint(v=variable)
+    init_calls = []
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=2, init_fn=lambda: init_calls.append(1))
+    path = manager.save(options=async_options(gated))
+    gated.reached.wait()
+    variable.assign(np.float32(-1.0))
+    result = []
+    worker = threading.Thread(target=lambda: result.append(manager.restore_or_initialize()))
+    worker.start()
+    worker.join(0.2)
+    assert worker.is_alive() and result == []  # blocked on the pending save, not initialising
+    gated.open_gate()
+    worker.join()
+    assert result == [path] and init_calls == []
+    assert variable.numpy() == 5.0
+
+
+def test_async_saves_number_from_the_one_save_counter(tmp_path):
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(2)))
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    paths = [manager.save(options=async_options()) for _ in range(4)]
+    assert [os.path.basename(p) for p in paths] == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    assert manager.checkpoints == paths[2:]
+    assert cm.latest_checkpoint(tmp_path) == paths[-1] == manager.latest_checkpoint
+    assert [ac.checkpoint_exists(p) for p in paths] == [False, False, True, True]
+    assert checkpoint.save_counter.numpy() == 4
+
+
+def test_failed_async_save_leaves_state_and_old_checkpoints(tmp_path):
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(2)))
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    first = manager.save()
+    failed = manager.save(options=async_options(FailingStorage(default_storage(), fail_on=1)))
+    # Neither waiting property hangs on the failed save, nor reports it.
+    assert manager.latest_checkpoint == first and manager.checkpoints == [first]
+    with pytest.raises(OSError, match="No space left on device"):
+        manager.sync()
+    assert not ac.checkpoint_exists(failed) and ac.checkpoint_exists(first)
+    assert cm.latest_checkpoint(tmp_path) == first
+    third = manager.save()
+    assert manager.checkpoints == [third] and not ac.checkpoint_exists(first)
+
+
+def test_failed_sync_save_records_nothing(tmp_path):
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(2)))
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    first = manager.save()
+    options = ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=FailingStorage(default_storage(), 1)))
+    with pytest.raises(OSError):
+        manager.save(options=options)
+    assert manager.latest_checkpoint == first and manager.checkpoints == [first]
+    assert cm.latest_checkpoint(tmp_path) == first
+
+
+# ---------------------------------------------------------------- several managers, one directory
+
+
+def test_two_managers_keep_each_others_entries(tmp_path):
+    a = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=2, checkpoint_name="a")
+    b = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.ones(2))), tmp_path, max_to_keep=2, checkpoint_name="b")
+    saved = []
+    for _ in range(4):
+        saved.append(a.save())
+        saved.append(b.save())
+    kept = [p for p in saved if ac.checkpoint_exists(p)]
+    assert [os.path.basename(p) for p in kept] == ["a-3", "b-3", "a-4", "b-4"]
+    state = cm.get_checkpoint_state(tmp_path)
+    assert state.all_model_checkpoint_paths == kept  # the union, oldest first, nothing deleted listed
+    assert state.model_checkpoint_path == cm.latest_checkpoint(tmp_path) == saved[-1]
+    assert a.checkpoints == kept[0::2] and b.checkpoints == kept[1::2]
+    # A later manager adopts both sets and keeps the newest two of them.
+    c = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.ones(2))), tmp_path, max_to_keep=2)
+    assert c.checkpoints == kept
+    newest = c.save()
+    assert cm.get_checkpoint_state(tmp_path).all_model_checkpoint_paths == [kept[-1], newest]
+
+
+def test_checkpoints_deleted_by_another_manager_are_forgotten(tmp_path):
+    a = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=3, checkpoint_name="a")
+    a1 = a.save()
+    # b adopts a-1 (it is in the state file) and deletes it when it needs the room.
+    b = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.ones(2))), tmp_path, max_to_keep=1, checkpoint_name="b")
+    assert b.checkpoints == [a1]
+    b1 = b.save()
+    assert not ac.checkpoint_exists(a1)
+    a2 = a.save()
+    assert a.checkpoints == [a2]  # a-1 is gone and no longer listed anywhere
+    assert cm.get_checkpoint_state(tmp_path).all_model_checkpoint_paths == [b1, a2]
+
+
+_WORKER = """
+import os, sys, time
+import numpy as np
+import asyncckpt as ac
+
+directory, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+variable = ac.Variable(np.zeros(64, np.float32))
+manager = ac.CheckpointManager(ac.Checkpoint(v=variable), directory, max_to_keep=2, checkpoint_name=name)
+open(os.path.join(directory, "ready-" + name), "w").close()
+while not os.path.exists(os.path.join(directory, "go")):
+    time.sleep(0.002)
+for step in range(count):
+    variable.assign(np.full(64, step, np.float32))
+    manager.save(options=ac.CheckpointOptions(enable_async=step % 2 == 1))
+manager.sync()
+print(",".join(manager.checkpoints))
+"""
+
+
+def test_two_processes_share_one_directory(tmp_path):
+    directory, count, names = str(tmp_path), 12, ("w0", "w1")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, directory, name, str(count)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    # Both managers are built on the empty directory before either saves, so neither adopts
+    # (and may delete) the other's checkpoints.
+    while not all(os.path.exists(os.path.join(directory, "ready-" + name)) for name in names):
+        assert all(worker.poll() is None for worker in workers), [w.communicate() for w in workers]
+        threading.Event().wait(0.005)
+    open(os.path.join(directory, "go"), "w").close()
+    outputs = [worker.communicate() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+
+    own = {name: out.strip().split(",") for name, (out, _) in zip(names, outputs)}
+    for name in names:
+        assert own[name] == [os.path.join(directory, f"{name}-{n}") for n in (count - 1, count)]
+    existing = sorted(f[: -len(".index")] for f in os.listdir(directory) if f.endswith(".index"))
+    assert existing == sorted(os.path.basename(p) for paths in own.values() for p in paths)
+    state = cm.get_checkpoint_state(directory)
+    # Every surviving checkpoint is listed, nothing deleted is, oldest first, latest last.
+    assert sorted(os.path.basename(p) for p in state.all_model_checkpoint_paths) == existing
+    assert state.all_model_checkpoint_timestamps == sorted(state.all_model_checkpoint_timestamps)
+    assert state.model_checkpoint_path == state.all_model_checkpoint_paths[-1]
+    assert cm.latest_checkpoint(directory) == state.model_checkpoint_path
+    for path in state.all_model_checkpoint_paths:
+        np.testing.assert_array_equal(ac.load_variable(path, V_KEY), np.full(64, int(path.rsplit("-", 1)[1]) - 1))

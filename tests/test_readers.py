@@ -6,19 +6,25 @@ import json
 import os
 import pathlib
 import re
+import threading
 
 import numpy as np
 import pytest
 
 import asyncckpt as ac
 from asyncckpt import pipeline, readers
+from asyncckpt._runtime import get_runtime
 from asyncckpt.format import OBJECT_GRAPH_KEY, index_path
+from asyncckpt.storage import default_storage
+
+from _fakes import GatedStorage
 
 A_KEY = "a/.ATTRIBUTES/VARIABLE_VALUE"
 B_KEY = "b/.ATTRIBUTES/VARIABLE_VALUE"
 S_KEY = "s/.ATTRIBUTES/py_state"
 UPPER_KEY = "Upper/.ATTRIBUTES/VARIABLE_VALUE"
 DIGIT_KEY = "0digit/.ATTRIBUTES/VARIABLE_VALUE"
+V_KEY = "v/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 class Text(ac.PythonState):
@@ -180,11 +186,23 @@ def test_object_metadata_without_object_graph_raises_value_error(tmp_path):
 # ---------------------------------------------------------------- read-your-writes
 
 
-def test_readers_see_an_asynchronous_save_that_returned(tmp_path):
+def test_readers_wait_for_an_asynchronous_save_that_returned(tmp_path):
+    gated = GatedStorage(default_storage(), get_runtime())
     variable = ac.Variable(np.zeros(1000, np.float32))
     checkpoint = ac.Checkpoint(v=variable)
-    path = checkpoint.save(str(tmp_path / "ckpt"), options=ac.CheckpointOptions(enable_async=True))
+    options = ac.CheckpointOptions(enable_async=True, write_settings=ac.WriteSettings(storage=gated))
+    path = checkpoint.save(str(tmp_path / "ckpt"), options=options)
+    gated.reached.wait()
     variable.assign(np.ones(1000, np.float32))  # after the snapshot: not in the checkpoint
-    assert not readers.load_variable(tmp_path, "v/.ATTRIBUTES/VARIABLE_VALUE").any()
-    assert readers.list_variables(path)[-1] == ("v/.ATTRIBUTES/VARIABLE_VALUE", [1000])
+    assert not os.path.exists(index_path(path))  # nothing committed while the gate is shut
+    result = []
+    reader = threading.Thread(target=lambda: result.append(readers.load_variable(tmp_path, V_KEY)))
+    reader.start()
+    reader.join(0.2)
+    # Without waiting, the read would already have failed: there is no checkpoint yet.
+    assert reader.is_alive() and result == []
+    gated.open_gate()
+    reader.join()
+    assert result and not result[0].any()
+    assert readers.list_variables(path)[-1] == (V_KEY, [1000])
     checkpoint.sync()

@@ -53,7 +53,7 @@ class TruncatedError(StorageError):
     """A byte range was requested past the end of a stored value."""
 
 
-_OS_ERROR_CODE = re.compile(r"os_error_code=(\d+)")
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
 def _translate(exc: ValueError, what: str) -> StorageError:
@@ -294,7 +294,7 @@ def _lock_file(path: str, create: bool) -> _FileLock | None:
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
     try:
         fd = os.open(path, flags, 0o644)
-    except FileNotFoundError:
+    except (FileNotFoundError, FileExistsError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -516,14 +516,16 @@ class _GenericBackend(_KvStoreBackend):
     async def _take(self, name: str, create: bool) -> Lock | None:
         if not self.locks.add(name):
             return None
-        lock = _ProcessLock(self, name)
-        if create:
-            try:
+        try:
+            if create:
                 await self.write(name, b"")
-            except BaseException:
-                await lock.release()
-                raise
-        return lock
+            elif await self.read(name, 0, 0) is None:
+                self.locks.discard(name)
+                return None
+        except BaseException:
+            self.locks.discard(name)
+            raise
+        return _ProcessLock(self, name)
 
     async def lock_new(self, name: str) -> Lock | None:
         return await self._take(name, create=True)

@@ -456,3 +456,182 @@ def test_cancelling_a_waiter_does_not_cancel_the_write(tmp_path, runtime):
     asyncio.run(main())
     gated.open_gate()
     assert handle.result(30) == str(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruption: every read verifies, and errors name the key and the file
+
+from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError  # noqa: E402
+
+
+@pytest.fixture
+def committed(tmp_path):
+    """A checkpoint with one chunked array and a pack of two small values."""
+    values = {"big": np.arange(40, dtype=np.int64), "small": np.arange(3, dtype=np.int16), "state": b"abc"}
+    settings = pipeline.WriteSettings(chunk_bytes=128, pack_bytes=128, small_array_bytes=64, staging_budget_bytes=256)
+    _write(tmp_path / "ckpt", values, settings=settings)
+    data_dir = tmp_path / pipeline.open_reader(tmp_path / "ckpt").data_dir
+    return tmp_path / "ckpt", data_dir, values
+
+
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_intact_checkpoint_verifies(committed):
+    path, _, values = committed
+    report = pipeline.open_reader(path).verify()
+    assert report.tensors == 3
+    assert report.bytes == sum(v.nbytes if isinstance(v, np.ndarray) else len(v) for v in values.values())
+
+
+def test_flipped_data_byte_is_detected_by_read_and_verify(committed):
+    path, data_dir, _ = committed
+    _flip_byte(data_dir / "chunk-00001", 5)
+    reader = pipeline.open_reader(path)
+    for action in (lambda: reader.read("big"), reader.verify):
+        with pytest.raises(CorruptCheckpointError, match="checksum") as info:
+            action()
+        assert "'big'" in str(info.value) and "chunk-00001" in str(info.value)
+    assert reader.read("small").tolist() == [0, 1, 2]  # other keys stay readable
+
+
+def test_flipped_byte_in_a_pack_names_the_key_it_belongs_to(committed):
+    path, data_dir, _ = committed
+    _flip_byte(data_dir / "pack-00000", 7)  # "small" is bytes 0..5, "state" bytes 6..8
+    with pytest.raises(CorruptCheckpointError, match="'state'.*pack-00000"):
+        pipeline.open_reader(path).read_many(["small", "state"])
+
+
+def test_truncated_data_file_is_detected(committed):
+    path, data_dir, _ = committed
+    chunk = data_dir / "chunk-00002"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(CorruptCheckpointError, match="'big'.*chunk-00002.*truncated"):
+        pipeline.open_reader(path).read("big")
+
+
+def test_deleted_data_file_is_detected(committed):
+    path, data_dir, _ = committed
+    (data_dir / "pack-00000").unlink()
+    with pytest.raises(CorruptCheckpointError, match="'small'.*pack-00000.*missing"):
+        pipeline.open_reader(path).read("small")
+    with pytest.raises(CorruptCheckpointError, match="pack-00000"):
+        pipeline.open_reader(path).verify()
+
+
+def test_corrupted_manifest_is_detected(committed):
+    path, _, _ = committed
+    index = path.parent / "ckpt.index"
+    text = index.read_text()
+    index.write_text(text.replace('"nbytes":320', '"nbytes":321'))
+    with pytest.raises(CorruptCheckpointError, match="ckpt.index.*'big'.*nbytes 321"):
+        pipeline.open_reader(path)
+    index.write_text(text[: len(text) // 2])
+    with pytest.raises(CorruptCheckpointError, match="ckpt.index"):
+        pipeline.open_reader(path)
+    assert not pipeline.checkpoint_exists(path)
+
+
+def test_manifest_checksum_edit_is_detected_on_read(committed):
+    path, _, _ = committed
+    index = path.parent / "ckpt.index"
+    document = json.loads(index.read_text())
+    document["tensors"]["big"]["crc32c"] ^= 1
+    index.write_text(json.dumps(document))
+    with pytest.raises(CorruptCheckpointError, match="'big'.*combined crc32c"):
+        pipeline.open_reader(path).read("big")
+
+
+def test_unknown_format_version_is_unsupported(committed):
+    path, _, _ = committed
+    index = path.parent / "ckpt.index"
+    document = json.loads(index.read_text())
+    document["format_version"] = 99
+    index.write_text(json.dumps(document))
+    with pytest.raises(UnsupportedFormatError, match="99"):
+        pipeline.open_reader(path)
+    assert pipeline.checkpoint_exists(path)  # it is committed; this release just cannot read it
+
+
+def test_data_dir_symlink_escaping_the_folder_is_rejected(committed, tmp_path_factory):
+    path, data_dir, _ = committed
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "data"
+    data_dir.rename(elsewhere)
+    data_dir.symlink_to(elsewhere)
+    with pytest.raises(CorruptCheckpointError, match="outside"):
+        pipeline.open_reader(path)
+
+
+import json  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Debris left by crashed writes
+
+
+NONCE = "00000000deadbeef"
+
+
+def test_unreferenced_data_directory_is_removed_by_the_next_write(tmp_path):
+    _write(tmp_path / "keep", {"v": np.ones(2)})
+    debris = tmp_path / f"ckpt.data-{NONCE}"
+    debris.mkdir()
+    (debris / "pack-00000").write_bytes(b"partial")
+    (tmp_path / f"ckpt.data-{NONCE}.lock").write_bytes(b"")  # its writer died holding nothing
+    (tmp_path / f"ckpt.index.tmp-{NONCE}").write_bytes(b"{")
+    orphan_tmp = tmp_path / "other.index.tmp-0000000000000001"
+    orphan_tmp.write_bytes(b"{")
+    lockless = tmp_path / "gone.data-0000000000000002"  # index deleted, data left (crashed delete)
+    lockless.mkdir()
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("user file")
+    _write(tmp_path / "next", {"v": np.zeros(2)})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    keep, nxt = pipeline.open_reader(tmp_path / "keep"), pipeline.open_reader(tmp_path / "next")
+    assert names == sorted(["keep.index", keep.data_dir, "next.index", nxt.data_dir, "notes.txt"])
+
+
+def test_data_directory_of_a_write_in_progress_is_not_removed(tmp_path):
+    in_progress = tmp_path / f"ckpt.data-{NONCE}"
+    in_progress.mkdir()
+    marker = tmp_path / f"ckpt.data-{NONCE}.lock"
+    marker.write_bytes(b"")
+    with open(marker, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a live writer in another process would
+        _write(tmp_path / "other", {"v": np.zeros(2)})
+        assert in_progress.is_dir() and marker.exists()
+    _write(tmp_path / "third", {"v": np.zeros(2)})  # the "writer" is gone now
+    assert not in_progress.exists() and not marker.exists()
+
+
+def test_data_directory_named_by_a_renamed_manifest_is_kept(tmp_path):
+    _write(tmp_path / "orig", {"v": np.arange(3)})
+    (tmp_path / "orig.index").rename(tmp_path / "renamed.index")
+    _write(tmp_path / "next", {"v": np.zeros(2)})
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "renamed").read("v"), np.arange(3))
+
+
+def test_concurrent_in_process_write_is_not_mistaken_for_debris(tmp_path, runtime):
+    gated = GatedStorage(FileStorage(), runtime)
+    slow = pipeline.start_write(tmp_path / "slow", [SaveEntry("v", np.arange(3))], {},
+                                settings=pipeline.WriteSettings(storage=gated, runtime=runtime))
+    assert gated.reached.wait(10)
+    _write(tmp_path / "fast", {"v": np.zeros(2)})
+    gated.open_gate()
+    slow.result(30)
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "slow").read("v"), np.arange(3))
+
+
+def test_delete_checkpoint_uncommits_then_removes_data(tmp_path):
+    _write(tmp_path / "ckpt", {"v": np.ones(2)})
+    _write(tmp_path / "other", {"v": np.ones(2)})
+    pipeline.delete_checkpoint(tmp_path / "ckpt")
+    pipeline.delete_checkpoint(tmp_path / "ckpt")  # already gone: fine
+    pipeline.delete_checkpoint(tmp_path / "never")
+    other = pipeline.open_reader(tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["other.index", other.data_dir])
+
+
+import fcntl  # noqa: E402

@@ -75,6 +75,66 @@ def test_tf_text_parses_and_is_written_byte_for_byte(text, state):
     assert cm.format_checkpoint_state(state) == text
 
 
+@pytest.fixture(scope="module")
+def protobuf_state_class():
+    """TensorFlow's ``CheckpointState`` message built at run time, when protobuf is installed."""
+    descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
+    from google.protobuf import descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="checkpoint_state.proto", package="tensorflow", syntax="proto3")
+    message = proto.message_type.add(name="CheckpointState")
+    for number, (name, kind, label) in enumerate(
+        [
+            ("model_checkpoint_path", field.TYPE_STRING, field.LABEL_OPTIONAL),
+            ("all_model_checkpoint_paths", field.TYPE_STRING, field.LABEL_REPEATED),
+            ("all_model_checkpoint_timestamps", field.TYPE_DOUBLE, field.LABEL_REPEATED),
+            ("last_preserved_timestamp", field.TYPE_DOUBLE, field.LABEL_OPTIONAL),
+        ],
+        start=1,
+    ):
+        message.field.add(name=name, number=number, type=kind, label=label)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.CheckpointState"))
+
+
+_protobuf_states = st.builds(
+    CheckpointState,
+    # NUL is refused in paths by design (see test_grammar_rejects_malformed_text).
+    model_checkpoint_path=st.text(st.characters(blacklist_characters="\x00"), max_size=20).filter(bool),
+    all_model_checkpoint_paths=st.lists(st.text(st.characters(blacklist_characters="\x00"), max_size=20), max_size=3),
+    all_model_checkpoint_timestamps=st.lists(st.floats(), max_size=3),
+    last_preserved_timestamp=st.floats(),
+)
+
+
+@settings(max_examples=200)
+@given(state=_protobuf_states)
+def test_protobuf_text_format_agrees_when_installed(protobuf_state_class, state):
+    """Differential check against the real protobuf text format (skipped where it is absent)."""
+    from google.protobuf import text_format
+
+    message = protobuf_state_class(
+        model_checkpoint_path=state.model_checkpoint_path,
+        all_model_checkpoint_paths=state.all_model_checkpoint_paths,
+        all_model_checkpoint_timestamps=state.all_model_checkpoint_timestamps,
+        last_preserved_timestamp=state.last_preserved_timestamp,
+    )
+    text = text_format.MessageToString(message)
+    assert cm.format_checkpoint_state(state) == text
+    parsed = protobuf_state_class()
+    text_format.Merge(text, parsed)
+    assert repr(cm.parse_checkpoint_state(text)) == repr(
+        CheckpointState(
+            parsed.model_checkpoint_path,
+            list(parsed.all_model_checkpoint_paths),
+            list(parsed.all_model_checkpoint_timestamps),
+            parsed.last_preserved_timestamp,
+        )
+    )
+
+
 def test_older_protobuf_octal_utf8_is_read():
     state = cm.parse_checkpoint_state('model_checkpoint_path: "/d/\\303\\251t\\303\\251/ckpt-1"\n')
     assert state.model_checkpoint_path == "/d/\u00e9t\u00e9/ckpt-1"

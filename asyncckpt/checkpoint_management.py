@@ -723,6 +723,8 @@ class CheckpointManager:
     ValueError
         If ``max_to_keep`` is not a positive integer or ``None``, if ``checkpoint_interval`` is
         given without ``step_counter``, or if a number argument is negative.
+    TypeError
+        If ``checkpoint`` is not a checkpoint or ``init_fn`` is not callable.
     """
 
     def __init__(
@@ -738,6 +740,11 @@ class CheckpointManager:
         *,
         clock: Callable[[], float] | None = None,
     ):
+        if not (callable(getattr(checkpoint, "write", None)) and hasattr(type(checkpoint), "save_counter")):
+            # Looked up on the type: reading ``save_counter`` on the object would create it.
+            raise TypeError(
+                f"`checkpoint` must be an asyncckpt.Checkpoint (with `save_counter` and `write`), got {checkpoint!r}"
+            )
         if max_to_keep is not None and (
             isinstance(max_to_keep, bool) or not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0
         ):

@@ -503,6 +503,15 @@ def test_manager_rejects_bad_arguments(tmp_path, kwargs, error, message):
         cm.CheckpointManager(ac.Checkpoint(), tmp_path, **kwargs)
 
 
+def test_manager_rejects_a_non_checkpoint_and_leaves_the_counter_uncreated(tmp_path):
+    with pytest.raises(TypeError, match="must be an asyncckpt.Checkpoint"):
+        cm.CheckpointManager(ac.Variable(np.zeros(2)), tmp_path, max_to_keep=1)
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(2)))
+    cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    keys = [key for key, _ in ac.list_variables(checkpoint.write(str(tmp_path / "w")))]
+    assert V_KEY in keys and "save_counter/.ATTRIBUTES/VARIABLE_VALUE" not in keys
+
+
 def test_manager_accepts_numpy_integers_and_rejects_non_integer_numbers(tmp_path):
     manager = cm.CheckpointManager(ac.Checkpoint(), tmp_path, max_to_keep=np.int64(2))
     assert manager.save(checkpoint_number=np.int32(4)).endswith("ckpt-4")

@@ -62,7 +62,6 @@ import dataclasses
 import logging
 import math
 import numbers
-import operator
 import os
 import re
 import tempfile

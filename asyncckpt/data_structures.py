@@ -89,6 +89,8 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
 
     # --------------------------------------------------------------- bookkeeping
     def _update_snapshot(self) -> None:
+        # Mirror the storage into the list base so that C-level consumers (json, numpy) see it.
+        list.__setitem__(self, slice(None), self._storage)
         if self._external_modification or self._non_append_mutation:
             return
         object.__setattr__(self, "_last_wrapped_list_snapshot", list(self._storage))
@@ -99,7 +101,6 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
         snapshot = self._last_wrapped_list_snapshot
         if len(snapshot) != len(self._storage) or any(a is not b for a, b in zip(snapshot, self._storage)):
             object.__setattr__(self, "_external_modification", True)
-            object.__setattr__(self, "_last_wrapped_list_snapshot", None)
 
     def _flag_if_trackable(self, *values: Any) -> None:
         if any(isinstance(v, (Trackable, NoDependency)) for v in values):
@@ -278,6 +279,15 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
     def __lt__(self, other) -> bool:
         return self._storage < getattr(other, "_storage", other)
 
+    def __le__(self, other) -> bool:
+        return self._storage <= getattr(other, "_storage", other)
+
+    def __gt__(self, other) -> bool:
+        return self._storage > getattr(other, "_storage", other)
+
+    def __ge__(self, other) -> bool:
+        return self._storage >= getattr(other, "_storage", other)
+
     __hash__ = None
 
     def __bool__(self) -> bool:
@@ -321,6 +331,9 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
         return value
 
     def _update_snapshot(self) -> None:
+        # Mirror the storage into the dict base so that C-level consumers (json, `|`) see it.
+        dict.clear(self)
+        dict.update(self, self._storage)
         if self._external_modification:
             return
         object.__setattr__(self, "_last_wrapped_dict_snapshot", dict(self._storage))
@@ -333,7 +346,6 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
             snapshot[k] is not self._storage[k] for k in snapshot
         ):
             object.__setattr__(self, "_external_modification", True)
-            object.__setattr__(self, "_last_wrapped_dict_snapshot", None)
 
     def _trackable_children(self) -> dict[str, Trackable]:
         self._check_external_modification()
@@ -394,6 +406,28 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
     def copy(self) -> dict:
         return dict(self._storage)
 
+    def __copy__(self) -> "DictWrapper":
+        return DictWrapper(dict(self._storage))
+
+    def __reversed__(self):
+        return reversed(self._storage)
+
+    def __or__(self, other):
+        return self._storage | dict(getattr(other, "_storage", other))
+
+    def __ror__(self, other):
+        return dict(getattr(other, "_storage", other)) | self._storage
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def popitem(self):
+        if not self._storage:
+            raise KeyError("popitem(): dictionary is empty")
+        key = next(reversed(self._storage))
+        return key, self.pop(key)
+
     def __eq__(self, other) -> bool:
         return self._storage == getattr(other, "_storage", other)
 
@@ -445,5 +479,14 @@ class TupleWrapper(TrackableDataStructure, tuple):
     def __reduce__(self):
         raise TypeError("TupleWrapper objects cannot be pickled")
 
+    def _original(self, elements) -> tuple:
+        for base in type(self).__mro__[1:]:
+            if base is not TupleWrapper and issubclass(base, tuple) and hasattr(base, "_fields"):
+                return base(*elements)
+        return tuple(elements)
+
+    def __copy__(self) -> "TupleWrapper":
+        return TupleWrapper(self._original(tuple(self)))
+
     def __deepcopy__(self, memo):
-        return TupleWrapper(copy.deepcopy(tuple(self), memo))
+        return TupleWrapper(self._original(copy.deepcopy(tuple(self), memo)))

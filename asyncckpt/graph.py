@@ -69,21 +69,14 @@ class GraphView:
             raise ValueError("the root object of this Checkpoint has been garbage-collected")
         return root
 
-    def children(self, obj: Trackable, cached: dict | None = None) -> dict[str, Trackable]:
-        children = dict(cached) if cached is not None else dict(obj._trackable_children())
-        if obj is self.root_object:
-            for ref in self.attached:
-                target = ref.ref() if isinstance(ref.ref, weakref.ref) else ref.ref
-                if target is not None:
-                    children.setdefault(ref.name, target)
-        return children
-
     def children_edges(self, obj: Trackable) -> list[tuple[str, Trackable]]:
+        """``obj``'s named edges; the root's are followed by attached ones whose names are new."""
         edges = list(obj._trackable_children().items())
         if obj is self.root_object:
+            names = {name for name, _ in edges}
             for ref in self.attached:
                 target = ref.ref() if isinstance(ref.ref, weakref.ref) else ref.ref
-                if target is not None:
+                if target is not None and ref.name not in names:
                     edges.append((ref.name, target))
         return edges
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import re
 
 from asyncckpt.autotrackable import AutoTrackable
-from asyncckpt.graph import GraphView, list_objects
 from asyncckpt.variable import Variable
 
 __all__ = ["Module"]
 
 
 def _snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    """``MyModule`` → ``my_module``, ``HTTPServer`` → ``http_server``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 class Module(AutoTrackable):
@@ -31,7 +32,22 @@ class Module(AutoTrackable):
         return self.__dict__.get("_self_module_name") or _snake_case(type(self).__name__)
 
     def _reachable(self) -> list:
-        return list_objects(GraphView(self), skip_slots=True)[1:]
+        """Objects below this module, breadth-first, once each.
+
+        Uses the declared dependencies directly (not ``_trackable_children``), so a list that can no
+        longer be checkpointed (an element was replaced) still lists its variables.
+        """
+        seen = {id(self)}
+        order: list = []
+        queue = collections.deque([self])
+        while queue:
+            current = queue.popleft()
+            for ref in current._checkpoint_dependencies:
+                if id(ref.ref) not in seen:
+                    seen.add(id(ref.ref))
+                    order.append(ref.ref)
+                    queue.append(ref.ref)
+        return order
 
     @property
     def variables(self) -> list[Variable]:

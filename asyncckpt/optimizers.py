@@ -103,20 +103,26 @@ class Optimizer(AutoTrackable):
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Variable]]) -> Variable:
         """Apply one update per (gradient, variable) pair; pairs with a ``None`` gradient are skipped."""
         pairs = [(grad, var) for grad, var in grads_and_vars if grad is not None]
-        for _, var in pairs:
+        if not pairs:
+            raise ValueError("No gradients provided for any variable.")
+        checked = []
+        for grad, var in pairs:  # validate everything before changing anything
             if not isinstance(var, Variable):
                 raise TypeError(f"apply_gradients expects asyncckpt.Variable objects, got {type(var).__name__}")
             if not var.trainable:
                 raise ValueError(f"variable {var.name!r} is not trainable")
+            grad = _arrays.array_module(var._snapshot_array()).asarray(grad, dtype=var.dtype)
+            if grad.shape != var.shape:
+                raise ValueError(
+                    f"gradient of shape {grad.shape} does not match variable {var.name!r} of shape {var.shape}"
+                )
+            checked.append((grad, var))
         for name in self._self_hyper_values:
             self._hyper(name)
         step = int(self.iterations) + 1
-        for grad, var in pairs:
+        for grad, var in checked:
             for slot_name in self._SLOT_NAMES:
                 self.add_slot(var, slot_name)
-            grad = _arrays.array_module(var._snapshot_array()).asarray(grad, dtype=var.dtype)
-            if grad.shape != var.shape:
-                raise ValueError(f"gradient of shape {grad.shape} does not match variable {var.name!r} of shape {var.shape}")
             self._apply_dense(grad, var, step)
         self.iterations.assign_add(1)
         return self.iterations

@@ -64,6 +64,9 @@ def validate_object_graph(graph: Any, keys: Sequence[str]) -> list[dict]:
     for index, node in enumerate(nodes):
         if not isinstance(node, dict):
             raise CorruptCheckpointError(f"object graph: node {index} is not an object")
+        for field in ("children", "attributes", "slot_variables"):
+            if not isinstance(node.setdefault(field, []), list):
+                raise CorruptCheckpointError(f"object graph: node {index} has a non-list {field!r}")
         for child in node.setdefault("children", []):
             if not isinstance(child, dict) or not isinstance(child.get("local_name"), str):
                 raise CorruptCheckpointError(f"object graph: node {index} has a malformed child edge")

@@ -58,8 +58,6 @@ def test_name_without_super_init():
     assert names(m.variables) == ["w"]
 
 
-@pytest.mark.xfail(strict=True, reason="_snake_case splits every capital: 'HTTPServer' becomes 'h_t_t_p_server' "
-                   "where tf.Module's camel_to_snake gives 'http_server'")
 def test_name_keeps_acronyms_together():
     class HTTPServer(Module):
         pass
@@ -187,9 +185,6 @@ def test_submodules_breadth_first_through_containers():
     assert [s.name for s in m.submodules] == ["encoder", "deep", "b0", "b1"]
 
 
-@pytest.mark.xfail(strict=True, reason="Module.variables walks checkpoint dependencies, so a list that was "
-                   "mutated in a non-append way (and is therefore unsaveable) makes variables/submodules raise "
-                   "'Unable to save the object ListWrapper(...)'")
 def test_variables_after_non_append_list_mutation():
     m = Module()
     m.layers = [var("a"), var("b")]

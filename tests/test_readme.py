@@ -84,6 +84,14 @@ def test_example_command_runs_and_resumes(tmp_path):
     assert re.search(r"^resumed from \S+ at step \d+$", again.stdout, re.MULTILINE), again.stdout
 
 
+def test_relative_links_resolve():
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
+    local = [link for link in links if "://" not in link and not link.startswith("mailto:")]
+    assert local, "expected links to docs/ from the README"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
 def test_readme_has_runnable_snippets():
     runnable = [body for marker, body in python_snippets() if not marker.startswith("readme-test: skip")]
     assert len(runnable) >= 3

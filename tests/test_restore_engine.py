@@ -144,9 +144,6 @@ def test_malformed_graph_rejected(graph, message):
     assert message in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="validate_object_graph iterates children/attributes/slot_variables "
-                   "without checking they are lists: a non-iterable value raises TypeError, not "
-                   "CorruptCheckpointError")
 @pytest.mark.parametrize("field", ["children", "attributes", "slot_variables"])
 @pytest.mark.parametrize("value", [5, None], ids=["int", "None"])
 def test_non_list_fields_rejected_as_corrupt(field, value):

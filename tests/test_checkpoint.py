@@ -1,0 +1,280 @@
+"""Checkpoint end to end on the real pipeline: dtypes, big arrays, async snapshots, errors, threads, asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import asyncckpt as ac
+from asyncckpt._runtime import Runtime
+from asyncckpt.storage import FileStorage
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _fakes import FailingStorage, GatedStorage  # noqa: E402
+
+DTYPES = [
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64, np.complex64, np.complex128,
+]
+ASYNC = ac.CheckpointOptions(enable_async=True)
+
+
+def _values(dtype, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    if dtype.kind == "c":
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(), (0, 3), (7,), (3, 4, 5)], ids=["0d", "empty", "1d", "3d"])
+def test_every_dtype_and_shape_round_trips(tmp_path, dtype, shape):
+    saved = _values(dtype, shape)
+    path = ac.Checkpoint(v=ac.Variable(saved)).save(tmp_path / "ckpt")
+    restored = ac.Variable(np.zeros(shape, dtype=dtype))
+    ac.Checkpoint(v=restored).restore(path).assert_consumed()
+    assert restored.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(restored.numpy(), saved)
+
+
+def test_large_array_round_trips_bit_exact(tmp_path):
+    saved = np.random.default_rng(1).integers(0, 2**63, size=(130 * 2**20) // 8, dtype=np.int64)
+    settings = ac.WriteSettings(chunk_bytes=32 * 2**20, staging_budget_bytes=64 * 2**20)
+    options = ac.CheckpointOptions(write_settings=settings)
+    path = ac.Checkpoint(big=ac.Variable(saved)).save(tmp_path / "ckpt", options=options)
+    restored = ac.Variable(np.zeros_like(saved))
+    ac.Checkpoint(big=restored).restore(path).assert_consumed()
+    assert np.array_equal(restored.numpy(), saved)
+
+
+def test_mutation_after_async_save_is_not_written(tmp_path):
+    runtime = Runtime()
+    try:
+        gated = GatedStorage(FileStorage(), runtime)
+        options = ac.CheckpointOptions(
+            enable_async=True, write_settings=ac.WriteSettings(storage=gated, runtime=runtime)
+        )
+        variable = ac.Variable(np.arange(1000, dtype=np.float32))
+        checkpoint = ac.Checkpoint(v=variable)
+        path = checkpoint.save(tmp_path / "ckpt", options=options)
+        assert gated.reached.wait(30), "the writer never reached storage"
+        for step in range(5):  # the training loop goes on while the write is held open
+            variable.assign_add(1.0)
+        gated.open_gate()
+        checkpoint.sync()
+        restored = ac.Variable(np.zeros(1000, np.float32))
+        ac.Checkpoint(v=restored).read(path)
+        np.testing.assert_array_equal(restored.numpy(), np.arange(1000, dtype=np.float32))
+        np.testing.assert_array_equal(variable.numpy(), np.arange(1000, dtype=np.float32) + 5)
+    finally:
+        runtime.close()
+
+
+def test_background_error_surfaces_through_sync_once_and_earlier_checkpoint_survives(tmp_path):
+    variable = ac.Variable(np.ones(10, np.float32))
+    checkpoint = ac.Checkpoint(v=variable)
+    first = checkpoint.save(tmp_path / "ckpt")
+    failing = FailingStorage(FileStorage(), fail_on=1)
+    options = ac.CheckpointOptions(enable_async=True, write_settings=ac.WriteSettings(storage=failing))
+    variable.assign(np.full(10, 2.0, np.float32))
+    second = checkpoint.save(tmp_path / "ckpt", options=options)
+    with pytest.raises(OSError) as raised:
+        checkpoint.sync()
+    assert raised.value.errno == errno.ENOSPC
+    checkpoint.sync()  # reported once, then cleared
+    assert not ac.checkpoint_exists(second)
+    assert ac.latest_checkpoint(str(tmp_path)) == first
+    restored = ac.Variable(np.zeros(10, np.float32))
+    ac.Checkpoint(v=restored).restore(first)
+    np.testing.assert_array_equal(restored.numpy(), np.ones(10, np.float32))
+    third = checkpoint.save(tmp_path / "ckpt")  # the program carries on once storage is healthy
+    assert ac.latest_checkpoint(str(tmp_path)) == third
+
+
+def test_background_error_is_raised_by_the_next_save(tmp_path):
+    checkpoint = ac.Checkpoint(v=ac.Variable(1.0))
+    failing = FailingStorage(FileStorage(), fail_on=1)
+    options = ac.CheckpointOptions(enable_async=True, write_settings=ac.WriteSettings(storage=failing))
+    checkpoint.save(tmp_path / "ckpt", options=options)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path / "ckpt")
+
+
+def test_at_most_one_write_in_flight_per_checkpoint(tmp_path):
+    runtime = Runtime()
+    try:
+        gated = GatedStorage(FileStorage(), runtime)
+        options = ac.CheckpointOptions(
+            enable_async=True, write_settings=ac.WriteSettings(storage=gated, runtime=runtime)
+        )
+        checkpoint = ac.Checkpoint(v=ac.Variable(1.0))
+        checkpoint.save(tmp_path / "ckpt", options=options)
+        assert gated.reached.wait(30)
+        second_returned = threading.Event()
+
+        def second_save():
+            checkpoint.save(tmp_path / "ckpt", options=options)
+            second_returned.set()
+
+        thread = threading.Thread(target=second_save)
+        thread.start()
+        assert not second_returned.wait(0.5), "a second save started while the first was in flight"
+        gated.open_gate()
+        thread.join(60)
+        assert second_returned.is_set()
+        checkpoint.sync()
+        assert ac.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+    finally:
+        runtime.close()
+
+
+def test_restore_waits_for_an_in_flight_write_to_the_same_path(tmp_path):
+    runtime = Runtime()
+    try:
+        gated = GatedStorage(FileStorage(), runtime)
+        options = ac.CheckpointOptions(
+            enable_async=True, write_settings=ac.WriteSettings(storage=gated, runtime=runtime)
+        )
+        saver = ac.Checkpoint(v=ac.Variable(7.0))
+        path = saver.save(tmp_path / "ckpt", options=options)
+        assert gated.reached.wait(30)
+        restored = ac.Variable(0.0)
+        done = threading.Event()
+
+        def restore():
+            ac.Checkpoint(v=restored).restore(path)
+            done.set()
+
+        thread = threading.Thread(target=restore)
+        thread.start()
+        assert not done.wait(0.5)
+        gated.open_gate()
+        thread.join(60)
+        assert done.is_set() and float(restored) == 7.0
+        saver.sync()
+    finally:
+        runtime.close()
+
+
+def test_concurrent_saves_from_threads_are_serialised(tmp_path):
+    variable = ac.Variable(np.zeros(100, np.float32))
+    checkpoint = ac.Checkpoint(v=variable)
+    paths, errors = [], []
+
+    def save_many():
+        try:
+            for _ in range(5):
+                paths.append(checkpoint.save(tmp_path / "ckpt", options=ASYNC))
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=save_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    checkpoint.sync()
+    assert not errors
+    assert sorted(paths, key=lambda p: int(p.rsplit("-", 1)[1])) == [f"{tmp_path / 'ckpt'}-{n}" for n in range(1, 21)]
+    assert int(checkpoint.save_counter) == 20
+    assert all(ac.checkpoint_exists(path) for path in paths)
+
+
+def test_asave_and_arestore_do_not_block_the_event_loop(tmp_path):
+    variable = ac.Variable(np.arange(2**20, dtype=np.float32))
+    checkpoint = ac.Checkpoint(v=variable)
+
+    async def main():
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        path = await checkpoint.asave(tmp_path / "ckpt")
+        ticks_during_save = ticks
+        restored = ac.Variable(np.zeros(2**20, np.float32))
+        status = await ac.Checkpoint(v=restored).arestore(path)
+        stop.set()
+        await task
+        return path, ticks_during_save, ticks, restored, status
+
+    path, ticks_during_save, ticks, restored, status = asyncio.run(main())
+    status.assert_consumed()
+    assert ticks_during_save > 0 and ticks > ticks_during_save
+    assert ac.latest_checkpoint(str(tmp_path)) == path
+    np.testing.assert_array_equal(restored.numpy(), variable.numpy())
+
+
+def test_asave_reports_background_errors(tmp_path):
+    failing = FailingStorage(FileStorage(), fail_on=1)
+    options = ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=failing))
+    checkpoint = ac.Checkpoint(v=ac.Variable(1.0))
+
+    async def main():
+        await checkpoint.asave(tmp_path / "ckpt", options=options)
+
+    with pytest.raises(OSError):
+        asyncio.run(main())
+
+
+def test_restore_of_missing_path_names_it(tmp_path):
+    missing = str(tmp_path / "nothing-1")
+    with pytest.raises(ac.NotFoundError, match="nothing-1"):
+        ac.Checkpoint(v=ac.Variable(1.0)).restore(missing)
+    with pytest.raises(FileNotFoundError):
+        ac.Checkpoint(v=ac.Variable(1.0)).read(missing)
+
+
+def test_dtype_mismatch_names_the_key(tmp_path):
+    path = ac.Checkpoint(v=ac.Variable(np.zeros(3, np.float64))).save(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="dtype"):
+        ac.Checkpoint(v=ac.Variable(np.zeros(3, np.float32))).restore(path)
+
+
+def test_corrupt_data_is_detected_on_restore(tmp_path):
+    path = ac.Checkpoint(v=ac.Variable(np.arange(64, dtype=np.float32))).save(tmp_path / "ckpt")
+    data_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("ckpt-1.data"))
+    data_file = next(p for p in data_dir.rglob("*") if p.is_file() and p.stat().st_size >= 256)
+    raw = bytearray(data_file.read_bytes())
+    raw[100] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(ac.CorruptCheckpointError, match="v/.ATTRIBUTES/VARIABLE_VALUE"):
+        ac.Checkpoint(v=ac.Variable(np.zeros(64, np.float32))).restore(path)
+
+
+def test_optimizer_state_survives_a_round_trip(tmp_path):
+    def build():
+        model = ac.Module()
+        model.w = ac.Variable(np.ones((3, 2), np.float32))
+        return model, ac.optimizers.Adam(0.1)
+
+    model, optimizer = build()
+    for _ in range(3):
+        optimizer.apply_gradients([(np.full((3, 2), 0.5, np.float32), model.w)])
+    path = ac.Checkpoint(model=model, optimizer=optimizer).save(tmp_path / "ckpt")
+    model2, optimizer2 = build()
+    status = ac.Checkpoint(model=model2, optimizer=optimizer2).restore(path)
+    np.testing.assert_array_equal(model2.w.numpy(), model.w.numpy())
+    np.testing.assert_array_equal(optimizer2.get_slot(model2.w, "m").numpy(), optimizer.get_slot(model.w, "m").numpy())
+    assert int(optimizer2.iterations) == 3
+    optimizer.apply_gradients([(np.full((3, 2), 0.5, np.float32), model.w)])
+    optimizer2.apply_gradients([(np.full((3, 2), 0.5, np.float32), model2.w)])
+    status.assert_consumed()
+    np.testing.assert_allclose(model2.w.numpy(), model.w.numpy())

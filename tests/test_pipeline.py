@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import fcntl
+import json
+import threading
+
 import numpy as np
 import pytest
+from _fakes import FailingStorage, FakeVariable, GatedStorage
 
 from asyncckpt import pipeline
-from asyncckpt.errors import NotFoundError
+from asyncckpt._runtime import Runtime
+from asyncckpt.errors import CorruptCheckpointError, NotFoundError, UnsupportedFormatError
 from asyncckpt.format import OBJECT_GRAPH_KEY
 from asyncckpt.pipeline import SaveEntry, TensorSpec
+from asyncckpt.storage import FileStorage, KvStoreStorage
 
 ALL_DTYPES = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -59,8 +68,6 @@ def test_bytes_values_and_object_graph(tmp_path):
     assert reader.spec("state") == TensorSpec("bytes", ())
     assert reader.spec(OBJECT_GRAPH_KEY) == TensorSpec("bytes", ())
     assert reader.object_graph == graph
-    import json
-
     assert json.loads(reader.read(OBJECT_GRAPH_KEY).decode("utf-8")) == graph
 
 
@@ -133,8 +140,6 @@ def test_non_contiguous_and_big_endian_sources(tmp_path):
 
 
 def test_round_trip_through_memory_kvstore():
-    from asyncckpt.storage import KvStoreStorage
-
     storage = KvStoreStorage({"driver": "memory"})
     values = {"a": np.arange(5.0), "b": b"state"}
     _write("mem/run/ckpt-1", values, settings=pipeline.WriteSettings(storage=storage))
@@ -189,14 +194,6 @@ def test_settings_are_validated():
 
 # ---------------------------------------------------------------------------------------------
 # Snapshot consistency: what is written is the value at start_write time
-
-import asyncio  # noqa: E402
-import threading  # noqa: E402
-
-from _fakes import FailingStorage, FakeVariable, GatedStorage  # noqa: E402
-
-from asyncckpt._runtime import Runtime  # noqa: E402
-from asyncckpt.storage import FileStorage  # noqa: E402
 
 
 @pytest.fixture
@@ -326,9 +323,6 @@ def test_disk_full_keeps_the_earlier_checkpoint_and_leaves_nothing_half_written(
     out = pipeline.open_reader(tmp_path / "ckpt").read_many(original)
     for key, value in original.items():
         np.testing.assert_array_equal(out[key], value)
-
-
-import errno  # noqa: E402
 
 
 def test_callbacks_run_in_order_after_commit_off_the_loop(tmp_path, runtime):
@@ -461,8 +455,6 @@ def test_cancelling_a_waiter_does_not_cancel_the_write(tmp_path, runtime):
 # ---------------------------------------------------------------------------------------------
 # Corruption: every read verifies, and errors name the key and the file
 
-from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError  # noqa: E402
-
 
 @pytest.fixture
 def committed(tmp_path):
@@ -565,8 +557,6 @@ def test_data_dir_symlink_escaping_the_folder_is_rejected(committed, tmp_path_fa
         pipeline.open_reader(path)
 
 
-import json  # noqa: E402
-
 # ---------------------------------------------------------------------------------------------
 # Debris left by crashed writes
 
@@ -632,6 +622,3 @@ def test_delete_checkpoint_uncommits_then_removes_data(tmp_path):
     pipeline.delete_checkpoint(tmp_path / "never")
     other = pipeline.open_reader(tmp_path / "other")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["other.index", other.data_dir])
-
-
-import fcntl  # noqa: E402

@@ -32,7 +32,7 @@ from asyncckpt.restore import (
     RestoreCoordinator,
     preload_simple_restoration,
 )
-from asyncckpt.checkpoint_management import update_checkpoint_state
+from asyncckpt.state_file import update_checkpoint_state
 from asyncckpt.trackable import Trackable, TrackableReference
 from asyncckpt.variable import Variable
 

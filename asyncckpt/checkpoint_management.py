@@ -1,39 +1,20 @@
-"""The ``checkpoint`` state file, ``latest_checkpoint`` and ``CheckpointManager``.
+"""``CheckpointManager``, and the state-file API re-exported from `asyncckpt.state_file`.
 
-State file
-----------
-Every checkpoint directory may hold a small text file (``checkpoint`` unless ``latest_filename``
-says otherwise) naming its most recent checkpoint. It is the text format of TensorFlow's
-``CheckpointState`` protocol buffer, written byte for byte as TensorFlow writes it, so TensorFlow
-reads ours and we read TensorFlow's::
-
-    model_checkpoint_path: "ckpt-10"
-    all_model_checkpoint_paths: "ckpt-9"
-    all_model_checkpoint_paths: "ckpt-10"
-    all_model_checkpoint_timestamps: 1700000000.25
-    all_model_checkpoint_timestamps: 1700000600.5
-    last_preserved_timestamp: 1699999999.0
-
-The file is untrusted input: it is parsed by hand with a strict grammar for exactly these four
-fields (no protobuf dependency, nothing evaluated), files over `MAX_STATE_FILE_BYTES` are refused,
-and anything malformed makes `get_checkpoint_state` log a WARNING and return ``None`` (TensorFlow's
-behaviour, tensorflow/tensorflow#35148, made loud). Paths inside the directory are stored relative
-to it and joined with it on read; other paths are stored absolute. Updates are atomic: a temporary
-file in the same directory is written, fsynced and renamed over the old one, then the directory is
-fsynced, so a reader sees the old state or the new one, never a mixture.
+The state file itself (its text codec, `get_checkpoint_state`, `latest_checkpoint`,
+`update_checkpoint_state`, the lock file) lives in `asyncckpt.state_file`; its public names are
+re-exported here, where TensorFlow keeps them (``tf.train.latest_checkpoint`` comes from
+``checkpoint_management``).
 
 Concurrency
 -----------
 *Within a process* the manager's bookkeeping (recording a new checkpoint, writing the state file,
 deleting old checkpoints) runs as the last write callback of the save, i.e. only after the data is
 durable -- on a background thread for asynchronous saves -- under a lock that guards all of the
-manager's mutable state (TensorFlow mutates it from its async thread without one). The public
-readers (`latest_checkpoint`, `get_checkpoint_state`, `checkpoint_exists`) first wait for this
-process's pending writes under the directory, so a process always reads its own writes.
+manager's mutable state (TensorFlow mutates it from its async thread without one).
 
 *Across processes* we use a **lock file**, not compare-and-swap: every read-modify-write of the
-state file holds an exclusive ``fcntl.flock`` on ``<directory>/.<latest_filename>.lock``. While
-holding it a manager re-reads the state file and then
+state file holds an exclusive ``fcntl.flock`` on ``<directory>/.<latest_filename>.lock`` (see
+`asyncckpt.state_file`). While holding it a manager re-reads the state file and then
 
 1. keeps the entries other managers recorded there (those it did not find at construction, did
    not delete or preserve itself, and whose checkpoints still exist),
@@ -47,10 +28,8 @@ still adopts, at construction, every managed entry of the file (TensorFlow's beh
 manager created while another is saving may delete that one's older checkpoints; build
 concurrent managers before they save, and give them different ``checkpoint_name`` values
 (managers sharing a name number their files independently and overwrite each other's).
-The lock file is created once and never removed (removing it would let two processes lock
-different files). ``flock`` is advisory and POSIX-only; it works on local file systems and
-NFSv4, and is skipped on platforms without ``fcntl``. Plain `update_checkpoint_state` (used by
-`asyncckpt.Checkpoint.save`) takes the same lock but only writes.
+Plain `update_checkpoint_state` (used by `asyncckpt.Checkpoint.save`) takes the same lock but
+only writes.
 """
 
 from __future__ import annotations
@@ -58,25 +37,35 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import dataclasses
 import logging
 import math
 import numbers
 import os
-import re
-import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from asyncckpt import pipeline
-
-try:  # POSIX only; see the module docstring.
-    import fcntl
-except ImportError:  # pragma: no cover - exercised only on Windows
-    fcntl = None  # type: ignore[assignment]
+from asyncckpt.checkpoint import CheckpointOptions
+from asyncckpt.state_file import (
+    MAX_STATE_FILE_BYTES,
+    CheckpointState,
+    CheckpointStateParseError,
+    _build_state,
+    _fspath,
+    _load_state,
+    _recorded_checkpoint_exists,
+    _state_file_lock,
+    _write_state,
+    checkpoint_exists,
+    format_checkpoint_state,
+    get_checkpoint_state,
+    latest_checkpoint,
+    parse_checkpoint_state,
+    update_checkpoint_state,
+)
 
 __all__ = [
     "MAX_STATE_FILE_BYTES",
@@ -92,558 +81,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("asyncckpt")
-
-#: State files larger than this are refused as unparseable. A state entry takes about 90 bytes,
-#: so this still holds ~180,000 managed checkpoints (``max_to_keep=None`` keeps every path).
-MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
-
-_DEFAULT_STATE_FILENAME = "checkpoint"
-
-
-# ---------------------------------------------------------------------------------------------
-# The state file: pure text codec
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointState:
-    """The contents of a ``checkpoint`` state file (TensorFlow's ``CheckpointState`` proto).
-
-    Attributes
-    ----------
-    model_checkpoint_path : str
-        Prefix of the most recent checkpoint.
-    all_model_checkpoint_paths : list of str
-        Prefixes of the checkpoints a manager still tracks, oldest first; the last one is
-        ``model_checkpoint_path``.
-    all_model_checkpoint_timestamps : list of float
-        Seconds since the epoch at which each path in ``all_model_checkpoint_paths`` was
-        recorded. Empty for state written by `asyncckpt.Checkpoint.save` (unmanaged paths).
-    last_preserved_timestamp : float
-        When the manager last preserved a checkpoint because of
-        ``keep_checkpoint_every_n_hours``; ``0.0`` when the file does not say.
-    """
-
-    model_checkpoint_path: str = ""
-    all_model_checkpoint_paths: list = dataclasses.field(default_factory=list)
-    all_model_checkpoint_timestamps: list = dataclasses.field(default_factory=list)
-    last_preserved_timestamp: float = 0.0
-
-
-class CheckpointStateParseError(ValueError):
-    """The text of a state file does not follow the ``CheckpointState`` text-format grammar."""
-
-
-_STRING_FIELDS = ("model_checkpoint_path", "all_model_checkpoint_paths")
-_REPEATED_FIELDS = ("all_model_checkpoint_paths", "all_model_checkpoint_timestamps")
-_FIELD_ORDER = (
-    "model_checkpoint_path",
-    "all_model_checkpoint_paths",
-    "all_model_checkpoint_timestamps",
-    "last_preserved_timestamp",
-)
-
-# One token at a time; anything that matches none of these is a syntax error. Whitespace is ASCII
-# only, strings may not span lines, and numbers follow the text-format float grammar (an optional
-# minus, decimal or exponent notation without a leading zero, an optional ``f`` suffix, or
-# inf/infinity/nan).
-_TOKEN_RE = re.compile(
-    r"""
-      (?P<space>[ \t\r\n\f\v]+)
-    | (?P<comment>\#[^\n]*)
-    | (?P<string>"(?:[^"\\\n]|\\[^\n])*"|'(?:[^'\\\n]|\\[^\n])*')
-    | (?P<number>-?(?:(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[fF]?
-                     |(?i:inf(?:inity)?f?|nanf?)))
-    | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-    | (?P<punct>[:\[\],;])
-    """,
-    re.VERBOSE,
-)
-_SPECIAL_FLOAT_RE = re.compile(r"(-?)(?:(inf(?:inity)?)|nan)f?", re.IGNORECASE)
-_SIMPLE_ESCAPES = {
-    "a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11,
-    "\\": 92, "'": 39, '"': 34, "?": 63,
-}  # fmt: skip
-_OCTAL_RE = re.compile(r"[0-7]{1,3}")
-_HEX_RE = re.compile(r"x([0-9A-Fa-f]{1,2})")
-
-
-def _tokenize(text: str) -> Iterator[tuple[str, str, int]]:
-    pos = 0
-    while pos < len(text):
-        match = _TOKEN_RE.match(text, pos)
-        if match is None:
-            raise CheckpointStateParseError(f"unexpected character {text[pos]!r} at offset {pos}")
-        kind = match.lastgroup
-        if kind not in ("space", "comment"):
-            yield kind, match.group(), pos
-        pos = match.end()
-
-
-def _unescape(literal: str, offset: int) -> str:
-    """Decode one quoted string token the way protobuf's text format does (C escapes, UTF-8)."""
-    body = literal[1:-1]
-    out = bytearray()
-    i = 0
-    while i < len(body):
-        char = body[i]
-        if char != "\\":
-            out += char.encode("utf-8", "surrogatepass")
-            i += 1
-            continue
-        nxt = body[i + 1]  # the token grammar guarantees a character after a backslash
-        if nxt in _SIMPLE_ESCAPES:
-            out.append(_SIMPLE_ESCAPES[nxt])
-            i += 2
-        elif (octal := _OCTAL_RE.match(body, i + 1)) is not None:
-            value = int(octal.group(), 8)
-            if value > 0xFF:
-                raise CheckpointStateParseError(f"octal escape \\{octal.group()} out of range at offset {offset}")
-            out.append(value)
-            i = octal.end()
-        elif (hexa := _HEX_RE.match(body, i + 1)) is not None:
-            out.append(int(hexa.group(1), 16))
-            i = hexa.end()
-        else:
-            raise CheckpointStateParseError(f"invalid escape \\{nxt} in string at offset {offset}")
-    try:
-        value = out.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CheckpointStateParseError(f"string at offset {offset} is not valid UTF-8") from exc
-    if "\x00" in value:
-        # No file system accepts NUL in a path; refusing it here keeps every later os call safe.
-        raise CheckpointStateParseError(f"string at offset {offset} contains a NUL character")
-    return value
-
-
-def _parse_float(token: str, offset: int) -> float:
-    special = _SPECIAL_FLOAT_RE.fullmatch(token)
-    if special is not None:
-        if special.group(2) is None:
-            return math.nan
-        return -math.inf if special.group(1) else math.inf
-    try:
-        return float(token.rstrip("fF"))
-    except ValueError:  # pragma: no cover - the token regex only admits valid floats
-        raise CheckpointStateParseError(f"invalid number {token!r} at offset {offset}") from None
-
-
-def parse_checkpoint_state(text: str) -> CheckpointState:
-    """Parse the text format of a ``CheckpointState`` proto, exactly as stored on disk.
-
-    Accepts what protobuf's text-format parser accepts for this message: fields in any order,
-    ``#`` comments, optional ``,``/``;`` separators, single or double quotes, adjacent string
-    literals concatenated, C escapes (``\\n``, ``\\"``, ``\\\\``, octal ``\\NNN``, hex ``\\xHH``),
-    ``[a, b]`` lists for repeated fields, and a repeated singular field keeping its last value
-    (``text_format.Merge`` semantics). Paths are returned as written (not joined with a
-    directory), and nothing is checked beyond syntax.
-
-    Parameters
-    ----------
-    text : str
-        The file contents.
-
-    Returns
-    -------
-    CheckpointState
-
-    Raises
-    ------
-    CheckpointStateParseError
-        On any unknown field, syntax error, bad escape, non-UTF-8 string or NUL in a path.
-    """
-    tokens = list(_tokenize(text))
-    values: dict[str, Any] = {
-        "model_checkpoint_path": "",
-        "all_model_checkpoint_paths": [],
-        "all_model_checkpoint_timestamps": [],
-        "last_preserved_timestamp": 0.0,
-    }
-    pos = 0
-
-    def peek() -> tuple[str, str, int] | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def take(kind: str | None = None, text_: str | None = None) -> tuple[str, str, int]:
-        nonlocal pos
-        token = peek()
-        if token is None:
-            raise CheckpointStateParseError(f"unexpected end of input (expected {text_ or kind})")
-        if (kind is not None and token[0] != kind) or (text_ is not None and token[1] != text_):
-            raise CheckpointStateParseError(f"unexpected {token[1]!r} at offset {token[2]} (expected {text_ or kind})")
-        pos += 1
-        return token
-
-    def take_value(field: str) -> Any:
-        if field in _STRING_FIELDS:
-            first = take("string")
-            parts = [_unescape(first[1], first[2])]
-            while (token := peek()) is not None and token[0] == "string":
-                take()
-                parts.append(_unescape(token[1], token[2]))
-            return "".join(parts)
-        token = peek()
-        if token is not None and token[0] == "ident" and _SPECIAL_FLOAT_RE.fullmatch(token[1]):
-            take()
-            return _parse_float(token[1], token[2])
-        token = take("number")
-        return _parse_float(token[1], token[2])
-
-    while peek() is not None:
-        _, name, offset = take("ident")
-        if name not in values:
-            raise CheckpointStateParseError(f"unknown field {name!r} at offset {offset}")
-        take("punct", ":")
-        if name in _REPEATED_FIELDS and (token := peek()) is not None and token[1] == "[":
-            take()
-            if (token := peek()) is not None and token[1] == "]":
-                take()
-            else:
-                values[name].append(take_value(name))
-                while (token := peek()) is not None and token[1] == ",":
-                    take()
-                    values[name].append(take_value(name))
-                take("punct", "]")
-        elif name in _REPEATED_FIELDS:
-            values[name].append(take_value(name))
-        else:
-            values[name] = take_value(name)
-        if (token := peek()) is not None and token[1] in (",", ";"):
-            take()
-    return CheckpointState(**values)
-
-
-_ESCAPES = {i: f"\\{i:03o}" for i in [*range(32), 127]}
-_ESCAPES.update({9: r"\t", 10: r"\n", 13: r"\r", 34: r"\"", 39: r"\'", 92: r"\\"})
-
-
-def _escape(value: str) -> str:
-    """C-escape a string as current protobuf releases do in text format (``as_utf8=True``).
-
-    ASCII control characters become octal escapes and non-ASCII characters stay as they are;
-    older protobuf releases wrote the UTF-8 bytes of non-ASCII characters as octal escapes,
-    which `parse_checkpoint_state` reads as well.
-    """
-    return value.translate(_ESCAPES)
-
-
-def format_checkpoint_state(state: CheckpointState) -> str:
-    """Render a `CheckpointState` exactly as ``text_format.MessageToString`` renders the proto.
-
-    Fields come in field-number order, one per line; proto3 defaults (an empty model path, a
-    zero ``last_preserved_timestamp``) are omitted; doubles use Python's shortest round-trip
-    ``str``; strings are C-escaped (see `_escape`).
-    """
-    lines = []
-    for name in _FIELD_ORDER:
-        value = getattr(state, name)
-        items = value if name in _REPEATED_FIELDS else [value]
-        for item in items:
-            if name in _STRING_FIELDS:
-                if name not in _REPEATED_FIELDS and item == "":
-                    continue
-                lines.append(f'{name}: "{_escape(item)}"\n')
-            else:
-                item = float(item)
-                if name not in _REPEATED_FIELDS and item == 0.0 and math.copysign(1.0, item) > 0:
-                    continue
-                lines.append(f"{name}: {item!s}\n")
-    return "".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# The state file: reading and writing
-# ---------------------------------------------------------------------------------------------
-
-
-def _state_filename(directory: str, latest_filename: str | None) -> str:
-    return os.path.join(directory, latest_filename or _DEFAULT_STATE_FILENAME)
-
-
-def _fspath(path: Any, what: str) -> str:
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"{what} must be a str or os.PathLike, got {type(path).__name__}") from None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    return path
-
-
-def _read_state_text(filename: str) -> str | None:
-    """The file's text, or ``None`` when it does not exist; ``OSError``/parse error otherwise."""
-    try:
-        with open(filename, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size > MAX_STATE_FILE_BYTES:
-                raise CheckpointStateParseError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
-            data = handle.read(MAX_STATE_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return None
-    if len(data) > MAX_STATE_FILE_BYTES:  # grew while we read it
-        raise CheckpointStateParseError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CheckpointStateParseError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-
-
-def _join_with_directory(state: CheckpointState, directory: str) -> CheckpointState:
-    def join(path: str) -> str:
-        return path if os.path.isabs(path) else os.path.join(directory, path)
-
-    return dataclasses.replace(
-        state,
-        model_checkpoint_path=join(state.model_checkpoint_path),
-        all_model_checkpoint_paths=[join(p) for p in state.all_model_checkpoint_paths],
-        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps),
-    )
-
-
-def _load_state(directory: str, latest_filename: str | None) -> CheckpointState | None:
-    """`get_checkpoint_state` without waiting for pending writes (safe inside write callbacks)."""
-    filename = _state_filename(directory, latest_filename)
-    try:
-        text = _read_state_text(filename)
-        if text is None:
-            return None
-        state = parse_checkpoint_state(text)
-    except (OSError, CheckpointStateParseError) as exc:
-        logger.warning("%s: %s", type(exc).__name__, exc)
-        logger.warning("%s: Checkpoint ignored", filename)
-        return None
-    if not state.model_checkpoint_path:
-        raise ValueError("Invalid checkpoint state loaded from " + directory)
-    return _join_with_directory(state, directory)
-
-
-def get_checkpoint_state(checkpoint_dir, latest_filename: str | None = None) -> CheckpointState | None:
-    """Read the state file of a checkpoint directory.
-
-    Waits first for this process's pending asynchronous writes under ``checkpoint_dir``, so a
-    save that already returned is always visible.
-
-    Parameters
-    ----------
-    checkpoint_dir : str or os.PathLike
-        The directory holding the state file.
-    latest_filename : str, optional
-        Name of the state file; ``"checkpoint"`` by default.
-
-    Returns
-    -------
-    CheckpointState or None
-        The state with relative paths joined with ``checkpoint_dir`` (``"./ckpt-5"`` becomes
-        ``os.path.join(checkpoint_dir, "./ckpt-5")``); ``None`` when the file is missing,
-        unreadable or malformed -- the last two logged at WARNING on the ``asyncckpt`` logger.
-
-    Raises
-    ------
-    ValueError
-        If the file parses but names no ``model_checkpoint_path`` (e.g. it is empty).
-    """
-    directory = _fspath(checkpoint_dir, "checkpoint_dir")
-    pipeline.wait_for_pending_writes(directory)
-    return _load_state(directory, latest_filename)
-
-
-def _storable_path(path: str, directory_abs: str) -> str:
-    """Relative to the directory when inside it, absolute otherwise."""
-    path_abs = os.path.abspath(path)
-    try:
-        inside = os.path.commonpath([directory_abs, path_abs]) == directory_abs and path_abs != directory_abs
-    except ValueError:  # different drives on Windows
-        inside = False
-    return os.path.relpath(path_abs, directory_abs) if inside else path_abs
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(filename: str, text: str) -> None:
-    """Write, fsync and rename over ``filename``, then fsync the directory."""
-    directory = os.path.dirname(filename) or "."
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(filename)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, filename)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    _fsync_directory(directory)
-
-
-@contextlib.contextmanager
-def _state_file_lock(directory: str, latest_filename: str | None) -> Iterator[None]:
-    """Hold the cross-process lock guarding read-modify-write of one state file."""
-    if fcntl is None:  # pragma: no cover - see the module docstring
-        yield
-        return
-    name = f".{latest_filename or _DEFAULT_STATE_FILENAME}.lock"
-    fd = os.open(os.path.join(directory or ".", name), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _build_state(
-    save_dir: str,
-    model_checkpoint_path: str,
-    all_model_checkpoint_paths: Sequence[str] | None,
-    latest_filename: str | None,
-    all_model_checkpoint_timestamps: Sequence[float] | None,
-    last_preserved_timestamp: float | None,
-) -> CheckpointState:
-    model_path = _fspath(model_checkpoint_path, "model_checkpoint_path")
-    if not model_path:
-        raise ValueError("model_checkpoint_path must be a non-empty checkpoint prefix")
-    paths = [_fspath(p, "all_model_checkpoint_paths entry") for p in (all_model_checkpoint_paths or [])]
-    if not paths or paths[-1] != model_path:
-        paths.append(model_path)
-    timestamps = [float(t) for t in (all_model_checkpoint_timestamps or [])]
-    if timestamps and len(timestamps) != len(paths):
-        raise ValueError(
-            "Checkpoint timestamps, if provided, must match checkpoint paths "
-            f"(got paths {paths} and timestamps {timestamps})"
-        )
-    directory_abs = os.path.abspath(save_dir or ".")
-    if os.path.abspath(model_path) == os.path.abspath(_state_filename(save_dir, latest_filename)):
-        raise RuntimeError(
-            f"Save path '{model_path}' conflicts with path used for checkpoint state.  "
-            "Please use a different save path."
-        )
-    return CheckpointState(
-        model_checkpoint_path=_storable_path(model_path, directory_abs),
-        all_model_checkpoint_paths=[_storable_path(p, directory_abs) for p in paths],
-        all_model_checkpoint_timestamps=timestamps,
-        last_preserved_timestamp=float(last_preserved_timestamp or 0.0),
-    )
-
-
-def _write_state(save_dir: str, latest_filename: str | None, state: CheckpointState) -> None:
-    if save_dir:
-        os.makedirs(save_dir, exist_ok=True)
-    _atomic_write_text(_state_filename(save_dir, latest_filename), format_checkpoint_state(state))
-
-
-def update_checkpoint_state(
-    save_dir,
-    model_checkpoint_path,
-    all_model_checkpoint_paths: Sequence[str] | None = None,
-    latest_filename: str | None = None,
-    all_model_checkpoint_timestamps: Sequence[float] | None = None,
-    last_preserved_timestamp: float | None = None,
-) -> None:
-    """Atomically replace the state file of ``save_dir``.
-
-    `asyncckpt.Checkpoint.save` calls this with only the newest path, after the checkpoint is
-    durable. Paths are ordinary paths (absolute, or relative to the working directory); those
-    inside ``save_dir`` are stored relative to it. It does not wait for pending writes, so it is
-    safe to call from a write callback.
-
-    Parameters
-    ----------
-    save_dir : str or os.PathLike
-        Directory of the state file.
-    model_checkpoint_path : str or os.PathLike
-        Prefix of the newest checkpoint.
-    all_model_checkpoint_paths : sequence of str, optional
-        All tracked prefixes, oldest first; ``model_checkpoint_path`` is appended when it is not
-        already last.
-    latest_filename : str, optional
-        Name of the state file; ``"checkpoint"`` by default.
-    all_model_checkpoint_timestamps : sequence of float, optional
-        One timestamp per path in ``all_model_checkpoint_paths``.
-    last_preserved_timestamp : float, optional
-        See `CheckpointState`.
-
-    Raises
-    ------
-    RuntimeError
-        If ``model_checkpoint_path`` is the state file itself.
-    ValueError
-        If the timestamps do not match the paths one to one, or the model path is empty.
-    """
-    save_dir = _fspath(save_dir, "save_dir")
-    state = _build_state(
-        save_dir,
-        model_checkpoint_path,
-        all_model_checkpoint_paths,
-        latest_filename,
-        all_model_checkpoint_timestamps,
-        last_preserved_timestamp,
-    )
-    if save_dir:
-        os.makedirs(save_dir, exist_ok=True)
-    with _state_file_lock(save_dir, latest_filename):
-        _write_state(save_dir, latest_filename, state)
-
-
-def checkpoint_exists(checkpoint_prefix) -> bool:
-    """True when a committed checkpoint exists at ``checkpoint_prefix`` (its ``.index`` marker).
-
-    Waits first for this process's pending writes to that prefix.
-    """
-    prefix = _fspath(checkpoint_prefix, "checkpoint_prefix")
-    pipeline.wait_for_pending_writes(prefix)
-    return bool(pipeline.checkpoint_exists(prefix))
-
-
-def latest_checkpoint(checkpoint_dir, latest_filename: str | None = None) -> str | None:
-    """The prefix of the newest checkpoint recorded in ``checkpoint_dir``, if it exists.
-
-    Parameters
-    ----------
-    checkpoint_dir : str or os.PathLike
-        Directory holding the state file.
-    latest_filename : str, optional
-        Name of the state file; ``"checkpoint"`` by default.
-
-    Returns
-    -------
-    str or None
-        The joined ``model_checkpoint_path``, or ``None`` when there is no (readable) state file
-        or the checkpoint it names is gone (logged at ERROR).
-
-    Raises
-    ------
-    ValueError
-        If the state file parses but names no checkpoint (see `get_checkpoint_state`).
-    """
-    state = get_checkpoint_state(checkpoint_dir, latest_filename)
-    if state is None or not state.model_checkpoint_path:
-        return None
-    if _recorded_checkpoint_exists(state.model_checkpoint_path):
-        return state.model_checkpoint_path
-    logger.error("Couldn't match files for checkpoint %s", state.model_checkpoint_path)
-    return None
-
-
-def _recorded_checkpoint_exists(prefix: str) -> bool:
-    """`pipeline.checkpoint_exists` for a path read from a state file, which may be anything.
-
-    A path the file system cannot even look up (a name too long, say) names no checkpoint.
-    """
-    try:
-        return bool(pipeline.checkpoint_exists(prefix))
-    except OSError as exc:
-        logger.warning("cannot look up checkpoint %r recorded in the state file: %s", prefix, exc)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,13 +99,6 @@ def _as_integer(value: Any, what: str) -> int:
         if array.shape == () and np.issubdtype(array.dtype, np.integer):
             return int(array)
     raise TypeError(f"{what} must be an integer or an integer variable, got {value!r}")
-
-
-def _default_options():
-    # Imported on use: ``checkpoint`` itself imports this module to write the state file.
-    from asyncckpt.checkpoint import CheckpointOptions  # noqa: PLC0415
-
-    return CheckpointOptions()
 
 
 def _read_step(step_counter: Any) -> Any:
@@ -889,7 +319,7 @@ class CheckpointManager:
             pending = _PendingSave(prefix)
             self._pending.append(pending)
 
-        write_options = copy.copy(options) if options is not None else _default_options()
+        write_options = copy.copy(options) if options is not None else CheckpointOptions()
         write_options.experimental_write_callbacks = [
             *(getattr(options, "experimental_write_callbacks", None) or []),
             self._make_bookkeeping_callback(pending),

@@ -25,8 +25,10 @@ extent's CRC-32C and each value's whole CRC-32C before returning.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -263,6 +265,11 @@ class _Registry:
                 found.extend(queue)
         return found
 
+    def all(self) -> list[WriteHandle]:
+        """Every pending write."""
+        with self._guard:
+            return [handle for queue in self._pending.values() for handle in queue]
+
     @contextlib.contextmanager
     def calling_back(self, handle: WriteHandle):
         self._calling_back.handle = handle
@@ -273,6 +280,31 @@ class _Registry:
 
 
 _registry = _Registry()
+
+
+def _finish_pending_writes_at_exit() -> None:
+    """Let writes still in flight at interpreter exit finish instead of dying with the loop thread.
+
+    Registered with ``threading._register_atexit`` where available: those hooks run before the
+    thread pools behind ``asyncio.to_thread`` shut down (plain ``atexit`` hooks run after, when a
+    write could no longer use them). Errors stay with the handles' owners.
+    """
+    for handle in _registry.all():
+        with contextlib.suppress(BaseException):
+            handle._future.result()
+
+
+def _forget_after_fork() -> None:
+    # The child inherits the parent's pending handles but not the threads completing them.
+    global _registry
+    _registry = _Registry()
+
+
+# The thread pool registers its own exit hook when its module is first imported; import it now so
+# that hook is registered first and therefore runs after ours (they run in reverse order).
+importlib.import_module("concurrent.futures.thread")
+getattr(threading, "_register_atexit", atexit.register)(_finish_pending_writes_at_exit)
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _storage_of(settings) -> Storage:
@@ -384,7 +416,11 @@ def start_write(
     runtime = _runtime_of(settings)
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
     job = _WriteJob(handle, storage, folder, stem, sources, plan, object_graph, callbacks, settings, runtime.loop)
-    job.snapshot.install_guards()
+    try:
+        job.snapshot.install_guards()
+    except BaseException:
+        job.snapshot.close()
+        raise
     previous = _registry.add(handle)
     try:
         future = runtime.submit(job.run(previous))

@@ -477,7 +477,7 @@ class Snapshot:
     def close(self) -> None:
         """End the snapshot: remove remaining hooks and wake anyone waiting for budget."""
         self._closed = True
-        self._budget.close()
+        self._call_on_loop(self._budget.close)
         unhook = []
         with self._state_lock:
             for guard in self._guards.values():

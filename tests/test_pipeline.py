@@ -6,7 +6,12 @@ import asyncio
 import errno
 import fcntl
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -622,3 +627,54 @@ def test_delete_checkpoint_uncommits_then_removes_data(tmp_path):
     pipeline.delete_checkpoint(tmp_path / "never")
     other = pipeline.open_reader(tmp_path / "other")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["other.index", other.data_dir])
+
+
+# ---------------------------------------------------------------------------------------------
+# Process lifetime: interpreter exit and fork
+
+
+def _python(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                          env=env, check=False)
+
+
+def test_a_write_pending_at_interpreter_exit_is_finished(tmp_path):
+    result = _python(
+        """
+        import sys
+        import numpy as np
+        from asyncckpt import pipeline
+        pipeline.start_write(sys.argv[1], [pipeline.SaveEntry("v", np.arange(1_000_000.0))], {})
+        """,
+        str(tmp_path / "ckpt"),
+    )
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "ckpt").read("v"), np.arange(1_000_000.0))
+
+
+def test_a_forked_child_does_not_inherit_pending_writes(tmp_path):
+    result = _python(
+        """
+        import os, sys
+        import numpy as np
+        from _fakes import GatedStorage
+        from asyncckpt import pipeline
+        from asyncckpt._runtime import get_runtime
+        from asyncckpt.storage import FileStorage
+
+        gated = GatedStorage(FileStorage(), get_runtime())
+        handle = pipeline.start_write(sys.argv[1], [pipeline.SaveEntry("v", np.zeros(3))], {},
+                                      settings=pipeline.WriteSettings(storage=gated))
+        assert pipeline.has_pending_writes(sys.argv[1])
+        child = os.fork()
+        if child == 0:
+            os._exit(1 if pipeline.has_pending_writes(sys.argv[1]) else 0)
+        _, status = os.waitpid(child, 0)
+        gated.open_gate()
+        handle.result()
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+        """,
+        str(tmp_path / "ckpt"),
+    )
+    assert result.returncode == 0, result.stderr

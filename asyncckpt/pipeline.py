@@ -491,8 +491,10 @@ class _WriteJob:
                         logger.warning("could not delete replaced data directory %s: %s", backend.describe(replaced), exc)
             except BaseException:
                 self.snapshot.close()
-                if not committed:
-                    with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):
+                    # A commit can fail after its rename (e.g. the directory fsync): then P.index
+                    # already names the new data, which must stay.
+                    if not committed and await _referenced_data_dir(backend, self.stem) != data_dir:
                         await backend.delete_tree(data_dir)
                 raise
             finally:

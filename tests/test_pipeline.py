@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _fakes import FailingStorage, FakeVariable, GatedStorage
+from _fakes import FailingStorage, FakeVariable, GatedStorage, WrappingStorage
 
 from asyncckpt import pipeline
 from asyncckpt._runtime import Runtime
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError, UnsupportedFormatError
 from asyncckpt.format import OBJECT_GRAPH_KEY
 from asyncckpt.pipeline import SaveEntry, TensorSpec
-from asyncckpt.storage import FileStorage, KvStoreStorage
+from asyncckpt.storage import BackendWrapper, FileStorage, KvStoreStorage
 
 ALL_DTYPES = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -328,6 +328,22 @@ def test_disk_full_keeps_the_earlier_checkpoint_and_leaves_nothing_half_written(
     out = pipeline.open_reader(tmp_path / "ckpt").read_many(original)
     for key, value in original.items():
         np.testing.assert_array_equal(out[key], value)
+
+
+class _FsyncFailsAfterRename(BackendWrapper):
+    async def commit(self, name, tmp_name, value):
+        await super().commit(name, tmp_name, value)
+        raise OSError(errno.EIO, "fsync of the folder failed (injected)")
+
+
+def test_commit_failing_after_its_rename_keeps_the_new_data(tmp_path):
+    _write(tmp_path / "ckpt", {"v": np.zeros(3)})
+    storage = WrappingStorage(FileStorage(), _FsyncFailsAfterRename)
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("v", np.ones(3))], {},
+                                  settings=pipeline.WriteSettings(storage=storage))
+    with pytest.raises(OSError, match="injected"):
+        handle.result(30)
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "ckpt").read("v"), np.ones(3))
 
 
 def test_callbacks_run_in_order_after_commit_off_the_loop(tmp_path, runtime):

@@ -45,6 +45,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -604,8 +605,28 @@ def machine_description(workdir: str) -> list[str]:
         f"- disk for `{workdir}`: {describe_disk(workdir)}",
         f"- OS: {platform.platform()}; Python {platform.python_version()}",
         f"- packages: {', '.join(versions)}" + (f"; BLAS env: {' '.join(blas)}" if blas else ""),
+        f"- asyncckpt source: {source_revision()}",
         f"- peak extra memory: {PEAK_RSS_METHOD}",
+        f"- load average at start (1/5/15 min): {load_average()} (other processes share the CPUs and the disk)",
     ]
+
+
+def source_revision() -> str:
+    """The git commit of the imported asyncckpt, and whether its package files have uncommitted changes."""
+    try:
+        import asyncckpt  # noqa: PLC0415
+
+        package = os.path.dirname(asyncckpt.__file__)
+        git = ["git", "-C", package]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True, check=True)
+    except (ImportError, OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def load_average() -> str:
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def read_meminfo_kib(field_name: str) -> int:
@@ -881,6 +902,7 @@ def main(argv=None) -> int:
         if args.scaling or args.scaling_only:
             print("... measuring scaling", file=sys.stderr, flush=True)
             emit(scaling_tables(*scaling(args, workdir)))
+        emit([f"Load average at end (1/5/15 min): {load_average()}", ""])
     finally:
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)

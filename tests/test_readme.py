@@ -42,7 +42,7 @@ def split_and(command: str) -> list[list[str]]:
 
 
 def python_snippets() -> list[tuple[str, str]]:
-    """Every ```python block outside the set-up section, with the marker comment above it (or '')."""
+    """Every ```python block with the marker comment above it (or '')."""
     return [(block["marker"] or "", block["body"]) for block in FENCE.finditer(README) if block["lang"] == "python"]
 
 
@@ -83,6 +83,21 @@ def test_example_command_runs_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert re.search(r"^resumed from \S+ at step \d+$", again.stdout, re.MULTILINE), again.stdout
 
+    # The README's command-line examples work on the directory the example command wrote.
+    demo_dir = run[run.index("--dir") + 1]
+    bash = "\n".join(block["body"] for block in FENCE.finditer(README) if block["lang"] == "bash")
+    cli_lines = re.findall(r"^asyncckpt (.*?)(?:\s+#.*)?$", bash, re.MULTILINE)
+    assert {line.split()[0] for line in cli_lines} == {"ls", "verify"}, cli_lines
+    for line in cli_lines:
+        args = [str(tmp_path / "demo") if word == demo_dir else word for word in shlex.split(line)]
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from asyncckpt.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, f"asyncckpt {line}: {proc.stdout}{proc.stderr}"
+        assert "model/w1/.ATTRIBUTES/VARIABLE_VALUE" in proc.stdout or proc.stdout.startswith("OK:"), proc.stdout
+
 
 def test_relative_links_resolve():
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
@@ -92,19 +107,35 @@ def test_relative_links_resolve():
     assert not missing, f"README links to files that do not exist: {missing}"
 
 
+TF_MARKER = "readme-test: tensorflow"
+RUNNABLE = [body for marker, body in python_snippets() if marker != TF_MARKER]
+
+
 def test_readme_has_runnable_snippets():
-    runnable = [body for marker, body in python_snippets() if not marker.startswith("readme-test: skip")]
-    assert len(runnable) >= 3
+    assert len(RUNNABLE) >= 3
+    assert {marker for marker, _ in python_snippets()} <= {"", TF_MARKER}, "unknown snippet marker"
 
 
-@pytest.mark.parametrize(
-    "marker, body",
-    python_snippets(),
-    ids=[f"snippet{i}" for i in range(len(python_snippets()))],
-)
-def test_python_snippet_runs(tmp_path, marker, body):
-    if marker.startswith("readme-test: skip"):
-        assert "(" in marker, "a skipped snippet must say why: <!-- readme-test: skip (reason) -->"
-        pytest.skip(marker)
+def test_tf_snippet_and_its_asyncckpt_twin_make_the_same_calls():
+    """Each Checkpoint/manager/restore/save/sync line of the TF snippet, with ``tf.`` names mapped to
+    ``ac.``, appears verbatim in the asyncckpt snippet right after it."""
+    snippets = python_snippets()
+    index = next(i for i, (marker, _) in enumerate(snippets) if marker == TF_MARKER)
+    tf_code, ac_code = snippets[index][1], snippets[index + 1][1]
+    renames = {"tf.train.": "ac.", "tf.keras.optimizers.": "ac.optimizers."}
+    compared = 0
+    for line in tf_code.splitlines():
+        line = line.split("#")[0].strip()
+        if not re.match(r"(checkpoint|manager|status|optimizer) = |(checkpoint|manager)\.\w+\(", line):
+            continue
+        for old, new in renames.items():
+            line = line.replace(old, new)
+        assert line in ac_code, f"no asyncckpt counterpart for TF line: {line}"
+        compared += 1
+    assert compared >= 5
+
+
+@pytest.mark.parametrize("body", RUNNABLE, ids=[f"snippet{i}" for i in range(len(RUNNABLE))])
+def test_python_snippet_runs(tmp_path, body):
     proc = subprocess.run([sys.executable, "-W", "error", "-c", body], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, f"README snippet failed:\n{body}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

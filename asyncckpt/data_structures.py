@@ -16,7 +16,7 @@ import collections.abc
 import copy
 from typing import Any
 
-from asyncckpt.trackable import NoDependency, Trackable, TrackableReference
+from asyncckpt.trackable import NoDependency, Trackable
 
 __all__ = [
     "TrackableDataStructure",
@@ -108,10 +108,10 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
 
     def _retrack_all(self) -> None:
         """Re-derive dependencies from positions after a non-append mutation."""
-        self._self_dependencies[:] = []
+        self._self_dependencies.clear()
         for index, element in enumerate(self._storage):
             if isinstance(element, Trackable):
-                self._self_dependencies.append(TrackableReference(str(index), element))
+                self._self_dependencies[str(index)] = element
 
     def _trackable_children(self) -> dict[str, Trackable]:
         self._check_external_modification()

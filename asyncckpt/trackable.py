@@ -46,7 +46,7 @@ class Trackable:
         if "_self_dependencies" in self.__dict__:
             return
         set_ = object.__setattr__
-        set_(self, "_self_dependencies", [])  # list[TrackableReference], insertion order
+        set_(self, "_self_dependencies", {})  # local name -> child, in insertion order
         set_(self, "_self_deferred_dependencies", {})  # name -> list[CheckpointPosition]
         set_(self, "_self_update_uid", -1)  # uid of the newest restore applied to this object
 
@@ -69,21 +69,18 @@ class Trackable:
     @property
     def _checkpoint_dependencies(self) -> list[TrackableReference]:
         self._maybe_initialize_trackable()
-        return list(self._self_dependencies)
+        return [TrackableReference(name, child) for name, child in self._self_dependencies.items()]
 
     def _trackable_children(self) -> dict[str, "Trackable"]:
         """Children as an insertion-ordered ``{local_name: child}`` mapping."""
         self._maybe_initialize_trackable()
-        return {ref.name: ref.ref for ref in self._self_dependencies}
+        return dict(self._self_dependencies)
 
     def _lookup_dependency(self, name: str, cached_dependencies: dict | None = None) -> "Trackable | None":
         if cached_dependencies is not None:
             return cached_dependencies.get(name)
         self._maybe_initialize_trackable()
-        for ref in self._self_dependencies:
-            if ref.name == name:
-                return ref.ref
-        return None
+        return self._self_dependencies.get(name)
 
     def _track_trackable(self, trackable: "Trackable", name: str, overwrite: bool = False) -> "Trackable":
         """Declare ``trackable`` as the dependency ``name``; apply any restore waiting for that name."""
@@ -100,11 +97,9 @@ class Trackable:
                     f"Called Trackable._track_trackable() with name='{name}', but a Trackable with this "
                     "name is already declared as a dependency. Names must be unique (or overwrite=True)."
                 )
-            for index, ref in enumerate(self._self_dependencies):
-                if ref.name == name:
-                    self._self_dependencies[index] = TrackableReference(name, trackable)
+            self._self_dependencies[name] = trackable  # an existing key keeps its position
         elif current is None:
-            self._self_dependencies.append(TrackableReference(name, trackable))
+            self._self_dependencies[name] = trackable
             self._handle_deferred_dependencies(name, trackable)
         return trackable
 
@@ -116,7 +111,7 @@ class Trackable:
 
     def _delete_tracking(self, name: str) -> None:
         self._maybe_initialize_trackable()
-        self._self_dependencies[:] = [ref for ref in self._self_dependencies if ref.name != name]
+        self._self_dependencies.pop(name, None)
 
     # ------------------------------------------------------------------ values
     def _serialize_to_tensors(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import numbers
@@ -48,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from asyncckpt import pipeline
+from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions
 from asyncckpt.state_file import (
     MAX_STATE_FILE_BYTES,
@@ -66,6 +68,7 @@ from asyncckpt.state_file import (
     parse_checkpoint_state,
     update_checkpoint_state,
 )
+from asyncckpt.storage import Storage
 
 __all__ = [
     "MAX_STATE_FILE_BYTES",
@@ -125,12 +128,23 @@ class CheckpointManager:
     `restore_or_initialize` first wait for this manager's pending saves, so they never report a
     stale or incomplete checkpoint. See the module docstring for the cross-process protocol.
 
+    Checkpoints go where each save's ``options.write_settings`` sends them (``storage`` and
+    ``runtime``, the local file system and the process runtime by default), and the manager
+    deletes them, looks them up, waits for them and restores them (`restore_or_initialize`)
+    through that same storage and runtime. The state file does not follow: it is always a local
+    file in ``directory`` (atomic rename and ``flock`` need a file system), so ``directory`` is
+    both a local folder and, joined with ``checkpoint_name``, the checkpoint prefix on the
+    storage. Keep one storage per directory: checkpoints another manager recorded are looked up
+    and deleted through the storage of the save whose bookkeeping runs. The module-level
+    `latest_checkpoint` and `checkpoint_exists` look on the local file system only; use this
+    manager's `latest_checkpoint` for checkpoints elsewhere.
+
     Parameters
     ----------
     checkpoint : asyncckpt.Checkpoint
         The object to save; its ``save_counter`` numbers the checkpoints.
     directory : str or os.PathLike
-        Where checkpoints and the state file go.
+        Where the state file (always local) and the checkpoints go.
     max_to_keep : int or None
         How many checkpoints to keep in the active set; ``None`` keeps all of them.
     keep_checkpoint_every_n_hours : float, optional
@@ -209,6 +223,7 @@ class CheckpointManager:
         # Guards everything below; bookkeeping runs on the pipeline's background thread.
         self._lock = threading.RLock()
         self._pending: list[_PendingSave] = []  # saves whose bookkeeping has not run yet
+        self._latest_io = _CheckpointIo()  # where _latest_checkpoint lives
         self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
         # Paths in the state file this manager must not carry forward: the ones it found but did
         # not adopt (preserved or unmanaged), and the ones it preserved or deleted itself.
@@ -316,7 +331,7 @@ class CheckpointManager:
             save_counter.assign_add(1)
             number = _as_integer(save_counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
             prefix = f"{self._checkpoint_prefix}-{number}"
-            pending = _PendingSave(prefix)
+            pending = _PendingSave(prefix, _CheckpointIo.of(options))
             self._pending.append(pending)
 
         write_options = copy.copy(options) if options is not None else CheckpointOptions()
@@ -336,7 +351,7 @@ class CheckpointManager:
     def _make_bookkeeping_callback(self, pending: _PendingSave) -> Callable[[Any], None]:
         def record_and_sweep(save_path) -> None:
             try:
-                self._record_and_sweep_state(_fspath(save_path, "save path"))
+                self._record_and_sweep_state(_fspath(save_path, "save path"), pending.io)
             finally:
                 self._forget(pending)
 
@@ -347,26 +362,29 @@ class CheckpointManager:
             with contextlib.suppress(ValueError):
                 self._pending.remove(pending)
 
-    def _record_and_sweep_state(self, save_path: str) -> None:
+    def _record_and_sweep_state(self, save_path: str, io: _CheckpointIo) -> None:
         with self._lock, _state_file_lock(self._directory, None):
             on_disk = None
             with contextlib.suppress(ValueError):  # an empty state file has nothing to keep
                 on_disk = _load_state(self._directory, None)
-            foreign = self._foreign_entries(on_disk, save_path)
-            self._forget_deleted_elsewhere(on_disk, save_path)
+            foreign = self._foreign_entries(on_disk, save_path, io)
+            self._forget_deleted_elsewhere(on_disk, save_path, io)
             timestamp = self._clock()
             # An overwritten checkpoint moves to the end of the queue.
             self._maybe_delete.pop(save_path, None)
             self._maybe_delete[save_path] = timestamp
             self._released.discard(save_path)
             self._latest_checkpoint = save_path
+            self._latest_io = io
             # Record before deleting, so a crash while deleting still finds the new checkpoint;
             # then record again without the deleted ones (when there were any).
             self._record_state(foreign)
-            if self._sweep():
+            if self._sweep(io):
                 self._record_state(foreign)
 
-    def _foreign_entries(self, on_disk: CheckpointState | None, save_path: str) -> list[tuple[str, float]]:
+    def _foreign_entries(
+        self, on_disk: CheckpointState | None, save_path: str, io: _CheckpointIo
+    ) -> list[tuple[str, float]]:
         """Entries another manager recorded in the state file that must survive our rewrite."""
         if on_disk is None:
             return []
@@ -376,10 +394,10 @@ class CheckpointManager:
             if path != save_path
             and path not in self._maybe_delete
             and path not in self._released
-            and _recorded_checkpoint_exists(path)
+            and io.exists(path)
         ]
 
-    def _forget_deleted_elsewhere(self, on_disk: CheckpointState | None, save_path: str) -> None:
+    def _forget_deleted_elsewhere(self, on_disk: CheckpointState | None, save_path: str, io: _CheckpointIo) -> None:
         """Drop managed paths another manager deleted, so the state file never lists them.
 
         A manager that deletes a checkpoint rewrites the state file without it (under the file
@@ -390,7 +408,7 @@ class CheckpointManager:
             return
         listed = set(on_disk.all_model_checkpoint_paths)
         for path in [p for p in self._maybe_delete if p not in listed and p != save_path]:
-            if not _recorded_checkpoint_exists(path):
+            if not io.exists(path):
                 del self._maybe_delete[path]
                 self._released.add(path)
 
@@ -411,8 +429,8 @@ class CheckpointManager:
         )
         _write_state(self._directory, None, state)
 
-    def _sweep(self) -> bool:
-        """Preserve or delete the oldest managed checkpoints beyond ``max_to_keep``.
+    def _sweep(self, io: _CheckpointIo) -> bool:
+        """Preserve or delete (through ``io``) the oldest managed checkpoints beyond ``max_to_keep``.
 
         Returns whether the active set changed.
         """
@@ -427,7 +445,7 @@ class CheckpointManager:
                 # Kept on disk but no longer listed, so the state file cannot grow forever.
                 self._last_preserved_timestamp = timestamp
                 continue
-            pipeline.delete_checkpoint(path)
+            io.delete(path)
         return True
 
     # -- waiting and restoring ----------------------------------------------------------------
@@ -443,7 +461,7 @@ class CheckpointManager:
             started = [pending for pending in self._pending if pending.started]
         for pending in started:
             # Returns once that write and its callbacks finished, successfully or not.
-            pipeline.wait_for_pending_writes(pending.path)
+            pending.io.wait(pending.path)
         for pending in started:
             self._forget(pending)  # a failed write never runs its callbacks
 
@@ -456,7 +474,9 @@ class CheckpointManager:
         """Restore the latest checkpoint, or run ``init_fn`` when there is none.
 
         Waits first for this manager's pending saves, so an asynchronous first save is restored
-        rather than re-initialized. The load status is discarded; use
+        rather than re-initialized. A checkpoint this manager saved is read from the storage and
+        runtime it was saved with; one found in the state file at construction from the local
+        file system. The load status is discarded; use
         ``checkpoint.restore(manager.latest_checkpoint)`` to make assertions.
 
         Returns
@@ -466,7 +486,9 @@ class CheckpointManager:
         """
         latest = self.latest_checkpoint
         if latest is not None:
-            self._checkpoint.restore(latest)
+            with self._lock:
+                io = self._latest_io
+            self._checkpoint.restore(latest, options=io.read_options())
             if self._checkpoint_interval is not None:
                 with self._lock:
                     self._last_checkpoint_step = _read_step(self._step_counter)
@@ -476,13 +498,50 @@ class CheckpointManager:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _CheckpointIo:
+    """Where one save's checkpoint lives: the storage and runtime of its ``write_settings``.
+
+    ``None`` means the pipeline's default (the local file system, the process runtime). The
+    manager does every lookup, deletion and wait for a checkpoint through the ``_CheckpointIo``
+    of the save that wrote it, so a ``WriteSettings(storage=...)`` elsewhere is managed there.
+    """
+
+    storage: Storage | None = None
+    runtime: Runtime | None = None
+
+    @classmethod
+    def of(cls, options: CheckpointOptions | None) -> _CheckpointIo:
+        settings = getattr(options, "write_settings", None)
+        if settings is None:
+            return cls()
+        return cls(settings.storage, settings.runtime)
+
+    def exists(self, prefix: str) -> bool:
+        return _recorded_checkpoint_exists(prefix, storage=self.storage, runtime=self.runtime)
+
+    def delete(self, prefix: str) -> None:
+        pipeline.delete_checkpoint(prefix, storage=self.storage, runtime=self.runtime)
+
+    def wait(self, prefix: str) -> None:
+        # Pending writes are registered under the storage's canonical path (not the local one).
+        pipeline.wait_for_pending_writes(prefix, storage=self.storage)
+
+    def read_options(self) -> CheckpointOptions | None:
+        """Options that read from here, or ``None`` for the defaults."""
+        if self.storage is None and self.runtime is None:
+            return None
+        return CheckpointOptions(read_settings=pipeline.ReadSettings(storage=self.storage, runtime=self.runtime))
+
+
 class _PendingSave:
     """One save whose bookkeeping callback has not run; ``started`` once ``write`` returned."""
 
-    __slots__ = ("path", "started")
+    __slots__ = ("path", "io", "started")
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, io: _CheckpointIo):
         self.path = path
+        self.io = io
         self.started = False
 
 

@@ -20,6 +20,12 @@ to it and joined with it on read; other paths are stored absolute. Updates are a
 file in the same directory is written, fsynced and renamed over the old one, then the directory is
 fsynced, so a reader sees the old state or the new one, never a mixture.
 
+The state file is always a local file, read and written with plain ``os`` calls, even when the
+checkpoints it names live on another storage (``WriteSettings(storage=...)``): atomic rename and
+``flock`` need a file system. The lookups that check a named checkpoint exists
+(`latest_checkpoint`, `checkpoint_exists`) and the waits for pending writes use the pipeline's
+default storage, the local file system; `asyncckpt.CheckpointManager` passes its saves' storage.
+
 This module sits just above `asyncckpt.pipeline` so that both `asyncckpt.checkpoint` (which
 records every ``save``) and `asyncckpt.checkpoint_management` (whose manager keeps the file) can
 use it; it knows nothing of trackables or managers.
@@ -50,6 +56,8 @@ import tempfile
 from typing import Any, Iterator, Sequence
 
 from asyncckpt import pipeline
+from asyncckpt._runtime import Runtime
+from asyncckpt.storage import Storage
 
 try:  # POSIX only; see the module docstring.
     import fcntl
@@ -611,13 +619,14 @@ def latest_checkpoint(checkpoint_dir, latest_filename: str | None = None) -> str
     return None
 
 
-def _recorded_checkpoint_exists(prefix: str) -> bool:
+def _recorded_checkpoint_exists(prefix: str, *, storage: Storage | None = None, runtime: Runtime | None = None) -> bool:
     """`pipeline.checkpoint_exists` for a path read from a state file, which may be anything.
 
     A path the file system cannot even look up (a name too long, say) names no checkpoint.
+    ``storage`` and ``runtime`` say where checkpoints live (the pipeline's defaults when ``None``).
     """
     try:
-        return bool(pipeline.checkpoint_exists(prefix))
+        return bool(pipeline.checkpoint_exists(prefix, storage=storage, runtime=runtime))
     except OSError as exc:
         logger.warning("cannot look up checkpoint %r recorded in the state file: %s", prefix, exc)
         return False

@@ -20,12 +20,12 @@ import pytest
 import asyncckpt as ac
 from asyncckpt import checkpoint_management as cm
 from asyncckpt import pipeline
-from asyncckpt._runtime import get_runtime
+from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.checkpoint_management import CheckpointState
-from asyncckpt.format import index_path
-from asyncckpt.storage import default_storage
+from asyncckpt.format import index_name, index_path
+from asyncckpt.storage import BackendWrapper, KvStoreStorage, default_storage
 
-from _fakes import FailingStorage, GatedStorage
+from _fakes import FailingStorage, GatedStorage, WrappingStorage
 
 V_KEY = "v/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -337,6 +337,87 @@ def test_two_processes_share_one_directory(tmp_path):
     assert cm.latest_checkpoint(directory) == state.model_checkpoint_path
     for path in state.all_model_checkpoint_paths:
         np.testing.assert_array_equal(ac.load_variable(path, V_KEY), np.full(64, int(path.rsplit("-", 1)[1]) - 1))
+
+
+# ---------------------------------------------------------------- checkpoints on another storage
+
+
+@pytest.fixture
+def memory():
+    return KvStoreStorage({"driver": "memory"})
+
+
+def options_for(storage, runtime=None, enable_async=False):
+    settings = ac.WriteSettings(storage=storage, runtime=runtime)
+    return ac.CheckpointOptions(enable_async=enable_async, write_settings=settings)
+
+
+def test_manager_deletes_checkpoints_on_the_storage_of_the_save(tmp_path, memory):
+    manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=2)
+    paths = [manager.save(options=options_for(memory)) for _ in range(3)]
+    assert [pipeline.checkpoint_exists(p, storage=memory) for p in paths] == [False, True, True]
+    assert manager.checkpoints == paths[1:] and manager.latest_checkpoint == paths[-1]
+    # The state file stays a local file in the directory; the checkpoints never touch the disk.
+    assert sorted(os.listdir(tmp_path)) == [".checkpoint.lock", "checkpoint"]
+    assert state_on_disk(tmp_path).all_model_checkpoint_paths == ["ckpt-2", "ckpt-3"]
+
+
+def test_two_managers_on_another_storage_keep_each_others_entries(tmp_path, memory):
+    # Another manager's entries survive a rewrite only if they are found on the save's storage.
+    a = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=2, checkpoint_name="a")
+    b = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.ones(2))), tmp_path, max_to_keep=2, checkpoint_name="b")
+    saved = []
+    for _ in range(3):
+        saved.append(a.save(options=options_for(memory)))
+        saved.append(b.save(options=options_for(memory)))
+    kept = [p for p in saved if pipeline.checkpoint_exists(p, storage=memory)]
+    assert [os.path.basename(p) for p in kept] == ["a-2", "b-2", "a-3", "b-3"]
+    assert state_on_disk(tmp_path).all_model_checkpoint_paths == ["a-2", "b-2", "a-3", "b-3"]
+    assert a.checkpoints == kept[0::2] and b.checkpoints == kept[1::2]
+
+
+def test_manager_waits_for_and_restores_an_async_save_on_another_storage(tmp_path, memory):
+    gated = GatedStorage(memory, get_runtime())
+    variable = ac.Variable(np.float32(5.0))
+    init_calls = []
+    manager = cm.CheckpointManager(
+        ac.Checkpoint(v=variable), tmp_path, max_to_keep=2, init_fn=lambda: init_calls.append(1)
+    )
+    path = manager.save(options=options_for(gated, enable_async=True))
+    gated.reached.wait()
+    variable.assign(np.float32(-1.0))
+    result = []
+    worker = threading.Thread(target=lambda: result.append(manager.restore_or_initialize()))
+    worker.start()
+    try:
+        worker.join(0.2)
+        assert worker.is_alive() and result == []  # waits for the save it made on the gated storage
+    finally:
+        gated.open_gate()  # a failure must not leave the write stuck behind the gate
+        worker.join()
+    assert result == [path] and init_calls == []
+    assert variable.numpy() == 5.0  # read back from the in-memory store
+    assert not os.path.exists(index_path(path))
+
+
+def test_manager_deletes_on_the_runtime_of_the_save(tmp_path):
+    deleted = []
+
+    class Recording(BackendWrapper):
+        async def delete(self, name):
+            deleted.append((name, threading.current_thread().name))
+            await super().delete(name)
+
+    runtime = Runtime(name="manager-test-runtime")
+    try:
+        manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=1)
+        options = options_for(WrappingStorage(default_storage(), Recording), runtime=runtime)
+        first = manager.save(options=options)
+        second = manager.save(options=options)
+    finally:
+        runtime.close()
+    assert (index_name(os.path.basename(first)), "manager-test-runtime") in deleted
+    assert not ac.checkpoint_exists(first) and ac.checkpoint_exists(second)
 
 
 # ---------------------------------------------------------------- the re-exported state-file API

@@ -349,8 +349,9 @@ class Checkpoint(AutoTrackable):
         """Restore values of objects that exist (or are queued for creation); ``save_counter`` is left alone."""
         options = options or CheckpointOptions()
         path = os.fspath(save_path)
-        pipeline.wait_for_pending_writes(path)
-        reader = pipeline.open_reader(path, settings=options.read_settings or pipeline.ReadSettings())
+        read_settings = options.read_settings or pipeline.ReadSettings()
+        pipeline.wait_for_pending_writes(path, storage=read_settings.storage)
+        reader = pipeline.open_reader(path, settings=read_settings)
         coordinator = RestoreCoordinator(
             reader.object_graph, reader, skip_slot_variables=options.experimental_skip_slot_variables
         )

@@ -1,13 +1,14 @@
 """Train a small NumPy MLP with SGD, checkpointing asynchronously, and resume after a crash.
 
-Run it twice with the same ``--dir``: the second run restores the latest checkpoint and carries on
-from that step. Add ``--kill-at-step K`` to end the process abruptly at step K (``os._exit``, no
-clean-up, possibly while a checkpoint is still being written); the next run resumes from the last
-checkpoint that was committed before the crash. Every mini-batch is chosen from the step number, so a
-run that was killed and resumed ends with exactly the weights of a run that never stopped.
+Each run trains ``--steps`` more steps. Run it twice with the same ``--dir``: the second run
+restores the latest checkpoint and carries on from that step. Add ``--kill-at-step K`` to end the
+process abruptly when the global step reaches K (``os._exit``, no clean-up, possibly while a
+checkpoint is still being written); the next run resumes from the last checkpoint that was committed
+before the crash. Every mini-batch is chosen from the global step, so a run that was killed and
+resumed ends with exactly the weights of a run that never stopped.
 
-    python examples/train_loop.py --dir /tmp/asyncckpt-demo --steps 200 --kill-at-step 120
-    python examples/train_loop.py --dir /tmp/asyncckpt-demo --steps 200
+    python examples/train_loop.py --dir /tmp/asyncckpt-demo --steps 200 --kill-at-step 140
+    python examples/train_loop.py --dir /tmp/asyncckpt-demo --steps 60   # resumes from ckpt-120 or ckpt-140
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def positive_int(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, help="checkpoint directory (created if missing)")
-    parser.add_argument("--steps", type=positive_int, default=200, help="train until this step (default 200)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="steps to train in this run (default 200)")
     parser.add_argument("--save-every", type=positive_int, default=20, help="save every N steps (default 20)")
     parser.add_argument("--max-to-keep", type=positive_int, default=3, help="checkpoints to keep (default 3)")
     parser.add_argument("--learning-rate", type=float, default=0.05)
@@ -93,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kill-at-step",
         type=positive_int,
         default=None,
-        help="simulate a crash: os._exit(1) right after step K (and after its save, if K is a save step)",
+        help="simulate a crash: os._exit(1) when the global step reaches K (after its save, if it has one)",
     )
     return parser.parse_args(argv)
 
@@ -118,12 +119,13 @@ def main(argv=None) -> int:
         print(f"resumed from {restored_from} at step {int(step.numpy())}", flush=True)
 
     current = int(step.numpy())
-    while current < args.steps:
+    last = current + args.steps
+    while current < last:
         loss, grads = model.loss_and_gradients(*batch_for_step(current, x, y))
         optimizer.apply_gradients(zip(grads, model.parameters, strict=True))
         step.assign_add(1)
         current += 1
-        if current % args.save_every == 0 or current == args.steps:
+        if current % args.save_every == 0 or current == last:
             # Returns once the values are safely snapshotted; the bytes are written in the background
             # while the next steps run.
             path = manager.save(checkpoint_number=current, options=options)

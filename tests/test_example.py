@@ -47,7 +47,7 @@ def test_second_run_resumes_from_the_saved_step(tmp_path, uninterrupted):
     assert final_line(first)["step"] == "40"
     assert ac.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-40")
 
-    second = run_example(tmp_path, "--steps", "60")
+    second = run_example(tmp_path, "--steps", "20")  # 20 more steps
     resumed = RESUMED.search(second)
     assert resumed, second
     assert (resumed["path"], resumed["step"]) == (str(tmp_path / "ckpt-40"), "40")
@@ -79,7 +79,7 @@ def test_resumes_from_last_committed_checkpoint_after_a_crash(tmp_path, uninterr
     latest_step = int(latest.rsplit("-", 1)[1])
     assert latest_step in committed
 
-    second = run_example(tmp_path, "--steps", "60")
+    second = run_example(tmp_path, "--steps", str(60 - latest_step))
     resumed = RESUMED.search(second)
     assert resumed, second
     assert (resumed["path"], int(resumed["step"])) == (latest, latest_step)

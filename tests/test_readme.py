@@ -81,7 +81,9 @@ def test_example_command_runs_and_resumes(tmp_path):
 
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert re.search(r"^resumed from \S+ at step \d+$", again.stdout, re.MULTILINE), again.stdout
+    resumed = re.search(r"^resumed from \S+ at step (\d+)$", again.stdout, re.MULTILINE)
+    assert resumed and int(resumed[1]) > 0, again.stdout
+    assert again.stderr == "", again.stderr  # a clean resume: no partial-restore warning, no traceback
 
     # The README's command-line examples work on the directory the example command wrote.
     demo_dir = run[run.index("--dir") + 1]

@@ -128,12 +128,13 @@ def evict(path: str) -> None:
             os.close(fd)
 
 
-def read_status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
+def read_proc_kib(field_name: str, path: str = "/proc/self/status") -> int:
+    """A ``Name:   123 kB`` field of a /proc file, in KiB."""
+    with open(path) as proc:
+        for line in proc:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
-    raise KeyError(field_name)
+    raise KeyError(f"{field_name} not in {path}")
 
 
 def _can_reset_peak_rss() -> bool:
@@ -160,7 +161,7 @@ class PeakRSS:
 
     def __enter__(self) -> PeakRSS:
         gc.collect()
-        self._before = read_status_kib("VmRSS")
+        self._before = read_proc_kib("VmRSS")
         if PEAK_RSS_METHOD.startswith("VmHWM"):
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")
@@ -173,15 +174,15 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self._peak = max(self._peak, read_status_kib("VmRSS"))
+            self._peak = max(self._peak, read_proc_kib("VmRSS"))
 
     def __exit__(self, *exc) -> None:
         if PEAK_RSS_METHOD.startswith("VmHWM"):
-            peak = read_status_kib("VmHWM")
+            peak = read_proc_kib("VmHWM")
         else:
             self._stop.set()
             self._thread.join()
-            peak = max(self._peak, read_status_kib("VmRSS"))
+            peak = max(self._peak, read_proc_kib("VmRSS"))
         self.extra_mib = max(0, peak - self._before) / 1024
 
 
@@ -593,7 +594,7 @@ def machine_description(workdir: str) -> list[str]:
     cpu = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    ram_gib = read_meminfo_kib("MemTotal") / MiB
+    ram_gib = read_proc_kib("MemTotal", "/proc/meminfo") / MiB
     versions = []
     for package in ("numpy", "tensorstore", "asyncckpt", "torch", "orbax-checkpoint", "jax"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -627,14 +628,6 @@ def source_revision() -> str:
 
 def load_average() -> str:
     return " / ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def read_meminfo_kib(field_name: str) -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def describe_disk(path: str) -> str:

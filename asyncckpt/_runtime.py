@@ -19,7 +19,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Runtime", "get_runtime"]
+__all__ = ["Runtime", "get_runtime", "running_loop"]
 
 T = TypeVar("T")
 
@@ -122,6 +122,14 @@ class Runtime:
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in the calling thread, or ``None``."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 _default_lock = threading.Lock()

@@ -42,7 +42,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from asyncckpt._runtime import Runtime, get_runtime
+from asyncckpt._runtime import Runtime, get_runtime, running_loop
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
 from asyncckpt.format import (
     BYTES_DTYPE,
@@ -732,7 +732,7 @@ class CheckpointReader:
         return VerifyReport(len(tensors), sum(record.nbytes for record in tensors.values()))
 
     async def _on_runtime(self, coro):
-        if _running_loop() is self._runtime.loop:
+        if running_loop() is self._runtime.loop:
             return await coro
         return await asyncio.wrap_future(self._runtime.submit(coro))
 
@@ -868,13 +868,6 @@ class _Assembly:
         return bytes(buffer) if isinstance(buffer, bytearray) else buffer
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
 async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointReader:
     storage = _storage_of(settings)
     folder, stem = storage.split(path)
@@ -917,7 +910,7 @@ async def aopen_reader(path, settings: ReadSettings | None = None) -> Checkpoint
     """The ``async`` twin of :func:`open_reader`, usable from any event loop."""
     settings = _read_settings(settings)
     runtime = _runtime_of(settings)
-    if _running_loop() is runtime.loop:
+    if running_loop() is runtime.loop:
         return await _open(path, settings, runtime)
     return await asyncio.wrap_future(runtime.submit(_open(path, settings, runtime)))
 

@@ -37,6 +37,7 @@ import crc32c
 import numpy as np
 
 from asyncckpt import _arrays
+from asyncckpt._runtime import running_loop
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
 from asyncckpt.plan import WritePlan
 
@@ -378,7 +379,7 @@ class Snapshot:
 
     def _stage_for_holder(self, holder_id: int) -> None:
         guard = self._guards[holder_id]
-        in_loop = _running_loop() is self._loop
+        in_loop = running_loop() is self._loop
         for index in guard.files:
             if self._closed or self._staged[index]:
                 continue
@@ -410,7 +411,7 @@ class Snapshot:
         self._call_on_loop(self._budget.release, nbytes)
 
     def _call_on_loop(self, callback, *args) -> None:
-        if _running_loop() is self._loop:
+        if running_loop() is self._loop:
             callback(*args)
             return
         with contextlib.suppress(RuntimeError):  # the loop has shut down: nobody is listening
@@ -486,10 +487,3 @@ class Snapshot:
                     guard.hook = None
         for holder, hook in unhook:
             holder._remove_mutation_hook(hook)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

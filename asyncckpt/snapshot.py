@@ -444,18 +444,20 @@ class Snapshot:
         unhook = []
         with self._state_lock:
             self.staging_seconds += elapsed
-            items = {piece.item for piece in self._plan.files[index].pieces}
-            for item in items:
+            holders = set()  # one holder may be several items of this file (saved under several keys)
+            for item in {piece.item for piece in self._plan.files[index].pieces}:
                 self._item_remaining[item] -= 1
                 source = self._sources[item]
                 if source.kind == "holder":
-                    guard = self._guards[id(source.value)]
-                    guard.remaining -= 1
-                    if guard.remaining == 0 and guard.hook is not None:
-                        unhook.append((guard.holder, guard.hook))
-                        guard.hook = None
+                    holders.add(id(source.value))
                 elif self._item_remaining[item] == 0:
                     source.value = None  # the owned copy is no longer needed
+            for holder_id in holders:
+                guard = self._guards[holder_id]
+                guard.remaining -= 1
+                if guard.remaining == 0 and guard.hook is not None:
+                    unhook.append((guard.holder, guard.hook))
+                    guard.hook = None
         for holder, hook in unhook:
             holder._remove_mutation_hook(hook)
 

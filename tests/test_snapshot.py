@@ -296,3 +296,25 @@ def test_closed_snapshot_removes_hooks_and_lets_mutations_through():
         assert staged == []
     finally:
         runtime.close()
+
+
+def test_a_holder_saved_under_several_keys_stays_guarded_until_all_its_files_are_staged():
+    runtime = Runtime()
+    try:
+        shared = FakeVariable(np.arange(2, dtype=np.int64))  # 16 bytes: "a" and "b" fill pack 0
+        sources = prepare_sources([SaveEntry("a", shared), SaveEntry("b", shared), SaveEntry("c", shared)])
+        plan = plan_write([PlanItem(s.key, s.nbytes) for s in sources], small_array_bytes=17, pack_bytes=32,
+                          chunk_bytes=32)
+        assert [len(f.pieces) for f in plan.files] == [2, 1]
+        staged = []
+        snapshot = Snapshot(sources, plan, ByteBudget(64), runtime.loop, staged.append)
+        snapshot.install_guards()
+        assert snapshot.stage(0) is not None
+        assert shared.hook_count == 1  # pack 1 still holds "c"
+        shared.assign(-1)  # must stage pack 1 with the old value first
+        runtime.run(asyncio.sleep(0))
+        assert shared.hook_count == 0
+        assert [s.name for s in staged] == ["pack-00001"]
+        assert bytes(staged[0].buffer) == np.arange(2, dtype="<i8").tobytes()
+    finally:
+        runtime.close()

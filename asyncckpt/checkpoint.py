@@ -10,6 +10,7 @@ wait. ``asave``/``arestore`` serve asyncio programs without blocking their loop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
 import dataclasses
 import inspect
@@ -39,6 +40,29 @@ from asyncckpt.variable import Variable
 __all__ = ["Checkpoint", "CheckpointOptions", "add_variable"]
 
 logger = logging.getLogger("asyncckpt")
+
+# Checkpoints whose last asynchronous write has not been waited for; checked at interpreter exit.
+_unsynced_checkpoints: "weakref.WeakSet[Checkpoint]" = weakref.WeakSet()
+
+
+@atexit.register
+def _raise_unreported_write_errors() -> None:
+    """At exit, wait for unsynced writes and re-raise a failure nobody saw (TF re-raises it too).
+
+    Registered after the pipeline's own exit hook, so it runs first, while writes can still finish.
+    """
+    first_error = None
+    for checkpoint in list(_unsynced_checkpoints):
+        handle = checkpoint._self_pending
+        if handle is None:
+            continue
+        try:
+            handle.result()
+        except Exception as error:  # noqa: BLE001 - every failure is reported
+            logger.error("An asynchronous checkpoint write to %s failed and was never synced: %r", handle.path, error)
+            first_error = first_error or error
+    if first_error is not None:
+        raise first_error
 
 
 @dataclasses.dataclass
@@ -276,6 +300,7 @@ class Checkpoint(AutoTrackable):
         handle = self._start_write(path, options, extra_callbacks)
         if options.enable_async:
             object.__setattr__(self, "_self_pending", handle)
+            _unsynced_checkpoints.add(self)
         else:
             handle.result()
         return path

@@ -278,3 +278,25 @@ def test_optimizer_state_survives_a_round_trip(tmp_path):
     optimizer2.apply_gradients([(np.full((3, 2), 0.5, np.float32), model2.w)])
     status.assert_consumed()
     np.testing.assert_allclose(model2.w.numpy(), model.w.numpy())
+
+
+def test_unsynced_background_error_is_reported_at_interpreter_exit(tmp_path):
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import numpy as np, asyncckpt as ac
+        from _fakes import FailingStorage
+        from asyncckpt.storage import FileStorage
+        storage = FailingStorage(FileStorage(), fail_on=1)
+        options = ac.CheckpointOptions(enable_async=True, write_settings=ac.WriteSettings(storage=storage))
+        ac.Checkpoint(v=ac.Variable(np.ones(4))).save({str(tmp_path / "ckpt")!r}, options=options)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "failed and was never synced" in result.stderr
+    assert "No space left on device" in result.stderr
+    assert not ac.checkpoint_exists(str(tmp_path / "ckpt-1"))

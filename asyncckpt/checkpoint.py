@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -41,21 +42,20 @@ __all__ = ["Checkpoint", "CheckpointOptions", "add_variable"]
 
 logger = logging.getLogger("asyncckpt")
 
-# Checkpoints whose last asynchronous write has not been waited for; checked at interpreter exit.
-_unsynced_checkpoints: "weakref.WeakSet[Checkpoint]" = weakref.WeakSet()
+# Asynchronous writes nobody has waited for yet (at most one per Checkpoint); checked at exit. Held
+# strongly: a temporary Checkpoint's failed write must still be reported.
+_unsynced_writes: set = set()
+_unsynced_lock = threading.Lock()
 
 
 @atexit.register
 def _raise_unreported_write_errors() -> None:
-    """At exit, wait for unsynced writes and re-raise a failure nobody saw (TF re-raises it too).
-
-    Registered after the pipeline's own exit hook, so it runs first, while writes can still finish.
-    """
+    """At exit, wait for unsynced writes and re-raise a failure nobody saw (TF re-raises it too)."""
+    with _unsynced_lock:
+        handles = list(_unsynced_writes)
+        _unsynced_writes.clear()
     first_error = None
-    for checkpoint in list(_unsynced_checkpoints):
-        handle = checkpoint._self_pending
-        if handle is None:
-            continue
+    for handle in handles:
         try:
             handle.result()
         except Exception as error:  # noqa: BLE001 - every failure is reported
@@ -300,7 +300,8 @@ class Checkpoint(AutoTrackable):
         handle = self._start_write(path, options, extra_callbacks)
         if options.enable_async:
             object.__setattr__(self, "_self_pending", handle)
-            _unsynced_checkpoints.add(self)
+            with _unsynced_lock:
+                _unsynced_writes.add(handle)
         else:
             handle.result()
         return path
@@ -324,6 +325,8 @@ class Checkpoint(AutoTrackable):
         if handle is None:
             return
         object.__setattr__(self, "_self_pending", None)
+        with _unsynced_lock:
+            _unsynced_writes.discard(handle)
         handle.result()
 
     def sync(self) -> None:
@@ -350,7 +353,8 @@ class Checkpoint(AutoTrackable):
     async def _await_pending(self) -> None:
         handle = self._self_pending
         if handle is not None:
-            await handle.wait()
+            with contextlib.suppress(Exception):
+                await handle.wait()  # wait without blocking the loop; sync() reports the outcome once
             self.sync()
 
     # ------------------------------------------------------------------ restoring

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
+import crc32c
 import numpy as np
 
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
@@ -36,6 +37,8 @@ __all__ = [
     "Extent",
     "TensorRecord",
     "Manifest",
+    "MANIFEST_CRC_FIELD",
+    "seal_manifest",
     "index_path",
     "index_name",
     "data_dir_name",
@@ -64,6 +67,12 @@ MAX_NDIM = 64
 _MAX_NAME_LENGTH = 255
 
 INDEX_SUFFIX = ".index"
+
+# The manifest's own checksum: every manifest begins with exactly these bytes, then the decimal
+# CRC-32C of all bytes after the comma that follows it (see ``seal_manifest``).
+MANIFEST_CRC_FIELD = "manifest_crc32c"
+_MANIFEST_HEADER = f'{{"{MANIFEST_CRC_FIELD}":'.encode("ascii")
+_MANIFEST_HEADER_RE = re.compile(re.escape(_MANIFEST_HEADER) + rb"(0|[1-9][0-9]{0,9}),")
 _NONCE = r"[0-9a-f]{16}"
 _DATA_DIR_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})$", re.DOTALL)
 _LOCK_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})\.lock$", re.DOTALL)
@@ -232,7 +241,7 @@ class Manifest:
     tensors: Mapping[str, TensorRecord]
 
     def to_json(self) -> bytes:
-        """Serialise to the bytes written as ``P.index`` (UTF-8 JSON)."""
+        """Serialise to the bytes written as ``P.index`` (UTF-8 JSON, sealed by :func:`seal_manifest`)."""
         document = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -240,9 +249,28 @@ class Manifest:
             "object_graph": self.object_graph,
             "tensors": {key: record.to_json() for key, record in self.tensors.items()},
         }
-        return json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
-            "utf-8", "surrogatepass"
-        )
+        return seal_manifest(document)
+
+
+def seal_manifest(document: Mapping) -> bytes:
+    """The bytes of manifest ``document``, led by its own checksum member ``manifest_crc32c``.
+
+    The document (a JSON object; a ``manifest_crc32c`` member in it is dropped and recomputed) is
+    serialised compactly as UTF-8, and ``{"manifest_crc32c":<crc>,`` replaces its opening brace,
+    where ``<crc>`` is the decimal CRC-32C of every byte after that comma. A reader checks the
+    checksum on the raw bytes, before trusting anything the JSON says, so a flipped byte anywhere
+    in the manifest -- even in a field nothing else cross-checks -- is caught. Checking raw bytes
+    rather than a re-serialised document keeps the check exact in any language: no canonical
+    JSON has to be reproduced.
+    """
+    body = {key: value for key, value in document.items() if key != MANIFEST_CRC_FIELD}
+    if not body:
+        raise ValueError("a manifest needs at least one member besides its checksum")
+    text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
+    rest = text[1:]  # everything after the opening brace
+    return b"%s%d,%s" % (_MANIFEST_HEADER, crc32c.crc32c(rest), rest)
 
 
 def object_graph_bytes(object_graph: dict) -> bytes:
@@ -350,12 +378,24 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
     UnsupportedFormatError
         The manifest is an asyncckpt manifest of a ``format_version`` this release cannot read.
     CorruptCheckpointError
-        Anything else is wrong: not JSON, missing or mistyped fields, unknown dtype, a shape that
+        Anything else is wrong: bytes that fail the manifest's own checksum (``manifest_crc32c``,
+        checked before anything else), not JSON, missing or mistyped fields, unknown dtype, a shape that
         does not match ``nbytes``, extents that do not tile the tensor, file names that could
         escape the data directory. The message names ``source`` and, where known, the key.
     """
     key = None
     try:
+        header = _MANIFEST_HEADER_RE.match(data)
+        if header is not None:
+            # Checked first, on the raw bytes: a corrupted byte must read as corruption, not as
+            # whatever the damaged JSON now says (another format_version, another size).
+            recorded = int(header.group(1))
+            actual = crc32c.crc32c(memoryview(data)[header.end():])
+            if actual != recorded:
+                raise _Invalid(
+                    f"the manifest fails its checksum (crc32c {actual:#010x} of its bytes, "
+                    f"{MANIFEST_CRC_FIELD} says {recorded:#010x}): the file is damaged or was edited"
+                )
         document = _load_json(data)
         if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
             raise _Invalid(f"not an {FORMAT_NAME} manifest (missing \"format\": \"{FORMAT_NAME}\")")
@@ -367,8 +407,15 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
                 f"checkpoint manifest {source} has format_version {version}; this release of "
                 f"asyncckpt reads format_version {FORMAT_VERSION} only"
             )
+        if header is None:
+            raise _Invalid(
+                f"the manifest does not begin with its checksum member ({_MANIFEST_HEADER.decode()}<crc32c>,), "
+                f"which format_version {FORMAT_VERSION} requires"
+            )
         document = _require_dict(
-            document, "the manifest", {"format", "format_version", "data_dir", "object_graph", "tensors"}
+            document,
+            "the manifest",
+            {MANIFEST_CRC_FIELD, "format", "format_version", "data_dir", "object_graph", "tensors"},
         )
         if not is_plain_name(document["data_dir"]):
             raise _Invalid(f"data_dir {document['data_dir']!r} is not a plain directory name")

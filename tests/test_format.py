@@ -35,6 +35,7 @@ from asyncckpt.format import (
     parse_lock_name,
     parse_manifest,
     read_data_dir,
+    seal_manifest,
 )
 
 NONCE = "0123456789abcdef"
@@ -68,7 +69,7 @@ def _valid_document() -> dict:
 
 
 def _parse(document) -> Manifest:
-    data = document if isinstance(document, bytes) else json.dumps(document).encode()
+    data = document if isinstance(document, bytes) else seal_manifest(document)
     return parse_manifest(data, source="/ckpt/ckpt.index")
 
 
@@ -213,7 +214,8 @@ def test_fuzzed_manifests_only_parse_or_raise_corrupt(edits, cut, flip):
                 target[path[-1]] = copy.deepcopy(value)
         except (KeyError, IndexError, TypeError):
             continue  # an earlier edit removed or replaced this path
-    data = bytearray(json.dumps(document).encode())
+    body = json.dumps(document).encode()[1:]  # may hold Infinity/NaN, which parsing must refuse
+    data = bytearray(b'{"manifest_crc32c":%d,%s' % (crc32c.crc32c(body), body))
     if flip is not None and data:
         position, mask = flip
         data[position % len(data)] ^= mask

@@ -20,7 +20,7 @@ from _fakes import FailingStorage, FakeVariable, GatedStorage, WrappingStorage
 from asyncckpt import pipeline
 from asyncckpt._runtime import Runtime
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError, UnsupportedFormatError
-from asyncckpt.format import OBJECT_GRAPH_KEY
+from asyncckpt.format import OBJECT_GRAPH_KEY, seal_manifest
 from asyncckpt.pipeline import SaveEntry, TensorSpec
 from asyncckpt.storage import BackendWrapper, FileStorage, KvStoreStorage
 
@@ -539,7 +539,7 @@ def test_corrupted_manifest_is_detected(committed):
     path, _, _ = committed
     index = path.parent / "ckpt.index"
     text = index.read_text()
-    index.write_text(text.replace('"nbytes":320', '"nbytes":321'))
+    index.write_bytes(seal_manifest(json.loads(text.replace('"nbytes":320', '"nbytes":321'))))
     with pytest.raises(CorruptCheckpointError, match="ckpt.index.*'big'.*nbytes 321"):
         pipeline.open_reader(path)
     index.write_text(text[: len(text) // 2])
@@ -553,7 +553,7 @@ def test_manifest_checksum_edit_is_detected_on_read(committed):
     index = path.parent / "ckpt.index"
     document = json.loads(index.read_text())
     document["tensors"]["big"]["crc32c"] ^= 1
-    index.write_text(json.dumps(document))
+    index.write_bytes(seal_manifest(document))
     with pytest.raises(CorruptCheckpointError, match="'big'.*combined crc32c"):
         pipeline.open_reader(path).read("big")
 

@@ -1,7 +1,14 @@
 """The NumPy/CuPy seam: every array operation that depends on where an array lives goes here.
 
-This is the only module that imports ``cupy``, and it does so lazily, so the package imports and
-works on machines without CuPy or without a GPU.
+This module and :mod:`asyncckpt._cuda` (its copy engine) are the only importers of ``cupy``, both
+lazily, so the package imports and works on machines without CuPy or without a GPU.
+
+Host-to-device copies (restoring into a device variable, creating one from a checkpoint value) go
+through :func:`asyncckpt._cuda.upload`: pinned buffers and asynchronous copies ordered on the
+current stream. Functions take an optional ``backend`` (a :class:`~asyncckpt._cuda.DeviceBackend`);
+by default device arrays are CuPy arrays or foreign GPU arrays (PyTorch, JAX, Numba) adopted
+without a copy. Tests pass a :class:`~asyncckpt._cuda.FakeDeviceBackend`, whose arrays count as
+device arrays only where that backend is passed.
 """
 
 from __future__ import annotations
@@ -11,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from asyncckpt import _cuda
+
 __all__ = [
     "cupy_module",
     "is_device_array",
+    "adopt_device_array",
     "as_array",
     "to_numpy",
     "copy_into",
@@ -37,9 +47,16 @@ def cupy_module():
     return cupy
 
 
-def is_device_array(value: Any) -> bool:
-    """True for arrays that live in GPU memory (CuPy, or anything with ``__cuda_array_interface__``)."""
-    return type(value).__module__.split(".")[0] == "cupy" or hasattr(value, "__cuda_array_interface__")
+def is_device_array(value: Any, backend: _cuda.DeviceBackend | None = None) -> bool:
+    """True for arrays in GPU memory.
+
+    Without ``backend``: CuPy arrays and anything exposing CUDA memory through
+    ``__cuda_array_interface__`` or DLPack (PyTorch CUDA tensors, JAX GPU arrays). With
+    ``backend``: the arrays that backend owns.
+    """
+    if backend is not None:
+        return backend.is_device_array(value)
+    return _cuda.is_cuda_array(value)
 
 
 def _require_cupy():
@@ -50,6 +67,24 @@ def _require_cupy():
             "install the 'cuda' extra (pip install asyncckpt[cuda]) on a machine with a GPU"
         )
     return cupy
+
+
+def _backend_of(value: Any, backend: _cuda.DeviceBackend | None) -> _cuda.DeviceBackend:
+    if backend is not None:
+        return backend
+    _require_cupy()
+    return _cuda.backend_for(value)
+
+
+def adopt_device_array(value: Any, backend: _cuda.DeviceBackend | None = None):
+    """The backend's own array viewing a device array's memory (CuPy for foreign arrays), no copy.
+
+    Other values are returned unchanged. Lets callers treat a PyTorch/JAX GPU tensor as a CuPy
+    array (dtype, shape, in-place writes) without copying it.
+    """
+    if not is_device_array(value, backend):
+        return value
+    return _backend_of(value, backend).adopt(value)
 
 
 def array_module(value: Any):
@@ -87,41 +122,85 @@ def check_dtype_supported(dtype: np.dtype) -> np.dtype:
     return dtype
 
 
-def as_array(value: Any, dtype: Any = None, device: str | None = None):
-    """Return a new array owning a copy of ``value``, on ``device`` (default: where ``value`` lives)."""
+def as_array(value: Any, dtype: Any = None, device: str | None = None, backend: _cuda.DeviceBackend | None = None):
+    """Return a new array owning a copy of ``value``, on ``device`` (default: where ``value`` lives).
+
+    A host value bound for the device is uploaded through pinned buffers (:func:`_cuda.upload`);
+    a device value stays on its device (a device-to-device copy on the current stream).
+    """
     ordinal = _parse_device(device)
-    if ordinal is not None or (device is None and is_device_array(value)):
+    on_device = is_device_array(value, backend)
+    if ordinal is None and (device is not None or not on_device):
+        host = to_numpy(value, backend) if on_device else value
+        return _native(np.array(host, dtype=dtype, copy=True))
+    if backend is None:
         cupy = _require_cupy()
-        with cupy.cuda.Device(ordinal if ordinal is not None else cupy.cuda.Device().id):
-            array = cupy.array(value, dtype=dtype, copy=True)
+    if on_device:
+        source_backend = _backend_of(value, backend)
+        target = source_backend.device_id if ordinal is None else ordinal
+        if backend is None and target == source_backend.device_id:
+            with cupy.cuda.Device(target):
+                array = cupy.array(source_backend.adopt(value), dtype=dtype, copy=True)
+            check_dtype_supported(array.dtype)
+            return array
+        host = to_numpy(value, backend)  # to another device (or within a fake): through the host
     else:
-        if is_device_array(value):
-            value = to_numpy(value)
-        array = np.array(value, dtype=dtype, copy=True)
+        host, target = value, ordinal
+    target_backend = backend if backend is not None else _cuda.cupy_backend(target)
+    return _upload_new(target_backend, _native(np.asarray(host, dtype=dtype)))
+
+
+def _native(array: np.ndarray) -> np.ndarray:
     check_dtype_supported(array.dtype)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     return array
 
 
-def to_numpy(value: Any) -> np.ndarray:
-    """A host copy of ``value`` as a NumPy array (never a view of the original)."""
-    if is_device_array(value):
-        cupy = _require_cupy()
-        return cupy.asnumpy(cupy.asarray(value))
+def _upload_new(backend: _cuda.DeviceBackend, host: np.ndarray):
+    array = backend.empty(host.shape, host.dtype)
+    _cuda.upload(backend, host, array)
+    return array
+
+
+def to_numpy(value: Any, backend: _cuda.DeviceBackend | None = None) -> np.ndarray:
+    """A host copy of ``value`` as a NumPy array (never a view of the original).
+
+    For a device array the copy is ordered after the current stream's pending work and waits for it.
+    """
+    if is_device_array(value, backend):
+        if backend is None:
+            cupy = _require_cupy()
+            return cupy.asnumpy(_cuda.CupyBackend.adopt_foreign(value))
+        return _cuda.download(backend, value)
     return np.array(value, copy=True)
 
 
-def copy_into(destination: Any, source: Any) -> None:
-    """Copy ``source`` into ``destination`` in place, across host and device as needed."""
-    destination_on_device = is_device_array(destination)
-    source_on_device = is_device_array(source)
+def copy_into(destination: Any, source: Any, backend: _cuda.DeviceBackend | None = None) -> None:
+    """Copy ``source`` into ``destination`` in place, across host and device as needed.
+
+    Host to device goes through :func:`_cuda.upload` (pinned, asynchronous, ordered on the current
+    stream); device to host waits for the copy.
+    """
+    destination_on_device = is_device_array(destination, backend)
+    source_on_device = is_device_array(source, backend)
     if destination_on_device and not source_on_device:
-        destination.set(np.ascontiguousarray(source, dtype=destination.dtype).reshape(destination.shape))
+        target_backend = _backend_of(destination, backend)
+        target = target_backend.adopt(destination)
+        host = np.asarray(source)
+        if host.shape != tuple(target.shape):
+            host = np.broadcast_to(host, tuple(target.shape))
+        _cuda.upload(target_backend, host, target)
     elif source_on_device and not destination_on_device:
-        cupy = _require_cupy()
-        np.copyto(destination, cupy.asnumpy(source).reshape(destination.shape), casting="no")
+        host = to_numpy(source, backend)
+        np.copyto(destination, host.reshape(destination.shape), casting="no")
     elif destination_on_device:
-        destination[...] = source
+        target_backend = _backend_of(destination, backend)
+        target = target_backend.adopt(destination)
+        source = _backend_of(source, backend).adopt(source)
+        if backend is None:
+            target[...] = source
+        else:
+            backend.assign_on_stream(target, source, backend.current_stream())
     else:
         np.copyto(destination, source, casting="no")

@@ -1,0 +1,1333 @@
+"""Device arrays on CUDA GPUs: the backend seam, pinned staging buffers and ordered asynchronous copies.
+
+Everything here talks to the GPU through a :class:`DeviceBackend`: :class:`CupyBackend` on a real
+device, :class:`FakeDeviceBackend` in tests (a CPU simulation with streams run by worker threads),
+so the ordering and pooling logic is exercised on machines without a GPU.
+
+Saving: :meth:`Stager.stage` (``stage_device_arrays``)
+------------------------------------------------------
+``stage`` never waits for the device (except in the last-resort policy below). It records an event
+on the caller's *current stream* -- the training stream -- so every copy it enqueues runs after the
+work already enqueued there (a kernel still writing an array when ``save()`` is called is captured
+after it finishes). Work the training stream enqueues *after* ``stage`` returns must not change what
+is written; each array gets one of three policies, chosen in this order:
+
+``device_copy`` (preferred; chosen while ``free_device_bytes >= safety_factor * copied_bytes``)
+    A device-to-device copy is enqueued on the training stream itself, so it is ordered after the
+    pending work and before anything enqueued later. The copy is then brought to the host in chunks
+    on a dedicated non-blocking copy stream, in the background, through the pinned pool. Cost: the
+    training stream runs one extra device copy (device bandwidth, ~1-3 TB/s), and the device holds
+    an extra ``nbytes`` per array until its last chunk has been read; then it is freed (after a
+    copy-stream event says no copy still reads it). ``free_device_bytes`` is
+    ``cudaMemGetInfo``'s free memory, deliberately *not* counting CuPy's cached pool blocks, which
+    the next training step will want back. The default factor 2 leaves training at least as much
+    free memory as the copies take.
+``stream_wait`` (when the device is short of memory and the pinned pool can take the whole array now)
+    Every chunk of the array is copied device-to-host at once on the copy stream (after the
+    save-time event) into reserved pinned buffers, an event is recorded after the last copy, and the
+    training stream waits on it (``cudaStreamWaitEvent``: a device-side wait, no host sync). Cost:
+    no device memory, but work enqueued after the save starts only when these copies are done
+    (about ``nbytes / PCIe bandwidth``), and the pinned buffers stay reserved until read.
+``host_copy`` (last resort: neither fits)
+    The array is copied to a pageable host array and ``stage`` waits for that copy: the one case
+    where saving synchronises with the device. Cost: ``nbytes`` of host memory outside the staging
+    budget, and a save stall of the pending work plus the copy.
+
+Arrays that are not C-contiguous need a contiguous device copy in every policy (``device_copy``
+when it fits; otherwise the copy is made on the training stream and counted like a device copy).
+
+Chunks and the pinned pool
+--------------------------
+A :class:`PinnedPool` holds page-locked host buffers of ``chunk_bytes`` each, at most
+``pinned_bytes`` in all, and is reused across saves and restores (allocating pinned memory is slow).
+Each chunk copy records its own event, so a reader gets the first chunk while later ones are still
+being copied. ``device_copy`` chunks are prefetched in capture order into free buffers; a read of a
+chunk that is not yet fetched takes a free buffer, or evicts the most recently prefetched unread
+chunk (it will be fetched again), or, when the pool is all in use, copies straight into the
+caller's memory. No read ever waits for a buffer, so readers cannot deadlock on the pool whatever
+order they read in. Each byte of a capture is read once; its buffer returns to the pool when all
+of its bytes have been read (``read_into``) or when the consumer moves on (``chunks()``).
+
+Restoring: :meth:`Stager.upload` (``upload``)
+---------------------------------------------
+A host array is copied chunk by chunk into pinned buffers and uploaded with asynchronous
+host-to-device copies on a second copy stream, ordered after the work pending on the current stream
+(which may still use the target); the current stream then waits for the uploads, so later work sees
+the restored values. ``upload`` returns once every chunk is enqueued; it waits on the host only to
+reuse a pinned buffer whose previous upload has not finished yet.
+
+Other frameworks
+----------------
+PyTorch or JAX tensors on a GPU are adopted without a copy (``cupy.from_dlpack``, which orders the
+producer's stream before CuPy's current stream, else ``__cuda_array_interface__``). The copies are
+ordered against CuPy's current stream: run ``save()``/``restore()`` with the framework's stream
+made current, e.g. ``with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "DEVICE_COPY",
+    "STREAM_WAIT",
+    "HOST_COPY",
+    "DeviceBackend",
+    "CupyBackend",
+    "FakeDeviceBackend",
+    "FakeDeviceArray",
+    "FakeStream",
+    "FakeEvent",
+    "FakeOutOfMemoryError",
+    "HostSyncError",
+    "DeviceCopyError",
+    "PinnedPool",
+    "PinnedBuffer",
+    "DeviceCapture",
+    "Stager",
+    "is_cuda_array",
+    "cupy_backend",
+    "backend_for",
+    "stager_for",
+    "stage_device_arrays",
+    "snapshot_device_arrays",
+    "upload",
+    "download",
+]
+
+MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 16 * MiB
+DEFAULT_PINNED_BYTES = 256 * MiB
+DEFAULT_SAFETY_FACTOR = 2.0
+
+DEVICE_COPY = "device_copy"
+STREAM_WAIT = "stream_wait"
+HOST_COPY = "host_copy"
+
+# DLPack device types whose memory is GPU memory (kDLCUDA, kDLCUDAManaged). kDLCUDAHost (3) is
+# pinned *host* memory, readable by NumPy.
+_DLPACK_CUDA_DEVICES = frozenset({2, 13})
+
+
+class DeviceCopyError(RuntimeError):
+    """A copy between host and device failed; names the array and the byte range."""
+
+
+class HostSyncError(RuntimeError):
+    """The host waited for the device inside :meth:`FakeDeviceBackend.forbid_host_sync`."""
+
+
+class FakeOutOfMemoryError(MemoryError):
+    """A :class:`FakeDeviceBackend` allocation exceeded its simulated device memory."""
+
+
+def is_cuda_array(value: Any) -> bool:
+    """True for arrays in GPU memory: CuPy arrays and objects exposing CUDA memory by protocol.
+
+    Recognised: CuPy arrays; ``__cuda_array_interface__`` (Numba, PyTorch CUDA tensors, JAX GPU
+    arrays); ``__dlpack_device__`` reporting a CUDA device. NumPy arrays and CPU tensors are not.
+    """
+    if isinstance(value, (np.ndarray, np.generic)):
+        return False
+    if type(value).__module__.split(".")[0] == "cupy":
+        return True
+    try:
+        if hasattr(value, "__cuda_array_interface__"):
+            return True
+    except Exception:  # a property raising something other than AttributeError
+        return False
+    dlpack_device = getattr(value, "__dlpack_device__", None)
+    if callable(dlpack_device):
+        try:
+            return int(dlpack_device()[0]) in _DLPACK_CUDA_DEVICES
+        except Exception:
+            return False
+    return False
+
+
+# =============================================================================================
+# The backend protocol
+
+
+@runtime_checkable
+class DeviceBackend(Protocol):
+    """What the staging code needs from one GPU. Streams and events are the backend's own objects.
+
+    Copies take *byte offsets* into C-contiguous device arrays and NumPy ``uint8`` host arrays; a
+    host array passed to an ``*_async`` copy must stay alive and unchanged until an event recorded
+    after the copy is done.
+    """
+
+    device_id: int
+
+    def is_device_array(self, value: Any) -> bool:
+        """Whether ``value`` is an array this backend can copy from or into."""
+
+    def adopt(self, value: Any) -> Any:
+        """The backend's own array type viewing ``value``'s memory (no copy)."""
+
+    def is_c_contiguous(self, array: Any) -> bool:
+        """Whether ``array``'s bytes are one C-order run."""
+
+    def current_stream(self) -> Any:
+        """The calling thread's current stream: the one training work is enqueued on."""
+
+    def new_stream(self) -> Any:
+        """A new stream that does not synchronise implicitly with the others."""
+
+    def record_event(self, stream: Any) -> Any:
+        """A new event, recorded on ``stream`` after everything enqueued there so far."""
+
+    def wait_event(self, stream: Any, event: Any) -> None:
+        """Make later work on ``stream`` wait for ``event`` (on the device; the host does not wait)."""
+
+    def event_done(self, event: Any) -> bool:
+        """Whether ``event`` has completed (never blocks)."""
+
+    def synchronize_event(self, event: Any) -> None:
+        """Block the host until ``event`` completes; raise the error of a failed operation before it."""
+
+    def copy_on_stream(self, array: Any, stream: Any) -> Any:
+        """A new C-contiguous copy of ``array``, enqueued on ``stream``."""
+
+    def assign_on_stream(self, destination: Any, source: Any, stream: Any) -> None:
+        """Enqueue ``destination[...] = source`` (device to device) on ``stream``."""
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A new uninitialised device array."""
+
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        """A page-locked host buffer as a NumPy ``uint8`` array of ``nbytes``."""
+
+    def d2h_async(self, source: Any, offset: int, destination: np.ndarray, stream: Any) -> None:
+        """Enqueue a copy of ``destination.nbytes`` bytes from ``source`` at byte ``offset``."""
+
+    def h2d_async(self, source: np.ndarray, destination: Any, offset: int, stream: Any) -> None:
+        """Enqueue a copy of ``source`` into ``destination`` at byte ``offset``."""
+
+    def mem_info(self) -> tuple[int, int]:
+        """``(free, total)`` device memory in bytes."""
+
+
+# =============================================================================================
+# CuPy
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_backend(device_id: int) -> "CupyBackend":
+    """The :class:`CupyBackend` of device ``device_id`` (one per device per process)."""
+    return CupyBackend(device_id)
+
+
+def backend_for(array: Any) -> "CupyBackend":
+    """The CuPy backend of the device holding ``array`` (a CuPy array or a foreign GPU array)."""
+    import cupy  # noqa: PLC0415 - optional dependency, imported on first use only
+
+    if not isinstance(array, cupy.ndarray):
+        array = CupyBackend.adopt_foreign(array)
+    return cupy_backend(int(array.device.id))
+
+
+class CupyBackend:
+    """A :class:`DeviceBackend` for one CUDA device, through CuPy.
+
+    Raw copies use ``cupy.cuda.runtime.memcpyAsync`` so that they are asynchronous on every CuPy
+    version (``ndarray.get(stream=...)`` became blocking by default in CuPy 13).
+    """
+
+    def __init__(self, device_id: int | None = None) -> None:
+        import cupy  # noqa: PLC0415 - optional dependency, imported on first use only
+
+        self._cupy = cupy
+        self._runtime = cupy.cuda.runtime
+        self.device_id = cupy.cuda.Device().id if device_id is None else int(device_id)
+        self._device = cupy.cuda.Device(self.device_id)
+
+    def __repr__(self) -> str:
+        return f"<CupyBackend cuda:{self.device_id}>"
+
+    @staticmethod
+    def adopt_foreign(value: Any):
+        """A CuPy view of a foreign GPU array: DLPack first (stream-ordered), else the CUDA array interface."""
+        import cupy  # noqa: PLC0415
+
+        if isinstance(value, cupy.ndarray):
+            return value
+        if callable(getattr(value, "__dlpack__", None)) and is_cuda_array(value):
+            try:
+                return cupy.from_dlpack(value)
+            except Exception:
+                if not hasattr(value, "__cuda_array_interface__"):
+                    raise
+        if hasattr(value, "__cuda_array_interface__"):
+            # CAI v3: CuPy synchronises the producer's stream here (its documented default).
+            return cupy.asarray(value)
+        raise TypeError(f"{type(value).__name__} is not a GPU array (no DLPack CUDA export, no __cuda_array_interface__)")
+
+    def is_device_array(self, value: Any) -> bool:
+        return is_cuda_array(value)
+
+    def adopt(self, value: Any):
+        array = self.adopt_foreign(value)
+        if int(array.device.id) != self.device_id:
+            raise ValueError(f"the array lives on cuda:{array.device.id}, not on cuda:{self.device_id}")
+        return array
+
+    def is_c_contiguous(self, array: Any) -> bool:
+        return bool(array.flags.c_contiguous)
+
+    def current_stream(self):
+        with self._device:
+            return self._cupy.cuda.get_current_stream()
+
+    def new_stream(self):
+        with self._device:
+            return self._cupy.cuda.Stream(non_blocking=True)
+
+    def record_event(self, stream):
+        with self._device:
+            # block=True: a host waiting on it sleeps instead of spinning a core.
+            event = self._cupy.cuda.Event(block=True, disable_timing=True)
+            event.record(stream)
+            return event
+
+    def wait_event(self, stream, event) -> None:
+        with self._device:
+            stream.wait_event(event)
+
+    def event_done(self, event) -> bool:
+        return bool(event.done)
+
+    def synchronize_event(self, event) -> None:
+        event.synchronize()  # releases the GIL while waiting
+
+    def copy_on_stream(self, array, stream):
+        with self._device, stream:
+            return array.copy(order="C")
+
+    def assign_on_stream(self, destination, source, stream) -> None:
+        with self._device, stream:
+            destination[...] = source
+
+    def empty(self, shape, dtype):
+        with self._device:
+            return self._cupy.empty(shape, dtype=dtype)
+
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        memory = self._cupy.cuda.alloc_pinned_memory(max(nbytes, 1))
+        return np.frombuffer(memory, dtype=np.uint8, count=nbytes)  # keeps ``memory`` alive
+
+    def d2h_async(self, source, offset: int, destination: np.ndarray, stream) -> None:
+        nbytes = destination.nbytes
+        if nbytes:
+            with self._device:
+                self._runtime.memcpyAsync(
+                    destination.ctypes.data, source.data.ptr + offset, nbytes, self._runtime.memcpyDeviceToHost, stream.ptr
+                )
+
+    def h2d_async(self, source: np.ndarray, destination, offset: int, stream) -> None:
+        nbytes = source.nbytes
+        if nbytes:
+            with self._device:
+                self._runtime.memcpyAsync(
+                    destination.data.ptr + offset, source.ctypes.data, nbytes, self._runtime.memcpyHostToDevice, stream.ptr
+                )
+
+    def mem_info(self) -> tuple[int, int]:
+        with self._device:
+            free, total = self._runtime.memGetInfo()
+        return int(free), int(total)
+
+
+# =============================================================================================
+# The CPU simulation
+
+
+class FakeEvent:
+    """An event of the fake device: set when its stream reaches it, carrying the stream's error."""
+
+    def __init__(self) -> None:
+        self._fired = threading.Event()
+        self.error: BaseException | None = None
+
+    def _fire(self, error: BaseException | None) -> None:
+        self.error = error
+        self._fired.set()
+
+
+class FakeStream:
+    """An in-order queue of operations run by one worker thread, like a CUDA stream.
+
+    An operation that raises leaves the stream in error: later copies and kernels are skipped and
+    later events carry the error (CUDA errors are sticky in the same way).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.error: BaseException | None = None
+        self._queue: collections.deque = collections.deque()
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"fake-stream-{name}", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<FakeStream {self.name}>"
+
+    def enqueue(self, operation: Callable[[], None], *, always: bool = False) -> None:
+        """Append ``operation``; ``always`` runs it even after an error (events, waits)."""
+        with self._ready:
+            self._queue.append((operation, always))
+            self._ready.notify()
+
+    def _stop(self) -> None:
+        with self._ready:
+            self._queue.append(None)
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                entry = self._queue.popleft()
+            if entry is None:
+                return
+            operation, always = entry
+            if self.error is not None and not always:
+                continue
+            try:
+                operation()
+            except BaseException as exc:  # kept, like a sticky CUDA error
+                self.error = exc
+
+
+class FakeDeviceArray:
+    """An array in the fake device's memory. Only the backend's streams read or write its bytes.
+
+    It deliberately has no ``__array__``: host code that bypasses the backend fails loudly.
+    """
+
+    __slots__ = ("_data", "backend", "_owner", "__weakref__")
+
+    def __init__(self, data: np.ndarray, backend: "FakeDeviceBackend", owner: "FakeDeviceArray | None" = None):
+        self._data = data
+        self.backend = backend
+        self._owner = owner
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._data.nbytes)
+
+    @property
+    def size(self) -> int:
+        return int(self._data.size)
+
+    def __getitem__(self, index) -> "FakeDeviceArray":
+        """A view (no allocation), as CuPy slicing gives."""
+        return FakeDeviceArray(self._data[index], self.backend, self._owner or self)
+
+    @property
+    def T(self) -> "FakeDeviceArray":  # noqa: N802 - mirrors ndarray.T
+        return FakeDeviceArray(self._data.T, self.backend, self._owner or self)
+
+    def __repr__(self) -> str:
+        return f"<FakeDeviceArray shape={self.shape} dtype={self.dtype}>"
+
+
+def _flat_bytes(array: np.ndarray) -> np.ndarray:
+    if not array.flags.c_contiguous:
+        raise ValueError("raw copies need a C-contiguous array")
+    return array.reshape(-1).view(np.uint8)
+
+
+class FakeDeviceBackend:
+    """A CPU simulation of one GPU for tests: memory, streams, events, kernels, pinned buffers.
+
+    Parameters
+    ----------
+    memory_bytes:
+        Simulated device memory; allocations beyond it raise :class:`FakeOutOfMemoryError` and
+        :meth:`mem_info` reports what is left.
+    copy_hook:
+        Called in the stream's worker as ``copy_hook(kind, nbytes)`` before each copy (``kind``
+        is ``"d2h"``, ``"h2d"`` or ``"d2d"``). Tests use it to hold a copy (block on an event) or
+        to make one fail (raise).
+
+    Test helpers: :meth:`array` (allocate and fill), :meth:`launch` (a "kernel"), :meth:`peek`
+    (read an array after the device is idle), :meth:`synchronize`, :meth:`use_stream`,
+    :meth:`forbid_host_sync`, and the counters ``allocated_bytes``, ``pinned_live_bytes``,
+    ``pinned_peak_bytes``, ``pinned_allocations``, ``host_syncs`` and ``copies``.
+    """
+
+    def __init__(
+        self,
+        *,
+        memory_bytes: int = 1 << 30,
+        device_id: int = 0,
+        copy_hook: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.memory_bytes = memory_bytes
+        self.copy_hook = copy_hook
+        self._lock = threading.Lock()
+        self.allocated_bytes = 0
+        self.pinned_live_bytes = 0
+        self.pinned_peak_bytes = 0
+        self.pinned_allocations = 0
+        self.host_syncs = 0
+        self.copies: collections.Counter = collections.Counter()
+        self.default_stream = FakeStream("default")
+        self._streams = [self.default_stream]
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"<FakeDeviceBackend fake:{self.device_id}>"
+
+    # ------------------------------------------------------------------ test helpers
+    def array(self, values: Any, dtype: Any = None) -> FakeDeviceArray:
+        """A new device array holding a copy of ``values`` (as if uploaded before anything else)."""
+        host = np.array(values, dtype=dtype, copy=True, order="C")
+        array = self._allocate(host.shape, host.dtype)
+        np.copyto(array._data, host)
+        return array
+
+    def launch(self, stream: FakeStream, kernel: Callable[..., None], *arrays: FakeDeviceArray) -> None:
+        """Enqueue ``kernel(*views)`` on ``stream``; ``views`` are the arrays' device memory."""
+        views = [array._data for array in arrays]
+        stream.enqueue(lambda: kernel(*views))
+
+    def peek(self, array: FakeDeviceArray) -> np.ndarray:
+        """A host copy of ``array`` once every stream is idle."""
+        self.synchronize()
+        return np.array(array._data, copy=True)
+
+    def synchronize(self) -> None:
+        """Wait until every stream has run what is enqueued so far (raises nothing)."""
+        events = []
+        for stream in list(self._streams):
+            event = FakeEvent()
+            stream.enqueue(lambda event=event: event._fire(None), always=True)
+            events.append(event)
+        for event in events:
+            event._fired.wait()
+
+    @contextlib.contextmanager
+    def use_stream(self, stream: FakeStream):
+        """Make ``stream`` the calling thread's current stream for the block."""
+        previous = getattr(self._local, "stream", None)
+        self._local.stream = stream
+        try:
+            yield stream
+        finally:
+            self._local.stream = previous
+
+    @contextlib.contextmanager
+    def forbid_host_sync(self):
+        """Inside the block, a host wait on the device in this thread raises :class:`HostSyncError`."""
+        self._local.forbid = True
+        try:
+            yield
+        finally:
+            self._local.forbid = False
+
+    def new_stream(self, name: str | None = None) -> FakeStream:
+        stream = FakeStream(name or f"s{len(self._streams)}")
+        with self._lock:
+            self._streams.append(stream)
+        return stream
+
+    def close(self) -> None:
+        """Stop the stream workers once their queues drain."""
+        for stream in self._streams:
+            stream._stop()
+
+    # ------------------------------------------------------------------ memory
+    def _allocate(self, shape, dtype) -> FakeDeviceArray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        with self._lock:
+            if self.allocated_bytes + nbytes > self.memory_bytes:
+                raise FakeOutOfMemoryError(
+                    f"out of fake device memory allocating {nbytes} bytes "
+                    f"({self.allocated_bytes} of {self.memory_bytes} in use)"
+                )
+            self.allocated_bytes += nbytes
+        array = FakeDeviceArray(np.empty(shape, dtype=dtype), self)
+        weakref.finalize(array, self._free, nbytes)
+        return array
+
+    def _free(self, nbytes: int) -> None:
+        with self._lock:
+            self.allocated_bytes -= nbytes
+
+    def _free_pinned(self, nbytes: int) -> None:
+        with self._lock:
+            self.pinned_live_bytes -= nbytes
+
+    # ------------------------------------------------------------------ DeviceBackend
+    def is_device_array(self, value: Any) -> bool:
+        return isinstance(value, FakeDeviceArray) and value.backend is self
+
+    def adopt(self, value: Any) -> FakeDeviceArray:
+        if not self.is_device_array(value):
+            raise TypeError(f"{type(value).__name__} is not an array of {self!r}")
+        return value
+
+    def is_c_contiguous(self, array: FakeDeviceArray) -> bool:
+        return bool(array._data.flags.c_contiguous)
+
+    def current_stream(self) -> FakeStream:
+        return getattr(self._local, "stream", None) or self.default_stream
+
+    def record_event(self, stream: FakeStream) -> FakeEvent:
+        event = FakeEvent()
+        stream.enqueue(lambda: event._fire(stream.error), always=True)
+        return event
+
+    def wait_event(self, stream: FakeStream, event: FakeEvent) -> None:
+        stream.enqueue(event._fired.wait, always=True)
+
+    def event_done(self, event: FakeEvent) -> bool:
+        return event._fired.is_set()
+
+    def synchronize_event(self, event: FakeEvent) -> None:
+        if getattr(self._local, "forbid", False):
+            raise HostSyncError("the host waited for the device inside forbid_host_sync()")
+        with self._lock:
+            self.host_syncs += 1
+        event._fired.wait()
+        if event.error is not None:
+            raise event.error
+
+    def _copy(self, kind: str, nbytes: int, stream: FakeStream, body: Callable[[], None]) -> None:
+        def operation() -> None:
+            if self.copy_hook is not None:
+                self.copy_hook(kind, nbytes)
+            body()
+            with self._lock:
+                self.copies[kind] += 1
+
+        stream.enqueue(operation)
+
+    def copy_on_stream(self, array: FakeDeviceArray, stream: FakeStream) -> FakeDeviceArray:
+        copy = self._allocate(array.shape, array.dtype)
+        source, target = array._data, copy._data
+        self._copy("d2d", array.nbytes, stream, lambda: np.copyto(target, source))
+        return copy
+
+    def assign_on_stream(self, destination: FakeDeviceArray, source: FakeDeviceArray, stream: FakeStream) -> None:
+        target, data = destination._data, source._data
+        self._copy("d2d", destination.nbytes, stream, lambda: np.copyto(target, data))
+
+    def empty(self, shape, dtype) -> FakeDeviceArray:
+        return self._allocate(tuple(shape), dtype)
+
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        buffer = np.empty(nbytes, dtype=np.uint8)
+        with self._lock:
+            self.pinned_live_bytes += nbytes
+            self.pinned_peak_bytes = max(self.pinned_peak_bytes, self.pinned_live_bytes)
+            self.pinned_allocations += 1
+        weakref.finalize(buffer, self._free_pinned, nbytes)
+        return buffer
+
+    def d2h_async(self, source: FakeDeviceArray, offset: int, destination: np.ndarray, stream: FakeStream) -> None:
+        data, nbytes = source._data, destination.nbytes
+
+        def body() -> None:
+            destination[...] = _flat_bytes(data)[offset : offset + nbytes]
+
+        self._copy("d2h", nbytes, stream, body)
+
+    def h2d_async(self, source: np.ndarray, destination: FakeDeviceArray, offset: int, stream: FakeStream) -> None:
+        data, nbytes = destination._data, source.nbytes
+
+        def body() -> None:
+            _flat_bytes(data)[offset : offset + nbytes] = source
+
+        self._copy("h2d", nbytes, stream, body)
+
+    def mem_info(self) -> tuple[int, int]:
+        with self._lock:
+            return self.memory_bytes - self.allocated_bytes, self.memory_bytes
+
+
+# =============================================================================================
+# The pinned pool
+
+
+class PinnedBuffer:
+    """One pooled page-locked buffer. ``pending`` is the event of the last copy that used it."""
+
+    __slots__ = ("array", "pending")
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.pending: Any = None
+
+
+class PinnedPool:
+    """Page-locked buffers of ``buffer_bytes`` each, never more than ``capacity_bytes`` allocated.
+
+    Buffers are handed out oldest-released first, so a buffer whose copy is still running is
+    reused last. A buffer comes back with ``pending`` set to the event of the copy that last used
+    it: device-side users make their stream wait on it, host-side users wait for it.
+    """
+
+    def __init__(self, backend: DeviceBackend, *, buffer_bytes: int, capacity_bytes: int) -> None:
+        if type(buffer_bytes) is not int or buffer_bytes <= 0:
+            raise ValueError(f"buffer_bytes must be a positive int, got {buffer_bytes!r}")
+        self._backend = backend
+        self.buffer_bytes = buffer_bytes
+        self.allocated_bytes = 0
+        self._free: collections.deque[PinnedBuffer] = collections.deque()
+        self._capacity = 0
+        self.capacity_bytes = capacity_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @capacity_bytes.setter
+    def capacity_bytes(self, value: int) -> None:
+        """At least one buffer. Lowering it drops free buffers now and busy ones when released."""
+        if type(value) is not int or value <= 0:
+            raise ValueError(f"the pinned pool capacity must be a positive int, got {value!r}")
+        self._capacity = max(value, self.buffer_bytes)
+        while self._free and self.allocated_bytes > self._capacity:
+            self._free.pop()
+            self.allocated_bytes -= self.buffer_bytes
+
+    @property
+    def max_buffers(self) -> int:
+        return self._capacity // self.buffer_bytes
+
+    @property
+    def free_buffers(self) -> int:
+        """Buffers obtainable right now (free ones plus those that may still be allocated)."""
+        return len(self._free) + max(0, self._capacity - self.allocated_bytes) // self.buffer_bytes
+
+    def try_acquire(self) -> PinnedBuffer | None:
+        """A buffer now, or ``None`` when all are in use. Not thread-safe: callers hold a lock."""
+        if self._free:
+            head = self._free[0]
+            if head.pending is None or self.allocated_bytes + self.buffer_bytes > self._capacity:
+                return self._free.popleft()  # a copy may still use it: the caller orders after it
+            if self._backend.event_done(head.pending):
+                head.pending = None
+                return self._free.popleft()
+        if self.allocated_bytes + self.buffer_bytes <= self._capacity:
+            self.allocated_bytes += self.buffer_bytes
+            try:
+                return PinnedBuffer(self._backend.alloc_pinned(self.buffer_bytes))
+            except BaseException:
+                self.allocated_bytes -= self.buffer_bytes
+                raise
+        return None
+
+    def try_reserve(self, count: int) -> list[PinnedBuffer] | None:
+        """``count`` buffers at once, or none (``None``) if that many are not available now."""
+        if count > self.free_buffers:
+            return None
+        buffers = []
+        for _ in range(count):
+            buffers.append(self.try_acquire())
+        return buffers
+
+    def release(self, buffer: PinnedBuffer, pending: Any = None) -> None:
+        """Return ``buffer``; ``pending`` is the event of a copy that may still be using it."""
+        buffer.pending = pending
+        if self.allocated_bytes > self._capacity:
+            self.allocated_bytes -= self.buffer_bytes  # over a lowered capacity: let it go
+            return
+        self._free.append(buffer)
+
+
+# =============================================================================================
+# Captures: one staged device array
+
+
+class _Chunk:
+    __slots__ = ("index", "start", "stop", "buffer", "event", "readers", "read_bytes", "consumed", "prefetched")
+
+    def __init__(self, index: int, start: int, stop: int) -> None:
+        self.index = index
+        self.start = start
+        self.stop = stop
+        self.buffer: PinnedBuffer | None = None
+        self.event: Any = None
+        self.readers = 0
+        self.read_bytes = 0
+        self.consumed = False
+        self.prefetched = False
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+class _CaptureState:
+    """The stager-owned half of a capture (the :class:`DeviceCapture` facade may be collected)."""
+
+    def __init__(self, label: str, policy: str, source: Any, nbytes: int, chunk_bytes: int) -> None:
+        self.label = label
+        self.policy = policy
+        self.source = source  # device_copy: the copy; stream_wait: the original; host_copy: host bytes
+        self.nbytes = nbytes
+        count = max(1, math.ceil(nbytes / chunk_bytes)) if nbytes else 0
+        self.chunks = [_Chunk(i, i * chunk_bytes, min(nbytes, (i + 1) * chunk_bytes)) for i in range(count)]
+        self.remaining = count
+        self.next_prefetch = 0
+        self.closed = False
+
+
+class DeviceCapture:
+    """The value of one device array at save time, on its way to the host.
+
+    Obtained from :meth:`Stager.stage`. ``dtype``, ``shape`` and ``nbytes`` describe the array;
+    ``policy`` says how it was captured (``device_copy``, ``stream_wait`` or ``host_copy``).
+    Read the bytes with :meth:`read_into` (copies into your buffer) or :meth:`chunks` (zero-copy
+    views of the pinned buffers). Each byte can be read once; resources go back as bytes are read,
+    or with :meth:`close` (also run when the capture is garbage collected).
+    """
+
+    def __init__(self, stager: "Stager", state: _CaptureState, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self._stager = stager
+        self._state = state
+        self.dtype = dtype
+        self.shape = shape
+        self._finalizer = weakref.finalize(self, stager._close_state, state)
+
+    label = property(lambda self: self._state.label)
+    policy = property(lambda self: self._state.policy)
+    nbytes = property(lambda self: self._state.nbytes)
+    num_chunks = property(lambda self: len(self._state.chunks))
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._stager.chunk_bytes
+
+    @property
+    def consumed(self) -> bool:
+        """Whether every byte has been read."""
+        return self._state.remaining == 0
+
+    def __repr__(self) -> str:
+        return f"<DeviceCapture {self.label!r} {self.dtype}{list(self.shape)} {self.policy}>"
+
+    def chunk_ready(self, index: int) -> bool:
+        """Whether chunk ``index`` is already on the host (never blocks)."""
+        return self._stager._chunk_ready(self._state, index)
+
+    def read_into(self, offset: int, out) -> None:
+        """Copy bytes ``[offset, offset + len(out))`` of the value into the writable buffer ``out``.
+
+        Blocks until those bytes are on the host. Raises :class:`DeviceCopyError` when a copy
+        failed, ``ValueError`` for a range outside the value, and ``RuntimeError`` for bytes
+        already read or a closed capture.
+        """
+        target = memoryview(out).cast("B")
+        if target.readonly:
+            raise ValueError("read_into needs a writable buffer")
+        end = offset + len(target)
+        if offset < 0 or end > self.nbytes:
+            raise ValueError(f"bytes [{offset}, {end}) are outside {self.label!r} of {self.nbytes} bytes")
+        chunk_bytes = self.chunk_bytes
+        position = offset
+        while position < end:
+            index = position // chunk_bytes
+            chunk = self._state.chunks[index]
+            stop = min(end, chunk.stop)
+            view = self._stager._open_chunk(self._state, index)
+            try:
+                target[position - offset : stop - offset] = view[position - chunk.start : stop - chunk.start]
+            finally:
+                self._stager._close_chunk(self._state, index, stop - position)
+            position = stop
+
+    def host_bytes(self, start: int, stop: int) -> memoryview:
+        """Bytes ``[start, stop)`` in a new host buffer (``read_into`` without bringing your own)."""
+        buffer = bytearray(max(0, stop - start))
+        self.read_into(start, buffer)
+        return memoryview(buffer)
+
+    def chunks(self) -> Iterator[tuple[int, memoryview]]:
+        """Yield ``(byte_offset, view)`` per chunk, in order, each as soon as it is on the host.
+
+        A view is valid until the iterator advances (its buffer then goes back to the pool).
+        """
+        for index, chunk in enumerate(self._state.chunks):
+            view = self._stager._open_chunk(self._state, index)
+            try:
+                yield chunk.start, view
+            finally:
+                self._stager._close_chunk(self._state, index, chunk.length)
+
+    def close(self) -> None:
+        """Give back pinned buffers and device memory now (unread bytes are dropped)."""
+        self._finalizer()
+
+
+# =============================================================================================
+# The stager
+
+
+class Stager:
+    """Pinned buffers, copy streams and the capture/upload logic of one device.
+
+    Parameters
+    ----------
+    backend:
+        The device.
+    pinned_bytes:
+        Most page-locked host memory held at once (the pool's capacity). Saves pass their staging
+        budget through :meth:`set_pinned_bytes`.
+    chunk_bytes:
+        Size of one pinned buffer and of one copy.
+    safety_factor:
+        A device copy is made only while free device memory is at least this many times the bytes
+        copied so far in the save (``math.inf`` never makes one).
+    """
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        *,
+        pinned_bytes: int = DEFAULT_PINNED_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        safety_factor: float = DEFAULT_SAFETY_FACTOR,
+    ) -> None:
+        if type(chunk_bytes) is not int or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        if type(pinned_bytes) is not int or pinned_bytes <= 0:
+            raise ValueError(f"pinned_bytes must be a positive int, got {pinned_bytes!r}")
+        if not safety_factor >= 1:
+            raise ValueError(f"safety_factor must be at least 1, got {safety_factor!r}")
+        self.backend = backend
+        self.chunk_bytes = min(chunk_bytes, pinned_bytes)
+        self.safety_factor = float(safety_factor)
+        self.pool = PinnedPool(backend, buffer_bytes=self.chunk_bytes, capacity_bytes=pinned_bytes)
+        self._lock = threading.RLock()
+        self._d2h = backend.new_stream()
+        self._h2d = backend.new_stream()
+        self._prefetch_queue: collections.deque[_CaptureState] = collections.deque()
+        self._prefetched: list[tuple[_CaptureState, _Chunk]] = []
+        self._graveyard: list[tuple[Any, Any]] = []
+        self._closed = False
+        self.stats: collections.Counter = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"<Stager {self.backend!r} pinned={self.pool.capacity_bytes} chunk={self.chunk_bytes}>"
+
+    @property
+    def copy_stream(self):
+        """The stream device-to-host copies run on."""
+        return self._d2h
+
+    @property
+    def upload_stream(self):
+        """The stream host-to-device copies run on."""
+        return self._h2d
+
+    def set_pinned_bytes(self, nbytes: int) -> None:
+        """Change the pool's capacity (buffers above it are freed as they come back)."""
+        with self._lock:
+            self.pool.capacity_bytes = nbytes
+
+    def warm_up(self) -> None:
+        """Allocate the whole pinned pool now, so the first save does not pay for it."""
+        with self._lock:
+            buffers = self.pool.try_reserve(self.pool.free_buffers) or []
+            for buffer in buffers:
+                self.pool.release(buffer, buffer.pending)
+
+    def close(self) -> None:
+        """Wait for copies still referencing memory, then drop every pooled buffer."""
+        with self._lock:
+            self._closed = True
+            graveyard, self._graveyard = self._graveyard, []
+            self._prefetch_queue.clear()
+        for event, _ in graveyard:
+            with contextlib.suppress(Exception):
+                self.backend.synchronize_event(event)
+
+    # ------------------------------------------------------------------ saving
+    def stage(self, arrays: Sequence[Any], *, labels: Sequence[str] | None = None) -> list[DeviceCapture]:
+        """Capture ``arrays`` as they will be once the current stream's pending work is done.
+
+        Returns one :class:`DeviceCapture` per array, in order. Does not wait for the device
+        unless an array falls back to the ``host_copy`` policy (see the module docstring).
+        """
+        backend = self.backend
+        arrays = [backend.adopt(array) for array in arrays]
+        labels = [f"array {i}" for i in range(len(arrays))] if labels is None else [str(label) for label in labels]
+        if len(labels) != len(arrays):
+            raise ValueError(f"got {len(labels)} labels for {len(arrays)} arrays")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the stager is closed")
+            self._collect()
+            stream = backend.current_stream()
+            total = sum(int(array.nbytes) for array in arrays)
+            free = backend.mem_info()[0] if total else 0
+            copied = 0
+            plans: list[tuple[str, Any, list[PinnedBuffer] | None]] = []
+            try:
+                for array, label in zip(arrays, labels):
+                    nbytes = int(array.nbytes)
+                    if nbytes == 0:
+                        plans.append((HOST_COPY, array, None))
+                        continue
+                    if (copied + nbytes) * self.safety_factor <= free:
+                        copy = self._try_copy(array, stream)
+                        if copy is not None:
+                            copied += nbytes
+                            plans.append((DEVICE_COPY, copy, None))
+                            continue
+                    if not backend.is_c_contiguous(array):
+                        copy = self._try_copy(array, stream)
+                        if copy is None:
+                            raise DeviceCopyError(
+                                f"cannot capture {label!r}: it is not C-contiguous and the device has no "
+                                "memory left for a contiguous copy"
+                            )
+                        array = copy
+                    buffers = self.pool.try_reserve(self._count_chunks(nbytes))
+                    plans.append((HOST_COPY, array, None) if buffers is None else (STREAM_WAIT, array, buffers))
+            except BaseException:
+                for _, _, buffers in plans:
+                    for buffer in buffers or ():
+                        self.pool.release(buffer, buffer.pending)
+                raise
+            # Everything below is ordered after the pending work and after the device copies.
+            backend.wait_event(self._d2h, backend.record_event(stream))
+            states: list[_CaptureState] = []
+            syncs: list[tuple[Any, Any]] = []
+            waits = False
+            for (policy, source, buffers), label in zip(plans, labels):
+                nbytes = int(source.nbytes)
+                if policy == HOST_COPY:
+                    host = np.empty(nbytes, dtype=np.uint8)
+                    if nbytes:
+                        backend.d2h_async(source, 0, host, self._d2h)
+                        syncs.append((backend.record_event(self._d2h), source))
+                        self.stats["host_copies"] += 1
+                    state = _CaptureState(label, policy, host, nbytes, self.chunk_bytes)
+                elif policy == STREAM_WAIT:
+                    state = _CaptureState(label, policy, source, nbytes, self.chunk_bytes)
+                    for chunk, buffer in zip(state.chunks, buffers):
+                        self._fetch(state, chunk, buffer)
+                    waits = True
+                    self.stats["stream_waits"] += 1
+                else:
+                    state = _CaptureState(label, policy, source, nbytes, self.chunk_bytes)
+                    self._prefetch_queue.append(state)
+                    self.stats["device_copies"] += 1
+                states.append(state)
+            if waits:
+                # Later training work waits, on the device, until these copies have read the arrays.
+                backend.wait_event(stream, backend.record_event(self._d2h))
+            self._pump()
+        captures = [
+            DeviceCapture(self, state, np.dtype(array.dtype), tuple(int(d) for d in array.shape))
+            for state, array in zip(states, arrays)
+        ]
+        for event, _ in syncs:  # host_copy only: the documented last resort
+            try:
+                backend.synchronize_event(event)
+            except BaseException as exc:
+                for capture in captures:
+                    capture.close()
+                raise DeviceCopyError(f"copying {len(syncs)} array(s) from the device failed: {exc}") from exc
+        return captures
+
+    def _count_chunks(self, nbytes: int) -> int:
+        return math.ceil(nbytes / self.chunk_bytes)
+
+    def _try_copy(self, array, stream):
+        try:
+            return self.backend.copy_on_stream(array, stream)
+        except MemoryError:  # cupy.cuda.memory.OutOfMemoryError is a MemoryError
+            return None
+
+    def _fetch(self, state: _CaptureState, chunk: _Chunk, buffer: PinnedBuffer) -> None:
+        """Enqueue the copy of ``chunk`` into ``buffer`` on the copy stream. Caller holds the lock."""
+        if buffer.pending is not None:
+            self.backend.wait_event(self._d2h, buffer.pending)  # its last copy finishes first
+            buffer.pending = None
+        self.backend.d2h_async(state.source, chunk.start, buffer.array[: chunk.length], self._d2h)
+        chunk.buffer = buffer
+        chunk.event = self.backend.record_event(self._d2h)
+
+    def _pump(self) -> None:
+        """Prefetch ``device_copy`` chunks, in capture order, into buffers that are free now."""
+        while self._prefetch_queue:
+            state = self._prefetch_queue[0]
+            if state.closed or state.next_prefetch >= len(state.chunks):
+                self._prefetch_queue.popleft()
+                continue
+            chunk = state.chunks[state.next_prefetch]
+            if chunk.buffer is not None or chunk.consumed or chunk.readers:
+                state.next_prefetch += 1
+                continue
+            buffer = self.pool.try_acquire()
+            if buffer is None:
+                return
+            self._fetch(state, chunk, buffer)
+            chunk.prefetched = True
+            self._prefetched.append((state, chunk))
+            state.next_prefetch += 1
+            self.stats["prefetched"] += 1
+
+    def _evict(self) -> PinnedBuffer | None:
+        """Take the buffer of the most recently prefetched chunk nobody has started reading."""
+        while self._prefetched:
+            state, chunk = self._prefetched.pop()
+            if not chunk.prefetched or chunk.buffer is None or chunk.readers or chunk.read_bytes:
+                continue
+            buffer = chunk.buffer
+            buffer.pending = chunk.event
+            chunk.buffer, chunk.event, chunk.prefetched = None, None, False
+            self.stats["evictions"] += 1
+            return buffer
+        return None
+
+    def _chunk_ready(self, state: _CaptureState, index: int) -> bool:
+        with self._lock:
+            chunk = state.chunks[index]
+            if state.policy == HOST_COPY or chunk.consumed:
+                return True
+            return chunk.event is not None and self.backend.event_done(chunk.event)
+
+    def _open_chunk(self, state: _CaptureState, index: int) -> memoryview:
+        """A host view of chunk ``index`` once it has arrived; pair with :meth:`_close_chunk`."""
+        direct = None
+        with self._lock:
+            if state.closed:
+                raise RuntimeError(f"the capture of {state.label!r} is closed")
+            chunk = state.chunks[index]
+            if chunk.consumed:
+                raise RuntimeError(f"bytes [{chunk.start}, {chunk.stop}) of {state.label!r} were already read")
+            if state.policy == HOST_COPY:
+                chunk.readers += 1
+                return memoryview(state.source)[chunk.start : chunk.stop]
+            if chunk.buffer is None:
+                buffer = self.pool.try_acquire() or self._evict()
+                if buffer is not None:
+                    self._fetch(state, chunk, buffer)
+                else:  # the pool is all in use: copy through a private buffer instead of waiting
+                    direct = np.empty(chunk.length, dtype=np.uint8)
+                    self.backend.d2h_async(state.source, chunk.start, direct, self._d2h)
+                    event = self.backend.record_event(self._d2h)
+                    self.stats["direct_reads"] += 1
+            chunk.prefetched = False
+            chunk.readers += 1
+            if direct is None:
+                event = chunk.event
+                view = memoryview(chunk.buffer.array)[: chunk.length]
+            else:
+                view = memoryview(direct)
+            self._pump()
+        try:
+            self.backend.synchronize_event(event)
+        except BaseException as exc:
+            with self._lock:
+                chunk.readers -= 1
+            raise DeviceCopyError(
+                f"copying bytes [{chunk.start}, {chunk.stop}) of {state.label!r} from the device failed: {exc}"
+            ) from exc
+        return view
+
+    def _close_chunk(self, state: _CaptureState, index: int, nbytes: int) -> None:
+        with self._lock:
+            chunk = state.chunks[index]
+            chunk.readers -= 1
+            chunk.read_bytes += nbytes
+            newly_consumed = not chunk.consumed and chunk.read_bytes >= chunk.length
+            if newly_consumed:
+                chunk.consumed = True
+                state.remaining -= 1
+            self._release_chunk(state, chunk)
+            if newly_consumed:
+                if state.remaining == 0:
+                    self._retire(state)
+                self._pump()
+
+    def _release_chunk(self, state: _CaptureState, chunk: _Chunk) -> None:
+        """Give ``chunk``'s buffer back once nobody reads it and it is consumed or abandoned."""
+        if chunk.buffer is None or chunk.readers or not (chunk.consumed or state.closed):
+            return
+        self.pool.release(chunk.buffer, None if chunk.consumed else chunk.event)
+        chunk.buffer, chunk.event = None, None
+
+    def _retire(self, state: _CaptureState) -> None:
+        """Drop the state's source once no copy can still be reading it. Caller holds the lock."""
+        state.closed = True
+        source, state.source = state.source, None
+        if state.policy != HOST_COPY and source is not None:
+            self._graveyard.append((self.backend.record_event(self._d2h), source))
+        self._collect()
+
+    def _close_state(self, state: _CaptureState) -> None:
+        with self._lock:
+            if state.closed:
+                return
+            state.closed = True
+            for chunk in state.chunks:
+                self._release_chunk(state, chunk)
+            self._retire(state)
+            self._pump()
+
+    def _collect(self) -> None:
+        """Free what the graveyard holds once the copies that might read it are done."""
+        if self._graveyard:
+            self._graveyard = [(event, obj) for event, obj in self._graveyard if not self.backend.event_done(event)]
+
+    # ------------------------------------------------------------------ restoring
+    def upload(self, host: Any, target: Any) -> None:
+        """Copy the host array ``host`` into the device array ``target`` through pinned buffers.
+
+        The copies are ordered after the work pending on the current stream and before the work
+        enqueued on it later. ``host`` is cast to ``target``'s dtype and must have its size.
+        """
+        backend = self.backend
+        target = backend.adopt(target)
+        dtype = np.dtype(target.dtype)
+        source = np.ascontiguousarray(host, dtype=dtype)
+        if source.size != int(np.prod(target.shape, dtype=np.int64)):
+            raise ValueError(f"cannot upload a value of shape {source.shape} into an array of shape {tuple(target.shape)}")
+        flat = _flat_bytes(source.reshape(-1))
+        stream = backend.current_stream()
+        contiguous = backend.is_c_contiguous(target)
+        destination = target if contiguous else backend.empty(tuple(target.shape), dtype)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the stager is closed")
+            self._collect()
+            backend.wait_event(self._h2d, backend.record_event(stream))
+        for start in range(0, flat.nbytes, self.chunk_bytes):
+            piece = flat[start : start + self.chunk_bytes]
+            with self._lock:
+                buffer = self.pool.try_acquire() or self._evict()
+            if buffer is None:  # every pinned buffer is busy: upload from a private copy
+                private = piece.copy()
+                backend.h2d_async(private, destination, start, self._h2d)
+                with self._lock:
+                    self._graveyard.append((backend.record_event(self._h2d), private))
+                self.stats["direct_uploads"] += 1
+                continue
+            if buffer.pending is not None:
+                # The host is about to overwrite it. A failure of that earlier copy belongs to
+                # whoever read it; the buffer is free either way.
+                with contextlib.suppress(Exception):
+                    backend.synchronize_event(buffer.pending)
+                buffer.pending = None
+            staged = buffer.array[: piece.nbytes]
+            staged[...] = piece
+            backend.h2d_async(staged, destination, start, self._h2d)
+            with self._lock:
+                self.pool.release(buffer, backend.record_event(self._h2d))
+            self.stats["uploaded_chunks"] += 1
+        if not contiguous:
+            backend.wait_event(stream, backend.record_event(self._h2d))
+            backend.assign_on_stream(target, destination, stream)
+            return
+        backend.wait_event(stream, backend.record_event(self._h2d))
+
+    def download(self, array: Any) -> np.ndarray:
+        """A host copy of ``array`` after the current stream's pending work (waits for it)."""
+        backend = self.backend
+        array = backend.adopt(array)
+        stream = backend.current_stream()
+        source = array if backend.is_c_contiguous(array) else backend.copy_on_stream(array, stream)
+        out = np.empty(tuple(int(d) for d in array.shape), dtype=np.dtype(array.dtype))
+        flat = out.reshape(-1).view(np.uint8)
+        if flat.nbytes:
+            backend.d2h_async(source, 0, flat, stream)
+            backend.synchronize_event(backend.record_event(stream))
+        return out
+
+
+# =============================================================================================
+# Entry points
+
+_stagers_lock = threading.Lock()
+
+
+def stager_for(backend: DeviceBackend) -> Stager:
+    """The stager owned by ``backend`` (created on first use with the default sizes)."""
+    stager = getattr(backend, "_asyncckpt_stager", None)
+    if stager is None:
+        with _stagers_lock:
+            stager = getattr(backend, "_asyncckpt_stager", None)
+            if stager is None:
+                stager = Stager(backend)
+                backend._asyncckpt_stager = stager
+    return stager
+
+
+def stage_device_arrays(
+    backend: DeviceBackend,
+    arrays: Sequence[Any],
+    *,
+    labels: Sequence[str] | None = None,
+    pinned_bytes: int | None = None,
+) -> list[DeviceCapture]:
+    """Capture ``arrays`` of one device for saving; see :meth:`Stager.stage`.
+
+    ``pinned_bytes`` (the save's staging budget) sets the pool's capacity for this and later saves.
+    """
+    stager = stager_for(backend)
+    if pinned_bytes is not None:
+        stager.set_pinned_bytes(pinned_bytes)
+    return stager.stage(arrays, labels=labels)
+
+
+def snapshot_device_arrays(
+    arrays: Sequence[Any], *, labels: Sequence[str] | None = None, pinned_bytes: int | None = None
+) -> list[DeviceCapture]:
+    """:func:`stage_device_arrays` for CuPy or foreign GPU arrays, possibly on several devices.
+
+    The entry point for the snapshot stage: one call per save, with every device array of it.
+    """
+    labels = [f"array {i}" for i in range(len(arrays))] if labels is None else list(labels)
+    groups: dict[int, list[int]] = {}
+    backends: dict[int, CupyBackend] = {}
+    for index, array in enumerate(arrays):
+        backend = backend_for(array)
+        backends[backend.device_id] = backend
+        groups.setdefault(backend.device_id, []).append(index)
+    captures: list[DeviceCapture | None] = [None] * len(arrays)
+    for device_id, indices in groups.items():
+        staged = stage_device_arrays(
+            backends[device_id], [arrays[i] for i in indices], labels=[labels[i] for i in indices], pinned_bytes=pinned_bytes
+        )
+        for index, capture in zip(indices, staged):
+            captures[index] = capture
+    return captures  # type: ignore[return-value]
+
+
+def upload(backend: DeviceBackend, host_array: Any, device_target: Any) -> None:
+    """Copy ``host_array`` into ``device_target`` asynchronously; see :meth:`Stager.upload`."""
+    stager_for(backend).upload(host_array, device_target)
+
+
+def download(backend: DeviceBackend, array: Any) -> np.ndarray:
+    """A host copy of device ``array`` ordered after the current stream's work (blocks for it)."""
+    return stager_for(backend).download(array)

@@ -375,7 +375,9 @@ class FakeStream:
         self.name = name
         self.error: BaseException | None = None
         self._queue: collections.deque = collections.deque()
-        self._ready = threading.Condition()
+        self._state = threading.Condition()
+        self._running = False
+        self._blocked = False
         self._thread = threading.Thread(target=self._run, name=f"fake-stream-{name}", daemon=True)
         self._thread.start()
 
@@ -384,21 +386,48 @@ class FakeStream:
 
     def enqueue(self, operation: Callable[[], None], *, always: bool = False) -> None:
         """Append ``operation``; ``always`` runs it even after an error (events, waits)."""
-        with self._ready:
+        with self._state:
             self._queue.append((operation, always))
-            self._ready.notify()
+            self._state.notify_all()
+
+    def enqueue_wait(self, event: "FakeEvent") -> None:
+        """Append a device-side wait: later operations run once ``event`` has fired."""
+
+        def wait() -> None:
+            if event._fired.is_set():
+                return
+            with self._state:
+                self._blocked = True
+                self._state.notify_all()
+            event._fired.wait()
+            with self._state:
+                self._blocked = False
+
+        self.enqueue(wait, always=True)
+
+    def settle(self) -> None:
+        """Block until the stream has nothing it can run: it is idle, or stuck in an event wait.
+
+        Lets a test observe deterministically whether later work was held back by a wait.
+        (Operations that block by themselves, like a kernel waiting on a test gate, never settle.)
+        """
+        with self._state:
+            self._state.wait_for(lambda: self._blocked or (not self._queue and not self._running))
 
     def _stop(self) -> None:
-        with self._ready:
+        with self._state:
             self._queue.append(None)
-            self._ready.notify()
+            self._state.notify_all()
 
     def _run(self) -> None:
         while True:
-            with self._ready:
+            with self._state:
+                self._running = False
+                self._state.notify_all()
                 while not self._queue:
-                    self._ready.wait()
+                    self._state.wait()
                 entry = self._queue.popleft()
+                self._running = entry is not None
             if entry is None:
                 return
             operation, always = entry
@@ -601,7 +630,7 @@ class FakeDeviceBackend:
         return event
 
     def wait_event(self, stream: FakeStream, event: FakeEvent) -> None:
-        stream.enqueue(event._fired.wait, always=True)
+        stream.enqueue_wait(event)
 
     def event_done(self, event: FakeEvent) -> bool:
         return event._fired.is_set()
@@ -675,11 +704,12 @@ class FakeDeviceBackend:
 class PinnedBuffer:
     """One pooled page-locked buffer. ``pending`` is the event of the last copy that used it."""
 
-    __slots__ = ("array", "pending")
+    __slots__ = ("array", "pending", "owner")
 
-    def __init__(self, array: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray, owner: "PinnedPool") -> None:
         self.array = array
         self.pending: Any = None
+        self.owner = owner
 
 
 class PinnedPool:
@@ -697,6 +727,7 @@ class PinnedPool:
         self.buffer_bytes = buffer_bytes
         self.allocated_bytes = 0
         self._free: collections.deque[PinnedBuffer] = collections.deque()
+        self._retired = False
         self._capacity = 0
         self.capacity_bytes = capacity_bytes
 
@@ -725,6 +756,8 @@ class PinnedPool:
 
     def try_acquire(self) -> PinnedBuffer | None:
         """A buffer now, or ``None`` when all are in use. Not thread-safe: callers hold a lock."""
+        if self._retired:
+            return None
         if self._free:
             head = self._free[0]
             if head.pending is None or self.allocated_bytes + self.buffer_bytes > self._capacity:
@@ -735,7 +768,7 @@ class PinnedPool:
         if self.allocated_bytes + self.buffer_bytes <= self._capacity:
             self.allocated_bytes += self.buffer_bytes
             try:
-                return PinnedBuffer(self._backend.alloc_pinned(self.buffer_bytes))
+                return PinnedBuffer(self._backend.alloc_pinned(self.buffer_bytes), self)
             except BaseException:
                 self.allocated_bytes -= self.buffer_bytes
                 raise
@@ -753,10 +786,16 @@ class PinnedPool:
     def release(self, buffer: PinnedBuffer, pending: Any = None) -> None:
         """Return ``buffer``; ``pending`` is the event of a copy that may still be using it."""
         buffer.pending = pending
-        if self.allocated_bytes > self._capacity:
+        if self._retired or self.allocated_bytes > self._capacity:
             self.allocated_bytes -= self.buffer_bytes  # over a lowered capacity: let it go
             return
         self._free.append(buffer)
+
+    def retire(self) -> None:
+        """Free every idle buffer now and each busy one when it is released; hand out no more."""
+        self._retired = True
+        self.allocated_bytes -= self.buffer_bytes * len(self._free)
+        self._free.clear()
 
 
 # =============================================================================================
@@ -790,7 +829,8 @@ class _CaptureState:
         self.policy = policy
         self.source = source  # device_copy: the copy; stream_wait: the original; host_copy: host bytes
         self.nbytes = nbytes
-        count = max(1, math.ceil(nbytes / chunk_bytes)) if nbytes else 0
+        self.chunk_bytes = chunk_bytes
+        count = math.ceil(nbytes / chunk_bytes)
         self.chunks = [_Chunk(i, i * chunk_bytes, min(nbytes, (i + 1) * chunk_bytes)) for i in range(count)]
         self.remaining = count
         self.next_prefetch = 0
@@ -821,7 +861,7 @@ class DeviceCapture:
 
     @property
     def chunk_bytes(self) -> int:
-        return self._stager.chunk_bytes
+        return self._state.chunk_bytes
 
     @property
     def consumed(self) -> bool:
@@ -920,6 +960,7 @@ class Stager:
         if not safety_factor >= 1:
             raise ValueError(f"safety_factor must be at least 1, got {safety_factor!r}")
         self.backend = backend
+        self._configured_chunk_bytes = chunk_bytes
         self.chunk_bytes = min(chunk_bytes, pinned_bytes)
         self.safety_factor = float(safety_factor)
         self.pool = PinnedPool(backend, buffer_bytes=self.chunk_bytes, capacity_bytes=pinned_bytes)
@@ -946,16 +987,28 @@ class Stager:
         return self._h2d
 
     def set_pinned_bytes(self, nbytes: int) -> None:
-        """Change the pool's capacity (buffers above it are freed as they come back)."""
+        """Change the pool's capacity (buffers above it are freed as they come back).
+
+        Below one chunk, chunks shrink to ``nbytes`` so that the pool stays within it (a new pool
+        replaces the old one, whose buffers are freed as they come back).
+        """
+        if type(nbytes) is not int or nbytes <= 0:
+            raise ValueError(f"pinned_bytes must be a positive int, got {nbytes!r}")
         with self._lock:
-            self.pool.capacity_bytes = nbytes
+            chunk_bytes = min(self._configured_chunk_bytes, nbytes)
+            if chunk_bytes == self.chunk_bytes:
+                self.pool.capacity_bytes = nbytes
+                return
+            self.pool.retire()
+            self.chunk_bytes = chunk_bytes
+            self.pool = PinnedPool(self.backend, buffer_bytes=chunk_bytes, capacity_bytes=nbytes)
 
     def warm_up(self) -> None:
         """Allocate the whole pinned pool now, so the first save does not pay for it."""
         with self._lock:
             buffers = self.pool.try_reserve(self.pool.free_buffers) or []
             for buffer in buffers:
-                self.pool.release(buffer, buffer.pending)
+                buffer.owner.release(buffer, buffer.pending)
 
     def close(self) -> None:
         """Wait for copies still referencing memory, then drop every pooled buffer."""
@@ -1013,7 +1066,7 @@ class Stager:
             except BaseException:
                 for _, _, buffers in plans:
                     for buffer in buffers or ():
-                        self.pool.release(buffer, buffer.pending)
+                        buffer.owner.release(buffer, buffer.pending)
                 raise
             # Everything below is ordered after the pending work and after the device copies.
             backend.wait_event(self._d2h, backend.record_event(stream))
@@ -1086,7 +1139,7 @@ class Stager:
             if chunk.buffer is not None or chunk.consumed or chunk.readers:
                 state.next_prefetch += 1
                 continue
-            buffer = self.pool.try_acquire()
+            buffer = self._buffer_for(chunk.length, evict=False)
             if buffer is None:
                 return
             self._fetch(state, chunk, buffer)
@@ -1094,6 +1147,14 @@ class Stager:
             self._prefetched.append((state, chunk))
             state.next_prefetch += 1
             self.stats["prefetched"] += 1
+
+    def _buffer_for(self, nbytes: int, *, evict: bool) -> PinnedBuffer | None:
+        """A pinned buffer of at least ``nbytes`` available now (evicting a prefetch if allowed)."""
+        buffer = self.pool.try_acquire() or (self._evict() if evict else None)
+        if buffer is not None and buffer.array.nbytes < nbytes:  # from a pool shrunk since
+            buffer.owner.release(buffer, buffer.pending)
+            return None
+        return buffer
 
     def _evict(self) -> PinnedBuffer | None:
         """Take the buffer of the most recently prefetched chunk nobody has started reading."""
@@ -1119,16 +1180,16 @@ class Stager:
         """A host view of chunk ``index`` once it has arrived; pair with :meth:`_close_chunk`."""
         direct = None
         with self._lock:
-            if state.closed:
-                raise RuntimeError(f"the capture of {state.label!r} is closed")
             chunk = state.chunks[index]
             if chunk.consumed:
                 raise RuntimeError(f"bytes [{chunk.start}, {chunk.stop}) of {state.label!r} were already read")
+            if state.closed:
+                raise RuntimeError(f"the capture of {state.label!r} is closed")
             if state.policy == HOST_COPY:
                 chunk.readers += 1
                 return memoryview(state.source)[chunk.start : chunk.stop]
             if chunk.buffer is None:
-                buffer = self.pool.try_acquire() or self._evict()
+                buffer = self._buffer_for(chunk.length, evict=True)
                 if buffer is not None:
                     self._fetch(state, chunk, buffer)
                 else:  # the pool is all in use: copy through a private buffer instead of waiting
@@ -1173,7 +1234,7 @@ class Stager:
         """Give ``chunk``'s buffer back once nobody reads it and it is consumed or abandoned."""
         if chunk.buffer is None or chunk.readers or not (chunk.consumed or state.closed):
             return
-        self.pool.release(chunk.buffer, None if chunk.consumed else chunk.event)
+        chunk.buffer.owner.release(chunk.buffer, None if chunk.consumed else chunk.event)
         chunk.buffer, chunk.event = None, None
 
     def _retire(self, state: _CaptureState) -> None:
@@ -1194,8 +1255,15 @@ class Stager:
             self._retire(state)
             self._pump()
 
+    def collect(self) -> None:
+        """Free device copies and private buffers whose last copy has finished.
+
+        Also done by every :meth:`stage` and :meth:`upload` and whenever a capture is used up.
+        """
+        with self._lock:
+            self._collect()
+
     def _collect(self) -> None:
-        """Free what the graveyard holds once the copies that might read it are done."""
         if self._graveyard:
             self._graveyard = [(event, obj) for event, obj in self._graveyard if not self.backend.event_done(event)]
 
@@ -1221,16 +1289,19 @@ class Stager:
                 raise RuntimeError("the stager is closed")
             self._collect()
             backend.wait_event(self._h2d, backend.record_event(stream))
-        for start in range(0, flat.nbytes, self.chunk_bytes):
-            piece = flat[start : start + self.chunk_bytes]
+        start = 0
+        while start < flat.nbytes:
             with self._lock:
-                buffer = self.pool.try_acquire() or self._evict()
+                size = self.chunk_bytes
+                buffer = self._buffer_for(min(size, flat.nbytes - start), evict=True)
+            piece = flat[start : start + size]
             if buffer is None:  # every pinned buffer is busy: upload from a private copy
                 private = piece.copy()
                 backend.h2d_async(private, destination, start, self._h2d)
                 with self._lock:
                     self._graveyard.append((backend.record_event(self._h2d), private))
                 self.stats["direct_uploads"] += 1
+                start += piece.nbytes
                 continue
             if buffer.pending is not None:
                 # The host is about to overwrite it. A failure of that earlier copy belongs to
@@ -1242,8 +1313,9 @@ class Stager:
             staged[...] = piece
             backend.h2d_async(staged, destination, start, self._h2d)
             with self._lock:
-                self.pool.release(buffer, backend.record_event(self._h2d))
+                buffer.owner.release(buffer, backend.record_event(self._h2d))
             self.stats["uploaded_chunks"] += 1
+            start += piece.nbytes
         if not contiguous:
             backend.wait_event(stream, backend.record_event(self._h2d))
             backend.assign_on_stream(target, destination, stream)

@@ -1,0 +1,409 @@
+"""Untrusted input: a checkpoint or state file from someone else is data, and stays in its directory.
+
+* No code path of asyncckpt can run code from a file: the package source holds no ``pickle``,
+  ``marshal``, ``shelve``, ``eval`` or ``exec`` outside comments and strings.
+* Hostile manifests -- sealed with a valid ``manifest_crc32c``, as an attacker who knows the format
+  would -- that name files outside the checkpoint, claim absurd shapes or sizes, unknown dtypes or
+  an unknown format version get a clear ``CorruptCheckpointError`` (``UnsupportedFormatError``)
+  from restore, ``verify()`` and ``asyncckpt verify``, without huge allocations.
+* Symbolic links leading out of the folder are refused.
+* Hypothesis fuzzes the object graph (which the format layer treats as opaque) through a full
+  restore, and hostile but parseable state files through a ``CheckpointManager``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import asyncckpt as ac
+from asyncckpt import cli, pipeline
+from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+from asyncckpt.format import index_path, seal_manifest
+
+PACKAGE = Path(ac.__file__).parent
+
+# ---------------------------------------------------------------------------------------------
+# No deserialisation of code
+
+
+_FORBIDDEN = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "eval", "exec"}
+
+
+def code_uses_of_deserialisers(source: str) -> list[tuple[int, str]]:
+    """``(line, name)`` of every code token (not comment, not string) naming a forbidden module or builtin.
+
+    Any identifier containing "pickle" counts too (``allow_pickle=True``).
+    """
+    found = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME and (token.string in _FORBIDDEN or "pickle" in token.string.lower()):
+            found.append((token.start[0], token.string))
+    return found
+
+
+def test_the_scanner_finds_code_and_ignores_comments_and_strings():
+    source = (
+        "import json  # never pickle.loads here\n"
+        '"""The value is never unpickled or passed to eval()."""\n'
+        "value = eval(text)\n"
+        "from marshal import loads\n"
+        "array = np.load(f, allow_pickle=True)\n"
+        "exec(code)\n"
+    )
+    assert code_uses_of_deserialisers(source) == [(3, "eval"), (4, "marshal"), (5, "allow_pickle"), (6, "exec")]
+
+
+def test_the_package_never_unpickles_or_evaluates():
+    sources = sorted(PACKAGE.rglob("*.py"))
+    assert len(sources) >= 20
+    offenders = {
+        str(path.relative_to(PACKAGE)): found
+        for path in sources
+        if (found := code_uses_of_deserialisers(path.read_text(encoding="utf-8")))
+    }
+    assert offenders == {}, f"code that could run what a checkpoint holds: {offenders}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile manifests through every reading path
+
+
+def _model(fill: bool):
+    model = ac.Module()
+    model.w = ac.Variable(np.arange(12, dtype=np.float32).reshape(3, 4) if fill else np.zeros((3, 4), np.float32))
+    optimizer = ac.optimizers.Adam(0.1)
+    if fill:
+        optimizer.apply_gradients([(np.ones((3, 4), np.float32), model.w)])
+    else:
+        optimizer.apply_gradients([(np.zeros((3, 4), np.float32), model.w)])  # creates the slots
+    return model, optimizer, ac.Checkpoint(model=model, optimizer=optimizer)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``(folder, manifest document)`` of a checkpoint with a model and Adam slots."""
+    folder = tmp_path_factory.mktemp("saved")
+    _, _, checkpoint = _model(fill=True)
+    checkpoint.write(str(folder / "ckpt"))
+    return folder, json.loads(Path(index_path(str(folder / "ckpt"))).read_bytes())
+
+
+@pytest.fixture
+def hostile(saved, tmp_path):
+    """A copy of the saved checkpoint and a function writing a sealed, edited manifest over it."""
+    folder, document = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    prefix = str(copy / "ckpt")
+
+    def write(edit) -> str:
+        edited = json.loads(json.dumps(document))
+        edit(edited)
+        Path(index_path(prefix)).write_bytes(seal_manifest(edited))
+        return prefix
+
+    return write, document
+
+
+W = "model/w/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _set(*path_and_value):
+    *path, value = path_and_value
+
+    def edit(document):
+        target = document
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+
+    return edit
+
+
+HOSTILE = [
+    ("data-dir-parent", _set("data_dir", "../elsewhere"), "not a plain directory name"),
+    ("data-dir-absolute", _set("data_dir", "/etc"), "not a plain directory name"),
+    ("extent-escapes", _set("tensors", W, "extents", 0, "file", "../../../../etc/passwd"), "not a plain file name"),
+    ("extent-absolute", _set("tensors", W, "extents", 0, "file", "/etc/passwd"), "not a plain file name"),
+    ("extent-subdirectory", _set("tensors", W, "extents", 0, "file", "a/b"), "not a plain file name"),
+    ("unknown-dtype", _set("tensors", W, "dtype", "<U4"), "unknown dtype"),
+    ("object-dtype", _set("tensors", W, "dtype", "|O"), "unknown dtype"),
+    ("big-endian", _set("tensors", W, "dtype", ">f4"), "unknown dtype"),
+    ("absurd-shape", _set("tensors", W, "shape", [2**31, 2**31, 2**31]), "does not match shape"),
+    ("too-many-dims", _set("tensors", W, "shape", [1] * 65), "at most 64"),
+    ("negative-dim", _set("tensors", W, "shape", [-3, -4]), "shape dimension"),
+    ("beyond-2^53", _set("tensors", W, "nbytes", 2**60), "nbytes"),
+    ("float-offset", _set("tensors", W, "extents", 0, "offset", 0.5), "offset"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE])
+def test_hostile_manifest_is_refused_by_every_reader(hostile, capsys, edit, message):
+    write, _ = hostile
+    prefix = write(edit)
+    with pytest.raises(CorruptCheckpointError, match=message) as raised:
+        _model(fill=False)[2].restore(prefix)
+    assert prefix in str(raised.value)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        pipeline.open_reader(prefix).verify()
+    assert cli.main(["verify", prefix]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_format_version_is_refused_by_every_reader(hostile, capsys):
+    write, _ = hostile
+    prefix = write(_set("format_version", 2))
+    with pytest.raises(UnsupportedFormatError, match="format_version 2"):
+        _model(fill=False)[2].restore(prefix)
+    assert cli.main(["verify", prefix]) == 1
+    assert "format_version 2" in capsys.readouterr().err
+
+
+def test_a_consistent_but_absurd_size_fails_as_corrupt_without_allocating_it(hostile):
+    """1 PiB claimed by a well-formed record: the read fails on the short file, before any allocation."""
+    write, document = hostile
+    nbytes = 2**50
+    extent = dict(document["tensors"][W]["extents"][0], length=nbytes)
+
+    def edit(edited):
+        edited["tensors"][W] = {"dtype": "|u1", "shape": [nbytes], "nbytes": nbytes, "crc32c": 0, "extents": [extent]}
+
+    prefix = write(edit)
+    reader = pipeline.open_reader(prefix)
+    assert reader.spec(W).shape == (nbytes,)  # well-formed: only reading finds it out
+    for action in (lambda: reader.read(W), reader.verify):
+        with pytest.raises(CorruptCheckpointError, match="truncated") as raised:
+            action()
+        assert repr(W) in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Symbolic links out of the folder
+
+
+def test_a_data_directory_linked_outside_the_folder_is_refused_by_every_reader(hostile, tmp_path, capsys):
+    write, document = hostile
+    prefix = write(lambda edited: None)
+    data_dir = Path(prefix).parent / document["data_dir"]
+    outside = tmp_path / "outside"
+    data_dir.rename(outside)
+    data_dir.symlink_to(outside)
+    with pytest.raises(CorruptCheckpointError, match="outside the checkpoint's folder"):
+        _model(fill=False)[2].restore(prefix)
+    assert cli.main(["verify", prefix]) == 1
+    assert "outside the checkpoint's folder" in capsys.readouterr().err
+
+
+def test_a_data_directory_linked_inside_the_folder_is_read(hostile):
+    write, document = hostile
+    prefix = write(lambda edited: None)
+    folder = Path(prefix).parent
+    (folder / document["data_dir"]).rename(folder / "moved.data-0000000000000001")
+    (folder / document["data_dir"]).symlink_to("moved.data-0000000000000001")
+    model, _, checkpoint = _model(fill=False)
+    checkpoint.read(prefix).assert_consumed()
+    np.testing.assert_array_equal(model.w.numpy(), _model(fill=True)[0].w.numpy())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="storage._FileBackend checks only that the data directory does not link outside the folder "
+    "(check_data_dir); a data file inside it that is a symbolic link to a file elsewhere is followed, so "
+    "a crafted checkpoint reads (and restores into a variable) any file the reader may open",
+)
+def test_a_data_file_linked_outside_the_folder_is_refused(hostile, tmp_path):
+    write, document = hostile
+    prefix = write(lambda edited: None)
+    data_file = Path(prefix).parent / document["data_dir"] / document["tensors"][W]["extents"][0]["file"]
+    secret = tmp_path / "secret"
+    secret.write_bytes(data_file.read_bytes())  # same bytes, so every checksum still matches
+    data_file.unlink()
+    data_file.symlink_to(secret)
+    with pytest.raises(CorruptCheckpointError, match="outside"):
+        pipeline.open_reader(prefix).read(W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing the object graph through a full restore
+
+
+def _graph_paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _graph_paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _graph_paths(value, (*prefix, index))
+
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-3, max_value=40), st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=6), st.sampled_from(["VARIABLE_VALUE", W, "m", "..", "/", ".ATTRIBUTES"]),
+)
+_json_value = st.recursive(_json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["node_id", "local_name", "children", "attributes", "name", "checkpoint_key", "full_name", "slot_variables",
+         "original_variable_node_id", "slot_name", "slot_variable_node_id", "has_checkpoint_values", "x"]), inner,
+        max_size=3)), max_leaves=6)
+_DELETE = object()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(min_value=0), st.one_of(st.just(_DELETE), _json_value)), min_size=1,
+                      max_size=3))
+def test_fuzzed_object_graphs_restore_or_raise_corrupt(saved, tmp_path, edits):
+    folder, document = saved
+    edited = json.loads(json.dumps(document))
+    for choice, value in edits:
+        paths = [p for p in _graph_paths(edited["object_graph"]) if p]
+        if not paths:
+            break
+        path = paths[choice % len(paths)]
+        target = edited["object_graph"]
+        for part in path[:-1]:
+            target = target[part]
+        if value is _DELETE:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+    prefix = tmp_path / f"fuzz-{abs(hash(json.dumps(edits, default=str))) % 10**12}"
+    data_dir = prefix.name + ".data-0000000000000000"
+    if not (tmp_path / data_dir).exists():
+        shutil.copytree(folder / document["data_dir"], tmp_path / data_dir)
+    edited["data_dir"] = data_dir
+    Path(index_path(str(prefix))).write_bytes(seal_manifest(edited))
+    try:
+        status = _model(fill=False)[2].restore(str(prefix))
+    except CorruptCheckpointError:
+        return
+    except ValueError as error:  # an edge redirected to a value of another shape or dtype
+        assert "incompatible" in str(error) or "dtype" in str(error), error
+        return
+    status.expect_partial()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile but parseable state files
+
+
+_paths = st.one_of(
+    st.sampled_from(["ckpt-1", "./ckpt-1", "ckpt-2", "../outside/ckpt-1", "/nonexistent/ckpt-9", "", "a\nb", "ü/ckpt",
+                     "x" * 300, "ckpt-1/..", "."]),
+    st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12),
+)
+_timestamps = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -1.0, 1e300]))
+
+
+def _quote(text: str) -> str:
+    return '"' + "".join(f"\\{ord(c):03o}" if ord(c) < 32 or c in '"\\' else c for c in text) + '"'
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model_path=_paths, paths=st.lists(_paths, max_size=4), stamps=st.lists(_timestamps, max_size=5),
+       preserved=_timestamps)
+def test_a_manager_on_a_hostile_state_file_saves_or_refuses_clearly(tmp_path_factory, model_path, paths, stamps,
+                                                                     preserved):
+    # Two known manager defects are held apart as strict xfails below: entries that cannot name a
+    # checkpoint ("", a name too long for the file system), and other spellings of the path a save
+    # then writes ("./ckpt-1").
+    assume(all(
+        path and os.path.normpath(path) == path and all(len(part.encode()) < 250 for part in path.split("/"))
+        for path in [model_path, *paths]
+    ))
+    directory = tmp_path_factory.mktemp("state")
+    _, _, checkpoint = _model(fill=True)
+    checkpoint.write(str(directory / "ckpt-1"))
+    lines = [f"model_checkpoint_path: {_quote(model_path)}"]
+    lines += [f"all_model_checkpoint_paths: {_quote(path)}" for path in paths]
+    lines += [f"all_model_checkpoint_timestamps: {stamp!r}" for stamp in stamps]
+    lines += [f"last_preserved_timestamp: {preserved!r}"]
+    (directory / "checkpoint").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        manager = ac.CheckpointManager(checkpoint, directory, max_to_keep=1)
+    except ValueError as error:  # TensorFlow's "Invalid checkpoint state" for an empty model path
+        assert "Invalid checkpoint state" in str(error) and model_path == ""
+        return
+    path = manager.save()
+    assert ac.latest_checkpoint(directory) == path
+    state = ac.get_checkpoint_state(directory)
+    assert state.model_checkpoint_path == path
+    assert all(not math.isnan(t) for t in state.all_model_checkpoint_timestamps[-1:])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CheckpointManager adopts every entry of the state file with a timestamp after "
+    "last_preserved_timestamp, wherever its path points, and deletes it when it expires: a hostile state "
+    "file makes a manager delete checkpoints outside its directory (it only ever creates "
+    "<directory>/<checkpoint_name>-N, so it could adopt only paths inside its directory)",
+)
+def test_a_manager_never_deletes_checkpoints_outside_its_directory(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    _, _, checkpoint = _model(fill=True)
+    precious = checkpoint.write(str(victim / "precious"))
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / "checkpoint").write_text(
+        f'model_checkpoint_path: "{precious}"\nall_model_checkpoint_paths: "{precious}"\n'
+        "all_model_checkpoint_timestamps: 1.0\nlast_preserved_timestamp: 0.5\n",
+        encoding="utf-8",
+    )
+    manager = ac.CheckpointManager(_model(fill=True)[2], directory, max_to_keep=1)
+    manager.save()
+    manager.save()
+    assert pipeline.checkpoint_exists(precious), "the manager deleted a checkpoint outside its directory"
+
+
+def _state_file(directory: Path, *entries: str) -> None:
+    lines = [f"model_checkpoint_path: {_quote(entries[-1])}"]
+    lines += [f"all_model_checkpoint_paths: {_quote(entry)}" for entry in entries]
+    lines += ["all_model_checkpoint_timestamps: 1.0"] * len(entries) + ["last_preserved_timestamp: 0.5"]
+    (directory / "checkpoint").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CheckpointManager adopts a state-file entry that cannot name a checkpoint; when it expires, "
+    "_sweep -> pipeline.delete_checkpoint raises (ValueError 'must name a file prefix, not a directory' "
+    "for '', StorageError ENAMETOOLONG for a 300-character name), so every save fails its bookkeeping",
+)
+@pytest.mark.parametrize("entry", ["", "x" * 300], ids=["empty", "too-long"])
+def test_a_manager_skips_a_state_file_entry_that_names_no_checkpoint(tmp_path, entry):
+    _, _, checkpoint = _model(fill=True)
+    checkpoint.write(str(tmp_path / "ckpt-1"))
+    _state_file(tmp_path, entry, "ckpt-1")
+    manager = ac.CheckpointManager(_model(fill=True)[2], tmp_path, max_to_keep=1)
+    path = manager.save()
+    assert ac.latest_checkpoint(tmp_path) == path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CheckpointManager keys its checkpoints by path string: a state file naming './ckpt-2' and a "
+    "save writing 'ckpt-2' are two entries for one checkpoint, so with max_to_keep=1 the sweep deletes "
+    "the checkpoint just saved and latest_checkpoint names nothing (fix: normalise paths, e.g. "
+    "os.path.normpath, when reading the state file and when saving)",
+)
+def test_a_manager_never_deletes_the_checkpoint_it_just_saved(tmp_path):
+    _, _, checkpoint = _model(fill=True)
+    checkpoint.write(str(tmp_path / "ckpt-1"))
+    checkpoint.write(str(tmp_path / "ckpt-2"))
+    _state_file(tmp_path, "./ckpt-2", "ckpt-1")  # as another tool might spell it
+    manager = ac.CheckpointManager(_model(fill=True)[2], tmp_path, max_to_keep=1)
+    manager.checkpoint.save_counter.assign(1)
+    path = manager.save()  # ckpt-2 again
+    assert ac.latest_checkpoint(tmp_path) == path

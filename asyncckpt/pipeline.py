@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -35,7 +36,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,16 @@ from asyncckpt.format import (
     parse_manifest,
     read_data_dir,
 )
-from asyncckpt.plan import PlanItem, ReadRange, plan_read, plan_write
-from asyncckpt.snapshot import ByteBudget, SaveEntry, Snapshot, StagedFile, prepare_sources
+from asyncckpt.plan import PlanItem, ReadRange, WritePlan, plan_read, plan_write
+from asyncckpt.snapshot import (
+    ByteBudget,
+    GuardLayout,
+    SaveEntry,
+    Snapshot,
+    Source,
+    prepare_source,
+    prepare_sources,
+)
 from asyncckpt.storage import Backend, Storage, TruncatedError, default_storage
 
 __all__ = [
@@ -73,7 +82,10 @@ __all__ = [
     "WriteSettings",
     "ReadSettings",
     "WriteMetrics",
+    "WriteStats",
     "WriteHandle",
+    "PreparedWrite",
+    "prepare_write",
     "CheckpointReader",
     "start_write",
     "open_reader",
@@ -174,15 +186,62 @@ class ReadSettings:
 
 @dataclass
 class WriteMetrics:
-    """What one write did. Seconds are wall-clock; staging also counts copies made by hooks."""
+    """What one write did, filled in as it runs. Seconds are wall-clock.
+
+    ``snapshot_seconds`` is the time ``start_write`` took (the caller's stall); ``staging_seconds``
+    and the ``*_staged_by_hooks`` counts cover copies mutation hooks made of values about to change.
+    """
 
     bytes_written: int = 0
     files_written: int = 0
     files_staged_by_hooks: int = 0
+    bytes_staged_by_hooks: int = 0
+    snapshot_seconds: float = 0.0
     staging_seconds: float = 0.0
     writing_seconds: float = 0.0
     commit_seconds: float = 0.0
     total_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """What one finished write did, per stage: handed to ``start_write(on_stats=...)``.
+
+    Attributes
+    ----------
+    path:
+        The checkpoint path.
+    tensors, bytes_written, files_written:
+        Values saved, data bytes written and data files written.
+    bytes_staged_by_hooks:
+        Bytes copied because their value was changed while the write ran.
+    snapshot_seconds:
+        The ``start_write`` call: validation, layout and guards (how long the caller stalled).
+    write_seconds:
+        From the first data file's write starting to the last one durable.
+    commit_seconds:
+        Writing and publishing ``P.index`` durably.
+    total_seconds:
+        From ``start_write`` being called to the write ending.
+    error:
+        The exception that failed the write, or ``None`` if it committed.
+    """
+
+    path: str
+    tensors: int
+    bytes_written: int
+    files_written: int
+    bytes_staged_by_hooks: int
+    snapshot_seconds: float
+    write_seconds: float
+    commit_seconds: float
+    total_seconds: float
+    error: Exception | None = None
+
+    @property
+    def write_bandwidth(self) -> float:
+        """Data bytes per second of :attr:`write_seconds` (0 when nothing was written)."""
+        return self.bytes_written / self.write_seconds if self.write_seconds > 0 else 0.0
 
 
 class WriteHandle:
@@ -353,13 +412,103 @@ async def await_pending_writes(path, *, storage: Storage | None = None) -> None:
 # Writing
 
 
+@dataclass(frozen=True)
+class PreparedWrite:
+    """Validated entries, their file layout and their guard layout: a write minus its values' bytes.
+
+    Built by :func:`prepare_write`; :meth:`with_values` swaps in new values for some entries and
+    keeps the layout when their sizes did not change, so a program that saves the same objects
+    again and again pays for validation and planning once. Pass it to :func:`start_write` in place
+    of the entries.
+    """
+
+    sources: tuple[Source, ...]
+    plan: WritePlan
+    layout: GuardLayout
+    object_graph: dict
+    plan_settings: tuple[int, int, int]  # small_array_bytes, pack_bytes, chunk_bytes
+    array_items: tuple[int, ...]  # sources that are owned copies (copied again for every write)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(source.key for source in self.sources)
+
+    def with_values(self, values: Mapping[int, Any]) -> PreparedWrite:
+        """A copy whose entries ``index`` take ``values[index]`` (taken now, like ``start_write``).
+
+        Keys stay; layout and guards are rebuilt only when a size or a snapshot source changed.
+        """
+        sources = list(self.sources)
+        resized = regarded = False
+        arrays = set(self.array_items)
+        for index, value in values.items():
+            old = sources[index]
+            new = prepare_source(old.key, value)
+            resized = resized or new.nbytes != old.nbytes
+            if "holder" in (old.kind, new.kind) and (old.kind != new.kind or old.value is not new.value):
+                regarded = True
+            if new.kind == "array":
+                arrays.add(index)
+            else:
+                arrays.discard(index)
+            sources[index] = new
+        plan = _plan(sources, self.plan_settings) if resized else self.plan
+        layout = GuardLayout(sources, plan) if resized or regarded else self.layout
+        return PreparedWrite(tuple(sources), plan, layout, self.object_graph, self.plan_settings,
+                             tuple(sorted(arrays)))
+
+
+def _plan_settings(settings: WriteSettings) -> tuple[int, int, int]:
+    return settings.small_array_bytes, settings.pack_bytes, settings.chunk_bytes
+
+
+def _plan(sources: Sequence[Source], plan_settings: tuple[int, int, int]) -> WritePlan:
+    small, pack, chunk = plan_settings
+    return plan_write(
+        [PlanItem(source.key, source.nbytes) for source in sources],
+        small_array_bytes=small,
+        pack_bytes=pack,
+        chunk_bytes=chunk,
+    )
+
+
+def _check_settings(settings: WriteSettings | None) -> WriteSettings:
+    settings = settings if settings is not None else WriteSettings()
+    if not isinstance(settings, WriteSettings):
+        raise TypeError(f"settings must be a WriteSettings, got {type(settings).__name__}")
+    return settings
+
+
+def prepare_write(
+    entries: Sequence[SaveEntry], object_graph: dict, *, settings: WriteSettings | None = None
+) -> PreparedWrite:
+    """Validate ``entries`` and ``object_graph`` and lay the entries out into data files.
+
+    ``bytes`` values are taken and plain arrays copied now; snapshot sources are only inspected.
+    Raises ``ValueError``/``TypeError`` as :func:`start_write` does.
+    """
+    settings = _check_settings(settings)
+    if not isinstance(object_graph, dict):
+        raise TypeError(f"object_graph must be a dict, got {type(object_graph).__name__}")
+    try:
+        json.dumps(object_graph, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"object_graph is not JSON-serialisable: {exc}") from None
+    sources = prepare_sources(entries)
+    plan_settings = _plan_settings(settings)
+    plan = _plan(sources, plan_settings)
+    arrays = tuple(index for index, source in enumerate(sources) if source.kind == "array")
+    return PreparedWrite(tuple(sources), plan, GuardLayout(sources, plan), object_graph, plan_settings, arrays)
+
+
 def start_write(
     prefix,
-    entries: Sequence[SaveEntry],
-    object_graph: dict,
+    entries: Sequence[SaveEntry] | PreparedWrite,
+    object_graph: dict | None = None,
     *,
     settings: WriteSettings | None = None,
     on_commit: Sequence[Callable[[], None]] = (),
+    on_stats: Callable[[WriteStats], None] | None = None,
 ) -> WriteHandle:
     """Start writing a checkpoint at ``prefix``; return once its contents are fixed.
 
@@ -370,14 +519,17 @@ def start_write(
         ``P.index`` is written last and is the commit marker. An existing checkpoint at ``P`` stays
         readable until the new one is committed, then its data directory is deleted.
     entries:
-        One :class:`SaveEntry` per key.
+        One :class:`SaveEntry` per key, or a :class:`PreparedWrite` (which holds its object graph).
     object_graph:
-        A JSON-serialisable dict stored in the manifest.
+        A JSON-serialisable dict stored in the manifest (``None`` with a :class:`PreparedWrite`).
     settings:
         :class:`WriteSettings`.
     on_commit:
         Callables run in order, in a worker thread, after ``P.index`` is durable. An exception
         from one of them fails the handle (the checkpoint stays committed).
+    on_stats:
+        Called once the write has ended (committed and called back, or failed), in a worker
+        thread, with its :class:`WriteStats`. Its exceptions are logged, never raised.
 
     Returns
     -------
@@ -390,40 +542,42 @@ def start_write(
         Bad entries (duplicate or reserved key, unsupported value or dtype), a non-JSON object
         graph, a path naming a folder. Errors of the background write surface through the handle.
     """
-    settings = settings if settings is not None else WriteSettings()
-    if not isinstance(settings, WriteSettings):
-        raise TypeError(f"settings must be a WriteSettings, got {type(settings).__name__}")
+    started = time.perf_counter()
+    settings = _check_settings(settings)
     storage = _storage_of(settings)
     folder, stem = storage.split(prefix)
-    if not isinstance(object_graph, dict):
-        raise TypeError(f"object_graph must be a dict, got {type(object_graph).__name__}")
-    try:
-        json.dumps(object_graph, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"object_graph is not JSON-serialisable: {exc}") from None
+    if isinstance(entries, PreparedWrite):
+        if object_graph is not None:
+            raise TypeError("pass object_graph to prepare_write, not with a PreparedWrite")
+        prepared = entries
+        if prepared.plan_settings != _plan_settings(settings):
+            prepared = prepare_write([SaveEntry(s.key, s.value) for s in prepared.sources], prepared.object_graph,
+                                     settings=settings)
+    else:
+        prepared = prepare_write(entries, object_graph, settings=settings)
     callbacks = tuple(on_commit)
     for callback in callbacks:
         if not callable(callback):
             raise TypeError(f"on_commit callbacks must be callable, got {callback!r}")
-
-    sources = prepare_sources(entries)
-    plan = plan_write(
-        [PlanItem(source.key, source.nbytes) for source in sources],
-        small_array_bytes=settings.small_array_bytes,
-        pack_bytes=settings.pack_bytes,
-        chunk_bytes=settings.chunk_bytes,
-    )
+    if on_stats is not None and not callable(on_stats):
+        raise TypeError(f"on_stats must be callable, got {on_stats!r}")
+    sources = prepared.sources
+    if prepared.array_items:  # owned copies are dropped as they are written: give this write its own
+        sources = list(sources)
+        for index in prepared.array_items:
+            sources[index] = dataclasses.replace(sources[index])
     runtime = _runtime_of(settings)
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
-    job = _WriteJob(handle, storage, folder, stem, sources, plan, object_graph, callbacks, settings, runtime.loop)
+    job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
     try:
         job.snapshot.install_guards()
     except BaseException:
         job.snapshot.close()
         raise
     previous = _registry.add(handle)
+    job.snapshot_seconds = time.perf_counter() - started
     try:
-        future = runtime.submit(job.run(previous))
+        future = runtime.submit(job.run(previous, started))
     except BaseException as exc:
         job.snapshot.close()
         handle._future.set_exception(exc)
@@ -447,25 +601,25 @@ def _chain(source: concurrent.futures.Future, target: concurrent.futures.Future)
 class _WriteJob:
     """The background half of one ``start_write``."""
 
-    def __init__(self, handle, storage, folder, stem, sources, plan, object_graph, callbacks, settings, loop):
+    def __init__(self, handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, loop):
         self.handle = handle
         self.storage: Storage = storage
         self.folder = folder
         self.stem = stem
         self.sources = sources
-        self.plan = plan
-        self.object_graph = object_graph
+        self.plan: WritePlan = prepared.plan
+        self.object_graph = prepared.object_graph
         self.callbacks = callbacks
+        self.on_stats = on_stats
         self.settings: WriteSettings = settings
         self.budget = ByteBudget(settings.staging_budget_bytes)
-        self.queue: asyncio.Queue[StagedFile | BaseException] = asyncio.Queue()
-        self.snapshot = Snapshot(sources, plan, self.budget, loop, self.queue.put_nowait)
-        self.crcs: list[tuple[int, ...] | None] = [None] * len(plan.files)
+        self.snapshot = Snapshot(sources, prepared.plan, self.budget, loop, prepared.layout)
+        self.snapshot_seconds = 0.0
         self._write_span = [float("inf"), 0.0]
 
-    async def run(self, previous: WriteHandle | None) -> str:
-        started = time.perf_counter()
+    async def run(self, previous: WriteHandle | None, started: float) -> str:
         metrics = self.handle.metrics
+        error: BaseException | None = None
         try:
             backend = await self.storage.open(self.folder)
             await backend.prepare()
@@ -503,13 +657,39 @@ class _WriteJob:
             for callback in self.callbacks:
                 await asyncio.to_thread(self._call_back, callback)
             return self.handle.path
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self.snapshot.close()
             metrics.staging_seconds = self.snapshot.staging_seconds
-            metrics.files_staged_by_hooks = self.snapshot.staged_by_hooks
+            metrics.files_staged_by_hooks = self.snapshot.files_staged_by_hooks
+            metrics.bytes_staged_by_hooks = self.snapshot.bytes_staged_by_hooks
+            metrics.snapshot_seconds = self.snapshot_seconds
             if metrics.files_written:
                 metrics.writing_seconds = self._write_span[1] - self._write_span[0]
             metrics.total_seconds = time.perf_counter() - started
+            if self.on_stats is not None:
+                await self._report(error)
+
+    async def _report(self, error: BaseException | None) -> None:
+        metrics = self.handle.metrics
+        stats = WriteStats(
+            path=self.handle.path,
+            tensors=len(self.sources),
+            bytes_written=metrics.bytes_written,
+            files_written=metrics.files_written,
+            bytes_staged_by_hooks=metrics.bytes_staged_by_hooks,
+            snapshot_seconds=metrics.snapshot_seconds,
+            write_seconds=metrics.writing_seconds,
+            commit_seconds=metrics.commit_seconds,
+            total_seconds=metrics.total_seconds,
+            error=error if isinstance(error, Exception) else None,
+        )
+        try:
+            await asyncio.to_thread(self.on_stats, stats)
+        except Exception:  # noqa: BLE001 - observing a write must never change its outcome
+            logger.exception("the write-statistics callback for %s failed", self.handle.path)
 
     def _call_back(self, callback: Callable[[], None]) -> None:
         with _registry.calling_back(self.handle):
@@ -519,42 +699,42 @@ class _WriteJob:
         semaphore = asyncio.Semaphore(self.settings.max_concurrent_writes)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self.snapshot.run_copier())
-                for _ in self.plan.files:
-                    staged = await self.queue.get()
-                    if isinstance(staged, BaseException):
-                        raise staged
+                for index in range(len(self.plan.files)):
                     await semaphore.acquire()
-                    group.create_task(self._write_one(backend, data_dir, staged, semaphore))
+                    group.create_task(self._write_one(backend, data_dir, index, semaphore))
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
+        if self.snapshot.error is not None:  # a hook could not copy a value about to change
+            raise self.snapshot.error
 
-    async def _write_one(self, backend: Backend, data_dir: str, staged: StagedFile, semaphore) -> None:
-        size = len(staged.buffer)
+    async def _write_one(self, backend: Backend, data_dir: str, index: int, semaphore) -> None:
+        file = self.plan.files[index]
         try:
             started = time.perf_counter()
             self._write_span[0] = min(self._write_span[0], started)
-            await backend.write(f"{data_dir}/{staged.name}", staged.buffer)
+            await backend.write(f"{data_dir}/{file.name}", self.snapshot.content(index))
             self._write_span[1] = max(self._write_span[1], time.perf_counter())
-            self.crcs[staged.index] = staged.crcs
-            self.handle.metrics.bytes_written += size
+            self.handle.metrics.bytes_written += file.size
             self.handle.metrics.files_written += 1
         finally:
-            staged.buffer = bytearray()
-            self.budget.release(size)
+            self.snapshot.file_written(index)
             semaphore.release()
 
     def _manifest(self, data_dir: str) -> Manifest:
+        files = self.plan.files
+        crcs = [self.snapshot.crcs(index) for index in range(len(files))]
         tensors = {}
         for item, source in enumerate(self.sources):
+            runs = self.plan.extents[item]
             extents = []
             crc = 0  # CRC-32C of no bytes
-            for file_index, piece_index in self.plan.extents[item]:
-                file = self.plan.files[file_index]
+            for file_index, piece_index in runs:
+                file = files[file_index]
                 piece = file.pieces[piece_index]
-                piece_crc = self.crcs[file_index][piece_index]
+                piece_crc = crcs[file_index][piece_index]
                 extents.append(Extent(file.name, piece.file_offset, piece.length, piece_crc))
-                crc = crc32c_combine(crc, piece_crc, piece.length)
+                # Combining with the CRC of nothing is the identity: skip the work for one extent.
+                crc = piece_crc if len(runs) == 1 else crc32c_combine(crc, piece_crc, piece.length)
             tensors[source.key] = TensorRecord(source.dtype, source.shape, source.nbytes, crc, tuple(extents))
         return Manifest(data_dir, self.object_graph, tensors)
 

@@ -1,24 +1,30 @@
-"""Host snapshots of the values being saved: staging buffers, the byte budget, the copy-on-write guard.
+"""Host snapshots of the values being saved: the copy-on-write guard, zero-copy file contents, the budget.
 
-A write stages each data file of its :class:`~asyncckpt.plan.WritePlan` into one ``bytearray``
-(the buffer handed to storage as is) and computes the CRC-32C of every piece while the bytes are
-hot. Staging runs in the background, so ``start_write`` never copies live arrays itself; the value
-written is nevertheless the value at ``start_write`` time:
+A write streams each data file of its :class:`~asyncckpt.plan.WritePlan` to storage as a
+:class:`FileContent` -- a :class:`~asyncckpt.storage.StreamedValue` whose batches are views of the
+sources' own bytes -- and computes the CRC-32C of every piece as the batches go out. Nothing is
+copied on the way unless a value is about to change; the value written is nevertheless the value
+at ``start_write`` time:
 
 * ``bytes`` and plain arrays have no way to announce a change, so ``start_write`` takes them at
   once (``bytes`` as they are; arrays as an owned C-order little-endian copy).
-* A *snapshot source* (``Variable``) gets a mutation hook. The holder calls it, in the mutating
-  thread, before changing its array. The hook stages every not-yet-staged file holding bytes of
-  that holder -- waiting for a background copy of the same file to finish first -- and only then
-  returns and lets the mutation proceed. Once all of a holder's files are staged its hook is
-  removed, so later mutations cost nothing.
+* A *snapshot source* (``Variable``) is guarded by a mutation hook. The holder calls it, in the
+  mutating thread, before changing its array. The hook copies every byte of that holder that has
+  not gone out yet into a staging buffer -- waiting while a batch holding its bytes is being
+  written -- and only then returns and lets the mutation proceed; the file's remaining batches are
+  then served from the copy. Once every byte of a holder has been written or copied its guard is
+  spent and later mutations cost nothing.
 
-Memory bound: staging buffers are reserved from a :class:`ByteBudget` before any byte is copied and
-released by the writer once storage reports those bytes durable, so staged-but-unwritten data never
-exceeds ``staging_budget_bytes``. On top of that come the owned copies of plain arrays, and the
-storage layer's own copy of each in-flight write (at most ``max_concurrent_writes`` files). Peak
-extra host memory is therefore about ``staging_budget_bytes + max_concurrent_writes * max_file_bytes``
-plus the plain arrays passed to ``start_write``.
+Guards are installed in bulk where the holder's type offers ``_add_mutation_hooks(table, hook)``
+(``Variable`` does): one registration covers every such holder of a write, so guarding 10,000
+variables costs the same as guarding one. Other holders get one ``_add_mutation_hook`` each.
+
+Memory bound: staging buffers (the copies hooks make) are reserved from a :class:`ByteBudget`
+before any byte is copied and released once the file they belong to is durable, so they never
+exceed ``staging_budget_bytes``. On top of that come the owned copies of plain arrays, and -- for
+storage that cannot stream a value (any TensorStore kvstore) -- one gathered buffer per file in
+flight, at most ``max_concurrent_writes`` files. The filesystem backend streams: a write of live
+variables needs no memory beyond the staging copies of values changed while it runs.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c
@@ -40,6 +46,7 @@ from asyncckpt import _arrays
 from asyncckpt._runtime import running_loop
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
 from asyncckpt.plan import WritePlan
+from asyncckpt.storage import StreamedValue
 
 __all__ = [
     "SaveEntry",
@@ -48,9 +55,18 @@ __all__ = [
     "Source",
     "prepare_sources",
     "host_bytes",
-    "StagedFile",
+    "GuardLayout",
+    "FileContent",
     "Snapshot",
+    "SEGMENT_BYTES",
+    "WriteAbortedError",
+    "prepare_source",
 ]
+
+#: Most bytes one batch of a :class:`FileContent` holds. A mutation of a value whose bytes are in
+#: the batch being written waits for that one batch (a few milliseconds), never for a whole file.
+SEGMENT_BYTES = 4 << 20
+_BATCH_BUFFERS = 1024  # buffers per batch: Linux's IOV_MAX for one writev
 
 
 @dataclass(frozen=True)
@@ -179,10 +195,10 @@ class ByteBudget:
 
 @dataclass
 class Source:
-    """A prepared :class:`SaveEntry`: what the manifest records and where to copy bytes from.
+    """A prepared :class:`SaveEntry`: what the manifest records and where to take bytes from.
 
     ``kind`` is ``"bytes"``, ``"array"`` (an owned host copy) or ``"holder"`` (a snapshot source,
-    read live until staged).
+    read live until its bytes are written or copied).
     """
 
     key: str
@@ -192,25 +208,66 @@ class Source:
     shape: tuple[int, ...]
     nbytes: int
 
+    def live_array(self) -> Any:
+        """The array to take bytes from now; for a holder, checked against the recorded layout."""
+        if self.kind != "holder":
+            return self.value
+        array = self.value._snapshot_array()
+        if _encode(array.dtype) != self.dtype or tuple(array.shape) != self.shape:
+            raise ValueError(
+                f"the value of {self.key!r} changed from {self.dtype}{list(self.shape)} to "
+                f"{_encode(array.dtype)}{list(array.shape)} during the write without calling its "
+                "mutation hooks first"
+            )
+        return array
+
+    def flat_view(self) -> memoryview | None:
+        """All bytes of the value as one flat view, or ``None`` when only copies of ranges exist."""
+        if self.kind == "bytes":
+            return memoryview(self.value)
+        array = self.live_array()
+        if _arrays.is_device_array(array) or not isinstance(array, np.ndarray):
+            return None
+        if not array.flags.c_contiguous or array.dtype.str != self.dtype:
+            return None
+        return memoryview(array.reshape(-1).view(np.uint8))
+
     def byte_view(self, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` of the value as a flat ``'B'`` memoryview (a view when possible)."""
         if self.kind == "bytes":
             return memoryview(self.value)[start:stop]
-        array = self.value._snapshot_array() if self.kind == "holder" else self.value
-        if self.kind == "holder" and (encode_dtype(array.dtype) != self.dtype or tuple(array.shape) != self.shape):
-            raise ValueError(
-                f"the value of {self.key!r} changed from {self.dtype}{list(self.shape)} to "
-                f"{encode_dtype(array.dtype)}{list(array.shape)} during the write without calling its "
-                "mutation hooks first"
-            )
-        return host_bytes(array, start, stop)
+        return host_bytes(self.live_array(), start, stop)
+
+
+_dtype_strings: dict[Any, str] = {}
+
+
+def _encode(dtype: Any) -> str:
+    """:func:`~asyncckpt.format.encode_dtype`, memoised per dtype object (it is on every save's path)."""
+    try:
+        return _dtype_strings[dtype]
+    except (KeyError, TypeError):
+        pass
+    text = encode_dtype(dtype)
+    with contextlib.suppress(TypeError):
+        _dtype_strings[dtype] = text
+    return text
+
+
+_SOURCE_METHODS = ("_snapshot_array", "_add_mutation_hook", "_remove_mutation_hook")
+_source_types: dict[type, bool] = {}
 
 
 def _is_snapshot_source(value: Any) -> bool:
-    return all(
-        callable(getattr(value, name, None))
-        for name in ("_snapshot_array", "_add_mutation_hook", "_remove_mutation_hook")
-    )
+    kind = type(value)
+    known = _source_types.get(kind)
+    if known is None:
+        known = all(callable(getattr(kind, name, None)) for name in _SOURCE_METHODS)
+        if known or not any(hasattr(value, name) for name in _SOURCE_METHODS):
+            _source_types[kind] = known  # decided by the type alone: remember it
+        else:  # instance attributes may provide the protocol: decide per object
+            return all(callable(getattr(value, name, None)) for name in _SOURCE_METHODS)
+    return known
 
 
 def _owned_copy(key: str, value: Any) -> np.ndarray:
@@ -222,10 +279,36 @@ def _owned_copy(key: str, value: Any) -> np.ndarray:
             "bytes, or an object with the snapshot-source protocol"
         )
     try:
-        little = np.dtype(encode_dtype(value.dtype))
+        little = np.dtype(_encode(value.dtype))
     except TypeError as exc:
         raise TypeError(f"cannot save {key!r}: {exc}") from None
     return np.array(value, dtype=little, order="C", copy=True)
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"checkpoint keys must be non-empty strings, got {key!r}")
+    if key == OBJECT_GRAPH_KEY:
+        raise ValueError(f"{OBJECT_GRAPH_KEY!r} is reserved for the object graph")
+
+
+def prepare_source(key: str, value: Any) -> Source:
+    """One :class:`Source` for ``value`` (the key is not checked here; see :func:`prepare_sources`)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        return Source(key, "bytes", data, BYTES_DTYPE, (), len(data))
+    if isinstance(value, str):
+        raise TypeError(f"the value of {key!r} is a str; encode it to bytes first")
+    if _is_snapshot_source(value):
+        live = value._snapshot_array()
+        try:
+            dtype = _encode(live.dtype)
+        except TypeError as exc:
+            raise TypeError(f"cannot save {key!r}: {exc}") from None
+        shape = tuple(int(dim) for dim in live.shape)
+        return Source(key, "holder", value, dtype, shape, math.prod(shape) * live.dtype.itemsize)
+    array = _owned_copy(key, value)
+    return Source(key, "array", array, array.dtype.str, tuple(array.shape), array.nbytes)
 
 
 def prepare_sources(entries: Sequence[SaveEntry]) -> list[Source]:
@@ -240,31 +323,12 @@ def prepare_sources(entries: Sequence[SaveEntry]) -> list[Source]:
     for entry in entries:
         if not isinstance(entry, SaveEntry):
             raise TypeError(f"expected SaveEntry objects, got {type(entry).__name__}")
-        key, value = entry.key, entry.source
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"checkpoint keys must be non-empty strings, got {key!r}")
-        if key == OBJECT_GRAPH_KEY:
-            raise ValueError(f"{OBJECT_GRAPH_KEY!r} is reserved for the object graph")
+        key = entry.key
+        _check_key(key)
         if key in seen:
             raise ValueError(f"duplicate checkpoint key {key!r}")
         seen.add(key)
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            data = bytes(value)
-            sources.append(Source(key, "bytes", data, BYTES_DTYPE, (), len(data)))
-        elif isinstance(value, str):
-            raise TypeError(f"the value of {key!r} is a str; encode it to bytes first")
-        elif _is_snapshot_source(value):
-            live = value._snapshot_array()
-            try:
-                dtype = encode_dtype(live.dtype)
-            except TypeError as exc:
-                raise TypeError(f"cannot save {key!r}: {exc}") from None
-            shape = tuple(int(dim) for dim in live.shape)
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-            sources.append(Source(key, "holder", value, dtype, shape, nbytes))
-        else:
-            array = _owned_copy(key, value)
-            sources.append(Source(key, "array", array, array.dtype.str, tuple(array.shape), array.nbytes))
+        sources.append(prepare_source(key, entry.source))
     return sources
 
 
@@ -279,7 +343,7 @@ def host_bytes(array: Any, start: int, stop: int) -> memoryview:
         flat = cupy.ascontiguousarray(array).reshape(-1).view(cupy.uint8)
         return memoryview(cupy.asnumpy(flat[start:stop]))
     array = np.asarray(array)
-    little = np.dtype(encode_dtype(array.dtype))
+    little = np.dtype(_encode(array.dtype))
     if array.flags.c_contiguous and array.dtype == little:
         return memoryview(array.reshape(-1).view(np.uint8))[start:stop]
     itemsize = array.dtype.itemsize
@@ -291,43 +355,130 @@ def host_bytes(array: Any, start: int, stop: int) -> memoryview:
 
 
 # ---------------------------------------------------------------------------------------------
-# Staging
+# Guards and streamed file contents
 
 
-@dataclass
-class StagedFile:
-    """A data file ready to write: ``buffer`` is its full content, ``crcs`` one CRC per piece."""
+class GuardLayout:
+    """Which holder owns which pieces of a plan: derived once, reusable by every write of that plan.
 
-    index: int
-    name: str
-    buffer: bytearray
-    crcs: tuple[int, ...]
+    Parameters
+    ----------
+    sources, plan:
+        From :func:`prepare_sources` and :func:`~asyncckpt.plan.plan_write` (one item per source).
+    """
+
+    def __init__(self, sources: Sequence[Source], plan: WritePlan) -> None:
+        holder_index: dict[int, int] = {}
+        holders: list[Any] = []
+        item_holder = [-1] * len(sources)
+        for item, source in enumerate(sources):
+            if source.kind == "holder":
+                index = holder_index.get(id(source.value))
+                if index is None:
+                    index = holder_index[id(source.value)] = len(holders)
+                    holders.append(source.value)
+                item_holder[item] = index
+        pieces_by_holder: list[dict[int, list[int]]] = [{} for _ in holders]
+        #: Per file, per piece: the holder it belongs to (-1 for none).
+        self.piece_holders: tuple[tuple[int, ...], ...] = tuple(
+            tuple(item_holder[piece.item] for piece in file.pieces) for file in plan.files
+        )
+        for file_index, owners in enumerate(self.piece_holders):
+            for piece_index, owner in enumerate(owners):
+                if owner >= 0:
+                    pieces_by_holder[owner].setdefault(file_index, []).append(piece_index)
+        #: The distinct holders, in order of first appearance.
+        self.holders: tuple[Any, ...] = tuple(holders)
+        #: Per holder: ``((file_index, piece_indices), ...)``.
+        self.holder_pieces: tuple[tuple[tuple[int, tuple[int, ...]], ...], ...] = tuple(
+            tuple((file_index, tuple(indices)) for file_index, indices in by_file.items())
+            for by_file in pieces_by_holder
+        )
+        self.piece_counts: tuple[int, ...] = tuple(
+            sum(len(indices) for _, indices in by_file) for by_file in self.holder_pieces
+        )
+        # Holders whose type registers hooks in bulk, grouped by that registration function.
+        self.bulk_tables: list[tuple[Callable, dict[int, int]]] = []
+        self.single: tuple[int, ...] = ()
+        tables: dict[Any, tuple[Callable, dict[int, int]]] = {}
+        single = []
+        for index, holder in enumerate(holders):
+            if not self.piece_counts[index]:
+                continue  # an empty value: nothing to guard
+            add_many = getattr(type(holder), "_add_mutation_hooks", None)
+            if callable(add_many):
+                group = tables.setdefault(getattr(add_many, "__func__", add_many), (add_many, {}))
+                group[1][id(holder)] = index
+            else:
+                single.append(index)
+        self.bulk_tables = list(tables.values())
+        self.single = tuple(single)
 
 
-@dataclass
-class _Guard:
-    """The mutation hook of one snapshot source and the files it still waits for."""
+class _FileState:
+    """Progress of one data file within one write (guarded by ``lock``).
 
-    holder: Any
-    files: tuple[int, ...]
-    remaining: int
-    hook: Callable[[Any], None] | None = field(default=None)
+    ``waiting`` counts hooks queued for the lock; the writer lets them in before its next batch
+    (``turn``), so a mutation waits for at most the batch being written.
+    """
+
+    __slots__ = ("lock", "turn", "gate", "waiting", "cursor", "staged", "staged_bytes", "crcs", "captured")
+
+    def __init__(self, pieces: int) -> None:
+        self.lock = threading.Lock()
+        self.turn = threading.Condition(self.lock)
+        self.gate = threading.Lock()
+        self.waiting = 0
+        self.cursor = 0  # bytes of the file written so far (only grows)
+        self.staged: dict[int, tuple[int, Any]] = {}  # piece -> (first byte in piece, copy)
+        self.staged_bytes = 0
+        self.crcs = [0] * pieces
+        self.captured = bytearray(pieces)  # 1 once a piece is written or copied
+
+
+class WriteAbortedError(RuntimeError):
+    """The write owning a snapshot has ended; its file contents can no longer be produced."""
+
+
+class FileContent(StreamedValue):
+    """The bytes of one planned data file, served from the sources while storage writes them.
+
+    Batches are views of the sources' memory (or of a hook's copy); each batch stays locked against
+    mutation until the consumer asks for the next one, and the CRC-32C of every piece is computed
+    on exactly the bytes handed out.
+    """
+
+    def __init__(self, snapshot: Snapshot, index: int) -> None:
+        self._snapshot = snapshot
+        self._index = index
+        self._consumed = False
+        self.size = snapshot._plan.files[index].size
+
+    def segments(self) -> Iterator[list[memoryview]]:
+        if self._consumed:
+            # Bytes already handed out may have changed since (their guard is spent): serving
+            # them again could mix two versions of a value.
+            raise RuntimeError(f"the content of data file {self._index} can be consumed only once")
+        self._consumed = True
+        return self._snapshot._segments(self._index)
 
 
 class Snapshot:
-    """Stages the files of ``plan`` from ``sources`` under ``budget``, guarding live sources.
+    """Serves the files of ``plan`` from ``sources``, guarding live sources until they are written.
 
     Parameters
     ----------
     sources, plan:
         From :func:`prepare_sources` and :func:`~asyncckpt.plan.plan_write` (one item per source).
     budget:
-        The byte budget; a file's bytes are reserved before it is staged.
+        The staging budget: hooks reserve what they copy before copying it.
     loop:
-        The loop the budget and ``deliver`` belong to.
-    deliver:
-        Called on ``loop`` with each :class:`StagedFile`, or with an exception raised while a
-        mutation hook was staging (so the write fails instead of the mutating thread).
+        The loop the budget belongs to.
+    layout:
+        A :class:`GuardLayout` of ``sources`` and ``plan`` (built here when not given; pass a kept
+        one to make repeated writes of the same objects cheap).
+    segment_bytes:
+        Most bytes per batch of a file's content (:data:`SEGMENT_BYTES`).
     """
 
     def __init__(
@@ -336,156 +487,259 @@ class Snapshot:
         plan: WritePlan,
         budget: ByteBudget,
         loop: asyncio.AbstractEventLoop,
-        deliver: Callable[[StagedFile | BaseException], None],
+        layout: GuardLayout | None = None,
+        *,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
-        self._sources = list(sources)
+        if segment_bytes <= 0:
+            raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
+        self._segment_bytes = segment_bytes
+        self._sources = sources
         self._plan = plan
         self._budget = budget
         self._loop = loop
-        self._deliver = deliver
-        self._staged = [False] * len(plan.files)
-        self._file_locks = [threading.Lock() for _ in plan.files]
-        self._state_lock = threading.Lock()
+        self._layout = layout if layout is not None else GuardLayout(sources, plan)
+        self._files = [_FileState(len(file.pieces)) for file in plan.files]
+        self._remaining = list(self._layout.piece_counts)  # per holder: pieces not yet captured
+        self._count_lock = threading.Lock()
+        self._views: dict[int, memoryview | None] = {}
+        self._array_pieces: dict[int, int] = {}
+        self._removers: list[Callable[[], None]] = []
+        self._single_hooks: dict[int, Callable[[Any], None]] = {}
         self._closed = False
+        self.error: BaseException | None = None
         self.staging_seconds = 0.0
-        self.staged_by_hooks = 0
-        # Per item: files still to stage before its source can be dropped.
-        self._item_remaining = [len(plan.files_of_item(i)) for i in range(len(self._sources))]
-        self._guards: dict[int, _Guard] = {}
-        for item, source in enumerate(self._sources):
-            if source.kind != "holder":
-                continue
-            guard = self._guards.get(id(source.value))
-            files = plan.files_of_item(item)
-            if guard is None:
-                self._guards[id(source.value)] = _Guard(source.value, files, 0)
-            else:
-                guard.files = tuple(sorted(set(guard.files) | set(files)))
-        for guard in self._guards.values():
-            guard.remaining = len(guard.files)
+        self.bytes_staged_by_hooks = 0
+        self.files_staged_by_hooks = 0
+        self._hooked_files: set[int] = set()
 
+    # ------------------------------------------------------------------ guards
     def install_guards(self) -> None:
         """Register the mutation hooks (call before returning from ``start_write``)."""
-        for holder_id, guard in self._guards.items():
-            if guard.remaining:
-                guard.hook = self._make_hook(holder_id)
-                guard.holder._add_mutation_hook(guard.hook)
+        layout = self._layout
+        for add_many, table in layout.bulk_tables:
+            self._removers.append(add_many(table, self._stage_holder))
+        for index in layout.single:
+            holder = layout.holders[index]
+            hook = self._single_hook(index)
+            holder._add_mutation_hook(hook)
+            self._single_hooks[index] = hook
 
-    def _make_hook(self, holder_id: int) -> Callable[[Any], None]:
+    def _single_hook(self, index: int) -> Callable[[Any], None]:
         def before_mutation(_holder: Any) -> None:
-            self._stage_for_holder(holder_id)
+            self._stage_holder(index)
 
         return before_mutation
 
-    def _stage_for_holder(self, holder_id: int) -> None:
-        guard = self._guards[holder_id]
+    def _stage_holder(self, holder_index: int) -> None:
+        """The hook: copy every byte of the holder not yet written, before it changes."""
+        if self._closed or not self._remaining[holder_index]:
+            return
         in_loop = running_loop() is self._loop
-        for index in guard.files:
-            if self._closed or self._staged[index]:
+        for file_index, piece_indices in self._layout.holder_pieces[holder_index]:
+            state = self._files[file_index]
+            pieces = self._plan.files[file_index].pieces
+            cursor = state.cursor
+            need = sum(
+                pieces[p].length - max(0, cursor - pieces[p].file_offset)
+                for p in piece_indices
+                if not state.captured[p] and cursor < pieces[p].file_offset + pieces[p].length
+            )
+            if not need:
                 continue
-            size = self._plan.files[index].size
             # Budget first, file lock second, never the other way round: nobody waits for budget
-            # while holding a file lock, and budget is freed by the writer, which needs no lock
-            # and waits only on storage. So this wait always ends (each file fits the budget).
+            # while holding a file lock, and budget is freed by the writer once a file is durable,
+            # which needs no budget. So this wait always ends (each file fits the budget).
             try:
                 if in_loop:
-                    self._budget.force_acquire(size)  # cannot block the loop that frees budget
+                    self._budget.force_acquire(need)  # cannot block the loop that frees budget
                 else:
-                    self._budget.acquire_from_thread(size, self._loop)
+                    self._budget.acquire_from_thread(need, self._loop)
             except BudgetClosedError:
                 return  # the write is over; the mutation no longer needs protecting
+            copied = 0
             try:
-                staged = self.stage(index)
+                copied = self._copy_pieces(file_index, piece_indices)
             except BaseException as exc:
-                self._release_threadsafe(size)
-                self._call_on_loop(self._deliver, exc)
+                self._fail(exc)
                 return
-            if staged is None:
-                self._release_threadsafe(size)
-                continue
-            with self._state_lock:
-                self.staged_by_hooks += 1
-            self._call_on_loop(self._deliver, staged)
+            finally:
+                if need > copied:
+                    self._release_threadsafe(need - copied)
+
+    def _copy_pieces(self, file_index: int, piece_indices: Sequence[int]) -> int:
+        state = self._files[file_index]
+        pieces = self._plan.files[file_index].pieces
+        started = time.perf_counter()
+        copied = 0
+        newly: list[int] = []
+        with state.gate:
+            state.waiting += 1
+        with state.lock:
+            with state.gate:
+                state.waiting -= 1
+            state.turn.notify_all()
+            if self._closed:
+                return 0
+            for p in piece_indices:
+                if state.captured[p]:
+                    continue
+                piece = pieces[p]
+                first = max(0, state.cursor - piece.file_offset)
+                if first >= piece.length:
+                    continue
+                copy = np.empty(piece.length - first, dtype=np.uint8)
+                source = self._sources[piece.item]
+                memoryview(copy)[:] = source.byte_view(piece.item_offset + first, piece.item_offset + piece.length)
+                state.staged[p] = (first, copy)
+                state.captured[p] = 1
+                copied += copy.nbytes
+                newly.append(p)
+            state.staged_bytes += copied
+        if copied:
+            with self._count_lock:
+                self.staging_seconds += time.perf_counter() - started
+                self.bytes_staged_by_hooks += copied
+                if file_index not in self._hooked_files:
+                    self._hooked_files.add(file_index)
+                    self.files_staged_by_hooks += 1
+        self._captured(file_index, newly)
+        return copied
+
+    def _captured(self, file_index: int, piece_indices: Sequence[int]) -> None:
+        """Count pieces written or copied; a holder with none left loses its guard."""
+        if not piece_indices:
+            return
+        owners = self._layout.piece_holders[file_index]
+        spent = []
+        with self._count_lock:
+            remaining = self._remaining
+            for p in piece_indices:
+                owner = owners[p]
+                if owner >= 0:
+                    remaining[owner] -= 1
+                    if not remaining[owner]:
+                        spent.append(owner)
+        for owner in spent:
+            hook = self._single_hooks.pop(owner, None)
+            if hook is not None:
+                self._layout.holders[owner]._remove_mutation_hook(hook)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
 
     def _release_threadsafe(self, nbytes: int) -> None:
-        self._call_on_loop(self._budget.release, nbytes)
-
-    def _call_on_loop(self, callback, *args) -> None:
         if running_loop() is self._loop:
-            callback(*args)
+            self._budget.release(nbytes)
             return
         with contextlib.suppress(RuntimeError):  # the loop has shut down: nobody is listening
-            self._loop.call_soon_threadsafe(callback, *args)
+            self._loop.call_soon_threadsafe(self._budget.release, nbytes)
 
-    def stage(self, index: int) -> StagedFile | None:
-        """Copy file ``index`` into a new buffer; ``None`` if it was already staged.
+    # ------------------------------------------------------------------ serving files
+    def content(self, index: int) -> FileContent:
+        """The bytes of file ``index`` as a :class:`~asyncckpt.storage.StreamedValue`."""
+        return FileContent(self, index)
 
-        The caller holds ``size`` bytes of budget for it. Thread-safe; blocks while another thread
-        stages the same file.
-        """
+    def crcs(self, index: int) -> tuple[int, ...]:
+        """The CRC-32C of each piece of file ``index`` (complete once its content was consumed)."""
+        return tuple(self._files[index].crcs)
+
+    def _view(self, item: int) -> memoryview | None:
+        try:
+            return self._views[item]
+        except KeyError:
+            view = self._views[item] = self._sources[item].flat_view()
+            return view
+
+    def _piece_bytes(self, state: _FileState, piece_index: int, piece, first: int, length: int) -> memoryview:
+        staged = state.staged.get(piece_index)
+        if staged is not None:
+            start, copy = staged
+            return memoryview(copy)[first - start : first - start + length]
+        begin = piece.item_offset + first
+        view = self._view(piece.item)
+        if view is None:
+            return self._sources[piece.item].byte_view(begin, begin + length)
+        return view[begin : begin + length]
+
+    def _segments(self, index: int) -> Iterator[list[memoryview]]:
+        """Batches of file ``index``; each holds its file's lock until the consumer moves on."""
         file = self._plan.files[index]
-        with self._file_locks[index]:
-            if self._staged[index]:
-                return None
-            started = time.perf_counter()
-            buffer = bytearray(file.size)
-            view = memoryview(buffer)
-            crcs = []
-            for piece in file.pieces:
-                target = view[piece.file_offset : piece.file_offset + piece.length]
-                target[:] = self._sources[piece.item].byte_view(piece.item_offset, piece.item_offset + piece.length)
-                crcs.append(crc32c.crc32c(target))
-            self._staged[index] = True
-            elapsed = time.perf_counter() - started
-        self._after_staged(index, elapsed)
-        return StagedFile(index, file.name, buffer, tuple(crcs))
+        state = self._files[index]
+        pieces = file.pieces
+        count = len(pieces)
+        crcs = state.crcs
+        checksum = crc32c.crc32c
+        segment = self._segment_bytes
+        current = 0  # piece being served
+        first = 0  # its first byte not served yet
+        while current < count:
+            done: list[int] = []
+            with state.lock:
+                while state.waiting:  # hooks first: they wait for at most one batch
+                    state.turn.wait()
+                if self.error is not None:
+                    raise self.error
+                if self._closed:
+                    raise WriteAbortedError("the write was aborted")
+                batch: list[memoryview] = []
+                nbytes = 0
+                while current < count and nbytes < segment and len(batch) < _BATCH_BUFFERS:
+                    piece = pieces[current]
+                    length = min(piece.length - first, segment - nbytes)
+                    view = self._piece_bytes(state, current, piece, first, length)
+                    crcs[current] = checksum(view, crcs[current])
+                    batch.append(view)
+                    nbytes += length
+                    first += length
+                    if first == piece.length:
+                        done.append(current)
+                        current += 1
+                        first = 0
+                yield batch  # the consumer writes the batch while we hold the lock
+                state.cursor = file.size if current == count else pieces[current].file_offset + first
+                captured = [p for p in done if not state.captured[p]]
+                for p in captured:
+                    state.captured[p] = 1
+            self._captured(index, captured)
+            self._drop_spent_sources(index, done)
 
-    def _after_staged(self, index: int, elapsed: float) -> None:
-        unhook = []
-        with self._state_lock:
-            self.staging_seconds += elapsed
-            holders = set()  # one holder may be several items of this file (saved under several keys)
-            for item in {piece.item for piece in self._plan.files[index].pieces}:
-                self._item_remaining[item] -= 1
-                source = self._sources[item]
-                if source.kind == "holder":
-                    holders.add(id(source.value))
-                elif self._item_remaining[item] == 0:
-                    source.value = None  # the owned copy is no longer needed
-            for holder_id in holders:
-                guard = self._guards[holder_id]
-                guard.remaining -= 1
-                if guard.remaining == 0 and guard.hook is not None:
-                    unhook.append((guard.holder, guard.hook))
-                    guard.hook = None
-        for holder, hook in unhook:
-            holder._remove_mutation_hook(hook)
-
-    async def run_copier(self) -> None:
-        """Stage every file not staged by a hook, in plan order, one at a time, off the loop."""
-        for index, file in enumerate(self._plan.files):
-            if self._staged[index]:
+    def _drop_spent_sources(self, file_index: int, done: list[int]) -> None:
+        """Forget owned copies of plain arrays once all their bytes are written (frees them early)."""
+        pieces = self._plan.files[file_index].pieces
+        for p in done:
+            item = pieces[p].item
+            source = self._sources[item]
+            if source.kind != "array":
                 continue
-            await self._budget.acquire(file.size)
-            try:
-                staged = await asyncio.to_thread(self.stage, index)
-            except BaseException:
-                self._budget.release(file.size)
-                raise
-            if staged is None:
-                self._budget.release(file.size)
-            else:
-                self._deliver(staged)
+            with self._count_lock:
+                left = self._array_pieces.get(item, len(self._plan.extents[item])) - 1
+                self._array_pieces[item] = left
+            if not left:
+                self._views.pop(item, None)
+                source.value = None
+
+    def file_written(self, index: int) -> None:
+        """File ``index`` is durable: drop its staging copies and return their budget (on the loop)."""
+        state = self._files[index]
+        with state.lock:
+            staged, state.staged_bytes = state.staged_bytes, 0
+            state.staged = {}
+        if staged:
+            self._release_threadsafe(staged)
 
     def close(self) -> None:
-        """End the snapshot: remove remaining hooks and wake anyone waiting for budget."""
+        """End the snapshot: remove every guard and wake anyone waiting for budget."""
         self._closed = True
-        self._call_on_loop(self._budget.close)
-        unhook = []
-        with self._state_lock:
-            for guard in self._guards.values():
-                if guard.hook is not None:
-                    unhook.append((guard.holder, guard.hook))
-                    guard.hook = None
-        for holder, hook in unhook:
-            holder._remove_mutation_hook(hook)
+        if running_loop() is self._loop:
+            self._budget.close()
+        else:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._budget.close)
+        removers, self._removers = self._removers, []
+        for remove in removers:
+            remove()
+        hooks, self._single_hooks = self._single_hooks, {}
+        for index, hook in hooks.items():
+            self._layout.holders[index]._remove_mutation_hook(hook)

@@ -1,31 +1,38 @@
-"""Where checkpoint bytes live: a small async ``Backend`` interface over TensorStore kvstores.
+"""Where checkpoint bytes live: a small async ``Backend`` interface over files and TensorStore kvstores.
 
 This is the only module that imports :mod:`tensorstore`. The pipeline sees a :class:`Storage`
 (chosen through ``WriteSettings.storage`` / ``ReadSettings.storage``) that opens one
 :class:`Backend` per checkpoint folder; a backend sees names and bytes, never arrays.
 
-* :class:`FileStorage` (the default) writes data files through TensorStore's ``file`` kvstore and
-  adds what a local or network filesystem needs on top: the atomic ``P.index`` commit
-  (temporary file, fsync, rename, directory fsync), durable directory creation, ``flock`` write
-  locks that let any process tell in-progress writes from crash debris, and symlink checks.
-* :class:`KvStoreStorage` runs on any other kvstore driver (``memory`` in tests, object stores
+* :class:`FileStorage` (the default) writes and reads data files with plain system calls in worker
+  threads: a write streams a :class:`StreamedValue` straight from the caller's buffers into the file
+  (``writev``, no intermediate copy) and a read scatters a byte range straight into the caller's
+  buffers (``preadv``), both with the GIL released. On top it adds what a local or network
+  filesystem needs: the atomic ``P.index`` commit (temporary file, fsync, rename, directory fsync),
+  durable directory creation, ``flock`` write locks that let any process tell in-progress writes
+  from crash debris, and symlink checks. (TensorStore's ``file`` kvstore would copy every value
+  once on the way in and once on the way out, which halved the bandwidth.)
+* :class:`KvStoreStorage` runs on any TensorStore kvstore driver (``memory`` in tests, object stores
   later); a single ``write`` of ``P.index`` is the commit there, and locks are in-process only.
 
-Backend errors are translated at this seam: TensorStore's ``ValueError`` statuses become
-:class:`StorageError` (an ``OSError`` carrying the errno when TensorStore reports one), a byte range
-past the end of a value becomes :class:`TruncatedError`, and a missing value reads as ``None``.
+Backend errors are translated at this seam: TensorStore's ``ValueError`` statuses and the
+filesystem's ``OSError`` exceptions become :class:`StorageError` (an ``OSError`` carrying the errno when one
+is known), a byte range past the end of a value becomes :class:`TruncatedError`, and a missing value
+reads as ``None``.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import fcntl
 import os
 import posixpath
 import re
 import shutil
 import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorstore as ts
@@ -35,6 +42,7 @@ from asyncckpt.errors import CorruptCheckpointError
 __all__ = [
     "StorageError",
     "TruncatedError",
+    "StreamedValue",
     "Lock",
     "Backend",
     "BackendWrapper",
@@ -65,6 +73,63 @@ def _translate(exc: ValueError, what: str) -> StorageError:
         number = int(code.group(1))
         return StorageError(number, f"{what}: {message} ({os.strerror(number)})")
     return StorageError(f"{what}: {message}")
+
+
+class StreamedValue(abc.ABC):
+    """A value for :meth:`Backend.write` that is produced while it is being written.
+
+    The filesystem backend consumes :meth:`segments` batch by batch, so the value never exists as
+    one buffer; other backends call :meth:`to_bytearray`. The producer (the write pipeline) serves
+    bytes straight from live arrays and keeps each batch's bytes unchanged only until the consumer
+    asks for the next batch (or closes the iterator), so a consumer must be done with a batch --
+    written it, or copied it -- before it advances.
+    """
+
+    #: Total number of bytes the segments add up to.
+    size: int
+
+    @abc.abstractmethod
+    def segments(self) -> Iterator[Sequence[memoryview]]:
+        """Yield batches of flat byte buffers which, concatenated in order, are the value."""
+
+    def to_bytearray(self) -> bytearray:
+        """The whole value as one buffer (for backends that need one), gathered on first use."""
+        gathered = getattr(self, "_gathered", None)
+        if gathered is not None:
+            return gathered
+        buffer = bytearray(self.size)
+        view = memoryview(buffer)
+        position = 0
+        with contextlib.closing(self.segments()) as batches:
+            for batch in batches:
+                for piece in batch:
+                    view[position : position + len(piece)] = piece
+                    position += len(piece)
+        if position != self.size:
+            raise ValueError(f"a streamed value produced {position} bytes instead of {self.size}")
+        self._gathered = buffer
+        return buffer
+
+    # Byte-string conveniences for code written against plain buffers (wrappers, fault injectors).
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.to_bytearray())
+
+    def __getitem__(self, index):
+        return self.to_bytearray()[index]
+
+
+def _byte_views(buffers: Sequence[Any]) -> list[memoryview]:
+    views = []
+    for buffer in buffers:
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if view.nbytes:
+            views.append(view)
+    return views
 
 
 class Lock(abc.ABC):
@@ -98,8 +163,11 @@ class Backend(abc.ABC):
         """Create the (empty) data directory ``name``, durably."""
 
     @abc.abstractmethod
-    async def write(self, key: str, value: bytes | bytearray) -> None:
-        """Store ``value`` under ``key``, durably, replacing any old value."""
+    async def write(self, key: str, value: bytes | bytearray | memoryview | StreamedValue) -> None:
+        """Store ``value`` under ``key``, durably, replacing any old value.
+
+        A :class:`StreamedValue` must be consumed completely (or the write must fail).
+        """
 
     @abc.abstractmethod
     async def read(self, key: str, start: int = 0, stop: int | None = None) -> bytes | None:
@@ -107,6 +175,28 @@ class Backend(abc.ABC):
 
         Raises :class:`TruncatedError` when the range extends past the end of the value.
         """
+
+    async def read_into(self, key: str, start: int, buffers: Sequence[Any]) -> bool:
+        """Fill ``buffers`` (writable buffers, in order) from ``key`` starting at byte ``start``.
+
+        Returns ``False`` if ``key`` does not exist; raises :class:`TruncatedError` when the value
+        ends before the buffers are full. This default reads through :meth:`read` and copies, so a
+        wrapper overriding :meth:`read` sees every read; backends that can scatter a read into the
+        buffers directly override it.
+        """
+        views = _byte_views(buffers)
+        total = sum(view.nbytes for view in views)
+        data = await self.read(key, start, start + total)
+        if data is None:
+            return False
+        if len(data) != total:
+            raise TruncatedError(f"reading {self.describe(key)}: got {len(data)} of {total} bytes")
+        source = memoryview(data)
+        position = 0
+        for view in views:
+            view[:] = source[position : position + view.nbytes]
+            position += view.nbytes
+        return True
 
     @abc.abstractmethod
     async def commit(self, name: str, tmp_name: str, value: bytes) -> None:
@@ -210,9 +300,13 @@ class _KvStoreBackend(Backend):
     def describe(self, name: str) -> str:
         return f"{self._location}{name}"
 
-    async def write(self, key: str, value: bytes | bytearray) -> None:
+    async def write(self, key: str, value: bytes | bytearray | memoryview | StreamedValue) -> None:
         # TensorStore copies a bytearray once and a bytes object twice on the way in (measured),
-        # so staged buffers are bytearrays.
+        # so a streamed value is gathered into a bytearray (off the loop: it copies every byte).
+        if isinstance(value, StreamedValue):
+            value = await asyncio.to_thread(value.to_bytearray)
+        elif isinstance(value, memoryview):
+            value = bytearray(value)
         try:
             await self._kv.write(key, value)
         except ValueError as exc:
@@ -311,13 +405,155 @@ def _lock_file(path: str, create: bool) -> _FileLock | None:
     return _FileLock(fd, path)
 
 
-class _FileBackend(_KvStoreBackend):
-    def __init__(self, kvstore: ts.KvStore, folder: str) -> None:
-        super().__init__(kvstore, folder.rstrip(os.sep) + os.sep)
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (AttributeError, OSError, ValueError):
+    _IOV_MAX = 1024
+
+
+def _os_error(exc: OSError, what: str) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
+    if exc.errno is not None:
+        return StorageError(exc.errno, f"{what}: {exc.strerror or exc}")
+    return StorageError(f"{what}: {exc}")
+
+
+def _write_all(fd: int, views: list[memoryview]) -> int:
+    """Write every byte of ``views`` in order (``writev``, resuming after short writes)."""
+    total = 0
+    index = 0
+    while index < len(views):
+        batch = views[index : index + _IOV_MAX]
+        written = os.writev(fd, batch) if len(batch) > 1 else os.write(fd, batch[0])
+        total += written
+        for view in batch:
+            if written >= view.nbytes:
+                written -= view.nbytes
+                index += 1
+            else:
+                views[index] = view[written:]
+                break
+    return total
+
+
+def _write_file(path: str, value: Any, sync: bool) -> None:
+    """Create or replace ``path`` with ``value``; with ``sync``, fsync it and its directory."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        _makedirs_durable(os.path.dirname(path))  # a kvstore creates missing parents: so do we
+        fd = os.open(path, flags, 0o644)
+    try:
+        if isinstance(value, StreamedValue):
+            written = 0
+            with contextlib.closing(value.segments()) as batches:
+                for batch in batches:
+                    written += _write_all(fd, _byte_views(batch))
+            if written != value.size:
+                raise ValueError(f"a streamed value produced {written} bytes instead of {value.size}")
+        else:
+            _write_all(fd, _byte_views([value]))
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if sync:
+        _fsync_dir(os.path.dirname(path))
+
+
+def _open_for_reading(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def _check_range(path: str, size: int, start: int, stop: int) -> None:
+    if start < 0 or stop < start:
+        raise ValueError(f"invalid byte range [{start}, {stop}) of {path}")
+    if stop > size:
+        raise TruncatedError(f"reading {path}: bytes [{start}, {stop}) requested but the file has {size}")
+
+
+def _read_file(path: str, start: int, stop: int | None) -> bytes | None:
+    fd = _open_for_reading(path)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        stop = size if stop is None else stop
+        _check_range(path, size, start, stop)
+        parts = []
+        position = start
+        while position < stop:
+            part = os.pread(fd, stop - position, position)
+            if not part:
+                raise TruncatedError(f"reading {path}: the file ended at byte {position}, before {stop}")
+            parts.append(part)
+            position += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _read_file_into(path: str, start: int, buffers: Sequence[Any]) -> bool:
+    fd = _open_for_reading(path)
+    if fd is None:
+        return False
+    try:
+        views = _byte_views(buffers)
+        stop = start + sum(view.nbytes for view in views)
+        _check_range(path, os.fstat(fd).st_size, start, stop)
+        position = start
+        index = 0
+        while index < len(views):
+            batch = views[index : index + _IOV_MAX]
+            count = os.preadv(fd, batch, position)
+            if count == 0:
+                raise TruncatedError(f"reading {path}: the file ended at byte {position}, before {stop}")
+            position += count
+            for view in batch:
+                if count >= view.nbytes:
+                    count -= view.nbytes
+                    index += 1
+                else:
+                    views[index] = view[count:]
+                    break
+        return True
+    finally:
+        os.close(fd)
+
+
+class _FileBackend(Backend):
+    def __init__(self, folder: str, *, sync: bool) -> None:
         self._folder = folder
+        self._sync = sync
 
     def describe(self, name: str) -> str:
         return os.path.join(self._folder, *name.split("/"))
+
+    async def write(self, key: str, value: bytes | bytearray | memoryview | StreamedValue) -> None:
+        path = self.describe(key)
+        try:
+            await asyncio.to_thread(_write_file, path, value, self._sync)
+        except OSError as exc:
+            raise _os_error(exc, f"writing {path}") from exc
+
+    async def read(self, key: str, start: int = 0, stop: int | None = None) -> bytes | None:
+        path = self.describe(key)
+        try:
+            return await asyncio.to_thread(_read_file, path, start, stop)
+        except OSError as exc:
+            raise _os_error(exc, f"reading {path}") from exc
+
+    async def read_into(self, key: str, start: int, buffers: Sequence[Any]) -> bool:
+        path = self.describe(key)
+        try:
+            return await asyncio.to_thread(_read_file_into, path, start, buffers)
+        except OSError as exc:
+            raise _os_error(exc, f"reading {path}") from exc
 
     async def prepare(self) -> None:
         await asyncio.to_thread(_makedirs_durable, self._folder)
@@ -399,15 +635,13 @@ class FileStorage(Storage):
     Parameters
     ----------
     sync:
-        Whether TensorStore fsyncs each data file and its directory (``file_io_sync``). Turning it
-        off trades the crash guarantee of ``docs/format.md`` for speed (e.g. on tmpfs).
-    context:
-        A ``tensorstore.Context`` to share I/O thread pools with other TensorStore users.
+        Whether each data file and its directory are fsynced once written. Turning it off trades
+        the crash guarantee of ``docs/format.md`` for speed (e.g. on tmpfs); the manifest commit
+        is always fsynced.
     """
 
-    def __init__(self, *, sync: bool = True, context: ts.Context | None = None) -> None:
-        self._sync = sync
-        self._context = context if context is not None else ts.Context()
+    def __init__(self, *, sync: bool = True) -> None:
+        self._sync = bool(sync)
 
     def split(self, path: str) -> tuple[str, str]:
         path = os.fspath(path)
@@ -422,12 +656,7 @@ class FileStorage(Storage):
         return os.path.abspath(os.fspath(path))
 
     async def open(self, folder: str) -> Backend:
-        spec = {"driver": "file", "path": folder.rstrip(os.sep) + os.sep, "file_io_sync": self._sync}
-        try:
-            kvstore = await ts.KvStore.open(spec, context=self._context)
-        except ValueError as exc:
-            raise _translate(exc, f"opening {folder}") from exc
-        return _FileBackend(kvstore, folder)
+        return _FileBackend(folder, sync=self._sync)
 
 
 class _LockTable:

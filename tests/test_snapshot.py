@@ -1,4 +1,4 @@
-"""Unit tests of the byte budget, source preparation, host byte views and the staging guard."""
+"""Unit tests of the byte budget, source preparation, host byte views, streamed contents and the guard."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from asyncckpt._runtime import Runtime
 from asyncckpt.format import OBJECT_GRAPH_KEY
 from asyncckpt.plan import PlanItem, plan_write
 from asyncckpt.snapshot import (
+    SEGMENT_BYTES,
     BudgetClosedError,
     ByteBudget,
     SaveEntry,
     Snapshot,
+    WriteAbortedError,
     host_bytes,
     prepare_sources,
 )
@@ -177,48 +179,56 @@ def test_host_bytes_is_a_view_for_contiguous_little_endian_arrays():
 
 
 # ---------------------------------------------------------------------------------------------
-# Snapshot staging and the copy-on-write guard
+# Snapshot: streamed file contents and the copy-on-write guard
 
 
-def _snapshot(sources, runtime, capacity, *, instant_writer=True):
-    """A Snapshot whose files hold at most 16 bytes; delivered files are kept in ``staged``.
-
-    With ``instant_writer`` each delivered file's budget is released at once, as a writer would
-    after a (very fast) durable write.
-    """
-    plan = plan_write([PlanItem(s.key, s.nbytes) for s in sources], small_array_bytes=17, pack_bytes=16,
-                      chunk_bytes=16)
-    staged = []
+def _snapshot(sources, runtime, capacity, *, segment_bytes=SEGMENT_BYTES, file_bytes=16):
+    """A Snapshot whose files hold at most ``file_bytes`` bytes, with a budget of ``capacity``."""
+    plan = plan_write([PlanItem(s.key, s.nbytes) for s in sources], small_array_bytes=file_bytes + 1,
+                      pack_bytes=file_bytes, chunk_bytes=file_bytes)
     budget = ByteBudget(capacity)
-
-    def deliver(item):
-        staged.append(item)
-        if instant_writer:
-            budget.release(len(item.buffer))
-
-    snapshot = Snapshot(sources, plan, budget, runtime.loop, deliver)
-    return snapshot, plan, budget, staged
+    snapshot = Snapshot(sources, plan, budget, runtime.loop, segment_bytes=segment_bytes)
+    return snapshot, plan, budget
 
 
-def test_staging_builds_each_file_once_with_piece_checksums():
+def _in_use_now(runtime, budget):
+    return runtime.run(_in_use(budget))  # also lets releases queued from other threads run first
+
+
+def test_contents_serve_each_file_once_with_piece_checksums_and_no_copy():
     runtime = Runtime()
     try:
         a = FakeVariable(np.arange(2, dtype=np.int32))  # 8 bytes
         b = FakeVariable(np.arange(2, 4, dtype=np.int32))
         sources = prepare_sources([SaveEntry("a", a), SaveEntry("b", b), SaveEntry("c", b"xyz")])
-        snapshot, plan, budget, staged = _snapshot(sources, runtime, 32, instant_writer=False)
+        snapshot, plan, budget = _snapshot(sources, runtime, 32)
         snapshot.install_guards()
         assert a.hook_count == b.hook_count == 1
-        runtime.run(snapshot.run_copier())
         assert [f.name for f in plan.files] == ["pack-00000", "pack-00001"]
-        assert [s.name for s in staged] == ["pack-00000", "pack-00001"]
-        assert bytes(staged[0].buffer) == np.arange(4, dtype="<i4").tobytes()
-        assert staged[0].crcs == (crc32c.crc32c(np.arange(2, dtype="<i4").tobytes()),
-                                  crc32c.crc32c(np.arange(2, 4, dtype="<i4").tobytes()))
-        assert bytes(staged[1].buffer) == b"xyz"
-        assert a.hook_count == b.hook_count == 0  # staged: the guards are gone
-        assert budget.in_use == 16 + 3  # the copier reserved both files; the writer releases them
-        assert snapshot.stage(0) is None  # a file is never staged twice
+        assert bytes(snapshot.content(0).to_bytearray()) == np.arange(4, dtype="<i4").tobytes()
+        assert snapshot.crcs(0) == (crc32c.crc32c(np.arange(2, dtype="<i4").tobytes()),
+                                    crc32c.crc32c(np.arange(2, 4, dtype="<i4").tobytes()))
+        assert a.hook_count == b.hook_count == 0  # every byte went out: the guards are spent
+        assert bytes(snapshot.content(1)) == b"xyz"
+        assert snapshot.crcs(1) == (crc32c.crc32c(b"xyz"),)
+        assert _in_use_now(runtime, budget) == 0 and snapshot.bytes_staged_by_hooks == 0
+        content = snapshot.content(0)
+        list(content.segments())
+        with pytest.raises(RuntimeError, match="once"):
+            content.segments()
+    finally:
+        runtime.close()
+
+
+def test_batches_are_views_of_the_live_array_split_at_the_segment_size():
+    runtime = Runtime()
+    try:
+        big = FakeVariable(np.arange(12, dtype=np.int64))  # 96 bytes in one chunk
+        snapshot, _, _ = _snapshot(prepare_sources([SaveEntry("big", big)]), runtime, 96, segment_bytes=40,
+                                   file_bytes=96)
+        batches = [list(batch) for batch in snapshot.content(0).segments()]
+        assert [sum(len(view) for view in batch) for batch in batches] == [40, 40, 16]
+        assert np.shares_memory(np.frombuffer(batches[0][0], np.uint8), big._array)
     finally:
         runtime.close()
 
@@ -239,82 +249,166 @@ class _SlowVariable(FakeVariable):
         return array
 
 
-def test_mutation_waits_for_an_in_progress_background_copy_of_the_same_holder():
+def test_mutation_waits_while_a_batch_holding_its_bytes_is_being_written():
     runtime = Runtime()
     try:
         slow = _SlowVariable(np.arange(4, dtype=np.float32))
-        sources = prepare_sources([SaveEntry("slow", slow)])
-        snapshot, _, _, staged = _snapshot(sources, runtime, 16)
+        snapshot, _, budget = _snapshot(prepare_sources([SaveEntry("slow", slow)]), runtime, 16)
         snapshot.install_guards()
-        copier = runtime.submit(snapshot.run_copier())
+        written = []
+        writer = threading.Thread(target=lambda: written.append(bytes(snapshot.content(0).to_bytearray())))
+        writer.start()
         assert slow.copy_started.wait(10)
         mutated = threading.Event()
         mutator = threading.Thread(target=lambda: (slow.assign(-1), mutated.set()))
         mutator.start()
-        assert not mutated.wait(0.1)  # the hook waits for the copy of the file it needs
+        assert not mutated.wait(0.1)  # the hook waits for the batch being written
         slow.release_copy.set()
+        writer.join(10)
         mutator.join(10)
-        copier.result(10)
         assert mutated.is_set()
-        assert len(staged) == 1
-        assert bytes(staged[0].buffer) == np.arange(4, dtype="<f4").tobytes()
-        assert snapshot.staged_by_hooks == 0  # the background copy did it; the hook found it done
+        assert written == [np.arange(4, dtype="<f4").tobytes()]
+        assert snapshot.bytes_staged_by_hooks == 0  # the write got there first: nothing to copy
+        assert _in_use_now(runtime, budget) == 0
     finally:
         runtime.close()
 
 
-def test_hook_stages_before_the_copier_when_budget_allows():
+def test_hook_copies_a_holder_the_writer_has_not_reached_and_the_file_is_served_from_the_copy():
     runtime = Runtime()
     try:
         variables = [FakeVariable(np.full(4, i, dtype=np.int32)) for i in range(3)]  # 16 bytes each
         sources = prepare_sources([SaveEntry(f"v{i}", v) for i, v in enumerate(variables)])
-        snapshot, _, _, staged = _snapshot(sources, runtime, 48)
+        snapshot, _, budget = _snapshot(sources, runtime, 48)
         snapshot.install_guards()
-        variables[2].assign(99)  # no copier running: the hook stages file 2 itself
-        runtime.run(asyncio.sleep(0))  # let the delivery callback run on the loop
-        assert [s.name for s in staged] == ["pack-00002"]
-        assert bytes(staged[0].buffer) == np.full(4, 2, dtype="<i4").tobytes()
+        variables[2].assign(99)  # nothing written yet: the hook copies v2 before it changes
         assert variables[2].hook_count == 0 and variables[0].hook_count == 1
-        assert snapshot.staged_by_hooks == 1
-        runtime.run(snapshot.run_copier())
-        assert sorted(s.name for s in staged) == ["pack-00000", "pack-00001", "pack-00002"]
+        assert snapshot.bytes_staged_by_hooks == 16 and snapshot.files_staged_by_hooks == 1
+        assert _in_use_now(runtime, budget) == 16
+        assert bytes(snapshot.content(2)) == np.full(4, 2, dtype="<i4").tobytes()
+        assert snapshot.crcs(2) == (crc32c.crc32c(np.full(4, 2, dtype="<i4").tobytes()),)
+        snapshot.file_written(2)
+        assert _in_use_now(runtime, budget) == 0  # a durable file returns its copies' budget
+        variables[2].assign(7)  # the guard is spent: no copy, no wait
+        assert snapshot.bytes_staged_by_hooks == 16
     finally:
         runtime.close()
 
 
-def test_closed_snapshot_removes_hooks_and_lets_mutations_through():
+def test_a_mutation_between_batches_copies_only_what_has_not_been_written():
+    runtime = Runtime()
+    try:
+        big = FakeVariable(np.arange(12, dtype=np.int64))  # 96 bytes, one chunk, batches of 32
+        snapshot, _, budget = _snapshot(prepare_sources([SaveEntry("big", big)]), runtime, 96, segment_bytes=32,
+                                        file_bytes=96)
+        snapshot.install_guards()
+        batches = snapshot.content(0).segments()
+        first = b"".join(bytes(view) for view in next(batches))
+        next_batch = next(batches)  # the second batch is "being written": mutation would wait
+        second = b"".join(bytes(view) for view in next_batch)
+        mutated = threading.Event()
+        mutator = threading.Thread(target=lambda: (big.assign(-1), mutated.set()))
+        mutator.start()
+        assert not mutated.wait(0.1)
+        rest = b"".join(b"".join(bytes(view) for view in batch) for batch in batches)  # releases batch 2
+        mutator.join(10)
+        assert mutated.is_set()
+        assert first + second + rest == np.arange(12, dtype="<i8").tobytes()
+        assert snapshot.bytes_staged_by_hooks == 32  # only the third batch had to be copied
+        assert snapshot.crcs(0) == (crc32c.crc32c(np.arange(12, dtype="<i8").tobytes()),)
+        assert big.hook_count == 0
+    finally:
+        runtime.close()
+
+
+def test_closed_snapshot_removes_hooks_lets_mutations_through_and_serves_nothing():
     runtime = Runtime()
     try:
         variable = FakeVariable(np.zeros(4, dtype=np.int32))
-        sources = prepare_sources([SaveEntry("v", variable)])
-        snapshot, _, budget, staged = _snapshot(sources, runtime, 16, instant_writer=False)
+        snapshot, _, budget = _snapshot(prepare_sources([SaveEntry("v", variable)]), runtime, 16)
         snapshot.install_guards()
         runtime.run(budget.acquire(16))  # someone else holds the whole budget
         snapshot.close()
         assert variable.hook_count == 0
         variable.assign(5)  # no hook left: does not block
-        assert staged == []
+        with pytest.raises(WriteAbortedError):
+            snapshot.content(0).to_bytearray()
     finally:
         runtime.close()
 
 
-def test_a_holder_saved_under_several_keys_stays_guarded_until_all_its_files_are_staged():
+def test_a_holder_saved_under_several_keys_stays_guarded_until_all_its_bytes_are_out():
     runtime = Runtime()
     try:
         shared = FakeVariable(np.arange(2, dtype=np.int64))  # 16 bytes: "a" and "b" fill pack 0
         sources = prepare_sources([SaveEntry("a", shared), SaveEntry("b", shared), SaveEntry("c", shared)])
-        plan = plan_write([PlanItem(s.key, s.nbytes) for s in sources], small_array_bytes=17, pack_bytes=32,
-                          chunk_bytes=32)
+        snapshot, plan, _ = _snapshot(sources, runtime, 64, file_bytes=32)
         assert [len(f.pieces) for f in plan.files] == [2, 1]
-        staged = []
-        snapshot = Snapshot(sources, plan, ByteBudget(64), runtime.loop, staged.append)
         snapshot.install_guards()
-        assert snapshot.stage(0) is not None
+        snapshot.content(0).to_bytearray()
         assert shared.hook_count == 1  # pack 1 still holds "c"
-        shared.assign(-1)  # must stage pack 1 with the old value first
-        runtime.run(asyncio.sleep(0))
+        shared.assign(-1)  # must copy "c" with the old value first
         assert shared.hook_count == 0
-        assert [s.name for s in staged] == ["pack-00001"]
-        assert bytes(staged[0].buffer) == np.arange(2, dtype="<i8").tobytes()
+        assert bytes(snapshot.content(1)) == np.arange(2, dtype="<i8").tobytes()
+    finally:
+        runtime.close()
+
+
+class _BulkVariable(FakeVariable):
+    """A holder type that registers hooks in bulk, as ``Variable`` does."""
+
+    tables: list = []
+
+    @classmethod
+    def _add_mutation_hooks(cls, table, hook):
+        entry = (dict(table), hook)
+        cls.tables.append(entry)
+        return lambda: cls.tables.remove(entry)
+
+    def assign(self, value) -> None:
+        for table, hook in list(type(self).tables):
+            if id(self) in table:
+                hook(table[id(self)])
+        super().assign(value)
+
+
+def test_bulk_guards_are_installed_once_per_type_and_removed_on_close():
+    runtime = Runtime()
+    try:
+        _BulkVariable.tables = []
+        variables = [_BulkVariable(np.full(2, i, dtype=np.int64)) for i in range(5)]
+        sources = prepare_sources([SaveEntry(f"v{i}", v) for i, v in enumerate(variables)])
+        snapshot, _, _ = _snapshot(sources, runtime, 80)
+        snapshot.install_guards()
+        assert len(_BulkVariable.tables) == 1 and len(_BulkVariable.tables[0][0]) == 5
+        assert all(v.hook_count == 0 for v in variables)  # no per-holder hooks
+        variables[3].assign(-1)
+        assert snapshot.bytes_staged_by_hooks == 16
+        assert bytes(snapshot.content(3)) == np.full(2, 3, dtype="<i8").tobytes()
+        snapshot.close()
+        assert _BulkVariable.tables == []
+    finally:
+        runtime.close()
+
+
+class _BrokenCopyVariable(FakeVariable):
+    def _snapshot_array(self):
+        if self.snapshot_calls >= 1:
+            self.snapshot_calls += 1
+            raise RuntimeError("device lost while copying")
+        return super()._snapshot_array()
+
+
+def test_a_hook_that_cannot_copy_fails_the_contents_not_the_mutation():
+    runtime = Runtime()
+    try:
+        broken = _BrokenCopyVariable(np.zeros(2, dtype=np.int64))
+        snapshot, _, budget = _snapshot(prepare_sources([SaveEntry("v", broken)]), runtime, 16)
+        snapshot.install_guards()
+        broken.assign(1)  # the copy fails; the mutation still happens
+        assert isinstance(snapshot.error, RuntimeError)
+        with pytest.raises(RuntimeError, match="device lost"):
+            snapshot.content(0).to_bytearray()
+        assert _in_use_now(runtime, budget) == 0
     finally:
         runtime.close()

@@ -1,0 +1,63 @@
+"""PyTorch CUDA tensors as save sources and restore targets, adopted through DLPack / the CUDA array interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import asyncckpt as ac
+from asyncckpt import _arrays, _cuda
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("PyTorch has no CUDA device", allow_module_level=True)
+
+
+def test_torch_tensors_are_device_arrays_adopted_without_a_copy(cp):
+    tensor = torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4)
+    assert _arrays.is_device_array(tensor)
+    assert not _arrays.is_device_array(tensor.cpu())
+    view = _arrays.adopt_device_array(tensor)
+    assert isinstance(view, cp.ndarray)
+    assert view.data.ptr == tensor.data_ptr()
+    view[0, 0] = 100  # writes through to the tensor
+    torch.cuda.synchronize()
+    assert tensor[0, 0].item() == 100
+
+
+def test_torch_tensor_as_a_save_source(cp):
+    tensor = torch.randn(1000, device="cuda", dtype=torch.float64)
+    expected = tensor.cpu().numpy()
+    (capture,) = _cuda.snapshot_device_arrays([tensor], labels=["t"])
+    tensor.mul_(2)  # later work on torch's stream (the legacy default stream, as CuPy's by default)
+    out = np.empty(capture.shape, dtype=capture.dtype)
+    capture.read_into(0, out.reshape(-1).view(np.uint8))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_torch_tensor_as_a_restore_target(cp):
+    tensor = torch.zeros((4, 5), dtype=torch.int32, device="cuda")
+    _arrays.copy_into(tensor, np.arange(20, dtype=np.int32).reshape(4, 5))
+    assert torch.equal(tensor.cpu(), torch.arange(20, dtype=torch.int32).reshape(4, 5))
+
+
+def test_variable_from_a_torch_tensor_round_trips(cp, prefix):
+    tensor = torch.randn(64, device="cuda")
+    variable = ac.Variable(tensor)  # a CuPy copy on the tensor's device
+    assert variable.device == f"cuda:{tensor.device.index}"
+    path = ac.Checkpoint(v=variable).save(prefix)
+    restored = ac.Variable(np.zeros(64, np.float32))
+    ac.Checkpoint(v=restored).restore(path).assert_consumed()
+    np.testing.assert_array_equal(restored.numpy(), tensor.cpu().numpy())
+
+
+def test_torch_training_stream_made_current_for_the_save(cp):
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        tensor = torch.full((1 << 20,), 3.0, device="cuda")
+        with cp.cuda.ExternalStream(stream.cuda_stream):
+            (capture,) = _cuda.snapshot_device_arrays([tensor])
+        tensor.fill_(4.0)
+    out = np.empty(capture.shape, dtype=capture.dtype)
+    capture.read_into(0, out.reshape(-1).view(np.uint8))
+    assert (out == 3.0).all()

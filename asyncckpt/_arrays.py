@@ -188,7 +188,7 @@ def copy_into(destination: Any, source: Any, backend: _cuda.DeviceBackend | None
         target_backend = _backend_of(destination, backend)
         target = target_backend.adopt(destination)
         host = np.asarray(source)
-        if host.shape != tuple(target.shape):
+        if host.size != target.size:  # a scalar, or another value that broadcasts to the target
             host = np.broadcast_to(host, tuple(target.shape))
         _cuda.upload(target_backend, host, target)
     elif source_on_device and not destination_on_device:

@@ -491,6 +491,32 @@ def test_concurrent_readers_of_different_captures(backend):
     assert backend.pinned_peak_bytes <= 3 * CHUNK
 
 
+def test_the_snapshot_read_pattern_of_a_write_plan(backend):
+    """Files in plan order, pieces in segments: packs of small arrays read ahead of capture order."""
+    from asyncckpt.plan import PlanItem, plan_write
+
+    rng = np.random.default_rng(5)
+    values = [rng.integers(0, 1000, size, dtype=np.int64) for size in (5, 300, 7, 90, 2, 260, 11)]
+    stager = stager_for_policy(backend, DEVICE_COPY, pinned_chunks=3)
+    captures = stager.stage([backend.array(v) for v in values], labels=[f"k{i}" for i in range(len(values))])
+    plan = plan_write(
+        [PlanItem(c.label, c.nbytes) for c in captures], small_array_bytes=100, pack_bytes=256, chunk_bytes=500
+    )
+    segment = 96
+    for file in plan.files:
+        content = bytearray()
+        for piece in file.pieces:
+            for start in range(0, piece.length, segment):
+                stop = min(piece.length, start + segment)
+                content += captures[piece.item].host_bytes(piece.item_offset + start, piece.item_offset + stop)
+        expected = b"".join(
+            values[piece.item].tobytes()[piece.item_offset : piece.item_offset + piece.length] for piece in file.pieces
+        )
+        assert bytes(content) == expected, file.name
+    assert all(capture.consumed for capture in captures)
+    assert backend.pinned_peak_bytes <= 3 * CHUNK
+
+
 # ---------------------------------------------------------------------------------------------
 # Uploads
 

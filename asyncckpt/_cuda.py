@@ -33,18 +33,25 @@ is written; each array gets one of three policies, chosen in this order:
     where saving synchronises with the device. Cost: ``nbytes`` of host memory outside the staging
     budget, and a save stall of the pending work plus the copy.
 
-Arrays that are not C-contiguous need a contiguous device copy in every policy (``device_copy``
-when it fits; otherwise the copy is made on the training stream and counted like a device copy).
+Arrays that are not C-contiguous need a contiguous device copy in every policy: when
+``device_copy`` is declined the copy is still made on the training stream and then handled by
+``stream_wait`` or ``host_copy``; with no device memory for it the save fails, naming the array.
+
+"Never waits" assumes allocation does not wait either: the device copies come from CuPy's memory
+pool, which after the first steps of a training loop holds blocks to reuse; a save that must grow
+the pool calls ``cudaMalloc``, and the first save allocates the pinned pool (``Stager.warm_up``
+does that ahead of time).
 
 Chunks and the pinned pool
 --------------------------
 A :class:`PinnedPool` holds page-locked host buffers of ``chunk_bytes`` each, at most
-``pinned_bytes`` in all, and is reused across saves and restores (allocating pinned memory is slow).
+``pinned_bytes`` in all (a save passes its staging budget), and is reused across saves and restores
+(allocating pinned memory is slow). It comes on top of what the snapshot stage itself holds.
 Each chunk copy records its own event, so a reader gets the first chunk while later ones are still
 being copied. ``device_copy`` chunks are prefetched in capture order into free buffers; a read of a
 chunk that is not yet fetched takes a free buffer, or evicts the most recently prefetched unread
-chunk (it will be fetched again), or, when the pool is all in use, copies straight into the
-caller's memory. No read ever waits for a buffer, so readers cannot deadlock on the pool whatever
+chunk (it will be fetched again), or, when the pool is all in use, copies through a private
+pageable buffer. No read ever waits for a buffer, so readers cannot deadlock on the pool whatever
 order they read in. Each byte of a capture is read once; its buffer returns to the pool when all
 of its bytes have been read (``read_into``) or when the consumer moves on (``chunks()``).
 

@@ -2,9 +2,10 @@
 
 * Exit: a program whose asynchronous save (slowed down by an injected storage delay) is still
   writing when the interpreter exits -- by returning, an unhandled exception, ``sys.exit``,
-  ``KeyboardInterrupt`` -- finishes that save, records it in the state file and exits; one killed with no chance to clean up (``os._exit``, ``SIGTERM``), or whose save
-  could not run any more (started by a non-daemon thread during shutdown: a known defect, xfail),
-  leaves no visible partial checkpoint. Never a hang: each program runs under a generous timeout.
+  ``KeyboardInterrupt`` -- finishes that save, records it in the state file and exits; one killed
+  with no chance to clean up (``os._exit``, ``SIGTERM``), or whose save could not run any more
+  (started by a non-daemon thread during shutdown: a known defect, xfail), leaves no visible
+  partial checkpoint. Never a hang: each program runs under a generous timeout.
 * Garbage collection: a ``Checkpoint`` (and its manager) is collectable after its saves, even one
   dropped with a save in flight, and creating many leaks no thread.
 """

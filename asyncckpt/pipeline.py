@@ -890,13 +890,25 @@ class CheckpointReader:
         """The value of ``key``: a writable NumPy array, or ``bytes``. Checksums are verified."""
         return self.read_many([key])[key]
 
-    def read_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """Values of several keys, read concurrently and verified."""
-        return self._runtime.run(self._read(list(keys), assemble=True))
+    def read_many(self, keys: Iterable[str], *, out: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Values of several keys, read concurrently and verified.
 
-    async def aread_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        Parameters
+        ----------
+        keys:
+            The keys to read.
+        out:
+            Optional destinations: ``{key: array}`` with a writable, C-contiguous NumPy array of
+            the key's exact dtype and shape, into which the bytes are read directly (no
+            intermediate copy); the result maps that key to the same array. A destination that
+            does not fit raises ``ValueError`` before anything is read. If a checksum then fails,
+            the destinations read so far hold unverified bytes.
+        """
+        return self._runtime.run(self._read(list(keys), assemble=True, out=out))
+
+    async def aread_many(self, keys: Iterable[str], *, out: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The ``async`` twin of :meth:`read_many`, usable from any event loop without blocking it."""
-        return await self._on_runtime(self._read(list(keys), assemble=True))
+        return await self._on_runtime(self._read(list(keys), assemble=True, out=out))
 
     async def aread(self, key: str):
         """The ``async`` twin of :meth:`read`."""
@@ -916,7 +928,36 @@ class CheckpointReader:
             return await coro
         return await asyncio.wrap_future(self._runtime.submit(coro))
 
-    async def _read(self, keys: list[str], *, assemble: bool) -> dict[str, Any]:
+    def _destination(self, key: str, record: TensorRecord, given: Any) -> tuple[Any, memoryview]:
+        """``(value, flat writable byte view)`` of the buffer ``key`` is read into."""
+        if given is not None:
+            if record.dtype == BYTES_DTYPE:
+                raise ValueError(f"key {key!r} holds a byte string; it cannot be read into an array")
+            if (
+                not isinstance(given, np.ndarray)
+                or given.dtype.str != record.dtype
+                or given.shape != record.shape
+                or not given.flags.c_contiguous
+                or not given.flags.writeable
+            ):
+                described = (
+                    f"a {given.dtype.str}{list(given.shape)} array" if isinstance(given, np.ndarray)
+                    else f"a {type(given).__name__}"
+                )
+                raise ValueError(
+                    f"cannot read key {key!r} ({record.dtype}{list(record.shape)}) into {described}: a "
+                    "destination must be a writable C-contiguous NumPy array of the same dtype and shape"
+                )
+            return given, memoryview(given.reshape(-1).view(np.uint8))
+        if record.dtype == BYTES_DTYPE:
+            buffer = bytearray(record.nbytes)
+            return buffer, memoryview(buffer)
+        array = np.empty(record.shape, dtype=record.dtype)
+        return array, memoryview(array.reshape(-1).view(np.uint8))
+
+    async def _read(
+        self, keys: list[str], *, assemble: bool, out: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         results: dict[str, Any] = {}
         records: dict[str, TensorRecord] = {}
         for key in keys:
@@ -924,33 +965,63 @@ class CheckpointReader:
                 results[key] = object_graph_bytes(self._manifest.object_graph)
             else:
                 records[key] = self._record(key)
-        assembly = _Assembly(records, assemble)
+        out = out or {}
+        unknown = [key for key in out if key not in records]
+        if unknown:
+            raise KeyError(f"destinations given for keys that are not being read: {sorted(unknown)[:5]}")
         ranges = plan_read(
             records,
             coalesce_gap_bytes=self._settings.coalesce_gap_bytes,
             max_range_bytes=self._settings.max_read_bytes,
         )
+        await self._check_lengths(ranges)  # before allocating what a crafted manifest claims
+        values: dict[str, Any] = {}
+        views: dict[str, memoryview] = {}
+        if assemble:
+            for key, record in records.items():
+                values[key], views[key] = self._destination(key, record, out.get(key))
+        crcs = {key: [None] * len(record.extents) for key, record in records.items()}
         semaphore = asyncio.Semaphore(self._settings.max_concurrent_reads)
 
         async def fetch(read_range: ReadRange) -> None:
             async with semaphore:
-                data = await self._fetch(read_range)
-            if read_range.stop - read_range.start >= MiB:
-                await asyncio.to_thread(self._deliver, read_range, data, assembly)
-            else:
-                self._deliver(read_range, data, assembly)
+                checked = await self._fetch_range(read_range, views)
+            for target, crc in zip(read_range.targets, checked):
+                crcs[target.key][target.extent_index] = crc
 
         try:
-            async with asyncio.TaskGroup() as group:
-                for read_range in ranges:
-                    group.create_task(fetch(read_range))
+            if len(ranges) == 1:
+                await fetch(ranges[0])
+            else:
+                async with asyncio.TaskGroup() as group:
+                    for read_range in ranges:
+                        group.create_task(fetch(read_range))
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
         for key, record in records.items():
-            self._check_whole(key, record, assembly.crcs[key])
+            self._check_whole(key, record, crcs[key])
             if assemble:
-                results[key] = assembly.result(key)
+                value = values[key]
+                results[key] = bytes(value) if isinstance(value, bytearray) else value
         return results
+
+    async def _check_lengths(self, ranges: Sequence[ReadRange]) -> None:
+        """Raise ``CorruptCheckpointError`` for a data file that is missing or too short."""
+        last: dict[str, ReadRange] = {}
+        for read_range in ranges:  # ranges come grouped by file, in offset order
+            if read_range.file not in last or read_range.stop >= last[read_range.file].stop:
+                last[read_range.file] = read_range
+        for file, read_range in last.items():
+            found = await self._backend.holds(f"{self._manifest.data_dir}/{file}", read_range.stop)
+            if found is None:
+                raise self._corrupt(read_range.targets[0].key, file, "is missing")
+            if not found:
+                for earlier in ranges:
+                    if earlier.file == file:
+                        error = await self._truncation(earlier, definite=False)
+                        if error is not None:
+                            raise error
+                raise await self._truncation(read_range)
 
     def _file_location(self, file: str) -> str:
         return self._backend.describe(f"{self._manifest.data_dir}/{file}")
@@ -960,21 +1031,25 @@ class CheckpointReader:
             f"corrupt checkpoint {self.path}: key {key!r}: data file {self._file_location(file)} {problem}"
         )
 
-    async def _fetch(self, read_range: ReadRange) -> bytes:
+    async def _fetch_range(self, read_range: ReadRange, views: dict[str, memoryview]) -> list[int]:
+        """Read one range straight into the targets' buffers; return each target's verified CRC."""
         key = f"{self._manifest.data_dir}/{read_range.file}"
-        first = read_range.targets[0]
+        buffers, pieces, copies = _scatter(read_range, views)
         try:
-            data = await self._backend.read(key, read_range.start, read_range.stop)
+            found = await self._backend.read_into(key, read_range.start, buffers)
         except TruncatedError:
             raise await self._truncation(read_range) from None
-        if data is None:
-            raise self._corrupt(first.key, read_range.file, "is missing")
-        if len(data) != read_range.stop - read_range.start:
-            raise self._corrupt(first.key, read_range.file, "is truncated")
-        return data
+        if not found:
+            raise self._corrupt(read_range.targets[0].key, read_range.file, "is missing")
+        if read_range.stop - read_range.start >= MiB:
+            return await asyncio.to_thread(self._verify, read_range, pieces, copies)
+        return self._verify(read_range, pieces, copies)
 
-    async def _truncation(self, read_range: ReadRange) -> CorruptCheckpointError:
-        """Name the first key whose bytes lie past the end of the file."""
+    async def _truncation(self, read_range: ReadRange, *, definite: bool = True) -> CorruptCheckpointError | None:
+        """Name the first key of ``read_range`` whose bytes lie past the end of the file.
+
+        ``None`` when none does and ``definite`` is false (the caller looks at further ranges).
+        """
         key = f"{self._manifest.data_dir}/{read_range.file}"
         for target in read_range.targets:
             end = read_range.start + target.range_offset + target.length
@@ -984,13 +1059,13 @@ class CheckpointReader:
                 return self._corrupt(
                     target.key, read_range.file, f"is truncated: the key's bytes [{end - target.length}, {end}) are past its end"
                 )
-        return self._corrupt(read_range.targets[0].key, read_range.file, "is truncated")
+        return self._corrupt(read_range.targets[0].key, read_range.file, "is truncated") if definite else None
 
-    def _deliver(self, read_range: ReadRange, data: bytes, assembly: _Assembly) -> None:
-        view = memoryview(data)
-        for target in read_range.targets:
-            piece = view[target.range_offset : target.range_offset + target.length]
-            crc = crc32c.crc32c(piece)
+    def _verify(self, read_range: ReadRange, pieces: list[memoryview], copies: list) -> list[int]:
+        checked = []
+        checksum = crc32c.crc32c
+        for target, piece in zip(read_range.targets, pieces):
+            crc = checksum(piece)
             if crc != target.crc32c:
                 raise self._corrupt(
                     target.key,
@@ -999,12 +1074,18 @@ class CheckpointReader:
                     f"{read_range.start + target.range_offset + target.length}) "
                     f"(crc32c {crc:#010x}, manifest says {target.crc32c:#010x})",
                 )
-            assembly.put(target.key, target.extent_index, target.tensor_offset, piece, crc)
+            checked.append(crc)
+        for destination, piece in copies:
+            destination[:] = piece
+        return checked
 
     def _check_whole(self, key: str, record: TensorRecord, crcs: list) -> None:
-        crc = 0
-        for extent, extent_crc in zip(record.extents, crcs):
-            crc = crc32c_combine(crc, extent_crc, extent.length)
+        if len(crcs) == 1:  # combining one extent's CRC with nothing is the identity
+            crc = crcs[0]
+        else:
+            crc = 0
+            for extent, extent_crc in zip(record.extents, crcs):
+                crc = crc32c_combine(crc, extent_crc, extent.length)
         if crc != record.crc32c:
             file = record.extents[0].file if record.extents else "(none)"
             raise self._corrupt(
@@ -1012,40 +1093,44 @@ class CheckpointReader:
             )
 
 
-class _Assembly:
-    """Output buffers of one read, filled extent by extent (possibly from several threads)."""
+def _scatter(read_range: ReadRange, views: dict[str, memoryview]) -> tuple[list[Any], list[memoryview], list]:
+    """How to read ``read_range``: ``(buffers, pieces, copies)``.
 
-    def __init__(self, records: dict[str, TensorRecord], assemble: bool) -> None:
-        self._records = records
-        self._assemble = assemble
-        self._buffers: dict[str, Any] = {}
-        self._guard = threading.Lock()
-        self.crcs = {key: [None] * len(record.extents) for key, record in records.items()}
-
-    def _buffer(self, key: str):
-        with self._guard:
-            buffer = self._buffers.get(key)
-            if buffer is None:
-                record = self._records[key]
-                spec = record.spec
-                if spec.dtype == BYTES_DTYPE:
-                    buffer = bytearray(record.nbytes)
-                else:
-                    buffer = np.empty(spec.shape, dtype=spec.dtype)
-                self._buffers[key] = buffer
-            return buffer
-
-    def put(self, key: str, extent_index: int, offset: int, piece: memoryview, crc: int) -> None:
-        self.crcs[key][extent_index] = crc
-        if not self._assemble:
-            return
-        buffer = self._buffer(key)
-        flat = memoryview(buffer) if isinstance(buffer, bytearray) else memoryview(buffer.reshape(-1).view(np.uint8))
-        flat[offset : offset + len(piece)] = piece
-
-    def result(self, key: str):
-        buffer = self._buffer(key)
-        return bytes(buffer) if isinstance(buffer, bytearray) else buffer
+    ``buffers`` are what the read fills, in file order; ``pieces`` the bytes of each target among
+    them; ``copies`` ``(destination, piece)`` pairs to copy once the pieces are verified. Targets
+    are normally read straight into their destinations, with gaps going to scratch space. Without
+    destinations (verification), or with overlapping extents (only a crafted manifest has them),
+    the whole range is read into scratch space and sliced.
+    """
+    targets = read_range.targets
+    ordered = all(a.range_offset + a.length <= b.range_offset for a, b in zip(targets, targets[1:]))
+    if not ordered or not views:
+        scratch = memoryview(bytearray(read_range.stop - read_range.start))
+        pieces = [scratch[t.range_offset : t.range_offset + t.length] for t in targets]
+        copies = [
+            (views[t.key][t.tensor_offset : t.tensor_offset + t.length], piece)
+            for t, piece in zip(targets, pieces)
+            if t.key in views
+        ]
+        return [scratch], pieces, copies
+    pieces = [views[t.key][t.tensor_offset : t.tensor_offset + t.length] for t in targets]
+    buffers: list[memoryview] = []
+    gaps: list[int] = []
+    position = 0
+    for target, piece in zip(targets, pieces):
+        if target.range_offset > position:
+            gaps.append(len(buffers))
+            buffers.append(target.range_offset - position)
+        buffers.append(piece)
+        position = target.range_offset + target.length
+    if read_range.stop - read_range.start > position:
+        gaps.append(len(buffers))
+        buffers.append(read_range.stop - read_range.start - position)
+    if gaps:  # one scratch buffer serves every gap: their bytes are not needed
+        scratch = memoryview(bytearray(max(buffers[index] for index in gaps)))
+        for index in gaps:
+            buffers[index] = scratch[: buffers[index]]
+    return buffers, pieces, []
 
 
 async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointReader:

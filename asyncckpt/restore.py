@@ -202,8 +202,13 @@ class RestoreCoordinator:
     def python_objects(self) -> list[Any]:
         return [obj for obj in (ref() for ref in self.all_python_objects.values()) if obj is not None]
 
-    def read_values(self, keys: Sequence[str]) -> dict[str, Any]:
-        return self.reader.read_many(list(keys)) if keys else {}
+    def read_values(self, keys: Sequence[str], destinations: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Values of ``keys``; those in ``destinations`` are read into the given arrays."""
+        if not keys:
+            return {}
+        if destinations:
+            return self.reader.read_many(list(keys), out=destinations)
+        return self.reader.read_many(list(keys))
 
 
 class CheckpointPosition:
@@ -295,9 +300,23 @@ class CheckpointPosition:
             position._queue_children(visit)
             position._queue_slot_variables(visit)
         keys = [key for _, attributes in pending for key in attributes.values()]
-        values = checkpoint.read_values(keys)
+        values = checkpoint.read_values(keys, self._destinations(pending))
         for obj, attributes in pending:
             obj._restore_from_tensors({name: values[key] for name, key in attributes.items()})
+
+    def _destinations(self, pending: list[tuple[Any, dict[str, str]]]) -> dict[str, Any]:
+        """Live arrays the values can be read straight into (``Variable``), by checkpoint key."""
+        reader = self.checkpoint.reader
+        destinations = {}
+        for obj, attributes in pending:
+            provide = getattr(obj, "_restore_destination", None)
+            if provide is None:
+                continue
+            for name, key in attributes.items():
+                destination = provide(name, reader.spec(key))
+                if destination is not None:
+                    destinations[key] = destination
+        return destinations
 
     def _consumable_attributes(self, obj: Trackable) -> dict[str, str]:
         """``{attribute: key}`` for attributes ``obj`` can take; record the rest as unused."""

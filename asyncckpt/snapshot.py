@@ -503,6 +503,7 @@ class Snapshot:
         self._remaining = list(self._layout.piece_counts)  # per holder: pieces not yet captured
         self._count_lock = threading.Lock()
         self._views: dict[int, memoryview | None] = {}
+        self._views_lock = threading.Lock()
         self._array_pieces: dict[int, int] = {}
         self._removers: list[Callable[[], None]] = []
         self._single_hooks: dict[int, Callable[[Any], None]] = {}
@@ -589,8 +590,7 @@ class Snapshot:
                 if first >= piece.length:
                     continue
                 copy = np.empty(piece.length - first, dtype=np.uint8)
-                source = self._sources[piece.item]
-                memoryview(copy)[:] = source.byte_view(piece.item_offset + first, piece.item_offset + piece.length)
+                memoryview(copy)[:] = self._item_bytes(piece.item, piece.item_offset + first, piece.length - first)
                 state.staged[p] = (first, copy)
                 state.captured[p] = 1
                 copied += copy.nbytes
@@ -646,22 +646,28 @@ class Snapshot:
         return tuple(self._files[index].crcs)
 
     def _view(self, item: int) -> memoryview | None:
+        """The flat view of a source, taken once per write (a holder's array is asked for once)."""
         try:
             return self._views[item]
         except KeyError:
-            view = self._views[item] = self._sources[item].flat_view()
-            return view
+            pass
+        with self._views_lock:
+            if item not in self._views:
+                self._views[item] = self._sources[item].flat_view()
+            return self._views[item]
+
+    def _item_bytes(self, item: int, begin: int, length: int) -> memoryview:
+        view = self._view(item)
+        if view is None:  # a device or strided array: only this range is copied to the host
+            return self._sources[item].byte_view(begin, begin + length)
+        return view[begin : begin + length]
 
     def _piece_bytes(self, state: _FileState, piece_index: int, piece, first: int, length: int) -> memoryview:
         staged = state.staged.get(piece_index)
         if staged is not None:
             start, copy = staged
             return memoryview(copy)[first - start : first - start + length]
-        begin = piece.item_offset + first
-        view = self._view(piece.item)
-        if view is None:
-            return self._sources[piece.item].byte_view(begin, begin + length)
-        return view[begin : begin + length]
+        return self._item_bytes(piece.item, piece.item_offset + first, length)
 
     def _segments(self, index: int) -> Iterator[list[memoryview]]:
         """Batches of file ``index``; each holds its file's lock until the consumer moves on."""

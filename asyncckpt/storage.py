@@ -176,6 +176,19 @@ class Backend(abc.ABC):
         Raises :class:`TruncatedError` when the range extends past the end of the value.
         """
 
+    async def holds(self, key: str, end: int) -> bool | None:
+        """Whether ``key`` holds at least ``end`` bytes; ``None`` if it does not exist.
+
+        Lets a reader refuse a value a crafted manifest claims past the end of its file before
+        allocating room for it. This default probes the last byte through :meth:`read`.
+        """
+        if end <= 0:
+            return await self.read(key, 0, 0) is not None
+        try:
+            return await self.read(key, end - 1, end) is not None or None
+        except TruncatedError:
+            return False
+
     async def read_into(self, key: str, start: int, buffers: Sequence[Any]) -> bool:
         """Fill ``buffers`` (writable buffers, in order) from ``key`` starting at byte ``start``.
 
@@ -552,6 +565,20 @@ class _FileBackend(Backend):
         path = self.describe(key)
         try:
             return await asyncio.to_thread(_read_file_into, path, start, buffers)
+        except OSError as exc:
+            raise _os_error(exc, f"reading {path}") from exc
+
+    async def holds(self, key: str, end: int) -> bool | None:
+        path = self.describe(key)
+
+        def holds() -> bool | None:
+            try:
+                return os.stat(path).st_size >= end
+            except FileNotFoundError:
+                return None
+
+        try:
+            return await asyncio.to_thread(holds)
         except OSError as exc:
             raise _os_error(exc, f"reading {path}") from exc
 

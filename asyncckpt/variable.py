@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -22,6 +24,35 @@ __all__ = ["Variable", "VARIABLE_VALUE_KEY"]
 
 VARIABLE_VALUE_KEY = "VARIABLE_VALUE"
 _unique_ids = itertools.count()
+
+# Guards registered in bulk: ``(table, hook)`` pairs where ``table`` maps ``id(variable)`` to the
+# token ``hook`` is called with. Replaced as a whole (never mutated), so readers need no lock.
+_bulk_hooks: tuple[tuple[Mapping[int, Any], Callable[[Any], None]], ...] = ()
+_bulk_hooks_lock = threading.Lock()
+
+# Mutations in progress: thread id -> sequence number of its outermost mutation. A guard being
+# installed waits for the mutations that may have looked for hooks before it existed (see
+# _wait_for_mutations_in_flight); plain dict stores keep the cost of a mutation at a few
+# hundred nanoseconds.
+_in_flight: dict[int, int] = {}
+_mutation_sequence = itertools.count()
+
+
+def _wait_for_mutations_in_flight() -> None:
+    """Wait until every mutation that started before this call has finished.
+
+    Called right after a hook is published: a mutation that started earlier may have read the
+    hooks before the new one was there, and must not still be changing its array when the
+    snapshot that installed the hook starts reading it. Later mutations see the hook. The calling
+    thread's own mutation (a hook that saves) is not waited for.
+    """
+    pending = dict(_in_flight)
+    pending.pop(threading.get_ident(), None)
+    delay = 1e-5
+    while pending:
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+        pending = {thread: sequence for thread, sequence in pending.items() if _in_flight.get(thread) == sequence}
 
 
 class Variable(Trackable):
@@ -112,8 +143,16 @@ class Variable(Trackable):
     # ------------------------------------------------------------------ mutation
     def _mutate(self, update: Callable[[Any], Any]) -> "Variable":
         """Run mutation hooks, then ``update(live_array)`` in place."""
-        self._run_mutation_hooks()
-        update(self._array)
+        thread = threading.get_ident()
+        outermost = thread not in _in_flight
+        if outermost:
+            _in_flight[thread] = next(_mutation_sequence)
+        try:
+            self._run_mutation_hooks()
+            update(self._array)
+        finally:
+            if outermost:
+                del _in_flight[thread]
         return self
 
     def _coerce(self, value: Any, what: str):
@@ -181,8 +220,31 @@ class Variable(Trackable):
         return self._array
 
     def _add_mutation_hook(self, hook: Callable[["Variable"], None]) -> None:
+        """Call ``hook(self)`` before every in-place change; returns once no change is half-done."""
         with self._hooks_lock:
             self._mutation_hooks.append(hook)
+        _wait_for_mutations_in_flight()
+
+    @classmethod
+    def _add_mutation_hooks(cls, table: Mapping[int, Any], hook: Callable[[Any], None]) -> Callable[[], None]:
+        """Guard many variables at once: before variable ``v`` changes, call ``hook(table[id(v)])``.
+
+        ``table`` maps ``id(variable)`` to a token; the caller keeps those variables alive while
+        the guard is installed. Costs the same for one variable or 10,000 (a snapshot guards every
+        variable it writes this way). Returns a function that removes the guard.
+        """
+        global _bulk_hooks
+        entry = (table, hook)
+        with _bulk_hooks_lock:
+            _bulk_hooks = (*_bulk_hooks, entry)
+        _wait_for_mutations_in_flight()
+
+        def remove() -> None:
+            global _bulk_hooks
+            with _bulk_hooks_lock:
+                _bulk_hooks = tuple(other for other in _bulk_hooks if other is not entry)
+
+        return remove
 
     def _remove_mutation_hook(self, hook: Callable[["Variable"], None]) -> None:
         with self._hooks_lock:
@@ -192,10 +254,18 @@ class Variable(Trackable):
                 pass
 
     def _run_mutation_hooks(self) -> None:
-        with self._hooks_lock:
-            hooks = list(self._mutation_hooks)
-        for hook in hooks:
-            hook(self)
+        tables = _bulk_hooks
+        if tables:
+            key = id(self)
+            for table, hook in tables:
+                token = table.get(key)
+                if token is not None:
+                    hook(token)
+        if self._mutation_hooks:
+            with self._hooks_lock:
+                hooks = list(self._mutation_hooks)
+            for hook in hooks:
+                hook(self)
 
     # ------------------------------------------------------------------ checkpointing
     def _serialize_to_tensors(self) -> dict[str, Any]:
@@ -204,13 +274,37 @@ class Variable(Trackable):
     def _checkpoint_attribute_names(self) -> tuple[str, ...]:
         return (VARIABLE_VALUE_KEY,)
 
+    def _restore_destination(self, name: str, spec: Any) -> np.ndarray | None:
+        """The live array to read the checkpoint value of attribute ``name`` into, or ``None``.
+
+        Lets a restore read straight into this variable instead of into a new array that is then
+        copied. ``spec`` (dtype and shape) is checked first, so a mismatch raises before anything
+        is read; then the mutation hooks run, since the read changes the value in place. Device
+        arrays and non-contiguous arrays return ``None``: their value is copied in as before.
+        """
+        if name != VARIABLE_VALUE_KEY:
+            return None
+        self._check_restorable(spec)
+        array = self._array
+        if type(array) is not np.ndarray or not array.flags.c_contiguous or not array.flags.writeable:
+            return None
+        self._run_mutation_hooks()
+        return array
+
     def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
         value = restored_tensors[VARIABLE_VALUE_KEY]
+        if value is self._array:  # read in place through _restore_destination
+            return
         self._check_restorable(value)
         self._mutate(lambda array: _arrays.copy_into(array, value))
 
     def _check_restorable(self, value: Any, key: str | None = None) -> None:
-        """Shape and dtype of a checkpoint value must match exactly: no reshape, no cast."""
+        """Shape and dtype of a checkpoint value (or its spec) must match exactly: no reshape, no cast."""
+        if isinstance(value.dtype, str):  # the spec of a byte string
+            raise ValueError(
+                f"Received a byte string{f' from key {key}' if key else ''} when attempting to restore "
+                f"variable {self._name} with dtype {self.dtype}."
+            )
         shape = tuple(value.shape)
         if shape != self.shape:
             raise ValueError(

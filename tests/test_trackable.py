@@ -36,9 +36,13 @@ class MemoryReader:
         value = self.values[key]
         return types.SimpleNamespace(dtype=value.dtype, shape=value.shape)
 
-    def read_many(self, keys):
+    def read_many(self, keys, out=None):
         self.reads.append(list(keys))
-        return {key: self.values[key].copy() for key in keys}
+        values = {key: self.values[key].copy() for key in keys}
+        for key, destination in (out or {}).items():  # like CheckpointReader: fill and return it
+            np.copyto(destination, values[key])
+            values[key] = destination
+        return values
 
 
 def variable_node(key):

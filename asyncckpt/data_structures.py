@@ -16,7 +16,7 @@ import collections.abc
 import copy
 from typing import Any
 
-from asyncckpt.trackable import NoDependency, Trackable
+from asyncckpt.trackable import NoDependency, Trackable, structure_changed
 
 __all__ = [
     "TrackableDataStructure",
@@ -101,10 +101,12 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
         snapshot = self._last_wrapped_list_snapshot
         if len(snapshot) != len(self._storage) or any(a is not b for a, b in zip(snapshot, self._storage)):
             object.__setattr__(self, "_external_modification", True)
+            structure_changed()
 
     def _flag_if_trackable(self, *values: Any) -> None:
         if any(isinstance(v, (Trackable, NoDependency)) for v in values):
             object.__setattr__(self, "_non_append_mutation", True)
+            structure_changed()
 
     def _retrack_all(self) -> None:
         """Re-derive dependencies from positions after a non-append mutation."""
@@ -112,6 +114,7 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
         for index, element in enumerate(self._storage):
             if isinstance(element, Trackable):
                 self._self_dependencies[str(index)] = element
+        structure_changed()
 
     def _trackable_children(self) -> dict[str, Trackable]:
         self._check_external_modification()
@@ -328,6 +331,7 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
                 self._track_trackable(value, key, overwrite=True)
             else:
                 object.__setattr__(self, "_non_string_key", True)
+                structure_changed()
         return value
 
     def _update_snapshot(self) -> None:
@@ -346,6 +350,7 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
             snapshot[k] is not self._storage[k] for k in snapshot
         ):
             object.__setattr__(self, "_external_modification", True)
+            structure_changed()
 
     def _trackable_children(self) -> dict[str, Trackable]:
         self._check_external_modification()

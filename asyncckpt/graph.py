@@ -14,12 +14,14 @@ import weakref
 from typing import Any, Iterable, Sequence
 
 from asyncckpt.data_structures import TrackableDataStructure
-from asyncckpt.trackable import Trackable, TrackableReference
+from asyncckpt.trackable import Trackable, TrackableReference, structure_version
+from asyncckpt.variable import VARIABLE_VALUE_KEY, Variable
 
 __all__ = [
     "OBJECT_GRAPH_KEY",
     "GraphView",
     "SerializedGraph",
+    "GraphCache",
     "escape_local_name",
     "object_path_to_string",
     "checkpoint_key",
@@ -121,23 +123,64 @@ def _get_slot(optimizer: Any, variable: Any, slot_name: str):
 
 
 def _is_variable(obj: Any) -> bool:
-    from asyncckpt.variable import Variable  # noqa: PLC0415 - sibling layer, import on use
-
     return isinstance(obj, Variable)
+
+
+_DECLARED_CHILDREN = Trackable._trackable_children
+_NO_VALUES = Trackable._serialize_to_tensors
+_VARIABLE_VALUES = Variable._serialize_to_tensors
+
+
+def _slots_are_tracked(provider: Any) -> bool:
+    """Whether ``provider``'s slot methods come from a class promising to report slot changes."""
+    for method in ("get_slot", "get_slot_names"):
+        owner = next((cls for cls in type(provider).__mro__ if method in vars(cls)), None)
+        if owner is None or not vars(owner).get("_tracks_slot_changes", False):
+            return False
+    return True
+
+
+@dataclasses.dataclass
+class _Reuse:
+    """What a cached graph must re-check, and re-read, at every save (see :class:`GraphCache`)."""
+
+    cacheable: bool = True
+    computed_children: list = dataclasses.field(default_factory=list)  # (object, tuple of (name, child))
+    computed_values: list = dataclasses.field(default_factory=list)  # (object, names, entry indices)
 
 
 def serialize_graph(view: GraphView, *, skip_slots: bool = False) -> SerializedGraph:
     """Walk the live objects and return the object-graph document and the values to save."""
-    order, paths, edges = _breadth_first(view)
-    node_ids = {id(obj): index for index, obj in enumerate(order)}
+    return _serialize(view, skip_slots=skip_slots)[0]
+
+
+def _serialize(view: GraphView, *, skip_slots: bool = False, known_values: dict | None = None):
+    """:func:`serialize_graph`, plus what :class:`GraphCache` needs to reuse the result."""
+    reuse = _Reuse()
+    root = view.root_object
+    order: list[Trackable] = [root]
+    node_ids: dict[int, int] = {id(root): 0}
+    path_of: list[str] = [""]
     nodes: list[dict] = []
     entries: list[tuple[str, Any]] = []
     seen_keys: set[str] = set()
+    known_values = known_values or {}
 
-    def add_attributes(obj: Trackable, object_path: str, full_name_prefix: str) -> list[dict]:
+    def add_attributes(obj: Trackable, object_path: str, full_name: str) -> list[dict]:
+        method = type(obj)._serialize_to_tensors
+        if method is _NO_VALUES:
+            return []
+        if method is _VARIABLE_VALUES:
+            tensors = {VARIABLE_VALUE_KEY: obj}
+        else:
+            tensors = known_values.get(id(obj))
+            if tensors is None:
+                tensors = obj._serialize_to_tensors()
+            reuse.computed_values.append((obj, tuple(tensors), tuple(range(len(entries), len(entries) + len(tensors)))))
         attributes = []
-        for name, value in obj._serialize_to_tensors().items():
-            key = checkpoint_key(object_path, name)
+        prefix = f"{object_path}/{_ATTRIBUTES}/"
+        for name, value in tensors.items():
+            key = prefix + escape_local_name(name)
             if key == OBJECT_GRAPH_KEY:
                 raise ValueError(f"the checkpoint key {OBJECT_GRAPH_KEY} is reserved")
             if key in seen_keys:
@@ -146,24 +189,41 @@ def serialize_graph(view: GraphView, *, skip_slots: bool = False) -> SerializedG
                     f"invalid because one will overwrite the other in the checkpoint. Key: {key}"
                 )
             seen_keys.add(key)
-            attributes.append({"name": name, "full_name": full_name_prefix or name, "checkpoint_key": key})
+            attributes.append({"name": name, "full_name": full_name or name, "checkpoint_key": key})
             entries.append((key, value))
         return attributes
 
-    for obj, obj_edges in zip(order, edges):
-        object_path = object_path_to_string(paths[id(obj)])
+    index = 0
+    while index < len(order):  # breadth first: `order` is the queue
+        obj = order[index]
+        object_path = path_of[index]
+        obj_edges = view.children_edges(obj)
+        if type(obj)._trackable_children is not _DECLARED_CHILDREN:
+            reuse.computed_children.append((obj, tuple(obj_edges) if obj is not root else None))
+        children = []
+        for name, child in obj_edges:
+            child_id = node_ids.get(id(child))
+            if child_id is None:
+                child_id = node_ids[id(child)] = len(order)
+                order.append(child)
+                escaped = escape_local_name(name)
+                path_of.append(f"{object_path}/{escaped}" if object_path else escaped)
+            children.append({"node_id": child_id, "local_name": name})
         nodes.append(
             {
-                "children": [{"node_id": node_ids[id(child)], "local_name": name} for name, child in obj_edges],
+                "children": children,
                 "attributes": add_attributes(obj, object_path, getattr(obj, "_name", "") if _is_variable(obj) else ""),
                 "slot_variables": [],
             }
         )
+        index += 1
 
     if not skip_slots:
         variables = [obj for obj in order if _is_variable(obj)]
         for optimizer in _slot_providers(order):
-            optimizer_path = object_path_to_string(paths[id(optimizer)])
+            if not _slots_are_tracked(optimizer):
+                reuse.cacheable = False  # its slots may change without telling anyone
+            optimizer_path = path_of[node_ids[id(optimizer)]]
             for slot_name in optimizer.get_slot_names():
                 for variable in variables:
                     slot = _get_slot(optimizer, variable, slot_name)
@@ -182,7 +242,7 @@ def serialize_graph(view: GraphView, *, skip_slots: bool = False) -> SerializedG
                     slot_id = len(order)
                     node_ids[id(slot)] = slot_id
                     order.append(slot)
-                    variable_path = object_path_to_string(paths[id(variable)])
+                    variable_path = path_of[node_ids[id(variable)]]
                     slot_path = slot_variable_key(variable_path, optimizer_path, slot_name)
                     nodes.append(
                         {
@@ -202,7 +262,127 @@ def serialize_graph(view: GraphView, *, skip_slots: bool = False) -> SerializedG
     values = has_checkpoint_values(nodes)
     for node, value in zip(nodes, values):
         node["has_checkpoint_values"] = value
-    return SerializedGraph(object_graph={"nodes": nodes}, entries=tuple(entries), objects=tuple(order))
+    graph = SerializedGraph(object_graph={"nodes": nodes}, entries=tuple(entries), objects=tuple(order))
+    return graph, reuse
+
+
+def _attached_targets(view: GraphView) -> tuple:
+    return tuple(ref.ref() if isinstance(ref.ref, weakref.ref) else ref.ref for ref in view.attached)
+
+
+class GraphCache:
+    """The last serialized graph of a checkpoint, reused while nothing it was built from changed.
+
+    Saving the same objects again and again is the common case, and walking 10,000 variables costs
+    far more than the save's stall budget. A cached graph is reused when
+
+    * :func:`~asyncckpt.trackable.structure_version` is the one it was built at (every
+      ``_track_trackable``, ``_delete_tracking``, container mutation and optimizer slot creation
+      moves it on);
+    * the root is the same object, and weakly attached objects are the same (or gone the same);
+    * every object whose children are computed rather than declared (list and dict wrappers, user
+      overrides of ``_trackable_children``) reports the same children -- they are asked again, so a
+      list changed behind its wrapper's back still fails the save as it should;
+    * every object with computed values (``PythonState``, custom ``_serialize_to_tensors``)
+      reports the same attribute names.
+
+    Computed values are taken fresh at every save; variables are read live by the snapshot
+    anyway. A graph with a slot provider that does not report slot changes (anything with
+    ``get_slot_names`` but not an asyncckpt ``Optimizer``) is never cached. The cache does not keep
+    the root alive: it holds it weakly, and forgets everything when the root is collected.
+    """
+
+    def __init__(self) -> None:
+        self._graph: SerializedGraph | None = None
+        self._version = -1
+        self._root: weakref.ref | None = None
+        self._attached: tuple = ()
+        self._reuse: _Reuse | None = None
+        self._attachment: Any = None
+        self._finalizer: weakref.finalize | None = None
+
+    def attach(self, graph: SerializedGraph, value: Any) -> None:
+        """Keep ``value`` (derived from ``graph``) for as long as ``graph`` stays cached."""
+        if self._graph is graph:
+            self._attachment = value
+
+    def attachment(self, graph: SerializedGraph) -> Any:
+        """What was attached to ``graph`` if it is still the cached graph, else ``None``."""
+        return self._attachment if self._graph is graph else None
+
+    def clear(self) -> None:
+        """Forget the cached graph (and every object it holds)."""
+        self._graph = self._reuse = self._root = self._attachment = None
+        self._attached = ()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+
+    def serialize(self, view: GraphView) -> tuple[SerializedGraph, dict[int, Any] | None]:
+        """The graph of ``view`` now, and the fresh computed values.
+
+        Returns ``(graph, values)``: ``values`` is ``None`` when the graph was (re)built -- its
+        entries are all current -- or ``{entry index: value}`` for the computed attributes of a
+        reused graph, whose other entries are the same variables as before. ``graph.objects`` is
+        empty (use :func:`list_objects` for the live objects).
+        """
+        version = structure_version()
+        root = view.root_object
+        values = self._fresh_values(view, root, version)
+        if values is not None:
+            return self._graph, values
+        known = self._known
+        self._known = None
+        graph, reuse = _serialize(view, known_values=known)
+        graph = dataclasses.replace(graph, objects=())  # the node list would hold the root strongly
+        self.clear()
+        if reuse.cacheable and not self._holds(root, graph, reuse):
+            self._graph, self._reuse, self._version = graph, reuse, version
+            self._root = weakref.ref(root)
+            self._attached = _attached_targets(view)
+            self._finalizer = weakref.finalize(root, self.clear)
+            self._finalizer.atexit = False
+        return graph, None
+
+    _known: dict | None = None
+
+    @staticmethod
+    def _holds(root: Any, graph: SerializedGraph, reuse: _Reuse) -> bool:
+        """Whether caching would keep ``root`` itself alive (it is a value or is asked again)."""
+        return (
+            any(source is root for _, source in graph.entries)
+            or any(obj is root for obj, _, _ in reuse.computed_values)
+            or any(obj is root for obj, _ in reuse.computed_children)
+        )
+
+    def _fresh_values(self, view: GraphView, root: Any, version: int) -> dict[int, Any] | None:
+        graph, reuse = self._graph, self._reuse
+        if graph is None or reuse is None or version != self._version or self._root() is not root:
+            return None
+        attached = _attached_targets(view)
+        if len(attached) != len(self._attached) or any(a is not b for a, b in zip(attached, self._attached)):
+            return None
+        for obj, cached in reuse.computed_children:
+            current = view.children_edges(obj)  # may raise: exactly as a fresh walk would
+            if cached is not None and (
+                len(current) != len(cached)
+                or any(name != old_name or child is not old_child
+                       for (name, child), (old_name, old_child) in zip(current, cached))
+            ):
+                return None
+        if structure_version() != version:  # asking for children flagged a changed container
+            return None
+        values: dict[int, Any] = {}
+        known: dict[int, dict] = {}
+        for obj, names, indices in reuse.computed_values:
+            tensors = obj._serialize_to_tensors()
+            known[id(obj)] = tensors
+            if tuple(tensors) != names:
+                self._known = known  # the rebuild reuses them: serialize() runs once per save
+                return None
+            for index, name in zip(indices, names):
+                values[index] = tensors[name]
+        return values
 
 
 def has_checkpoint_values(nodes: Sequence[dict]) -> list[bool]:
@@ -211,8 +391,10 @@ def has_checkpoint_values(nodes: Sequence[dict]) -> list[bool]:
     changed = True
     while changed:
         changed = False
-        for index, node in enumerate(nodes):
-            if not values[index] and any(values[child["node_id"]] for child in node.get("children", ())):
+        # Children mostly have larger ids than their parents (breadth-first): going backwards
+        # settles a tree in one pass, and the loop still handles cycles and back edges.
+        for index in range(len(nodes) - 1, -1, -1):
+            if not values[index] and any(values[child["node_id"]] for child in nodes[index].get("children", ())):
                 values[index] = True
                 changed = True
     return values

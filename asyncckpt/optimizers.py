@@ -18,6 +18,7 @@ from asyncckpt import _arrays
 from asyncckpt.autotrackable import AutoTrackable
 from asyncckpt.checkpoint import add_variable
 from asyncckpt.restore import CheckpointPosition, variable_from_position
+from asyncckpt.trackable import structure_changed
 from asyncckpt.variable import Variable
 
 __all__ = ["Optimizer", "SGD", "Adam"]
@@ -27,6 +28,9 @@ class Optimizer(AutoTrackable):
     """Base class: hyperparameters and the step counter are variables; slots are per-variable state."""
 
     _SLOT_NAMES: tuple[str, ...] = ()
+    #: Every slot this class creates calls ``structure_changed()``, so a checkpoint may cache the
+    #: slot layout of its graph (third-party slot providers without this promise are re-walked).
+    _tracks_slot_changes = True
 
     def __init__(self, **hyperparameters: float):
         self._maybe_initialize_trackable()
@@ -75,6 +79,7 @@ class Optimizer(AutoTrackable):
             module = _arrays.array_module(var._snapshot_array())
             slot = Variable(module.zeros(var.shape, dtype=var.dtype), name=f"{var.name}/{slot_name}", trainable=False)
         slots[slot_name] = slot
+        structure_changed()
         self._restore_slot_variable(slot_name, var, slot)
         return slot
 
@@ -92,6 +97,7 @@ class Optimizer(AutoTrackable):
                 slot_variable_position, name=f"{variable.name}/{slot_name}", trainable=False, device=variable.device
             )
             self._self_slots.setdefault(variable._unique_id, {})[slot_name] = slot
+            structure_changed()
         if slot is not None:
             slot_variable_position.restore(slot)
         else:

@@ -7,16 +7,40 @@ dependency with that name is tracked (``_track_trackable``).
 
 Per-object state lives in ``_self_*`` attributes set by ``_maybe_initialize_trackable`` so that
 subclasses need not call ``super().__init__`` (as in TensorFlow).
+
+Every change of a declared dependency (and of an optimizer's slots) calls
+:func:`structure_changed`, which moves the process-wide :func:`structure_version` on. A checkpoint
+caches its serialized object graph under that version, so saving an unchanged program again skips
+the graph walk (see :class:`asyncckpt.graph.GraphCache`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Iterable
 
-__all__ = ["Trackable", "NoDependency", "TrackableReference"]
+__all__ = ["Trackable", "NoDependency", "TrackableReference", "structure_version", "structure_changed"]
 
 logger = logging.getLogger("asyncckpt")
+
+_versions = itertools.count(1)
+_structure_version = 0
+
+
+def structure_version() -> int:
+    """A number that changes whenever any trackable's dependencies (or slots) change, in any object."""
+    return _structure_version
+
+
+def structure_changed() -> None:
+    """Record a change of dependencies: cached object graphs are stale from now on.
+
+    Each call takes a fresh number from an atomic counter, so a graph cached under a version
+    can never see that version again after a concurrent change.
+    """
+    global _structure_version
+    _structure_version = next(_versions)
 
 
 class TrackableReference:
@@ -98,8 +122,10 @@ class Trackable:
                     "name is already declared as a dependency. Names must be unique (or overwrite=True)."
                 )
             self._self_dependencies[name] = trackable  # an existing key keeps its position
+            structure_changed()
         elif current is None:
             self._self_dependencies[name] = trackable
+            structure_changed()
             self._handle_deferred_dependencies(name, trackable)
         return trackable
 
@@ -111,7 +137,8 @@ class Trackable:
 
     def _delete_tracking(self, name: str) -> None:
         self._maybe_initialize_trackable()
-        self._self_dependencies.pop(name, None)
+        if self._self_dependencies.pop(name, None) is not None:
+            structure_changed()
 
     # ------------------------------------------------------------------ values
     def _serialize_to_tensors(self) -> dict[str, Any]:

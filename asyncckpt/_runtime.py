@@ -8,6 +8,12 @@ from the loop thread itself would deadlock, so it raises ``RuntimeError`` instea
 One default runtime exists per process (:func:`get_runtime`); it is forgotten in a forked child,
 whose copy of the loop thread does not exist. Every entry point accepts another runtime through
 its settings, which is how tests isolate themselves.
+
+Blocking calls (file I/O, checksums) run through ``asyncio.to_thread`` on the loop's default
+executor, which the runtime replaces with a pool whose worker threads all start together with the
+loop. Python 3.12 refuses to start threads once the interpreter begins to exit, so a pool that
+started workers on demand could not finish a write still pending at exit; this one never needs a
+new thread.
 """
 
 from __future__ import annotations
@@ -19,9 +25,29 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Runtime", "get_runtime", "running_loop"]
+__all__ = ["Runtime", "get_runtime", "running_loop", "WORKER_THREADS"]
 
 T = TypeVar("T")
+
+#: Worker threads of each runtime's pool for blocking calls (enough for the default write and
+#: read concurrency to run at once; more work queues).
+WORKER_THREADS = max(8, min(32, (os.cpu_count() or 1) + 4))
+
+
+class _PrestartedPool(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool whose ``max_workers`` threads are all running when the constructor returns.
+
+    ``ThreadPoolExecutor`` starts a thread when work arrives and no worker is idle; once all are
+    started it only reuses them. Starting them up front (every worker waits at one barrier, so
+    each task lands on its own thread) means submitting work never starts a thread, which keeps
+    working while the interpreter exits.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        barrier = threading.Barrier(max_workers)
+        for future in [self.submit(barrier.wait) for _ in range(max_workers)]:
+            future.result()
 
 
 class Runtime:
@@ -49,6 +75,7 @@ class Runtime:
             if self._loop is None:
                 ready = threading.Event()
                 loop = asyncio.new_event_loop()
+                loop.set_default_executor(_PrestartedPool(WORKER_THREADS, f"{self._name}-worker"))
                 thread = threading.Thread(target=self._serve, args=(loop, ready), name=self._name, daemon=True)
                 thread.start()
                 ready.wait()

@@ -694,3 +694,24 @@ def test_a_forked_child_does_not_inherit_pending_writes(tmp_path):
         str(tmp_path / "ckpt"),
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_write_pending_at_exit_is_finished_without_starting_threads(tmp_path):
+    # What Python 3.12 does at exit (it refuses new threads), simulated on any version: nothing
+    # the pending write still has to do may need a new thread.
+    result = _python(
+        """
+        import sys, threading
+        import numpy as np
+        from asyncckpt import pipeline
+
+        def refuse(self):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+        handle = pipeline.start_write(sys.argv[1], [pipeline.SaveEntry("v", np.arange(1_000_000.0))], {})
+        threading.Thread.start = refuse
+        """,
+        str(tmp_path / "ckpt"),
+    )
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "ckpt").read("v"), np.arange(1_000_000.0))

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from asyncckpt._runtime import Runtime, get_runtime
+from asyncckpt._runtime import WORKER_THREADS, Runtime, get_runtime
 
 
 def test_starts_lazily_and_runs_coroutines_on_its_own_thread():
@@ -98,6 +98,49 @@ def test_default_runtime_is_shared_and_replaced_after_fork():
             os._exit(0 if ok else 1)
         _, status = os.waitpid(child, 0)
         raise SystemExit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_worker_pool_is_fully_started_with_the_loop_and_runs_blocking_calls():
+    runtime = Runtime(name="pooled")
+    try:
+        runtime.loop  # starts the loop thread and its pool
+        workers = [t for t in threading.enumerate() if t.name.startswith("pooled-worker")]
+        assert len(workers) == WORKER_THREADS
+
+        async def blocking_calls():
+            return await asyncio.gather(*(asyncio.to_thread(threading.current_thread) for _ in range(3 * WORKER_THREADS)))
+
+        used = runtime.run(blocking_calls())
+        assert {thread.name for thread in used} <= {thread.name for thread in workers}
+    finally:
+        runtime.close()
+    assert not any(t.name.startswith("pooled-worker") for t in threading.enumerate())
+
+
+def test_blocking_calls_need_no_new_thread_once_the_loop_runs():
+    # Python 3.12 refuses to start threads while the interpreter exits, when pending writes are
+    # still finished; this child refuses them from the start of its work to show none is needed.
+    script = textwrap.dedent(
+        """
+        import asyncio, threading
+        from asyncckpt._runtime import Runtime
+
+        runtime = Runtime()
+        runtime.loop
+
+        def refuse(self):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+        threading.Thread.start = refuse
+
+        async def work():
+            return sum(await asyncio.gather(*(asyncio.to_thread(pow, 2, n) for n in range(100))))
+
+        assert runtime.run(work()) == 2**100 - 1
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -270,6 +270,18 @@ def _attached_targets(view: GraphView) -> tuple:
     return tuple(ref.ref() if isinstance(ref.ref, weakref.ref) else ref.ref for ref in view.attached)
 
 
+def _attached_identities(view: GraphView) -> tuple:
+    """What identifies the attached objects, without keeping weakly attached ones alive.
+
+    A strong reference is identified by its target's id (the view holds the target); a weak one
+    by the weak reference itself and whether its target was alive.
+    """
+    return tuple(
+        (ref.ref, ref.ref() is not None) if isinstance(ref.ref, weakref.ref) else (None, id(ref.ref))
+        for ref in view.attached
+    )
+
+
 class GraphCache:
     """The last serialized graph of a checkpoint, reused while nothing it was built from changed.
 
@@ -339,7 +351,7 @@ class GraphCache:
         if reuse.cacheable and not self._holds(root, graph, reuse):
             self._graph, self._reuse, self._version = graph, reuse, version
             self._root = weakref.ref(root)
-            self._attached = _attached_targets(view)
+            self._attached = _attached_identities(view)
             self._finalizer = weakref.finalize(root, self.clear)
             self._finalizer.atexit = False
         return graph, None
@@ -359,8 +371,7 @@ class GraphCache:
         graph, reuse = self._graph, self._reuse
         if graph is None or reuse is None or version != self._version or self._root() is not root:
             return None
-        attached = _attached_targets(view)
-        if len(attached) != len(self._attached) or any(a is not b for a, b in zip(attached, self._attached)):
+        if _attached_identities(view) != self._attached:
             return None
         for obj, cached in reuse.computed_children:
             current = view.children_edges(obj)  # may raise: exactly as a fresh walk would

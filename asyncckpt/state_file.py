@@ -17,8 +17,15 @@ fields (no protobuf dependency, nothing evaluated), files over `MAX_STATE_FILE_B
 and anything malformed makes `get_checkpoint_state` log a WARNING and return ``None`` (TensorFlow's
 behaviour, tensorflow/tensorflow#35148, made loud). Paths inside the directory are stored relative
 to it and joined with it on read; other paths are stored absolute. Updates are atomic: a temporary
-file in the same directory is written, fsynced and renamed over the old one, then the directory is
-fsynced, so a reader sees the old state or the new one, never a mixture.
+file in the same directory (``.<latest_filename>.tmp``, a fixed name: writers hold the lock below,
+and one left by a crash is replaced by the next update) is written, fsynced and renamed over the
+old one, then the directory is fsynced, so a reader sees the old state or the new one, never a
+mixture. The file is created with mode ``0o666`` less the umask, like any new file.
+
+`asyncckpt.CheckpointManager` also keeps, only while it deletes expired checkpoints, a
+*pending-deletions file* ``.<latest_filename>.deleting`` in the same text format, naming the
+checkpoints it has dropped from the state file and is about to delete (see
+`_write_pending_deletions`).
 
 The state file is always a local file, read and written with plain ``os`` calls, even when the
 checkpoints it names live on another storage (``WriteSettings(storage=...)``): atomic rename and
@@ -52,7 +59,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from typing import Any, Iterator, Sequence
 
 from asyncckpt import pipeline
@@ -454,10 +460,27 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _temporary_name(filename: str) -> str:
+    """The fixed temporary a file of ours is written to before its rename: ``.<name>.tmp``."""
+    directory, name = os.path.split(filename)
+    return os.path.join(directory, f".{name}.tmp")
+
+
 def _atomic_write_text(filename: str, text: str) -> None:
-    """Write, fsync and rename over ``filename``, then fsync the directory."""
+    """Write, fsync and rename over ``filename``, then fsync the directory.
+
+    The caller holds `_state_file_lock`, so the temporary can have a fixed name (see
+    `_temporary_name`): one left by a crash before its rename is replaced by the next write
+    instead of staying for ever. It is removed and created afresh (``O_EXCL``, mode ``0o666``
+    less the umask), so the file gets the permissions of any new file -- readable by whoever
+    may read the checkpoints -- and a leftover that is a symbolic link is never followed.
+    """
     directory = os.path.dirname(filename) or "."
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(filename)}.", suffix=".tmp", dir=directory)
+    temp = _temporary_name(filename)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(temp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(text.encode("utf-8"))
@@ -521,9 +544,63 @@ def _build_state(
 
 
 def _write_state(save_dir: str, latest_filename: str | None, state: CheckpointState) -> None:
+    """Replace the state file; the caller holds `_state_file_lock`."""
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
     _atomic_write_text(_state_filename(save_dir, latest_filename), format_checkpoint_state(state))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pending-deletions file
+# ---------------------------------------------------------------------------------------------
+
+
+def _pending_deletions_filename(directory: str, latest_filename: str | None) -> str:
+    return os.path.join(directory, f".{latest_filename or _DEFAULT_STATE_FILENAME}.deleting")
+
+
+def _write_pending_deletions(directory: str, latest_filename: str | None, paths: Sequence[str]) -> None:
+    """Record, before the state file stops listing them, the checkpoints about to be deleted.
+
+    `asyncckpt.CheckpointManager` drops expired checkpoints from the state file first and
+    deletes them after, so the file never names a deleted checkpoint; a crash in between would
+    leave complete checkpoints that nothing lists and so nothing would ever delete. This file
+    (``.<latest_filename>.deleting``, in the state file's text format: the paths are
+    ``all_model_checkpoint_paths``, stored like the state file's) names them until they are
+    gone, and the next manager to update the state file finishes the job. The caller holds
+    `_state_file_lock`; the write is atomic like the state file's.
+    """
+    if not paths:
+        raise ValueError("no checkpoint to record for deletion")
+    directory_abs = os.path.abspath(directory or ".")
+    stored = [_storable_path(path, directory_abs) for path in paths]
+    text = format_checkpoint_state(CheckpointState(stored[-1], stored))
+    _atomic_write_text(_pending_deletions_filename(directory, latest_filename), text)
+
+
+def _load_pending_deletions(directory: str, latest_filename: str | None) -> list[str] | None:
+    """The paths `_write_pending_deletions` recorded, joined with ``directory``.
+
+    ``None`` when there is no such file; ``[]`` (and a WARNING) when it cannot be read or
+    parsed -- it is untrusted input like the state file, and the caller must still check every
+    path before deleting anything.
+    """
+    filename = _pending_deletions_filename(directory, latest_filename)
+    try:
+        text = _read_state_text(filename)
+        if text is None:
+            return None
+        state = parse_checkpoint_state(text)
+    except (OSError, CheckpointStateParseError) as exc:
+        logger.warning("%s: %s; %s ignored", type(exc).__name__, exc, filename)
+        return []
+    return _join_with_directory(state, directory).all_model_checkpoint_paths
+
+
+def _remove_pending_deletions(directory: str, latest_filename: str | None) -> None:
+    """Remove the pending-deletions file once every checkpoint it names is gone."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_pending_deletions_filename(directory, latest_filename))
 
 
 def update_checkpoint_state(

@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import re
+import stat
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -419,6 +420,66 @@ def test_failed_write_keeps_the_old_state_and_removes_the_temporary_file(tmp_pat
         sf.update_checkpoint_state(tmp_path, tmp_path / "c-\udcff")  # not encodable: the write fails
     assert read_text(tmp_path) == 'model_checkpoint_path: "c-1"\nall_model_checkpoint_paths: "c-1"\n'
     assert sorted(os.listdir(tmp_path)) == [".checkpoint.lock", "checkpoint"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_state_file_mode_follows_the_umask(tmp_path, umask, mode):
+    # Like any new file (and TensorFlow's), not mkstemp's 0600: others may read the checkpoints.
+    previous = os.umask(umask)
+    try:
+        sf.update_checkpoint_state(tmp_path, tmp_path / "c-1")
+        sf.update_checkpoint_state(tmp_path, tmp_path / "c-2")  # a replacement gets the same mode
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "checkpoint").st_mode) == mode
+
+
+def test_a_temporary_left_by_a_crash_is_replaced_by_the_next_write(tmp_path):
+    (tmp_path / ".checkpoint.tmp").write_bytes(b"model_checkpoint_path: \"half")  # died before its rename
+    sf.update_checkpoint_state(tmp_path, tmp_path / "c-1")
+    assert sorted(os.listdir(tmp_path)) == [".checkpoint.lock", "checkpoint"]
+    assert sf.get_checkpoint_state(tmp_path).model_checkpoint_path == str(tmp_path / "c-1")
+
+
+def test_a_temporary_that_is_a_symbolic_link_is_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    directory = tmp_path / "run"
+    directory.mkdir()
+    os.symlink(outside, directory / ".checkpoint.tmp")
+    sf.update_checkpoint_state(directory, directory / "c-1")
+    assert outside.read_bytes() == b"precious"
+    assert not os.path.islink(directory / "checkpoint")
+    assert sorted(os.listdir(directory)) == [".checkpoint.lock", "checkpoint"]
+
+
+# ---------------------------------------------------------------- the pending-deletions file
+
+
+def test_pending_deletions_round_trip_relative_to_the_directory(tmp_path):
+    assert sf._load_pending_deletions(str(tmp_path), None) is None
+    paths = [str(tmp_path / "ckpt-1"), str(tmp_path / "sub" / 'we"ird\n'), "/elsewhere/ckpt-9"]
+    sf._write_pending_deletions(str(tmp_path), None, paths)
+    assert read_text(tmp_path, ".checkpoint.deleting") == (
+        'model_checkpoint_path: "/elsewhere/ckpt-9"\n'
+        'all_model_checkpoint_paths: "ckpt-1"\n'
+        'all_model_checkpoint_paths: "sub/we\\"ird\\n"\n'
+        'all_model_checkpoint_paths: "/elsewhere/ckpt-9"\n'
+    )
+    assert sf._load_pending_deletions(str(tmp_path), None) == paths
+    sf._remove_pending_deletions(str(tmp_path), None)
+    sf._remove_pending_deletions(str(tmp_path), None)  # already gone: not an error
+    assert sorted(os.listdir(tmp_path)) == []
+    with pytest.raises(ValueError, match="no checkpoint"):
+        sf._write_pending_deletions(str(tmp_path), None, [])
+
+
+@pytest.mark.parametrize("data", [b"all_model_checkpoint_paths: ckpt-1\n", b'all_model_checkpoint_paths: "\xff"\n'])
+def test_an_unreadable_pending_deletions_file_names_nothing(tmp_path, caplog, data):
+    (tmp_path / ".checkpoint.deleting").write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        assert sf._load_pending_deletions(str(tmp_path), None) == []
+    assert any(".checkpoint.deleting ignored" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------- the cross-process lock

@@ -246,13 +246,6 @@ def test_kill_during_deletion_leaves_no_dangling_state_entry(tmp_path):
     assert missing == [], f"the state file lists deleted checkpoints {missing}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="state_file._atomic_write_text writes the state file through tempfile.mkstemp "
-    "('.checkpoint.XXXXXXXX.tmp'); a crash before its rename leaves that file, and no later update "
-    "removes it, so every such crash leaks one file (fix: a fixed temporary name under the state-file "
-    "lock, or remove stale temporaries while holding it)",
-)
 def test_state_file_temporary_left_by_a_crash_is_removed(tmp_path):
     code, lines, stderr = run_child(tmp_path, "rename-state", 1)
     assert code == -signal.SIGKILL and "killing rename-state 1" in lines, stderr

@@ -19,13 +19,24 @@ state file holds an exclusive ``fcntl.flock`` on ``<directory>/.<latest_filename
 1. keeps the entries other managers recorded there (those it did not find at construction, did
    not delete or preserve itself, and whose checkpoints still exist),
 2. forgets its own entries that another manager deleted (missing from the file and from disk),
-3. adds its new checkpoint, writes the file, deletes its own expired checkpoints and writes the
-   file again.
+3. adds its new checkpoint, takes its expired checkpoints out of the active set, names the ones
+   to delete in the pending-deletions file ``<directory>/.<latest_filename>.deleting``, writes the
+   state file once, deletes them, and removes the pending-deletions file.
+
+TensorFlow instead writes the file, deletes, and writes it again, so a crash or a failed
+deletion in between leaves the file naming checkpoints that are gone. Here the file never names
+a deleted checkpoint, and the pending-deletions file keeps a crash in between from leaving
+complete checkpoints that nothing lists (and so nothing would ever delete): the next manager to
+update the state file deletes those of them the file does not list again. Deletions that fail
+stay in that file and are tried again at the next save.
 
 So two managers sharing a directory never lose each other's entries, every path the file lists
 exists, and ``model_checkpoint_path`` is the checkpoint committed last by anyone. A manager
-still adopts, at construction, every managed entry of the file (TensorFlow's behaviour), so a
-manager created while another is saving may delete that one's older checkpoints; build
+still adopts, at construction, every managed entry of the file (TensorFlow's behaviour) that it
+could have written itself -- a path inside ``directory`` (not through a symbolic link) whose
+name fits the file system; other entries are logged at WARNING and never deleted.
+Paths are compared and recorded normalised (``ckpt-2`` and ``./ckpt-2`` are one checkpoint).
+A manager created while another is saving may delete that one's older checkpoints; build
 concurrent managers before they save, and give them different ``checkpoint_name`` values
 (managers sharing a name number their files independently and overwrite each other's).
 Plain `update_checkpoint_state` (used by `asyncckpt.Checkpoint.save`) takes the same lock but
@@ -51,15 +62,19 @@ import numpy as np
 from asyncckpt import pipeline
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions
+from asyncckpt.format import lock_name
 from asyncckpt.state_file import (
     MAX_STATE_FILE_BYTES,
     CheckpointState,
     CheckpointStateParseError,
     _build_state,
     _fspath,
+    _load_pending_deletions,
     _load_state,
     _recorded_checkpoint_exists,
+    _remove_pending_deletions,
     _state_file_lock,
+    _write_pending_deletions,
     _write_state,
     checkpoint_exists,
     format_checkpoint_state,
@@ -84,6 +99,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("asyncckpt")
+
+#: The longest file name (in bytes) the file systems we write to accept.
+_NAME_MAX = 255
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +138,10 @@ class CheckpointManager:
     manager in the same directory continues where the previous one stopped: it manages the
     recorded checkpoints newer than the last preserved one, and may delete them on its first
     save. Checkpoints written by plain `asyncckpt.Checkpoint.save` carry no timestamps and are
-    never managed or deleted.
+    never managed or deleted; neither are recorded paths outside ``directory`` or names no
+    checkpoint can have (an empty entry, a name too long for the file system), which are
+    logged at WARNING. Paths are normalised, so ``./ckpt-2`` in the state file and a save of
+    ``ckpt-2`` are the same checkpoint.
 
     Bookkeeping happens only after a checkpoint is durable (as the last write callback), so with
     ``CheckpointOptions(enable_async=True)`` the state file, `latest_checkpoint` and deletions
@@ -213,6 +234,7 @@ class CheckpointManager:
         self._max_to_keep = None if max_to_keep is None else int(max_to_keep)
         self._keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self._directory = _fspath(directory, "directory")
+        self._directory_abs = os.path.abspath(self._directory or ".")
         self._checkpoint_prefix = os.path.join(self._directory, checkpoint_name)
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
@@ -249,11 +271,18 @@ class CheckpointManager:
                 self._last_preserved_timestamp - now,
             )
             self._last_preserved_timestamp = now
-        paths = recovered.all_model_checkpoint_paths
+        recorded = recovered.all_model_checkpoint_paths
+        paths = [self._canonical(path) for path in recorded]
         timestamps = recovered.all_model_checkpoint_timestamps or [self._last_preserved_timestamp] * len(paths)
-        for path, timestamp in zip(paths, timestamps):
+        for entry, path, timestamp in zip(recorded, paths, timestamps):
             timestamp = min(timestamp, now)
             if timestamp > self._last_preserved_timestamp:
+                problem = self._unmanageable(path)
+                if problem is not None:
+                    logger.warning("Not managing %r from the state file of %s: %s.", entry, self._directory, problem)
+                    continue
+                # The last of several spellings of one path wins (the file lists oldest first).
+                self._maybe_delete.pop(path, None)
                 self._maybe_delete[path] = timestamp
         self._released.update(p for p in paths if p not in self._maybe_delete)
 
@@ -367,8 +396,11 @@ class CheckpointManager:
             on_disk = None
             with contextlib.suppress(ValueError):  # an empty state file has nothing to keep
                 on_disk = _load_state(self._directory, None)
-            foreign = self._foreign_entries(on_disk, save_path, io)
-            self._forget_deleted_elsewhere(on_disk, save_path, io)
+            listed = [] if on_disk is None else [self._canonical(p) for p in on_disk.all_model_checkpoint_paths]
+            save_path = self._canonical(save_path)
+            unfinished = self._unfinished_deletions(listed, save_path)
+            foreign = self._foreign_entries(on_disk, listed, save_path, io)
+            self._forget_deleted_elsewhere(listed, save_path, io)
             timestamp = self._clock()
             # An overwritten checkpoint moves to the end of the queue.
             self._maybe_delete.pop(save_path, None)
@@ -376,44 +408,121 @@ class CheckpointManager:
             self._released.discard(save_path)
             self._latest_checkpoint = save_path
             self._latest_io = io
-            # Record before deleting, so a crash while deleting still finds the new checkpoint;
-            # then record again without the deleted ones (when there were any).
-            self._record_state(foreign)
-            if self._sweep(io):
-                self._record_state(foreign)
+            # Unlike TensorFlow (record, delete, record again), the state file is written once,
+            # without the expired checkpoints, and they are deleted after it: the file never names
+            # a deleted checkpoint. The pending-deletions file, written first, names them until
+            # they are gone, so a crash in between leaves no checkpoint that nothing would delete.
+            expiring, doomed, last_preserved = self._plan_expiry()
+            doomed += [path for path in unfinished or () if path not in doomed]
+            if doomed:
+                _write_pending_deletions(self._directory, None, doomed)
+            active = [(path, t) for path, t in self._maybe_delete.items() if path not in expiring]
+            self._record_state(active, foreign, last_preserved)
+            # The file no longer lists them: forget them only now, so a failed write changes nothing.
+            for path in expiring:
+                del self._maybe_delete[path]
+                self._released.add(path)
+            self._last_preserved_timestamp = last_preserved
+            self._delete(doomed, expiring, io, pending_file=unfinished is not None)
+
+    def _canonical(self, path: str) -> str:
+        """One spelling per checkpoint: ``<directory>/<normalised relative path>`` inside it.
+
+        That is how paths read back from a state file this module wrote look, and how this
+        manager's own saves are spelled; paths outside the directory are made absolute (as the
+        state file stores them).
+        """
+        path_abs = os.path.abspath(path)
+        if _strictly_inside(path_abs, self._directory_abs):
+            return os.path.join(self._directory, os.path.relpath(path_abs, self._directory_abs))
+        return path_abs
+
+    def _unmanageable(self, path: str) -> str | None:
+        """Why a path read from a file in the directory must never be deleted, or ``None``.
+
+        A manager only ever creates ``<directory>/<checkpoint_name>-N``, so it takes over only
+        paths inside its directory (and not through a symbolic link), and only ones at
+        which a checkpoint can exist: an empty entry names the directory itself, and a name too
+        long for the file system could never have been written (deleting it would fail every
+        save).
+        """
+        path_abs = os.path.abspath(path)
+        if not _strictly_inside(path_abs, self._directory_abs):
+            if path_abs == self._directory_abs:
+                return "it names the directory, not a checkpoint"
+            return "it is outside the directory"
+        parts = os.path.relpath(path_abs, self._directory_abs).split(os.sep)
+        try:
+            too_long = [part for part in [*parts[:-1], lock_name(parts[-1], "0" * 16)]
+                        if len(os.fsencode(part)) > _NAME_MAX]
+        except UnicodeError:
+            return "it cannot be encoded as a file name"
+        if too_long:
+            return "its name is too long for a checkpoint"
+        parent = os.path.dirname(path_abs)
+        if parent != self._directory_abs and os.path.realpath(parent) != os.path.join(
+            os.path.realpath(self._directory_abs), os.path.relpath(parent, self._directory_abs)
+        ):
+            # It may lead out of the directory, or be a second spelling of a checkpoint in it.
+            return "its folder is reached through a symbolic link"
+        return None
+
+    def _unfinished_deletions(self, listed: list[str], save_path: str) -> list[str] | None:
+        """Checkpoints a manager dropped from the state file but did not finish deleting.
+
+        ``None`` when no pending-deletions file exists (the usual case: nothing to do). A path
+        the state file lists again, that this manager manages, has just saved or is saving is
+        live and stays; so does any path that is not a checkpoint inside the directory.
+        """
+        recorded = _load_pending_deletions(self._directory, None)
+        if recorded is None:
+            return None
+        keep = {*listed, save_path, *self._maybe_delete, *(self._canonical(p.path) for p in self._pending)}
+        unfinished = []
+        for path in map(self._canonical, recorded):
+            if path in keep or path in unfinished:
+                continue
+            problem = self._unmanageable(path)
+            if problem is not None:
+                logger.warning("Not deleting %r named by the pending-deletions file of %s: %s.",
+                               path, self._directory, problem)
+                continue
+            unfinished.append(path)
+        return unfinished
 
     def _foreign_entries(
-        self, on_disk: CheckpointState | None, save_path: str, io: _CheckpointIo
+        self, on_disk: CheckpointState | None, listed: list[str], save_path: str, io: _CheckpointIo
     ) -> list[tuple[str, float]]:
         """Entries another manager recorded in the state file that must survive our rewrite."""
         if on_disk is None:
             return []
         return [
             (path, timestamp)
-            for path, timestamp in zip(on_disk.all_model_checkpoint_paths, on_disk.all_model_checkpoint_timestamps)
+            for path, timestamp in zip(listed, on_disk.all_model_checkpoint_timestamps)
             if path != save_path
             and path not in self._maybe_delete
             and path not in self._released
             and io.exists(path)
         ]
 
-    def _forget_deleted_elsewhere(self, on_disk: CheckpointState | None, save_path: str, io: _CheckpointIo) -> None:
+    def _forget_deleted_elsewhere(self, listed: list[str], save_path: str, io: _CheckpointIo) -> None:
         """Drop managed paths another manager deleted, so the state file never lists them.
 
         A manager that deletes a checkpoint rewrites the state file without it (under the file
         lock), so only our paths missing from the file need an existence check; in the usual
         one-manager case none is missing and nothing is read.
         """
-        if on_disk is None:
+        if not listed:
             return
-        listed = set(on_disk.all_model_checkpoint_paths)
-        for path in [p for p in self._maybe_delete if p not in listed and p != save_path]:
+        listed_set = set(listed)
+        for path in [p for p in self._maybe_delete if p not in listed_set and p != save_path]:
             if not io.exists(path):
                 del self._maybe_delete[path]
                 self._released.add(path)
 
-    def _record_state(self, foreign: list[tuple[str, float]]) -> None:
-        own = list(self._maybe_delete.items())
+    def _record_state(
+        self, own: list[tuple[str, float]], foreign: list[tuple[str, float]], last_preserved: float
+    ) -> None:
         foreign = [entry for entry in foreign if entry[0] not in self._maybe_delete]
         entries = _merge_by_timestamp(own, foreign) if foreign else own
         # The newest checkpoint of this manager goes last: it is the model checkpoint path.
@@ -425,28 +534,54 @@ class CheckpointManager:
             [path for path, _ in entries],
             None,
             [timestamp for _, timestamp in entries],
-            self._last_preserved_timestamp,
+            last_preserved,
         )
         _write_state(self._directory, None, state)
 
-    def _sweep(self, io: _CheckpointIo) -> bool:
-        """Preserve or delete (through ``io``) the oldest managed checkpoints beyond ``max_to_keep``.
+    def _plan_expiry(self) -> tuple[list[str], list[str], float]:
+        """Which of the oldest managed checkpoints beyond ``max_to_keep`` leave the active set.
 
-        Returns whether the active set changed.
+        Returns ``(expiring, doomed, last_preserved_timestamp)``: the paths leaving the active
+        set, those of them to delete (the others are preserved: kept on disk, no longer listed),
+        and the preservation clock afterwards. Changes nothing, so a failed write of the state
+        file leaves the manager as it was.
         """
+        last_preserved = self._last_preserved_timestamp
         if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
-            return False  # with no max_to_keep everything stays active and nothing is preserved
-        while len(self._maybe_delete) > self._max_to_keep:
-            path, timestamp = self._maybe_delete.popitem(last=False)
-            self._released.add(path)
+            return [], [], last_preserved  # with no max_to_keep everything stays active, nothing is preserved
+        expiring, doomed = [], []
+        for path, timestamp in list(self._maybe_delete.items())[: len(self._maybe_delete) - self._max_to_keep]:
+            expiring.append(path)
             if self._keep_checkpoint_every_n_hours and (
-                timestamp - self._keep_checkpoint_every_n_hours * 3600.0 >= self._last_preserved_timestamp
+                timestamp - self._keep_checkpoint_every_n_hours * 3600.0 >= last_preserved
             ):
                 # Kept on disk but no longer listed, so the state file cannot grow forever.
-                self._last_preserved_timestamp = timestamp
-                continue
-            io.delete(path)
-        return True
+                last_preserved = timestamp
+            else:
+                doomed.append(path)
+        return expiring, doomed, last_preserved
+
+    def _delete(self, doomed: list[str], expiring: list[str], io: _CheckpointIo, *, pending_file: bool) -> None:
+        """Delete ``doomed`` (through ``io``), then the pending-deletions file naming them.
+
+        Every deletion is tried. The first failure among this save's ``expiring`` checkpoints is
+        raised once the others ran; a failed retry of an unfinished deletion is only logged. The
+        pending-deletions file stays while anything failed, so the next save tries again.
+        """
+        failed, error = False, None
+        for path in doomed:
+            try:
+                io.delete(path)
+            except Exception as exc:
+                failed = True
+                if path in expiring:
+                    error = error or exc
+                else:
+                    logger.warning("Could not finish deleting checkpoint %s: %s", path, exc)
+        if not failed and (doomed or pending_file):
+            _remove_pending_deletions(self._directory, None)
+        if error is not None:
+            raise error
 
     # -- waiting and restoring ----------------------------------------------------------------
 
@@ -543,6 +678,14 @@ class _PendingSave:
         self.path = path
         self.io = io
         self.started = False
+
+
+def _strictly_inside(path_abs: str, directory_abs: str) -> bool:
+    """Whether normalised absolute ``path_abs`` lies under ``directory_abs`` (and is not it)."""
+    try:
+        return path_abs != directory_abs and os.path.commonpath([directory_abs, path_abs]) == directory_abs
+    except ValueError:  # different drives on Windows
+        return False
 
 
 def _merge_by_timestamp(

@@ -6,6 +6,7 @@ The state-file codec and its file operations are tested in ``test_state_file.py`
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pathlib
@@ -157,6 +158,173 @@ def test_manager_properties_read_inside_a_write_callback_do_not_deadlock(tmp_pat
     manager.sync()
     assert seen == [first]  # the callback ran before the bookkeeping of its own save
     assert manager.latest_checkpoint == second
+
+
+# ---------------------------------------------------------------- deleting expired checkpoints
+
+
+PENDING = ".checkpoint.deleting"
+
+
+def observing_storage(directory, seen: list):
+    """The default storage, noting at every ``P.index`` deletion the state and pending-deletions files."""
+
+    class Observing(BackendWrapper):
+        async def delete(self, name):
+            if name.endswith(".index"):
+                pending = pathlib.Path(directory, PENDING)
+                seen.append((
+                    name,
+                    state_on_disk(directory).all_model_checkpoint_paths,
+                    cm.parse_checkpoint_state(pending.read_text()).all_model_checkpoint_paths if pending.exists() else None,
+                    os.stat(os.path.join(directory, "checkpoint")).st_ino,
+                ))
+            await super().delete(name)
+
+    return WrappingStorage(default_storage(), Observing)
+
+
+def test_expired_checkpoints_leave_the_state_file_before_they_are_deleted(tmp_path):
+    seen = []
+    options = ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=observing_storage(tmp_path, seen)))
+    manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=2)
+    first, second, third = (manager.save(options=options) for _ in range(3))
+    # When ckpt-1 is deleted the state file no longer lists it, and the pending-deletions file does.
+    assert [entry[:3] for entry in seen] == [("ckpt-1.index", ["ckpt-2", "ckpt-3"], ["ckpt-1"])]
+    # The state file was written once: not replaced again after the deletion.
+    assert os.stat(tmp_path / "checkpoint").st_ino == seen[0][3]
+    assert not ac.checkpoint_exists(first) and manager.checkpoints == [second, third]
+    assert not (tmp_path / PENDING).exists()
+
+
+def test_a_pending_deletion_left_by_a_crash_is_finished_by_the_next_save(tmp_path, caplog):
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(2)))
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    first, second = manager.save(), manager.save()
+    # As a manager leaves it when killed after writing the state file, before deleting: ckpt-0
+    # complete but unlisted. The file also names what must survive: a listed checkpoint, the
+    # one about to be saved again, and one outside the directory.
+    orphan = checkpoint.write(str(tmp_path / "ckpt-0"))
+    outside = checkpoint.write(str(tmp_path.parent / f"{tmp_path.name}-outside" / "ckpt-7"))
+    cm._write_pending_deletions(str(tmp_path), None, [orphan, second, str(tmp_path / "ckpt-5"), outside])
+    later = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.ones(2))), tmp_path, max_to_keep=2)
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        fifth = later.save(checkpoint_number=5)
+    assert not ac.checkpoint_exists(orphan) and not ac.checkpoint_exists(first)  # first expired now
+    assert ac.checkpoint_exists(second) and ac.checkpoint_exists(fifth) and ac.checkpoint_exists(outside)
+    assert any(outside in r.getMessage() and "outside the directory" in r.getMessage() for r in caplog.records)
+    assert state_on_disk(tmp_path).all_model_checkpoint_paths == ["ckpt-2", "ckpt-5"]
+    assert sorted(os.listdir(tmp_path)).count(PENDING) == 0
+
+
+def test_a_failed_deletion_is_reported_and_retried_by_the_next_save(tmp_path):
+    failures = []
+
+    class FailOnce(BackendWrapper):
+        async def delete(self, name):
+            if name == "ckpt-1.index" and not failures:
+                failures.append(name)
+                raise OSError(errno.EIO, "injected", name)
+            await super().delete(name)
+
+    options = ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=WrappingStorage(default_storage(), FailOnce)))
+    manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=1)
+    first = manager.save(options=options)
+    with pytest.raises(OSError) as raised:
+        manager.save(options=options)
+    assert raised.value.errno == errno.EIO
+    second = f"{tmp_path / 'ckpt'}-2"
+    assert ac.checkpoint_exists(first) and state_on_disk(tmp_path).all_model_checkpoint_paths == ["ckpt-2"]
+    assert (tmp_path / PENDING).exists()
+    third = manager.save(options=options)
+    assert [ac.checkpoint_exists(p) for p in (first, second, third)] == [False, False, True]
+    assert {name.split(".")[0] for name in os.listdir(tmp_path)} == {"", "checkpoint", "ckpt-3"}
+    assert not (tmp_path / PENDING).exists()
+
+
+def test_a_failed_state_file_write_changes_nothing_the_manager_manages(tmp_path, caplog):
+    manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=1)
+    first = manager.save()
+    os.unlink(tmp_path / "checkpoint")
+    (tmp_path / "checkpoint").mkdir()  # the state file cannot be replaced
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"), pytest.raises(OSError):
+        manager.save()
+    second = f"{tmp_path / 'ckpt'}-2"
+    assert ac.checkpoint_exists(first)  # not deleted: no state file stopped listing it
+    assert manager.checkpoints == [first, second]
+    (tmp_path / "checkpoint").rmdir()
+    third = manager.save()
+    assert [ac.checkpoint_exists(p) for p in (first, second, third)] == [False, False, True]
+    assert state_on_disk(tmp_path).all_model_checkpoint_paths == ["ckpt-3"]
+    assert not (tmp_path / PENDING).exists()
+
+
+# ---------------------------------------------------------------- paths read from the state file
+
+
+def write_state_file(directory, *entries: str, timestamp: float = 1.0) -> None:
+    lines = [f'model_checkpoint_path: "{entries[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{entry}"' for entry in entries]
+    lines += [f"all_model_checkpoint_timestamps: {timestamp}"] * len(entries) + ["last_preserved_timestamp: 0.5"]
+    pathlib.Path(directory, "checkpoint").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_spellings_of_one_path_are_one_checkpoint(tmp_path):
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(2)))
+    one, two = (checkpoint.write(str(tmp_path / f"ckpt-{n}")) for n in (1, 2))
+    (tmp_path / "sub").mkdir()
+    write_state_file(tmp_path, "./ckpt-1", "sub/../ckpt-2", "ckpt-1", str(tmp_path / "sub" / ".." / "ckpt-2"))
+    manager = cm.CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    assert manager.checkpoints == [one, two]  # the last spelling of each decides its place
+    checkpoint.save_counter.assign(1)
+    assert manager.save() == two  # ckpt-2 again: it moves to the end, nothing is deleted
+    assert manager.checkpoints == [one, two] and ac.checkpoint_exists(one)
+    assert state_on_disk(tmp_path).all_model_checkpoint_paths == ["ckpt-1", "ckpt-2"]
+
+
+def test_a_relative_directory_agrees_with_latest_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), "./run/", max_to_keep=2)
+    saved = [manager.save() for _ in range(3)]
+    assert saved == ["./run/ckpt-1", "./run/ckpt-2", "./run/ckpt-3"]
+    assert manager.latest_checkpoint == cm.latest_checkpoint("./run/") == saved[-1]
+    assert manager.checkpoints == saved[1:] and not ac.checkpoint_exists(saved[0])
+    again = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), "run", max_to_keep=2)
+    assert again.checkpoints == ["run/ckpt-2", "run/ckpt-3"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ("", "names the directory"),
+        (".", "names the directory"),
+        ("x" * 300, "too long"),
+        ("x" * 230, "too long"),  # ckpt.index fits, but not the lock a write of it needs
+        ("../elsewhere/ckpt-1", "outside the directory"),
+        ("linked/ckpt-1", "symbolic link"),  # leads outside
+        ("self/ckpt-1", "symbolic link"),  # another spelling of ckpt-1, which a save would then delete
+    ],
+    ids=["empty", "dot", "300", "230", "outside", "symlink-out", "symlink-in"],
+)
+def test_a_manager_manages_only_checkpoints_it_could_have_written(tmp_path, caplog, entry, reason):
+    checkpoint = ac.Checkpoint(v=ac.Variable(np.zeros(2)))
+    directory, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    directory.mkdir()
+    victim = checkpoint.write(str(elsewhere / "ckpt-1"))
+    os.symlink(elsewhere, directory / "linked")
+    os.symlink(directory, directory / "self")
+    (directory / "sub").mkdir()
+    inside = checkpoint.write(str(directory / "sub" / "ckpt-1"))  # in a real subdirectory: managed
+    write_state_file(directory, entry, "sub/ckpt-1", "ckpt-1")
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        manager = cm.CheckpointManager(checkpoint, directory, max_to_keep=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and reason in warnings[0] and "Not managing" in warnings[0], warnings
+    assert manager.checkpoints == [inside, str(directory / "ckpt-1")]
+    manager.save()
+    manager.save()
+    assert ac.checkpoint_exists(victim) and not ac.checkpoint_exists(inside)
+    assert cm.latest_checkpoint(directory) == manager.latest_checkpoint == str(directory / "ckpt-2")
 
 
 # ---------------------------------------------------------------- asynchronous saves

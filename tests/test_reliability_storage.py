@@ -197,12 +197,7 @@ def test_a_failing_debris_cleanup_does_not_fail_the_save(tmp_path, operation, co
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["blocking", "async"])
 @pytest.mark.parametrize("operation", [
     "delete",
-    pytest.param("delete_tree", marks=pytest.mark.xfail(
-        strict=True,
-        reason="CheckpointManager._record_and_sweep_state records the state file before deleting expired "
-        "checkpoints; delete_checkpoint removes P.index, then its data directory fails, and the error "
-        "leaves the file listing the checkpoint whose P.index is gone",
-    )),
+    "delete_tree",
 ])
 def test_a_failing_deletion_of_an_old_checkpoint_is_reported_and_keeps_the_new_one(
     tmp_path, operation, asynchronous, code

@@ -343,13 +343,6 @@ def test_a_manager_on_a_hostile_state_file_saves_or_refuses_clearly(tmp_path_fac
     assert all(not math.isnan(t) for t in state.all_model_checkpoint_timestamps[-1:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckpointManager adopts every entry of the state file with a timestamp after "
-    "last_preserved_timestamp, wherever its path points, and deletes it when it expires: a hostile state "
-    "file makes a manager delete checkpoints outside its directory (it only ever creates "
-    "<directory>/<checkpoint_name>-N, so it could adopt only paths inside its directory)",
-)
 def test_a_manager_never_deletes_checkpoints_outside_its_directory(tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -375,12 +368,6 @@ def _state_file(directory: Path, *entries: str) -> None:
     (directory / "checkpoint").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckpointManager adopts a state-file entry that cannot name a checkpoint; when it expires, "
-    "_sweep -> pipeline.delete_checkpoint raises (ValueError 'must name a file prefix, not a directory' "
-    "for '', StorageError ENAMETOOLONG for a 300-character name), so every save fails its bookkeeping",
-)
 @pytest.mark.parametrize("entry", ["", "x" * 300], ids=["empty", "too-long"])
 def test_a_manager_skips_a_state_file_entry_that_names_no_checkpoint(tmp_path, entry):
     _, _, checkpoint = _model(fill=True)
@@ -391,13 +378,6 @@ def test_a_manager_skips_a_state_file_entry_that_names_no_checkpoint(tmp_path, e
     assert ac.latest_checkpoint(tmp_path) == path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckpointManager keys its checkpoints by path string: a state file naming './ckpt-2' and a "
-    "save writing 'ckpt-2' are two entries for one checkpoint, so with max_to_keep=1 the sweep deletes "
-    "the checkpoint just saved and latest_checkpoint names nothing (fix: normalise paths, e.g. "
-    "os.path.normpath, when reading the state file and when saving)",
-)
 def test_a_manager_never_deletes_the_checkpoint_it_just_saved(tmp_path):
     _, _, checkpoint = _model(fill=True)
     checkpoint.write(str(tmp_path / "ckpt-1"))

@@ -15,10 +15,12 @@ from asyncckpt.format import OBJECT_GRAPH_KEY
 from asyncckpt.plan import PlanItem, plan_write
 from asyncckpt.snapshot import (
     SEGMENT_BYTES,
+    STAGING_BLOCK_BYTES,
     BudgetClosedError,
     ByteBudget,
     SaveEntry,
     Snapshot,
+    StagingPool,
     WriteAbortedError,
     host_bytes,
     prepare_sources,
@@ -410,5 +412,59 @@ def test_a_hook_that_cannot_copy_fails_the_contents_not_the_mutation():
         with pytest.raises(RuntimeError, match="device lost"):
             snapshot.content(0).to_bytearray()
         assert _in_use_now(runtime, budget) == 0
+    finally:
+        runtime.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The staging pool
+
+
+def test_staging_blocks_are_reused_capped_and_released_when_idle():
+    pool = StagingPool(retain_bytes=2 * STAGING_BLOCK_BYTES, idle_seconds=0.0)
+    first = pool.take(STAGING_BLOCK_BYTES)
+    partial = pool.take(STAGING_BLOCK_BYTES // 2)  # a block, sliced
+    small = pool.take(100)  # too small to be worth a block
+    assert partial.nbytes == STAGING_BLOCK_BYTES // 2 and partial.base.nbytes == STAGING_BLOCK_BYTES
+    pool.give(first)
+    pool.give(partial)
+    pool.give(small)
+    assert pool.kept_bytes == 2 * STAGING_BLOCK_BYTES
+    pool.give(np.empty(STAGING_BLOCK_BYTES, np.uint8))  # over the cap: not kept
+    assert pool.kept_bytes == 2 * STAGING_BLOCK_BYTES
+    again = {id(pool.take(STAGING_BLOCK_BYTES).base), id(pool.take(10 + STAGING_BLOCK_BYTES // 2).base)}
+    assert again == {id(first.base), id(partial.base)}
+    with pytest.raises(ValueError):
+        pool.take(STAGING_BLOCK_BYTES + 1)
+    runtime = Runtime()
+    try:
+        pool.give(first, runtime.loop)
+        assert pool.kept_bytes == STAGING_BLOCK_BYTES
+
+        async def pause():
+            await asyncio.sleep(0.05)
+
+        runtime.run(pause())  # the idle release ran (idle_seconds=0)
+        assert pool.kept_bytes == 0
+    finally:
+        runtime.close()
+
+
+def test_a_hook_copies_a_large_value_into_blocks_that_go_back_to_the_pool():
+    runtime = Runtime()
+    try:
+        pool = StagingPool()
+        size = 2 * STAGING_BLOCK_BYTES + 1000
+        big = FakeVariable(np.arange(size // 8, dtype=np.int64))
+        sources = prepare_sources([SaveEntry("big", big)])
+        plan = plan_write([PlanItem("big", size)], small_array_bytes=1, pack_bytes=size, chunk_bytes=size)
+        budget = ByteBudget(size)
+        snapshot = Snapshot(sources, plan, budget, runtime.loop, pool=pool)
+        snapshot.install_guards()
+        big.assign(-1)
+        assert snapshot.bytes_staged_by_hooks == size
+        assert bytes(snapshot.content(0)) == np.arange(size // 8, dtype="<i8").tobytes()
+        snapshot.file_written(0)
+        assert pool.kept_bytes == 2 * STAGING_BLOCK_BYTES  # the 1000-byte tail was not worth keeping
     finally:
         runtime.close()

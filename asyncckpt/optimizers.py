@@ -77,7 +77,8 @@ class Optimizer(AutoTrackable):
             slot = variable_from_position(newest, name=f"{var.name}/{slot_name}", trainable=False, device=var.device)
         else:
             module = _arrays.array_module(var._snapshot_array())
-            slot = Variable(module.zeros(var.shape, dtype=var.dtype), name=f"{var.name}/{slot_name}", trainable=False)
+            slot = Variable(module.zeros(var.shape, dtype=var.dtype), name=f"{var.name}/{slot_name}", trainable=False,
+                            device=var.device)  # on the variable's own device, not the current one
         slots[slot_name] = slot
         structure_changed()
         self._restore_slot_variable(slot_name, var, slot)

@@ -159,6 +159,7 @@ class Variable(Trackable):
         """Bring ``value`` to this variable's dtype and shape, refusing silent lossy casts."""
         if isinstance(value, Variable):
             value = value._array
+        value = _arrays.adopt_device_array(value)  # PyTorch/JAX GPU tensors as zero-copy CuPy views
         module = _arrays.array_module(self._array)
         if _arrays.is_device_array(value) != _arrays.is_device_array(self._array):
             value = module.asarray(_arrays.to_numpy(value) if _arrays.is_device_array(value) else value)

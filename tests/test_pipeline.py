@@ -715,3 +715,107 @@ def test_a_write_pending_at_exit_is_finished_without_starting_threads(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(pipeline.open_reader(tmp_path / "ckpt").read("v"), np.arange(1_000_000.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading into destinations
+
+
+def test_read_many_fills_the_given_arrays_in_place(committed):
+    path, _, values = committed
+    big, small = np.zeros(40, np.int64), np.full(3, -1, np.int16)
+    out = pipeline.open_reader(path).read_many(["big", "small", "state"], out={"big": big, "small": small})
+    assert out["big"] is big and out["small"] is small and out["state"] == b"abc"
+    np.testing.assert_array_equal(big, values["big"])
+    np.testing.assert_array_equal(small, values["small"])
+
+
+def _read_only(array):
+    array.setflags(write=False)
+    return array
+
+
+@pytest.mark.parametrize(
+    ("key", "make", "pattern"),
+    [
+        ("big", lambda: np.zeros(40, np.int32), "dtype and shape"),
+        ("big", lambda: np.zeros((4, 10), np.int64), "dtype and shape"),
+        ("big", lambda: np.zeros(80, np.int64)[::2], "C-contiguous"),
+        ("big", lambda: _read_only(np.zeros(40, np.int64)), "writable"),
+        ("state", lambda: bytearray(3), "byte string"),
+        ("big", lambda: [0] * 40, "a list"),
+    ],
+)
+def test_a_destination_that_does_not_fit_is_refused_before_anything_is_read(committed, key, make, pattern):
+    path, _, _ = committed
+    destination = make()
+    with pytest.raises(ValueError, match=pattern):
+        pipeline.open_reader(path).read_many([key], out={key: destination})
+    if isinstance(destination, np.ndarray):
+        assert not destination.any()  # untouched
+
+
+def test_a_destination_for_a_key_not_being_read_is_refused(committed):
+    path, _, _ = committed
+    with pytest.raises(KeyError, match="big"):
+        pipeline.open_reader(path).read_many(["small"], out={"big": np.zeros(40, np.int64)})
+
+
+def test_values_sharing_bytes_are_read_once_and_copied_to_each_destination(committed):
+    """Overlapping extents (only a crafted manifest has them) still read and verify correctly."""
+    path, _, values = committed
+    index = path.parent / "ckpt.index"
+    document = json.loads(index.read_text())
+    document["tensors"]["twin"] = document["tensors"]["small"]
+    index.write_bytes(seal_manifest(document))
+    twin = np.zeros(3, np.int16)
+    out = pipeline.open_reader(path).read_many(["small", "twin"], out={"twin": twin})
+    assert out["twin"] is twin
+    np.testing.assert_array_equal(twin, values["small"])
+    np.testing.assert_array_equal(out["small"], values["small"])
+
+
+def test_a_destination_is_filled_from_a_storage_that_only_reads_bytes(tmp_path):
+    storage = WrappingStorage(FileStorage(), BackendWrapper)  # read_into falls back to read + copy
+    values = {"a": np.arange(1000, dtype=np.float32), "b": np.arange(5, dtype=np.uint8)}
+    _write(tmp_path / "ckpt", values, settings=pipeline.WriteSettings(storage=storage))
+    destination = np.zeros(1000, np.float32)
+    reader = pipeline.open_reader(tmp_path / "ckpt", pipeline.ReadSettings(storage=storage))
+    out = reader.read_many(["a", "b"], out={"a": destination})
+    assert out["a"] is destination
+    np.testing.assert_array_equal(destination, values["a"])
+    np.testing.assert_array_equal(out["b"], values["b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared writes and statistics
+
+
+def test_a_prepared_write_is_reused_with_new_values_and_writes_what_start_write_would(tmp_path):
+    variable = FakeVariable(np.arange(6, dtype=np.float64))
+    entries = [SaveEntry("v", variable), SaveEntry("state", b"one"), SaveEntry("a", np.ones(3))]
+    prepared = pipeline.prepare_write(entries, {"n": 1})
+    first = pipeline.start_write(tmp_path / "first", prepared)
+    first.result()
+    again = prepared.with_values({1: b"three", 2: np.zeros(3)})  # "state" changes size: re-planned
+    assert again.plan is not prepared.plan and again.layout is not prepared.layout
+    same_size = prepared.with_values({1: b"two"})
+    assert same_size.plan is prepared.plan and same_size.layout is prepared.layout
+    pipeline.start_write(tmp_path / "second", again).result()
+    _write(tmp_path / "plain", {"v": variable, "state": b"three", "a": np.zeros(3)}, graph={"n": 1})
+    second, plain = pipeline.open_reader(tmp_path / "second"), pipeline.open_reader(tmp_path / "plain")
+    assert second.object_graph == plain.object_graph == {"n": 1}
+    for key in ("v", "state", "a"):
+        assert second._record(key) == plain._record(key)
+    with pytest.raises(TypeError, match="prepare_write"):
+        pipeline.start_write(tmp_path / "third", prepared, {"n": 2})
+
+
+def test_start_write_reports_statistics_once_the_write_has_ended(tmp_path):
+    received = []
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("v", np.ones(1000))], {}, on_stats=received.append)
+    handle.result()
+    (stats,) = received
+    assert stats.path == str(tmp_path / "ckpt") and stats.bytes_written == 8000 and stats.error is None
+    assert stats.write_bandwidth > 0
+    assert handle.metrics.bytes_written == 8000 and handle.metrics.snapshot_seconds == stats.snapshot_seconds

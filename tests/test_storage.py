@@ -5,11 +5,12 @@ from __future__ import annotations
 import fcntl
 import os
 
+import numpy as np
 import pytest
 
 from asyncckpt._runtime import Runtime
 from asyncckpt.errors import CorruptCheckpointError
-from asyncckpt.storage import FileStorage, KvStoreStorage, StorageError, TruncatedError
+from asyncckpt.storage import FileStorage, KvStoreStorage, StorageError, StreamedValue, TruncatedError
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,44 @@ def test_split_rejects_folders_and_canonicalises(tmp_path):
         memory.split("b/run/")
     with pytest.raises(ValueError, match="driver"):
         KvStoreStorage({"path": "x"})
+
+
+class _Chunks(StreamedValue):
+    """A value produced in batches, the way the write pipeline produces a data file."""
+
+    def __init__(self, *batches: bytes) -> None:
+        self._batches = batches
+        self.size = sum(len(part) for batch in batches for part in batch)
+        self.served = 0
+
+    def segments(self):
+        for batch in self._batches:
+            self.served += 1
+            yield [memoryview(part) for part in batch]
+
+
+def test_a_streamed_value_is_written_batch_by_batch(backend, runtime):
+    runtime.run(backend.create_data_dir("d"))
+    value = _Chunks((b"01", b"234"), (b"", b"56789"))
+    runtime.run(backend.write("d/file", value))
+    assert value.served == 2
+    assert runtime.run(backend.read("d/file")) == b"0123456789"
+
+
+def test_read_into_scatters_a_range_over_several_buffers(backend, runtime):
+    runtime.run(backend.create_data_dir("d"))
+    runtime.run(backend.write("d/file", b"0123456789"))
+    first, gap, second = bytearray(3), bytearray(2), np.zeros(4, np.uint8)
+    assert runtime.run(backend.read_into("d/file", 1, [first, gap, memoryview(second)])) is True
+    assert (bytes(first), bytes(gap), second.tobytes()) == (b"123", b"45", b"6789")
+    assert runtime.run(backend.read_into("d/nothing", 0, [bytearray(1)])) is False
+    with pytest.raises(TruncatedError):
+        runtime.run(backend.read_into("d/file", 8, [bytearray(3)]))
+
+
+def test_holds_tells_missing_short_and_long_enough_apart(backend, runtime):
+    runtime.run(backend.create_data_dir("d"))
+    runtime.run(backend.write("d/file", b"0123456789"))
+    assert runtime.run(backend.holds("d/file", 10)) is True
+    assert runtime.run(backend.holds("d/file", 11)) is False
+    assert runtime.run(backend.holds("d/nothing", 1)) is None

@@ -2,24 +2,26 @@
 
 Write pipeline, one :class:`WriteHandle` per ``start_write``::
 
-    start_write (caller's thread)      validate entries, plan files, copy bytes/plain arrays,
-                                       install mutation hooks on live sources   -> returns at once
+    start_write (caller's thread)      validate entries and plan files (or take a PreparedWrite),
+                                       copy bytes/plain arrays, guard live sources   -> returns at once
     background (runtime loop)
       open      open the folder's backend, create + lock  P.data-<nonce>/, clean debris
-      stage     copier thread: reserve budget -> copy one file into a bytearray + CRC-32C
-                (mutation hooks stage the same way, from the mutating thread)
-      write     up to max_concurrent_writes files in flight; each durable write frees its budget
+      write     up to max_concurrent_writes files in flight; each file streams from the sources'
+                memory (snapshot.FileContent), CRC-32C computed per piece as the bytes go out;
+                a mutation hook first copies its holder's unwritten bytes (staging budget)
       commit    wait for the previous in-process write to the same path (FIFO), then publish
                 P.index atomically (the commit), then delete the replaced data directory
       callbacks on_commit callbacks in order, in a worker thread
+      report    on_stats (WriteStats), in a worker thread
       resolve   the handle: the path, or the first exception of any step
 
 Nothing is committed unless every data file was written; an uncommitted data directory is
 removed (best effort) or left as debris that the next write into the folder removes.
 
 Read pipeline: :func:`open_reader` parses and validates ``P.index``; reads coalesce nearby
-extents into byte-range reads, run up to ``max_concurrent_reads`` at a time, and verify every
-extent's CRC-32C and each value's whole CRC-32C before returning.
+extents into byte-range reads, run up to ``max_concurrent_reads`` at a time straight into the
+destination arrays, and verify every extent's CRC-32C and each value's whole CRC-32C before
+returning.
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ class WriteSettings:
     Parameters
     ----------
     staging_budget_bytes:
-        Most bytes staged but not yet durable at any time (see :mod:`asyncckpt.snapshot` for the
-        full memory bound). Must be at least ``chunk_bytes`` and ``pack_bytes``.
+        Most bytes copied by mutation hooks (values changed while the write runs) and not yet
+        durable at any time (see :mod:`asyncckpt.snapshot` for the full memory bound). Must be at
+        least ``chunk_bytes`` and ``pack_bytes``.
     chunk_bytes:
         Largest data file a big array is split into.
     pack_bytes:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
+import types
 
 import numpy as np
 
 from asyncckpt.storage import Backend, BackendWrapper, Storage
 
-__all__ = ["FakeVariable", "WrappingStorage", "GatedStorage", "FailingStorage"]
+__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage"]
 
 
 class FakeVariable:
@@ -117,3 +118,28 @@ class FailingStorage(WrappingStorage):
                 await super().write(key, value)
 
         return Failing(backend)
+
+
+class MemoryReader:
+    """The three reader calls the restore engine makes, over a dict of arrays."""
+
+    def __init__(self, values: dict):
+        self.values = values
+        self.reads: list[list[str]] = []
+        self.specs: list[str] = []
+
+    def keys(self):
+        return sorted(self.values)
+
+    def spec(self, key):
+        self.specs.append(key)
+        value = self.values[key]
+        return types.SimpleNamespace(dtype=value.dtype, shape=value.shape)
+
+    def read_many(self, keys, out=None):
+        self.reads.append(list(keys))
+        values = {key: self.values[key].copy() for key in keys}
+        for key, destination in (out or {}).items():  # like CheckpointReader: fill and return it
+            np.copyto(destination, values[key])
+            values[key] = destination
+        return values

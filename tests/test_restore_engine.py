@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import types
 
 import numpy as np
 import pytest
@@ -26,34 +25,10 @@ from asyncckpt.restore import (
 )
 from asyncckpt.trackable import Trackable
 from asyncckpt.variable import Variable
+from _fakes import MemoryReader
 
 VALUE = ".ATTRIBUTES/VARIABLE_VALUE"
 TEARDOWN = "is being deleted with unrestored values"
-
-
-class MemoryReader:
-    """The three reader calls the restore engine makes, over a dict of arrays."""
-
-    def __init__(self, values: dict):
-        self.values = values
-        self.reads: list[list[str]] = []
-        self.specs: list[str] = []
-
-    def keys(self):
-        return sorted(self.values)
-
-    def spec(self, key):
-        self.specs.append(key)
-        value = self.values[key]
-        return types.SimpleNamespace(dtype=value.dtype, shape=value.shape)
-
-    def read_many(self, keys, out=None):
-        self.reads.append(list(keys))
-        values = {key: self.values[key].copy() for key in keys}
-        for key, destination in (out or {}).items():  # like CheckpointReader: fill and return it
-            np.copyto(destination, values[key])
-            values[key] = destination
-        return values
 
 
 def attribute(key, name="VARIABLE_VALUE"):

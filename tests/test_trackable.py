@@ -8,7 +8,6 @@ touched.
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -18,31 +17,9 @@ from asyncckpt.data_structures import DictWrapper, ListWrapper
 from asyncckpt.restore import CheckpointPosition, RestoreCoordinator
 from asyncckpt.trackable import NoDependency, Trackable, TrackableReference
 from asyncckpt.variable import Variable
+from _fakes import MemoryReader
 
 VALUE = ".ATTRIBUTES/VARIABLE_VALUE"
-
-
-class MemoryReader:
-    """The three reader calls the restore engine makes, over a dict of arrays."""
-
-    def __init__(self, values: dict[str, np.ndarray]):
-        self.values = values
-        self.reads: list[list[str]] = []
-
-    def keys(self):
-        return sorted(self.values)
-
-    def spec(self, key):
-        value = self.values[key]
-        return types.SimpleNamespace(dtype=value.dtype, shape=value.shape)
-
-    def read_many(self, keys, out=None):
-        self.reads.append(list(keys))
-        values = {key: self.values[key].copy() for key in keys}
-        for key, destination in (out or {}).items():  # like CheckpointReader: fill and return it
-            np.copyto(destination, values[key])
-            values[key] = destination
-        return values
 
 
 def variable_node(key):

@@ -26,7 +26,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import fcntl
+import mmap
 import os
 import posixpath
 import re
@@ -35,6 +37,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import tensorstore as ts
 
 from asyncckpt.errors import CorruptCheckpointError
@@ -450,30 +453,139 @@ def _write_all(fd: int, views: list[memoryview]) -> int:
     return total
 
 
-def _write_file(path: str, value: Any, sync: bool) -> None:
-    """Create or replace ``path`` with ``value``; with ``sync``, fsync it and its directory."""
+_DIRECT_ALIGNMENT = 4096  # O_DIRECT needs addresses, sizes and offsets aligned to the device's blocks
+_BOUNCE_BYTES = 4 << 20
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class _BounceBuffers:
+    """Page-aligned buffers for direct writes, kept for reuse (fresh pages fault on first touch)."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, _BOUNCE_BYTES)  # anonymous mappings are page-aligned
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buffer)
+                return
+        buffer.close()
+
+
+_bounce_buffers = _BounceBuffers(keep=4)
+
+
+def _copy_into(destination: memoryview, source: memoryview) -> None:
+    if source.nbytes >= 1 << 16:  # NumPy copies without holding the GIL; memoryview assignment holds it
+        np.copyto(np.frombuffer(destination, np.uint8), np.frombuffer(source, np.uint8))
+    else:
+        destination[:] = source
+
+
+def _write_direct(fd: int, value: StreamedValue) -> int:
+    """Write ``value`` to ``fd`` (opened with ``O_DIRECT``) through an aligned bounce buffer.
+
+    Whole buffers go out with ``O_DIRECT``; the unaligned tail, and everything if the filesystem
+    turns out to refuse direct I/O for this file (``EINVAL``), goes through the page cache.
+    """
+    bounce = _bounce_buffers.take()
+    view = memoryview(bounce)
+    direct = True
+    position = fill = 0
+
+    def flush(nbytes: int) -> None:
+        nonlocal direct, position
+        chunk = view[:nbytes]
+        while chunk:
+            try:
+                written = os.pwrite(fd, chunk, position)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                direct = False  # e.g. a filesystem without direct I/O: use the page cache
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                continue
+            position += written
+            chunk = chunk[written:]
+
+    try:
+        with contextlib.closing(value.segments()) as batches:
+            for batch in batches:
+                for piece in _byte_views(batch):
+                    offset = 0
+                    while offset < piece.nbytes:
+                        take = min(piece.nbytes - offset, _BOUNCE_BYTES - fill)
+                        _copy_into(view[fill : fill + take], piece[offset : offset + take])
+                        fill += take
+                        offset += take
+                        if fill == _BOUNCE_BYTES:
+                            flush(fill)
+                            fill = 0
+        aligned = fill - fill % _DIRECT_ALIGNMENT
+        if aligned:
+            flush(aligned)
+        if fill > aligned:
+            if direct:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                direct = False
+            view[: fill - aligned] = view[aligned:fill]
+            flush(fill - aligned)
+    finally:
+        view.release()
+        _bounce_buffers.give(bounce)
+    return position
+
+
+def _write_file(path: str, value: Any, sync: bool, direct: bool = False) -> None:
+    """Create or replace ``path`` with ``value``; with ``sync``, fsync it and its directory.
+
+    With ``direct``, a streamed value of at least one bounce buffer is written with ``O_DIRECT``
+    (see :class:`FileStorage`).
+    """
+    direct = bool(direct and _O_DIRECT and isinstance(value, StreamedValue) and value.size >= _BOUNCE_BYTES)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o644)
-    except FileNotFoundError:
-        _makedirs_durable(os.path.dirname(path))  # a kvstore creates missing parents: so do we
-        fd = os.open(path, flags, 0o644)
+        fd = _open_for_writing(path, flags | (_O_DIRECT if direct else 0))
+    except OSError as exc:
+        if not direct or exc.errno != errno.EINVAL:
+            raise
+        direct = False  # the filesystem refuses O_DIRECT at open (tmpfs on older kernels)
+        fd = _open_for_writing(path, flags)
     try:
-        if isinstance(value, StreamedValue):
+        if direct:
+            written = _write_direct(fd, value)
+        elif isinstance(value, StreamedValue):
             written = 0
             with contextlib.closing(value.segments()) as batches:
                 for batch in batches:
                     written += _write_all(fd, _byte_views(batch))
-            if written != value.size:
-                raise ValueError(f"a streamed value produced {written} bytes instead of {value.size}")
         else:
             _write_all(fd, _byte_views([value]))
+            written = None
+        if written is not None and written != value.size:
+            raise ValueError(f"a streamed value produced {written} bytes instead of {value.size}")
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
     if sync:
         _fsync_dir(os.path.dirname(path))
+
+
+def _open_for_writing(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        _makedirs_durable(os.path.dirname(path))  # a kvstore creates missing parents: so do we
+        return os.open(path, flags, 0o644)
 
 
 def _open_for_reading(path: str) -> int | None:
@@ -540,9 +652,10 @@ def _read_file_into(path: str, start: int, buffers: Sequence[Any]) -> bool:
 
 
 class _FileBackend(Backend):
-    def __init__(self, folder: str, *, sync: bool) -> None:
+    def __init__(self, folder: str, *, sync: bool, direct: bool = False) -> None:
         self._folder = folder
         self._sync = sync
+        self._direct = direct
 
     def describe(self, name: str) -> str:
         return os.path.join(self._folder, *name.split("/"))
@@ -550,7 +663,7 @@ class _FileBackend(Backend):
     async def write(self, key: str, value: bytes | bytearray | memoryview | StreamedValue) -> None:
         path = self.describe(key)
         try:
-            await asyncio.to_thread(_write_file, path, value, self._sync)
+            await asyncio.to_thread(_write_file, path, value, self._sync, self._direct)
         except OSError as exc:
             raise _os_error(exc, f"writing {path}") from exc
 
@@ -665,10 +778,19 @@ class FileStorage(Storage):
         Whether each data file and its directory are fsynced once written. Turning it off trades
         the crash guarantee of ``docs/format.md`` for speed (e.g. on tmpfs); the manifest commit
         is always fsynced.
+    direct_io:
+        Write data files of 4 MiB or more with ``O_DIRECT`` (Linux), through small page-aligned
+        bounce buffers: the bytes go from the process to the device without a copy into the page
+        cache. Measured on a 2-core virtual machine, buffered writes of 256 MiB cost 0.1-0.7 s of
+        CPU (page-cache allocation) and slowed a training loop running beside them several-fold;
+        direct writes cost about 0.04 s and finished sooner. Filesystems that refuse direct I/O
+        fall back to the page cache by themselves; turn it off to keep checkpoints just written
+        in the page cache (reading them back at once is then faster).
     """
 
-    def __init__(self, *, sync: bool = True) -> None:
+    def __init__(self, *, sync: bool = True, direct_io: bool = True) -> None:
         self._sync = bool(sync)
+        self._direct = bool(direct_io) and bool(_O_DIRECT)
 
     def split(self, path: str) -> tuple[str, str]:
         path = os.fspath(path)
@@ -683,7 +805,7 @@ class FileStorage(Storage):
         return os.path.abspath(os.fspath(path))
 
     async def open(self, folder: str) -> Backend:
-        return _FileBackend(folder, sync=self._sync)
+        return _FileBackend(folder, sync=self._sync, direct=self._direct)
 
 
 class _LockTable:

@@ -196,3 +196,16 @@ def test_holds_tells_missing_short_and_long_enough_apart(backend, runtime):
     assert runtime.run(backend.holds("d/file", 10)) is True
     assert runtime.run(backend.holds("d/file", 11)) is False
     assert runtime.run(backend.holds("d/nothing", 1)) is None
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+@pytest.mark.parametrize("size", [4 << 20, (4 << 20) + 4096, (9 << 20) + 123])
+def test_large_streamed_values_round_trip_with_and_without_direct_io(tmp_path, runtime, direct_io, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    parts = [data[start : start + 777_777].tobytes() for start in range(0, size, 777_777)]  # unaligned pieces
+    backend = runtime.run(FileStorage(direct_io=direct_io).open(str(tmp_path)))
+    runtime.run(backend.create_data_dir("d"))
+    runtime.run(backend.write("d/file", _Chunks(*[parts[i : i + 3] for i in range(0, len(parts), 3)])))
+    assert (tmp_path / "d" / "file").read_bytes() == data.tobytes()
+    runtime.run(backend.write("d/file", _Chunks(parts[:1])))  # replacing: truncated to the new size
+    assert (tmp_path / "d" / "file").read_bytes() == parts[0]

@@ -510,7 +510,10 @@ class _FileState:
     (``turn``), so a mutation waits for at most the batch being written.
     """
 
-    __slots__ = ("lock", "turn", "gate", "waiting", "cursor", "staged", "staged_bytes", "buffers", "crcs", "captured")
+    __slots__ = (
+        "lock", "turn", "gate", "waiting", "cursor", "piece", "offset", "staged", "staged_bytes", "buffers", "crcs",
+        "captured",
+    )
 
     def __init__(self, pieces: int) -> None:
         self.lock = threading.Lock()
@@ -518,6 +521,8 @@ class _FileState:
         self.gate = threading.Lock()
         self.waiting = 0
         self.cursor = 0  # bytes of the file written so far (only grows)
+        self.piece = 0  # the piece the next bytes come from
+        self.offset = 0  # and its first byte not written yet
         self.staged: dict[int, tuple[int, list]] = {}  # piece -> (first byte copied, staging blocks)
         self.staged_bytes = 0
         self.buffers: list[np.ndarray] = []  # staging buffers to return to the pool
@@ -544,12 +549,21 @@ class FileContent(StreamedValue):
         self.size = snapshot._plan.files[index].size
 
     def segments(self) -> Iterator[list[memoryview]]:
+        self._consume()
+        return self._snapshot._segments(self._index)
+
+    def readinto(self, buffer: Any) -> int:
+        """Copy the next bytes into ``buffer``; return how many (0 at the end)."""
+        if not self._consumed:
+            self._consume()
+        return self._snapshot._fill(self._index, memoryview(buffer).cast("B"))
+
+    def _consume(self) -> None:
         if self._consumed:
             # Bytes already handed out may have changed since (their guard is spent): serving
             # them again could mix two versions of a value.
             raise RuntimeError(f"the content of data file {self._index} can be consumed only once")
         self._consumed = True
-        return self._snapshot._segments(self._index)
 
 
 class Snapshot:
@@ -769,48 +783,88 @@ class Snapshot:
             return memoryview(blocks[block])[offset : offset + length]
         return self._item_bytes(piece.item, piece.item_offset + first, length)
 
-    def _segments(self, index: int) -> Iterator[list[memoryview]]:
-        """Batches of file ``index``; each holds its file's lock until the consumer moves on."""
-        file = self._plan.files[index]
-        state = self._files[index]
-        pieces = file.pieces
+    def _await_turn(self, state: _FileState) -> None:
+        """With ``state.lock`` held: let queued hooks go first, then fail if the write is over."""
+        while state.waiting:  # hooks first: they wait for at most one batch
+            state.turn.wait()
+        if self.error is not None:
+            raise self.error
+        if self._closed:
+            raise WriteAbortedError("the write was aborted")
+
+    def _take(self, index: int, state: _FileState, limit: int) -> tuple[list[memoryview], list[int], int, int]:
+        """With ``state.lock`` held: views of the next ``limit`` bytes at most, their CRCs counted.
+
+        Returns ``(views, pieces completed, next piece, its first byte)``; :meth:`_advance` makes
+        that position current once the views have been consumed.
+        """
+        pieces = self._plan.files[index].pieces
         count = len(pieces)
         crcs = state.crcs
         checksum = crc32c.crc32c
-        segment = self._segment_bytes
-        current = 0  # piece being served
-        first = 0  # its first byte not served yet
-        while current < count:
-            done: list[int] = []
+        current, first = state.piece, state.offset
+        batch: list[memoryview] = []
+        done: list[int] = []
+        nbytes = 0
+        while current < count and nbytes < limit and len(batch) < _BATCH_BUFFERS:
+            piece = pieces[current]
+            view = self._piece_bytes(state, current, piece, first, min(piece.length - first, limit - nbytes))
+            length = len(view)
+            crcs[current] = checksum(view, crcs[current])
+            batch.append(view)
+            nbytes += length
+            first += length
+            if first == piece.length:
+                done.append(current)
+                current += 1
+                first = 0
+        return batch, done, current, first
+
+    def _advance(self, index: int, state: _FileState, done: list[int], current: int, first: int) -> list[int]:
+        """With ``state.lock`` held: the bytes up to ``(current, first)`` are out; return newly captured pieces."""
+        file = self._plan.files[index]
+        state.piece, state.offset = current, first
+        state.cursor = file.size if current == len(file.pieces) else file.pieces[current].file_offset + first
+        captured = [p for p in done if not state.captured[p]]
+        for p in captured:
+            state.captured[p] = 1
+        return captured
+
+    def _segments(self, index: int) -> Iterator[list[memoryview]]:
+        """Batches of file ``index``; each holds its file's lock until the consumer moves on."""
+        state = self._files[index]
+        count = len(self._plan.files[index].pieces)
+        while True:
             with state.lock:
-                while state.waiting:  # hooks first: they wait for at most one batch
-                    state.turn.wait()
-                if self.error is not None:
-                    raise self.error
-                if self._closed:
-                    raise WriteAbortedError("the write was aborted")
-                batch: list[memoryview] = []
-                nbytes = 0
-                while current < count and nbytes < segment and len(batch) < _BATCH_BUFFERS:
-                    piece = pieces[current]
-                    length = min(piece.length - first, segment - nbytes)
-                    view = self._piece_bytes(state, current, piece, first, length)
-                    length = len(view)
-                    crcs[current] = checksum(view, crcs[current])
-                    batch.append(view)
-                    nbytes += length
-                    first += length
-                    if first == piece.length:
-                        done.append(current)
-                        current += 1
-                        first = 0
+                self._await_turn(state)
+                if state.piece == count:
+                    return
+                batch, done, current, first = self._take(index, state, self._segment_bytes)
                 yield batch  # the consumer writes the batch while we hold the lock
-                state.cursor = file.size if current == count else pieces[current].file_offset + first
-                captured = [p for p in done if not state.captured[p]]
-                for p in captured:
-                    state.captured[p] = 1
+                captured = self._advance(index, state, done, current, first)
             self._captured(index, captured)
             self._drop_spent_sources(index, done)
+
+    def _fill(self, index: int, buffer: memoryview) -> int:
+        """Copy the next bytes of file ``index`` into ``buffer``; 0 at the end.
+
+        The lock is held only while copying, so a consumer writing the copy (a direct write)
+        never makes a mutation wait for its device.
+        """
+        state = self._files[index]
+        with state.lock:
+            self._await_turn(state)
+            if state.piece == len(self._plan.files[index].pieces):
+                return 0
+            batch, done, current, first = self._take(index, state, min(len(buffer), self._segment_bytes))
+            position = 0
+            for view in batch:
+                copy_bytes(buffer[position : position + len(view)], view)
+                position += len(view)
+            captured = self._advance(index, state, done, current, first)
+        self._captured(index, captured)
+        self._drop_spent_sources(index, done)
+        return position
 
     def _drop_spent_sources(self, file_index: int, done: list[int]) -> None:
         """Forget owned copies of plain arrays once all their bytes are written (frees them early)."""

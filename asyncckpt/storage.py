@@ -37,7 +37,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import tensorstore as ts
 
 from asyncckpt.errors import CorruptCheckpointError
@@ -112,6 +111,34 @@ class StreamedValue(abc.ABC):
             raise ValueError(f"a streamed value produced {position} bytes instead of {self.size}")
         self._gathered = buffer
         return buffer
+
+    def readinto(self, buffer: Any) -> int:
+        """Copy the next bytes into ``buffer``; return how many, 0 at the end.
+
+        For consumers that copy anyway (direct I/O through a bounce buffer): the producer need not
+        keep the bytes stable while the copy is written. Do not mix with :meth:`segments`.
+        """
+        view = memoryview(buffer).cast("B")
+        if getattr(self, "_reading", None) is None:
+            self._reading = iter(self.segments())
+            self._rest: list[memoryview] = []
+        filled = 0
+        while filled < len(view):
+            if not self._rest:
+                batch = next(self._reading, None)
+                if batch is None:
+                    break
+                self._rest = _byte_views(batch)
+                continue
+            piece = self._rest[0]
+            take = min(len(piece), len(view) - filled)
+            view[filled : filled + take] = piece[:take]
+            filled += take
+            if take == len(piece):
+                self._rest.pop(0)
+            else:
+                self._rest[0] = piece[take:]
+        return filled
 
     # Byte-string conveniences for code written against plain buffers (wrappers, fault injectors).
     def __len__(self) -> int:
@@ -483,18 +510,12 @@ class _BounceBuffers:
 _bounce_buffers = _BounceBuffers(keep=4)
 
 
-def _copy_into(destination: memoryview, source: memoryview) -> None:
-    if source.nbytes >= 1 << 16:  # NumPy copies without holding the GIL; memoryview assignment holds it
-        np.copyto(np.frombuffer(destination, np.uint8), np.frombuffer(source, np.uint8))
-    else:
-        destination[:] = source
-
-
 def _write_direct(fd: int, value: StreamedValue) -> int:
     """Write ``value`` to ``fd`` (opened with ``O_DIRECT``) through an aligned bounce buffer.
 
     Whole buffers go out with ``O_DIRECT``; the unaligned tail, and everything if the filesystem
-    turns out to refuse direct I/O for this file (``EINVAL``), goes through the page cache.
+    turns out to refuse direct I/O for this file (``EINVAL``), goes through the page cache. The
+    value is read with ``readinto``, so its producer holds nothing while the device writes.
     """
     bounce = _bounce_buffers.take()
     view = memoryview(bounce)
@@ -517,18 +538,14 @@ def _write_direct(fd: int, value: StreamedValue) -> int:
             chunk = chunk[written:]
 
     try:
-        with contextlib.closing(value.segments()) as batches:
-            for batch in batches:
-                for piece in _byte_views(batch):
-                    offset = 0
-                    while offset < piece.nbytes:
-                        take = min(piece.nbytes - offset, _BOUNCE_BYTES - fill)
-                        _copy_into(view[fill : fill + take], piece[offset : offset + take])
-                        fill += take
-                        offset += take
-                        if fill == _BOUNCE_BYTES:
-                            flush(fill)
-                            fill = 0
+        while True:
+            got = value.readinto(view[fill:])
+            if not got:
+                break
+            fill += got
+            if fill == _BOUNCE_BYTES:
+                flush(fill)
+                fill = 0
         aligned = fill - fill % _DIRECT_ALIGNMENT
         if aligned:
             flush(aligned)

@@ -468,3 +468,26 @@ def test_a_hook_copies_a_large_value_into_blocks_that_go_back_to_the_pool():
         assert pool.kept_bytes == 2 * STAGING_BLOCK_BYTES  # the 1000-byte tail was not worth keeping
     finally:
         runtime.close()
+
+
+def test_readinto_copies_the_file_out_and_holds_nothing_between_calls():
+    runtime = Runtime()
+    try:
+        big = FakeVariable(np.arange(12, dtype=np.int64))  # 96 bytes, one chunk
+        snapshot, _, _ = _snapshot(prepare_sources([SaveEntry("big", big)]), runtime, 96, segment_bytes=64,
+                                   file_bytes=96)
+        snapshot.install_guards()
+        content = snapshot.content(0)
+        buffer = bytearray(40)
+        assert content.readinto(buffer) == 40
+        out = bytes(buffer)
+        big.assign(-1)  # returns at once: nothing is locked between calls; the rest is copied first
+        assert snapshot.bytes_staged_by_hooks == 56
+        while got := content.readinto(buffer):
+            out += bytes(buffer[:got])
+        assert out == np.arange(12, dtype="<i8").tobytes()
+        assert snapshot.crcs(0) == (crc32c.crc32c(out),)
+        with pytest.raises(RuntimeError, match="once"):
+            content.segments()
+    finally:
+        runtime.close()

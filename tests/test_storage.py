@@ -209,3 +209,12 @@ def test_large_streamed_values_round_trip_with_and_without_direct_io(tmp_path, r
     assert (tmp_path / "d" / "file").read_bytes() == data.tobytes()
     runtime.run(backend.write("d/file", _Chunks(parts[:1])))  # replacing: truncated to the new size
     assert (tmp_path / "d" / "file").read_bytes() == parts[0]
+
+
+def test_a_streamed_value_can_be_read_into_buffers_of_any_size():
+    value = _Chunks((b"012", b"3"), (b"456789",))
+    buffer = bytearray(4)
+    parts = []
+    while got := value.readinto(buffer):
+        parts.append(bytes(buffer[:got]))
+    assert parts == [b"0123", b"4567", b"89"]

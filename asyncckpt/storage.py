@@ -606,10 +606,18 @@ def _open_for_writing(path: str, flags: int) -> int:
 
 
 def _open_for_reading(path: str) -> int | None:
+    """Open a checkpoint file; a symbolic link is refused, since it may point outside the folder."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptCheckpointError(
+                f"{path} is a symbolic link; checkpoint files must be regular files, not links that may "
+                "point outside the checkpoint folder"
+            ) from None
+        raise
 
 
 def _check_range(path: str, size: int, start: int, stop: int) -> None:

@@ -216,12 +216,6 @@ def test_a_data_directory_linked_inside_the_folder_is_read(hostile):
     np.testing.assert_array_equal(model.w.numpy(), _model(fill=True)[0].w.numpy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage._FileBackend checks only that the data directory does not link outside the folder "
-    "(check_data_dir); a data file inside it that is a symbolic link to a file elsewhere is followed, so "
-    "a crafted checkpoint reads (and restores into a variable) any file the reader may open",
-)
 def test_a_data_file_linked_outside_the_folder_is_refused(hostile, tmp_path):
     write, document = hostile
     prefix = write(lambda edited: None)

@@ -45,7 +45,8 @@ def test_tiny_run_reports_every_section(tmp_path):
         rows = re.findall(rf"^\| {re.escape(method)} \| [\d.]+ m?s \| [\d.]+ GB/s \|", text, re.MULTILINE)
         assert len(rows) == 2, f"{method}: expected one measured row per case, got {rows}"
     assert re.search(r"^\| async save every step \| 2 \| [\d.]+ m?s \| [+-][\d.]+% \|", text, re.MULTILINE)
-    assert re.search(r"^\| async save every \d+ steps \(disk keeps up\) \| \d+ \| [\d.]+ m?s \|", text, re.MULTILINE)
+    assert re.search(r"^\| async save every \d+ steps, paired rounds \(disk keeps up\) \| \d+ \| [\d.]+ m?s \| "
+                     r"[+-][\d.]+% \|", text, re.MULTILINE)
     assert re.search(r"^\| 5 \| 20 KiB \| ", text, re.MULTILINE)
     # Nothing measured is left behind in a directory the caller chose.
     assert [p for p in workdir.rglob("*") if p.is_file()] == []

@@ -568,23 +568,27 @@ def training_overhead(args, workdir: str) -> list[dict]:
         result["extra_cpu_s"] = (
             (result["cpu_per_step_s"] - base_cpu) * result["steps"] / result["saves"] if result["saves"] else None
         )
-    pairs = []
-    for _ in range(max(1, args.repeat)):
-        plain = run("paired: no checkpointing", None, None, 4 * keeps_up)
-        saving = run("paired: saving", keeps_up, asynchronous, 4 * keeps_up, last_save=3 * keeps_up)
-        pairs.append((plain, saving))
-    ratios = [saving["with_final_sync_s"] / plain["with_final_sync_s"] for plain, saving in pairs]
-    median_pair = sorted(zip(ratios, pairs), key=lambda item: item[0])[len(pairs) // 2][1]
-    plain, saving = median_pair
-    kept = {
-        **saving,
-        "mode": f"async save every {keeps_up} steps, paired rounds (disk keeps up)",
-        "per_step_s": saving["with_final_sync_s"] / saving["steps"],
-        "overhead": statistics.median(ratios) - 1,
-        "extra_cpu_s": (saving["cpu_per_step_s"] - plain["cpu_per_step_s"]) * saving["steps"] / max(1, saving["saves"]),
-        "rounds": [ratio - 1 for ratio in ratios],
-    }
-    results = [first, *fixed, kept, last]
+    def paired(every: int, why: str) -> dict:
+        pairs = []
+        for _ in range(max(1, args.repeat)):
+            plain = run("paired: no checkpointing", None, None, 4 * every)
+            saving = run("paired: saving", every, asynchronous, 4 * every, last_save=3 * every)
+            pairs.append((plain, saving))
+        ratios = [saving["with_final_sync_s"] / plain["with_final_sync_s"] for plain, saving in pairs]
+        plain, saving = sorted(zip(ratios, pairs), key=lambda item: item[0])[len(pairs) // 2][1]
+        return {
+            **saving,
+            "mode": f"async save every {every} steps, paired rounds ({why})",
+            "per_step_s": saving["with_final_sync_s"] / saving["steps"],
+            "overhead": statistics.median(ratios) - 1,
+            "extra_cpu_s": (saving["cpu_per_step_s"] - plain["cpu_per_step_s"]) * saving["steps"] / max(1, saving["saves"]),
+            "rounds": [ratio - 1 for ratio in ratios],
+        }
+
+    kept = [paired(keeps_up, "disk keeps up")]
+    if args.train_long_every > keeps_up:
+        kept.append(paired(args.train_long_every, "longer interval"))
+    results = [first, *fixed, *kept, last]
     for result in results:
         result["save_s"] = save_s
     return results
@@ -761,16 +765,19 @@ def ratio_lines(case: Case) -> list[str]:
 def overhead_table(results: list[dict], args) -> list[str]:
     baselines = [result for result in results if result["every"] is None]
     base = statistics.fmean(result["per_step_s"] for result in baselines)
-    paired = next(result for result in results if "rounds" in result)
+    rounds = "; ".join(
+        f"every {result['every']}: " + ", ".join(f"{value:+.1%}" for value in result["rounds"])
+        for result in results if "rounds" in result
+    )
     lines = [
         f"### Training overhead: {args.train_state_mb} MiB state in 8 Variables, each step a "
         f"{args.train_matmul}² float32 matmul plus one Variable update; CheckpointManager(max_to_keep=2)",
         "",
         f"One blocking save of the state took {fmt_s(results[0]['save_s'])}. Time per step includes the final "
         f"sync(). Fixed intervals are against the mean of the two runs without checkpointing ({fmt_s(base)} per "
-        f"step); the paired mode against the run just before each round (rounds: "
-        f"{', '.join(f'{value:+.1%}' for value in paired['rounds'])}). Extra CPU is the process's CPU time per "
-        "save beyond the loop's own.",
+        f"step); paired modes against the run just before each round (medians of rounds -- {rounds}). Extra CPU "
+        "is the process's CPU time per save beyond the loop's own (on a loop using every core it includes "
+        "cores waiting for each other).",
         "",
         "| mode | steps | time per step | overhead vs no checkpointing | save() stall (median) | extra CPU per save |",
         "|---|---|---|---|---|---|",
@@ -856,6 +863,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-state-mb", type=positive_int, default=None, help="training-loop state (default 256)")
     parser.add_argument("--train-steps", type=positive_int, default=None, help="training-loop steps (default 30)")
     parser.add_argument("--train-matmul", type=positive_int, default=1024, help="matmul size per step (default 1024)")
+    parser.add_argument("--train-long-every", type=positive_int, default=None,
+                        help="also measure saving every N steps in paired rounds (default 150)")
     parser.add_argument("--skip", default="", help="comma-separated method names to skip: disk,savez,kvstore,zarr,"
                         "torch,dcp,orbax,asyncckpt,training")  # fmt: skip
     parser.add_argument("--output", default=None, help="also write the Markdown report to this file")
@@ -869,6 +878,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "scaling_counts": [1, 10, 100, 1000] if quick else [1, 10, 100, 1000, 10000],
         "train_state_mb": 16 if quick else 256,
         "train_steps": 10 if quick else 30,
+        "train_long_every": 20 if quick else 150,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:

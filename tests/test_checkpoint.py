@@ -300,3 +300,21 @@ def test_unsynced_background_error_is_reported_at_interpreter_exit(tmp_path):
     assert "failed and was never synced" in result.stderr
     assert "No space left on device" in result.stderr
     assert not ac.checkpoint_exists(str(tmp_path / "ckpt-1"))
+
+
+def test_round_trip_through_tensorstore_file_kvstore(tmp_path):
+    """The same layout written and read through TensorStore's own `file` kvstore driver."""
+    from asyncckpt.storage import KvStoreStorage
+
+    storage = KvStoreStorage({"driver": "file", "path": str(tmp_path) + "/"})
+    write = ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=storage, chunk_bytes=2**20,
+                                                                 staging_budget_bytes=2**24))
+    read = ac.CheckpointOptions(read_settings=ac.ReadSettings(storage=storage))
+    saved = np.random.default_rng(3).standard_normal(3 * 2**18).astype(np.float32)  # 3 MiB: several chunks
+    small = ac.Variable(np.arange(10, dtype=np.int16))
+    path = ac.Checkpoint(big=ac.Variable(saved), small=small).write("run/ckpt", options=write)
+    assert (tmp_path / "run" / "ckpt.index").is_file()
+    big, small2 = ac.Variable(np.zeros_like(saved)), ac.Variable(np.zeros(10, np.int16))
+    ac.Checkpoint(big=big, small=small2).read(path, options=read).assert_consumed()
+    np.testing.assert_array_equal(big.numpy(), saved)
+    np.testing.assert_array_equal(small2.numpy(), small.numpy())

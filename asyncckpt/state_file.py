@@ -378,6 +378,15 @@ def _read_state_text(filename: str) -> str | None:
         raise CheckpointStateParseError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
+def _read_state(filename: str) -> CheckpointState | None:
+    """Read and parse a state-format file; ``None`` when it does not exist.
+
+    Raises ``OSError`` or ``CheckpointStateParseError``; each caller decides how to report them.
+    """
+    text = _read_state_text(filename)
+    return None if text is None else parse_checkpoint_state(text)
+
+
 def _join_with_directory(state: CheckpointState, directory: str) -> CheckpointState:
     def join(path: str) -> str:
         return path if os.path.isabs(path) else os.path.join(directory, path)
@@ -394,13 +403,12 @@ def _load_state(directory: str, latest_filename: str | None) -> CheckpointState 
     """`get_checkpoint_state` without waiting for pending writes (safe inside write callbacks)."""
     filename = _state_filename(directory, latest_filename)
     try:
-        text = _read_state_text(filename)
-        if text is None:
-            return None
-        state = parse_checkpoint_state(text)
+        state = _read_state(filename)
     except (OSError, CheckpointStateParseError) as exc:
         logger.warning("%s: %s", type(exc).__name__, exc)
         logger.warning("%s: Checkpoint ignored", filename)
+        return None
+    if state is None:
         return None
     if not state.model_checkpoint_path:
         raise ValueError("Invalid checkpoint state loaded from " + directory)
@@ -587,13 +595,12 @@ def _load_pending_deletions(directory: str, latest_filename: str | None) -> list
     """
     filename = _pending_deletions_filename(directory, latest_filename)
     try:
-        text = _read_state_text(filename)
-        if text is None:
-            return None
-        state = parse_checkpoint_state(text)
+        state = _read_state(filename)
     except (OSError, CheckpointStateParseError) as exc:
         logger.warning("%s: %s; %s ignored", type(exc).__name__, exc, filename)
         return []
+    if state is None:
+        return None
     return _join_with_directory(state, directory).all_model_checkpoint_paths
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from asyncckpt import _cuda
 
 __all__ = [
+    "STORABLE_DTYPES",
     "cupy_module",
     "is_device_array",
     "adopt_device_array",
@@ -102,7 +103,9 @@ def _parse_device(device: str | None) -> int | None:
     return int(ordinal) if ordinal else 0
 
 
-_STORABLE_DTYPES = frozenset(
+# The dtypes a checkpoint can store as raw bytes (native byte order); the format module derives its
+# little-endian table from this one.
+STORABLE_DTYPES = frozenset(
     np.dtype(name)
     for name in (
         "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -114,7 +117,7 @@ _STORABLE_DTYPES = frozenset(
 def check_dtype_supported(dtype: np.dtype) -> np.dtype:
     """Reject dtypes a checkpoint cannot store as raw little-endian bytes (object, str, longdouble…)."""
     dtype = np.dtype(dtype)
-    if dtype.newbyteorder("=") not in _STORABLE_DTYPES:
+    if dtype.newbyteorder("=") not in STORABLE_DTYPES:
         raise TypeError(
             f"dtype {dtype} cannot be stored in a checkpoint; use a numeric or bool dtype (bool, "
             "(u)int8-64, float16/32/64, complex64/128); strings and Python objects belong in a PythonState"

@@ -24,6 +24,7 @@ from typing import Any, Union
 import crc32c
 import numpy as np
 
+from asyncckpt._arrays import STORABLE_DTYPES
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 
 __all__ = [
@@ -80,11 +81,7 @@ _INDEX_TMP_RE = re.compile(rf"^(?P<stem>.+)\.index\.tmp-(?P<nonce>{_NONCE})$", r
 
 # The dtypes a checkpoint may hold, by their little-endian NumPy type string.
 _DTYPES: dict[str, np.dtype] = {
-    np.dtype(name).newbyteorder("<").str: np.dtype(name).newbyteorder("<")
-    for name in (
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64", "complex64", "complex128",
-    )
+    dtype.newbyteorder("<").str: dtype.newbyteorder("<") for dtype in STORABLE_DTYPES
 }
 
 DType = Union[np.dtype, str]

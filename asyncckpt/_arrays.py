@@ -27,6 +27,7 @@ __all__ = [
     "adopt_device_array",
     "as_array",
     "to_numpy",
+    "capture_device_arrays",
     "copy_into",
     "array_module",
     "check_dtype_supported",
@@ -177,6 +178,20 @@ def to_numpy(value: Any, backend: _cuda.DeviceBackend | None = None) -> np.ndarr
             return cupy.asnumpy(_cuda.CupyBackend.adopt_foreign(value))
         return _cuda.download(backend, value)
     return np.array(value, copy=True)
+
+
+def capture_device_arrays(
+    arrays: list[Any], labels: list[str], pinned_bytes: int, backend: _cuda.DeviceBackend | None = None
+) -> list[_cuda.DeviceCapture]:
+    """Start copying device ``arrays`` to pinned host buffers as they will be once pending work is done.
+
+    Does not wait for the device (see :meth:`asyncckpt._cuda.Stager.stage` for the policies);
+    ``pinned_bytes`` caps the pinned pool. Without ``backend`` the arrays may live on several GPUs.
+    """
+    if backend is None:
+        _require_cupy()
+        return _cuda.snapshot_device_arrays(arrays, labels=labels, pinned_bytes=pinned_bytes)
+    return _cuda.stage_device_arrays(backend, arrays, labels=labels, pinned_bytes=pinned_bytes)
 
 
 def copy_into(destination: Any, source: Any, backend: _cuda.DeviceBackend | None = None) -> None:

@@ -68,7 +68,7 @@ Other frameworks
 PyTorch or JAX tensors on a GPU are adopted without a copy (``cupy.from_dlpack``, which orders the
 producer's stream before CuPy's current stream, else ``__cuda_array_interface__``). The copies are
 ordered against CuPy's current stream: run ``save()``/``restore()`` with the framework's stream
-made current, e.g. ``with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):``.
+made current, e.g. ``with cupy.cuda.Stream.from_external(torch.cuda.current_stream()):``.
 """
 
 from __future__ import annotations
@@ -907,6 +907,24 @@ class DeviceCapture:
             finally:
                 self._stager._close_chunk(self._state, index, stop - position)
             position = stop
+
+    def acquire(self, offset: int, length: int) -> memoryview:
+        """A zero-copy view of bytes ``[offset, offset + n)``, ``0 < n <= length``, once on the host.
+
+        ``n`` stops at the end of the pinned chunk holding ``offset``, so a view never spans two
+        buffers. The view stays valid until :meth:`release` is called with ``(offset, n)``; the
+        bytes then count as read. Blocks until the chunk has arrived; raises like :meth:`read_into`.
+        """
+        if length <= 0 or offset < 0 or offset + length > self.nbytes:
+            raise ValueError(f"bytes [{offset}, {offset + length}) are outside {self.label!r} of {self.nbytes} bytes")
+        index = offset // self.chunk_bytes
+        chunk = self._state.chunks[index]
+        view = self._stager._open_chunk(self._state, index)
+        return view[offset - chunk.start : min(offset + length, chunk.stop) - chunk.start]
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """End the use of a view from :meth:`acquire`; its buffer returns once its chunk is all read."""
+        self._stager._close_chunk(self._state, offset // self.chunk_bytes, nbytes)
 
     def host_bytes(self, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` in a new host buffer (``read_into`` without bringing your own)."""

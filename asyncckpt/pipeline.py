@@ -118,8 +118,9 @@ class WriteSettings:
     ----------
     staging_budget_bytes:
         Most bytes copied by mutation hooks (values changed while the write runs) and not yet
-        durable at any time (see :mod:`asyncckpt.snapshot` for the full memory bound). Must be at
-        least ``chunk_bytes`` and ``pack_bytes``.
+        durable at any time, and the most page-locked host memory that values on a GPU are copied
+        through (see :mod:`asyncckpt.snapshot` for the full memory bound). Must be at least
+        ``chunk_bytes`` and ``pack_bytes``.
     chunk_bytes:
         Largest data file a big array is split into.
     pack_bytes:
@@ -132,6 +133,9 @@ class WriteSettings:
         Where to write (default: :func:`~asyncckpt.storage.default_storage`, the filesystem).
     runtime:
         The loop to run on (default: the process-wide runtime).
+    device_backend:
+        The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays are captured on the device at
+        ``start_write`` (default: CUDA arrays, through CuPy).
     """
 
     staging_budget_bytes: int = 256 * MiB
@@ -141,6 +145,7 @@ class WriteSettings:
     max_concurrent_writes: int = 4
     storage: Storage | None = None
     runtime: Runtime | None = None
+    device_backend: Any = None
 
     def __post_init__(self) -> None:
         for name in ("staging_budget_bytes", "chunk_bytes", "pack_bytes", "small_array_bytes", "max_concurrent_writes"):
@@ -573,6 +578,7 @@ def start_write(
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
     try:
+        job.snapshot.capture_device_values(settings.staging_budget_bytes)
         job.snapshot.install_guards()
     except BaseException:
         job.snapshot.close()
@@ -616,7 +622,8 @@ class _WriteJob:
         self.on_stats = on_stats
         self.settings: WriteSettings = settings
         self.budget = ByteBudget(settings.staging_budget_bytes)
-        self.snapshot = Snapshot(sources, prepared.plan, self.budget, loop, prepared.layout)
+        self.snapshot = Snapshot(sources, prepared.plan, self.budget, loop, prepared.layout,
+                                 device_backend=settings.device_backend)
         self.snapshot_seconds = 0.0
         self._write_span = [float("inf"), 0.0]
 

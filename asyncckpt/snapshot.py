@@ -202,7 +202,8 @@ class Source:
     """A prepared :class:`SaveEntry`: what the manifest records and where to take bytes from.
 
     ``kind`` is ``"bytes"``, ``"array"`` (an owned host copy) or ``"holder"`` (a snapshot source,
-    read live until its bytes are written or copied).
+    read live until its bytes are written or copied). ``off_host`` marks a holder whose array was
+    not a NumPy array when prepared: a device array, captured on the device at each write.
     """
 
     key: str
@@ -211,6 +212,7 @@ class Source:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    off_host: bool = False
 
     def live_array(self) -> Any:
         """The array to take bytes from now; for a holder, checked against the recorded layout."""
@@ -310,7 +312,8 @@ def prepare_source(key: str, value: Any) -> Source:
         except TypeError as exc:
             raise TypeError(f"cannot save {key!r}: {exc}") from None
         shape = tuple(int(dim) for dim in live.shape)
-        return Source(key, "holder", value, dtype, shape, math.prod(shape) * live.dtype.itemsize)
+        nbytes = math.prod(shape) * live.dtype.itemsize
+        return Source(key, "holder", value, dtype, shape, nbytes, off_host=not isinstance(live, np.ndarray))
     array = _owned_copy(key, value)
     return Source(key, "array", array, array.dtype.str, tuple(array.shape), array.nbytes)
 
@@ -466,6 +469,8 @@ class GuardLayout:
                     index = holder_index[id(source.value)] = len(holders)
                     holders.append(source.value)
                 item_holder[item] = index
+        #: Per source item: the holder it belongs to (-1 for none).
+        self.item_holders: tuple[int, ...] = tuple(item_holder)
         pieces_by_holder: list[dict[int, list[int]]] = [{} for _ in holders]
         #: Per file, per piece: the holder it belongs to (-1 for none).
         self.piece_holders: tuple[tuple[int, ...], ...] = tuple(
@@ -512,7 +517,7 @@ class _FileState:
 
     __slots__ = (
         "lock", "turn", "gate", "waiting", "cursor", "piece", "offset", "staged", "staged_bytes", "buffers", "crcs",
-        "captured",
+        "captured", "open_views",
     )
 
     def __init__(self, pieces: int) -> None:
@@ -528,6 +533,7 @@ class _FileState:
         self.buffers: list[np.ndarray] = []  # staging buffers to return to the pool
         self.crcs = [0] * pieces
         self.captured = bytearray(pieces)  # 1 once a piece is written or copied
+        self.open_views: list[tuple[Any, int, int]] = []  # (device capture, offset, bytes) in the batch
 
 
 class WriteAbortedError(RuntimeError):
@@ -584,6 +590,9 @@ class Snapshot:
         Most bytes per batch of a file's content (:data:`SEGMENT_BYTES`).
     pool:
         Where staging buffers come from (:data:`staging_pool`).
+    device_backend:
+        The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays :meth:`capture_device_values`
+        captures (default: CUDA arrays through CuPy).
     """
 
     def __init__(
@@ -596,6 +605,7 @@ class Snapshot:
         *,
         segment_bytes: int = SEGMENT_BYTES,
         pool: StagingPool | None = None,
+        device_backend: Any = None,
     ) -> None:
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
@@ -620,6 +630,51 @@ class Snapshot:
         self.bytes_staged_by_hooks = 0
         self.files_staged_by_hooks = 0
         self._hooked_files: set[int] = set()
+        self._device_backend = device_backend
+        self._captures: dict[int, Any] = {}  # item -> DeviceCapture of its value at start_write
+
+    # ------------------------------------------------------------------ device values
+    def capture_device_values(self, pinned_bytes: int) -> int:
+        """Capture every holder whose value lives on a GPU; return how many were captured.
+
+        Call in the saving thread before ``start_write`` returns. The copies are ordered after the
+        work already enqueued on the current stream and before anything enqueued later, without
+        the host waiting for the device (:meth:`asyncckpt._cuda.Stager.stage`), so such a value
+        needs no mutation guard: its file bytes are read from the capture's pinned buffers
+        (``pinned_bytes`` at most) as they arrive.
+        """
+        backend = self._device_backend
+        items, arrays = [], []
+        for item, source in enumerate(self._sources):
+            if not source.off_host or not source.nbytes:
+                continue
+            array = source.live_array()
+            if _arrays.is_device_array(array, backend):
+                items.append(item)
+                arrays.append(array)
+        if not arrays:
+            return 0
+        labels = [self._sources[item].key for item in items]
+        captures = _arrays.capture_device_arrays(arrays, labels, pinned_bytes, backend)
+        self._captures = dict(zip(items, captures))
+        holders = self._layout.item_holders
+        for item in items:  # captured: no guard needed, their bytes can no longer change
+            self._remaining[holders[item]] = 0
+        return len(items)
+
+    def _open_capture(self, state: _FileState, item: int, begin: int, length: int) -> memoryview:
+        """A view of up to ``length`` bytes of a captured value, held until :meth:`_close_views`."""
+        capture = self._captures[item]
+        view = capture.acquire(begin, length)
+        state.open_views.append((capture, begin, len(view)))
+        return view
+
+    @staticmethod
+    def _close_views(state: _FileState) -> None:
+        """The batch is out (or abandoned): let its pinned buffers go back to the pool."""
+        views, state.open_views = state.open_views, []
+        for capture, begin, nbytes in views:
+            capture.release(begin, nbytes)
 
     # ------------------------------------------------------------------ guards
     def install_guards(self) -> None:
@@ -628,6 +683,8 @@ class Snapshot:
         for add_many, table in layout.bulk_tables:
             self._removers.append(add_many(table, self._stage_holder))
         for index in layout.single:
+            if not self._remaining[index]:
+                continue  # captured from the device
             holder = layout.holders[index]
             hook = self._single_hook(index)
             holder._add_mutation_hook(hook)
@@ -728,7 +785,7 @@ class Snapshot:
             remaining = self._remaining
             for p in piece_indices:
                 owner = owners[p]
-                if owner >= 0:
+                if owner >= 0 and remaining[owner] > 0:
                     remaining[owner] -= 1
                     if not remaining[owner]:
                         spent.append(owner)
@@ -781,6 +838,8 @@ class Snapshot:
             start, blocks = staged
             block, offset = divmod(first - start, STAGING_BLOCK_BYTES)
             return memoryview(blocks[block])[offset : offset + length]
+        if piece.item in self._captures:
+            return self._open_capture(state, piece.item, piece.item_offset + first, length)
         return self._item_bytes(piece.item, piece.item_offset + first, length)
 
     def _await_turn(self, state: _FileState) -> None:
@@ -839,8 +898,11 @@ class Snapshot:
                 self._await_turn(state)
                 if state.piece == count:
                     return
-                batch, done, current, first = self._take(index, state, self._segment_bytes)
-                yield batch  # the consumer writes the batch while we hold the lock
+                try:
+                    batch, done, current, first = self._take(index, state, self._segment_bytes)
+                    yield batch  # the consumer writes the batch while we hold the lock
+                finally:
+                    self._close_views(state)
                 captured = self._advance(index, state, done, current, first)
             self._captured(index, captured)
             self._drop_spent_sources(index, done)
@@ -856,11 +918,14 @@ class Snapshot:
             self._await_turn(state)
             if state.piece == len(self._plan.files[index].pieces):
                 return 0
-            batch, done, current, first = self._take(index, state, min(len(buffer), self._segment_bytes))
-            position = 0
-            for view in batch:
-                copy_bytes(buffer[position : position + len(view)], view)
-                position += len(view)
+            try:
+                batch, done, current, first = self._take(index, state, min(len(buffer), self._segment_bytes))
+                position = 0
+                for view in batch:
+                    copy_bytes(buffer[position : position + len(view)], view)
+                    position += len(view)
+            finally:
+                self._close_views(state)
             captured = self._advance(index, state, done, current, first)
         self._captured(index, captured)
         self._drop_spent_sources(index, done)
@@ -907,3 +972,6 @@ class Snapshot:
         hooks, self._single_hooks = self._single_hooks, {}
         for index, hook in hooks.items():
             self._layout.holders[index]._remove_mutation_hook(hook)
+        captures, self._captures = self._captures, {}
+        for capture in captures.values():  # pinned buffers and device copies go back now
+            capture.close()

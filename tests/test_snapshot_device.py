@@ -1,0 +1,229 @@
+"""Writes of values that live on a GPU, on the CPU fake device: captured at ``start_write``, streamed
+from pinned buffers, never guarded by mutation hooks.
+
+The fake device (``asyncckpt._cuda.FakeDeviceBackend``) runs each stream on a worker thread, so a
+kernel "still running" at save time is a kernel blocked on a test gate, and ordering is checked with
+gates and events, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from asyncckpt import _arrays, pipeline
+from asyncckpt._cuda import DeviceCopyError, FakeDeviceBackend, Stager
+from asyncckpt.pipeline import SaveEntry, WriteSettings
+
+CHUNK = 256  # pinned buffer size in these tests: values of a few KiB span many buffers
+
+
+class DeviceHolder:
+    """A snapshot source holding a fake device array, counting the mutation hooks it is given."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+        self.hooks: list = []
+
+    def _snapshot_array(self):
+        return self.array
+
+    def _add_mutation_hook(self, hook) -> None:
+        self.hooks.append(hook)
+
+    def _remove_mutation_hook(self, hook) -> None:
+        self.hooks.remove(hook)
+
+
+class HostHolder(DeviceHolder):
+    """The same protocol over a NumPy array: guarded by a hook while the write runs."""
+
+
+class FailNthCopy:
+    """A copy hook making the n-th device-to-host copy fail, or hold until released."""
+
+    def __init__(self, fail_at: int | None = None, hold_at: int | None = None) -> None:
+        self.fail_at, self.hold_at = fail_at, hold_at
+        self.d2h = 0
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, nbytes: int) -> None:
+        if kind != "d2h":
+            return
+        with self._lock:
+            self.d2h += 1
+            call = self.d2h
+        if call == self.hold_at:
+            self.release.wait()
+        if call == self.fail_at:
+            raise RuntimeError("simulated DMA fault")
+
+
+@pytest.fixture
+def hook():
+    return FailNthCopy()
+
+
+@pytest.fixture
+def device(hook):
+    backend = FakeDeviceBackend(memory_bytes=1 << 24, copy_hook=hook)
+    backend._asyncckpt_stager = Stager(backend, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK)
+    yield backend
+    hook.release.set()
+    backend.close()
+
+
+def settings(device, **overrides) -> WriteSettings:
+    base = dict(staging_budget_bytes=4096, chunk_bytes=1024, pack_bytes=512, small_array_bytes=256,
+                max_concurrent_writes=2, device_backend=device)
+    base.update(overrides)
+    return WriteSettings(**base)
+
+
+def values() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {
+        "big": rng.standard_normal(700),  # 5,600 bytes: several data files and pinned chunks
+        "ints": np.arange(300, dtype=np.int32).reshape(20, 15),
+        "small": rng.integers(0, 255, size=33, dtype=np.uint8),  # packed with others
+        "half": rng.standard_normal(17).astype(np.float16),
+        "scalar": np.array(3.5),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
+def read_back(path, keys) -> dict[str, np.ndarray]:
+    return pipeline.open_reader(path).read_many(list(keys))
+
+
+def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, device):
+    expected = values()
+    holders = {key: DeviceHolder(device.array(value)) for key, value in expected.items()}
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry(k, h) for k, h in holders.items()], {},
+                                  settings=settings(device))
+    handle.result(30)
+    out = read_back(tmp_path / "ckpt", expected)
+    for key, value in expected.items():
+        assert out[key].dtype == value.dtype and out[key].shape == value.shape
+        np.testing.assert_array_equal(out[key], value)
+    stager = device._asyncckpt_stager
+    assert stager.stats["device_copies"] == 5  # every non-empty value, captured on the device
+    assert stager.pool.free_buffers == stager.pool.max_buffers  # every pinned buffer came back
+    assert 0 < device.pinned_peak_bytes <= settings(device).staging_budget_bytes
+
+
+def test_captured_values_get_no_mutation_hook_while_host_values_do(tmp_path, device, hook):
+    hook.hold_at = 1  # the first copy to the host stalls: the write is still running below
+    on_device = DeviceHolder(device.array(np.arange(64.0)))
+    on_host = HostHolder(np.arange(64.0))
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("d", on_device), SaveEntry("h", on_host)], {},
+                                  settings=settings(device))
+    assert on_device.hooks == []
+    assert len(on_host.hooks) == 1
+    hook.release.set()
+    handle.result(30)
+    assert on_host.hooks == []
+
+
+def test_a_kernel_pending_at_save_is_captured_after_it_and_later_work_is_not(tmp_path, device):
+    n = 600
+    array = device.array(np.zeros(n))
+    kernel_gate = threading.Event()
+
+    def slow_kernel(data):  # writes half, stalls, writes the rest: a capture "during" it is torn
+        data[: n // 2] = 1
+        kernel_gate.wait()
+        data[n // 2 :] = 1
+
+    device.launch(device.default_stream, slow_kernel, array)
+    with device.forbid_host_sync():  # start_write must not wait for the device
+        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", DeviceHolder(array))], {},
+                                      settings=settings(device))
+    device.launch(device.default_stream, lambda data: data.fill(7), array)  # training goes on
+    kernel_gate.set()
+    handle.result(30)
+    np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["x"])["x"], np.ones(n))
+    np.testing.assert_array_equal(device.peek(array), np.full(n, 7.0))
+
+
+@pytest.mark.parametrize("policy_stager", ["device_copy", "stream_wait", "host_copy"])
+def test_every_capture_policy_writes_the_value_at_save_time(tmp_path, hook, policy_stager):
+    device = FakeDeviceBackend(memory_bytes=1 << 24, copy_hook=hook)
+    factor = 2.0 if policy_stager == "device_copy" else math.inf
+    pinned = 8 * CHUNK if policy_stager != "host_copy" else CHUNK  # host_copy: the pool cannot take it
+    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=pinned, safety_factor=factor)
+    try:
+        value = np.arange(150, dtype=np.float64)  # 1,200 bytes: 5 chunks
+        array = device.array(value)
+        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", DeviceHolder(array))], {},
+                                      settings=settings(device, staging_budget_bytes=max(pinned, 1024)))
+        device.launch(device.default_stream, lambda data: data.__imul__(-1), array)
+        handle.result(30)
+        np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["x"])["x"], value)
+        assert device._asyncckpt_stager.stats[{"device_copy": "device_copies", "stream_wait": "stream_waits",
+                                               "host_copy": "host_copies"}[policy_stager]] == 1
+    finally:
+        device.close()
+
+
+def test_the_staging_budget_caps_the_pinned_pool(tmp_path, device):
+    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=1 << 20)
+    holder = DeviceHolder(device.array(np.arange(2000.0)))  # 16,000 bytes, far above the budget
+    pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {},
+                         settings=settings(device, staging_budget_bytes=2048)).result(30)
+    assert device._asyncckpt_stager.pool.capacity_bytes == 2048
+    assert device.pinned_peak_bytes <= 2048
+    np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["x"])["x"], np.arange(2000.0))
+
+
+def test_a_failed_device_copy_fails_the_write_naming_the_key_and_keeps_the_last_checkpoint(tmp_path, device, hook):
+    path = tmp_path / "ckpt"
+    pipeline.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.ones(500))))], {},
+                         settings=settings(device)).result(30)
+    hook.fail_at = hook.d2h + 3
+    handle = pipeline.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.zeros(500))))], {},
+                                  settings=settings(device))
+    with pytest.raises(DeviceCopyError, match="weights"):
+        handle.result(30)
+    np.testing.assert_array_equal(read_back(path, ["weights"])["weights"], np.ones(500))
+    stager = device._asyncckpt_stager
+    assert stager.pool.free_buffers == stager.pool.max_buffers  # nothing leaked by the failed write
+
+
+def test_a_write_failing_in_storage_returns_every_pinned_buffer(tmp_path, device):
+    (tmp_path / "ckpt.index").mkdir()  # the commit cannot replace a folder: the write fails late
+    holder = DeviceHolder(device.array(np.arange(900.0)))
+    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {}, settings=settings(device))
+    with pytest.raises(Exception):
+        handle.result(30)
+    stager = device._asyncckpt_stager
+    device.synchronize()
+    assert stager.pool.free_buffers == stager.pool.max_buffers
+
+
+def test_a_holder_whose_array_moved_to_the_host_after_preparation_is_still_written(tmp_path, device):
+    holder = DeviceHolder(device.array(np.arange(10.0)))
+    prepared = pipeline.prepare_write([SaveEntry("x", holder)], {}, settings=settings(device))
+    holder.array = np.arange(10.0) * 2  # same dtype and shape, now a host array
+    pipeline.start_write(tmp_path / "ckpt", prepared, settings=settings(device)).result(30)
+    np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["x"])["x"], np.arange(10.0) * 2)
+
+
+def test_acquired_views_stop_at_chunk_ends_and_count_as_read_once_released(device):
+    array = device.array(np.arange(200, dtype=np.int16))  # 400 bytes: chunks [0, 256) and [256, 400)
+    (capture,) = _arrays.capture_device_arrays([array], ["a"], 4 * CHUNK, device)
+    head = capture.acquire(0, 100)
+    middle = capture.acquire(100, 300)
+    assert (len(head), len(middle)) == (100, 156)  # the second view stops at the first chunk's end
+    tail = capture.acquire(256, 144)
+    got = np.frombuffer(bytes(head) + bytes(middle) + bytes(tail), np.int16)
+    np.testing.assert_array_equal(got, np.arange(200))
+    for offset, view in ((0, head), (100, middle), (256, tail)):
+        capture.release(offset, len(view))
+    assert capture.consumed
+    with pytest.raises(ValueError, match="outside"):
+        capture.acquire(390, 20)

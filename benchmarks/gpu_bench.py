@@ -12,13 +12,18 @@ Everything is measured in one run on the same arrays, next to raw CuPy copies of
   the time until ``save`` returns and until ``sync()`` returns (the checkpoint is durable);
 * **restore to device** -- ``Stager.upload`` of host arrays into existing device arrays, and a full
   ``Checkpoint.restore`` into device variables, against raw H2D copies from pinned memory and
-  ``ndarray.set`` from pageable memory.
+  ``ndarray.set`` from pageable memory;
+* **disk** -- the same bytes written with plain ``write`` + ``fsync`` into the checkpoint folder,
+  and read back into pinned memory and uploaded (``readinto`` + raw H2D): the ceilings of a
+  durable save and of a restore on this machine;
+* **many small variables** -- the ``save()`` stall of ``--small-count`` device variables of
+  ``--small-kib`` each, once the object structure is cached (the first save is reported too).
 
 Times are medians over ``--repeat`` runs, each after a device synchronise, with a warm pinned pool
 (allocating pinned memory is a one-time cost per process, reported separately). Prints a Markdown
 table. Without CuPy or a CUDA device it prints why and exits with status 2.
 
-    python benchmarks/gpu_bench.py [--size-mib 1024] [--arrays 8] [--repeat 5] [--dir D]
+    python benchmarks/gpu_bench.py [--size-mib 1024] [--arrays 8] [--repeat 5] [--dir D] [--small-count 10000]
 """
 
 from __future__ import annotations
@@ -76,6 +81,39 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
+def _small_variables(ac, cp, args, prefix: str, sync) -> list[tuple[str, str, str, str]]:
+    """Save stall of many small device variables: first save, then repeat saves of the same structure."""
+    count, size = args.small_count, args.small_kib * 1024 // 4
+    variables = [ac.Variable(cp.full(size, i, dtype=cp.float32)) for i in range(count)]
+    checkpoint = ac.Checkpoint(vs=variables)
+    options = ac.CheckpointOptions(enable_async=True)
+    sync()
+    started = time.perf_counter()
+    checkpoint.write(prefix, options=options)
+    first = time.perf_counter() - started
+    checkpoint.sync()
+    stalls, durables = [], []
+    for _ in range(args.repeat):
+        for variable in variables[:: max(1, count // 100)]:
+            variable.assign_add(1.0)  # training changed some values since the last save
+        sync()
+        started = time.perf_counter()
+        checkpoint.write(prefix, options=options)
+        stalls.append(time.perf_counter() - started)
+        checkpoint.sync()
+        durables.append(time.perf_counter() - started)
+    restored = [ac.Variable(cp.zeros(size, dtype=cp.float32)) for _ in range(count)]
+    ac.Checkpoint(vs=restored).read(prefix).assert_existing_objects_matched()
+    assert all(bool((r.array == v.array).all()) for r, v in zip(restored, variables)), "small variables restored wrong"
+    label = f"{count} x {args.small_kib} KiB device variables, save()"
+    nbytes = count * size * 4
+    return [
+        (f"{label}: first save (structure not cached)", _ms(first), "-", "-"),
+        (f"{label}: repeat saves", _ms(statistics.median(stalls)), _ms(statistics.median(durables)),
+         _gbps(nbytes, statistics.median(durables))),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="total bytes of the state (default 1024)")
@@ -86,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pinned pool size (default: the state size, so stream_wait can take it all)")
     parser.add_argument("--dir", default=None, help="where the durable-throughput checkpoint goes (default: a temp dir)")
     parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--small-count", type=int, default=10_000, help="small device variables (0 skips the row)")
+    parser.add_argument("--small-kib", type=int, default=4, help="size of each small variable in KiB")
     args = parser.parse_args(argv)
     cp = _cupy_or_exit()
 
@@ -196,9 +236,35 @@ def main(argv: list[str] | None = None) -> int:
         targets = {name: ac.Variable(cp.zeros_like(a)) for name, a in zip(variables, arrays)}
         restore_checkpoint = ac.Checkpoint(**targets)
         t_restore = _median_seconds(lambda: (restore_checkpoint.restore(path), sync()), args.repeat, sync)
-        rows.append(("Checkpoint.restore into device variables", "-", _ms(t_restore), _gbps(total, t_restore)))
+        rows.append(("Checkpoint.restore into device variables", "-", _ms(t_restore),
+                     f"{_gbps(total, t_restore)} ({100 * t_raw_h2d / t_restore:.0f} % of raw H2D)"))
         for name, a in zip(targets, arrays):
             assert bool((targets[name].array == a).all()), f"{name} restored wrong"
+        raw_file = os.path.join(folder, "ckpt-raw.bin")
+
+        def raw_write():
+            with open(raw_file, "wb", buffering=0) as out:
+                view = memoryview(raw_host)
+                for start in range(0, total, 64 * MiB):
+                    out.write(view[start : start + 64 * MiB])
+                os.fsync(out.fileno())
+
+        def raw_read_upload():
+            with open(raw_file, "rb", buffering=0) as source:
+                view = memoryview(raw_host)
+                for start in range(0, total, 64 * MiB):
+                    source.readinto(view[start : start + 64 * MiB])
+            raw_h2d()
+
+        t_raw_write = _median_seconds(raw_write, args.repeat, sync)
+        t_raw_read = _median_seconds(raw_read_upload, args.repeat, sync)
+        rows.append(("raw write + fsync of the same bytes (disk ceiling)", "-", _ms(t_raw_write),
+                     f"{_gbps(total, t_raw_write)} (save: {100 * t_raw_write / t_durable:.0f} % of it)"))
+        rows.append(("raw read into pinned + H2D (page cache warm)", "-", _ms(t_raw_read),
+                     f"{_gbps(total, t_raw_read)} (restore: {100 * t_raw_read / t_restore:.0f} % of it)"))
+        os.remove(raw_file)
+        if args.small_count:
+            rows.extend(_small_variables(ac, cp, args, os.path.join(folder, "small"), sync))
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -7,6 +7,7 @@ receive it from the ``cp`` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -50,6 +51,23 @@ def cp():
     yield cupy
     cupy.cuda.Device().synchronize()
     cupy.get_default_memory_pool().free_all_blocks()
+
+
+def _wrap_external_stream(cupy, stream):
+    """A CuPy stream wrapping another framework's stream (e.g. ``torch.cuda.Stream``)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        with contextlib.suppress(TypeError, AttributeError):  # an object without the stream protocol
+            return from_external(stream)
+    with warnings.catch_warnings():  # the older spelling, deprecated in newer CuPy
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(stream.cuda_stream)
+
+
+@pytest.fixture
+def external_stream(cp):
+    """``external_stream(stream)``: a CuPy stream for another framework's stream, to make current."""
+    return lambda stream: _wrap_external_stream(cp, stream)
 
 
 @pytest.fixture

@@ -75,9 +75,48 @@ def test_kernel_running_at_save_and_mutations_right_after_are_handled(cp, prefix
         variable.assign_add(1.0)
     checkpoint.sync()
     restored = ac.Variable(cp.zeros(1 << 18, dtype=cp.float64))
-    ac.Checkpoint(v=restored).read(path).assert_consumed()
+    ac.Checkpoint(v=restored).restore(path).assert_consumed()
     assert bool((restored.array == 1.0).all())
     assert bool((variable.array == 4.0).all())
+
+
+@pytest.mark.parametrize("options", [ac.CheckpointOptions(), ASYNC], ids=["sync", "async"])
+def test_in_place_kernels_after_save_are_not_captured_without_any_mutation_hook(cp, prefix, spin, options):
+    """Training kernels write the arrays directly (no Variable method, so no hook): the capture
+    taken on the device at save time is what is written."""
+    variables = [ac.Variable(cp.zeros(1 << 20, dtype=cp.float64)) for _ in range(3)]  # 8 MiB each
+    for index, variable in enumerate(variables):
+        spin(variable.array, float(index + 1), milliseconds=100)
+    checkpoint = ac.Checkpoint(vs=variables)
+    settings = ac.WriteSettings(chunk_bytes=4 << 20, pack_bytes=4 << 20, staging_budget_bytes=4 << 20)
+    path = checkpoint.save(prefix, options=ac.CheckpointOptions(
+        enable_async=options.enable_async, write_settings=settings))
+    for variable in variables:
+        for _ in range(5):
+            cp.add(variable.array, 10.0, out=variable.array)  # bypasses the Variable API
+    checkpoint.sync()
+    restored = [ac.Variable(cp.zeros(1 << 20, dtype=cp.float64)) for _ in range(3)]
+    ac.Checkpoint(vs=restored).restore(path).assert_consumed()
+    for index, (saved, live) in enumerate(zip(restored, variables)):
+        assert bool((saved.array == index + 1).all())
+        assert bool((live.array == index + 51).all())
+
+
+def test_save_stages_device_values_through_the_bounded_pinned_pool(cp, prefix):
+    from asyncckpt import _cuda
+
+    variable = ac.Variable(cp.arange(12 << 20, dtype=cp.uint8))  # 12 MiB through a 4 MiB pool
+    settings = ac.WriteSettings(chunk_bytes=2 << 20, pack_bytes=2 << 20, staging_budget_bytes=4 << 20)
+    stager = _cuda.stager_for(_cuda.cupy_backend(0))
+    before = sum(stager.stats[k] for k in ("device_copies", "stream_waits", "host_copies"))
+    path = ac.Checkpoint(v=variable).save(prefix, options=ac.CheckpointOptions(write_settings=settings))
+    assert sum(stager.stats[k] for k in ("device_copies", "stream_waits", "host_copies")) == before + 1
+    assert stager.pool.capacity_bytes == 4 << 20
+    assert stager.pool.free_buffers == stager.pool.max_buffers  # all returned once written
+    restored = ac.Variable(cp.zeros(12 << 20, dtype=cp.uint8))
+    ac.Checkpoint(v=restored).restore(path).assert_consumed()
+    assert bool((restored.array == variable.array).all())
+    stager.set_pinned_bytes(_cuda.DEFAULT_PINNED_BYTES)
 
 
 def test_async_saves_keep_each_value_while_training_goes_on(cp, prefix):

@@ -51,11 +51,11 @@ def test_variable_from_a_torch_tensor_round_trips(cp, prefix):
     np.testing.assert_array_equal(restored.numpy(), tensor.cpu().numpy())
 
 
-def test_torch_training_stream_made_current_for_the_save(cp):
+def test_torch_training_stream_made_current_for_the_save(cp, external_stream):
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         tensor = torch.full((1 << 20,), 3.0, device="cuda")
-        with cp.cuda.ExternalStream(stream.cuda_stream):
+        with external_stream(stream):
             (capture,) = _cuda.snapshot_device_arrays([tensor])
         tensor.fill_(4.0)
     out = np.empty(capture.shape, dtype=capture.dtype)

@@ -15,6 +15,12 @@ at ``start_write`` time:
   then served from the copy. Once every byte of a holder has been written or copied its guard is
   spent and later mutations cost nothing.
 
+* A snapshot source whose array lives on a GPU is *captured* instead (:meth:`Snapshot.capture_device_values`):
+  before ``start_write`` returns, :mod:`asyncckpt._cuda` enqueues its copy to the host ordered
+  after the work already on the current stream (a device-to-device copy first when memory allows),
+  so kernels enqueued later -- which call no hook -- cannot change what is written. Its bytes are
+  then read zero-copy from the pinned chunks as they arrive, and it gets no guard.
+
 Guards are installed in bulk where the holder's type offers ``_add_mutation_hooks(table, hook)``
 (``Variable`` does): one registration covers every such holder of a write, so guarding 10,000
 variables costs the same as guarding one. Other holders get one ``_add_mutation_hook`` each.
@@ -24,7 +30,9 @@ before any byte is copied and released once the file they belong to is durable, 
 exceed ``staging_budget_bytes``. On top of that come the owned copies of plain arrays, and -- for
 storage that cannot stream a value (any TensorStore kvstore) -- one gathered buffer per file in
 flight, at most ``max_concurrent_writes`` files. The filesystem backend streams: a write of live
-variables needs no memory beyond the staging copies of values changed while it runs.
+variables needs no memory beyond the staging copies of values changed while it runs. Device values
+pass through the copy engine's pinned pool, whose capacity is set to the same budget, and hold a
+device-to-device copy (device memory, freed as its chunks are read) under the ``device_copy`` policy.
 """
 
 from __future__ import annotations

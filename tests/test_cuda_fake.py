@@ -69,12 +69,16 @@ def backend(gate):
 
 
 def stager_for_policy(backend, policy: str, *, pinned_chunks: int = 16) -> Stager:
-    """A stager whose automatic choice lands on ``policy`` for arrays of a few hundred bytes."""
+    """A stager whose automatic choice lands on ``policy`` for arrays of a few hundred bytes.
+
+    Small arrays are not packed here (``pack_bytes=0``): these tests are about one array's policy.
+    """
     if policy == DEVICE_COPY:
-        return Stager(backend, pinned_bytes=pinned_chunks * CHUNK, chunk_bytes=CHUNK)
+        return Stager(backend, pinned_bytes=pinned_chunks * CHUNK, chunk_bytes=CHUNK, pack_bytes=0)
     if policy == STREAM_WAIT:
-        return Stager(backend, pinned_bytes=pinned_chunks * CHUNK, chunk_bytes=CHUNK, safety_factor=math.inf)
-    return Stager(backend, pinned_bytes=CHUNK, chunk_bytes=CHUNK, safety_factor=math.inf)
+        return Stager(backend, pinned_bytes=pinned_chunks * CHUNK, chunk_bytes=CHUNK, safety_factor=math.inf,
+                      pack_bytes=0)
+    return Stager(backend, pinned_bytes=CHUNK, chunk_bytes=CHUNK, safety_factor=math.inf, pack_bytes=0)
 
 
 def read_all(capture) -> np.ndarray:
@@ -205,7 +209,7 @@ def test_policies_are_chosen_per_array_in_order_within_one_save(gate):
     device = FakeDeviceBackend(memory_bytes=3200, copy_hook=gate)
     try:
         arrays = [device.array(np.full(50, i, np.int64)) for i in range(4)]  # 4 x 400 bytes; 1600 free
-        stager = Stager(device, pinned_bytes=8 * CHUNK, chunk_bytes=CHUNK, safety_factor=2.0)
+        stager = Stager(device, pinned_bytes=8 * CHUNK, chunk_bytes=CHUNK, safety_factor=2.0, pack_bytes=0)
         captures = stager.stage(arrays)
         # 2 x (400 copied) <= 1600, then 2 x 800 > 1600; 7 chunks of pinned memory fit one array, not two.
         assert [c.policy for c in captures] == [DEVICE_COPY, DEVICE_COPY, STREAM_WAIT, HOST_COPY]
@@ -643,3 +647,128 @@ def test_a_failed_fake_stream_skips_later_copies_and_fails_later_events(backend)
     with pytest.raises(ValueError, match="kernel fault"):
         backend.synchronize_event(backend.record_event(stream))
     np.testing.assert_array_equal(backend.peek(x), np.zeros(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing small arrays into one device copy
+
+
+def packing_stager(backend, *, pinned_chunks: int = 16) -> Stager:
+    return Stager(backend, pinned_bytes=pinned_chunks * CHUNK, chunk_bytes=CHUNK, pack_bytes=4 * CHUNK)
+
+
+def small_values(count: int = 40) -> list[np.ndarray]:
+    dtypes = [np.int8, np.float32, np.int64, np.float16, np.complex64]
+    return [np.arange(i, i + 1 + (7 * i) % 23, dtype=dtypes[i % len(dtypes)]) for i in range(count)]
+
+
+def test_small_arrays_are_gathered_by_one_launch_and_read_back_exactly(backend, gate):
+    values = small_values()
+    stager = packing_stager(backend)
+    with backend.forbid_host_sync():
+        captures = stager.stage([backend.array(v) for v in values], labels=[f"v{i}" for i in range(40)])
+    backend.default_stream.settle()
+    assert gate.log.count("gather") == 1 and gate.log.count("d2d") == 0
+    assert stager.stats["packed_arrays"] == 40 and stager.stats["device_copies"] == 1
+    assert [c.label for c in captures[:2]] == ["v0", "v1"] and captures[0].policy == DEVICE_COPY
+    for capture, value in zip(captures, values):  # odd sizes: windows straddle chunk boundaries
+        assert (capture.dtype, capture.shape, capture.nbytes) == (value.dtype, value.shape, value.nbytes)
+        np.testing.assert_array_equal(read_all(capture), value)
+        assert capture.consumed
+    assert stager.pool.free_buffers == stager.pool.max_buffers
+
+
+def test_packed_windows_read_through_acquire_and_chunks_in_any_order(backend):
+    values = [np.arange(30, dtype=np.int64) * (i + 1) for i in range(6)]  # 240 bytes each, CHUNK 64
+    captures = packing_stager(backend, pinned_chunks=2).stage([backend.array(v) for v in values])
+    order = [5, 0, 3, 1, 4, 2]
+    for index in order:
+        capture = captures[index]
+        if index % 2:
+            got = b"".join(bytes(view) for _, view in capture.chunks())
+        else:
+            parts, offset = [], 0
+            while offset < capture.nbytes:
+                view = capture.acquire(offset, capture.nbytes - offset)
+                parts.append(bytes(view))
+                capture.release(offset, len(view))
+                offset += len(view)
+            got = b"".join(parts)
+        assert got == values[index].tobytes()
+    assert backend.pinned_peak_bytes <= 2 * CHUNK
+
+
+def test_a_kernel_pending_at_save_is_in_the_pack_and_later_work_is_not(backend):
+    arrays = [backend.array(np.zeros(10, np.int32)) for _ in range(5)]
+    kernel_gate = threading.Event()
+
+    def slow_kernel(*data):
+        data[0][:] = 1
+        kernel_gate.wait()
+        for d in data:
+            d[:] = 1
+
+    backend.launch(backend.default_stream, slow_kernel, *arrays)
+    stager = packing_stager(backend)
+    with backend.forbid_host_sync():
+        captures = stager.stage(arrays)
+    for array in arrays:
+        backend.launch(backend.default_stream, lambda d: d.fill(9), array)
+    stager.copy_stream.settle()
+    kernel_gate.set()
+    for capture in captures:
+        np.testing.assert_array_equal(read_all(capture), np.ones(10, np.int32))
+
+
+def test_without_memory_for_the_pack_small_arrays_take_the_per_array_policies(gate):
+    device = FakeDeviceBackend(memory_bytes=2000, copy_hook=gate)
+    try:
+        arrays = [device.array(np.full(25, i, np.int64)) for i in range(4)]  # 800 of 2000 bytes used
+        stager = Stager(device, pinned_bytes=32 * CHUNK, chunk_bytes=CHUNK, pack_bytes=4 * CHUNK)
+        captures = stager.stage(arrays)  # a pack of 800 needs 1600 free (factor 2): 1200 is free
+        assert stager.stats["packed_arrays"] == 0 and gate.log.count("gather") == 0
+        for i, capture in enumerate(captures):
+            np.testing.assert_array_equal(read_all(capture), np.full(25, i))
+    finally:
+        device.close()
+
+
+def test_large_and_non_contiguous_arrays_stay_out_of_the_pack(backend):
+    small = [np.arange(8, dtype=np.int64) + i for i in range(3)]
+    large = np.arange(6 * CHUNK // 8, dtype=np.int64)  # above pack_bytes
+    strided = backend.array(np.arange(40, dtype=np.float64).reshape(4, 10))[:, ::3]
+    arrays = [backend.array(small[0]), backend.array(large), strided, backend.array(small[1]), backend.array(small[2])]
+    stager = packing_stager(backend)
+    captures = stager.stage(arrays)
+    assert stager.stats["packed_arrays"] == 3 and stager.stats["device_copies"] == 3
+    expected = [small[0], large, np.arange(40, dtype=np.float64).reshape(4, 10)[:, ::3], small[1], small[2]]
+    for capture, value in zip(captures, expected):
+        np.testing.assert_array_equal(read_all(capture), value)
+
+
+def test_a_failed_copy_of_the_pack_names_the_array_being_read(backend, gate):
+    gate.fail_at = 1
+    captures = packing_stager(backend).stage([backend.array(np.arange(4.0)) for _ in range(3)],
+                                             labels=["layer0/kernel", "layer0/bias", "step"])
+    with pytest.raises(DeviceCopyError, match="layer0/bias"):
+        read_all(captures[1])
+
+
+def test_the_pack_and_its_buffers_go_back_only_when_every_window_is_closed(backend):
+    arrays = [backend.array(np.arange(20, dtype=np.int64)) for _ in range(4)]
+    baseline = backend.allocated_bytes
+    stager = packing_stager(backend)
+    captures = stager.stage(arrays)
+    assert backend.allocated_bytes == baseline + 4 * 160
+    read_all(captures[0])
+    for capture in captures[:3]:
+        capture.close()
+    backend.synchronize()
+    stager.collect()
+    assert backend.allocated_bytes == baseline + 4 * 160  # the last window still reads the pack
+    np.testing.assert_array_equal(read_all(captures[3]), np.arange(20))
+    captures[3].close()
+    backend.synchronize()
+    stager.collect()
+    assert backend.allocated_bytes == baseline
+    assert stager.pool.free_buffers == stager.pool.max_buffers

@@ -100,7 +100,9 @@ def read_back(path, keys) -> dict[str, np.ndarray]:
     return pipeline.open_reader(path).read_many(list(keys))
 
 
-def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, device):
+@pytest.mark.parametrize("pack_bytes", [0, 4096], ids=["one-copy-each", "small-ones-packed"])
+def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, device, pack_bytes):
+    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=pack_bytes)
     expected = values()
     holders = {key: DeviceHolder(device.array(value)) for key, value in expected.items()}
     handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry(k, h) for k, h in holders.items()], {},
@@ -111,7 +113,10 @@ def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, devi
         assert out[key].dtype == value.dtype and out[key].shape == value.shape
         np.testing.assert_array_equal(out[key], value)
     stager = device._asyncckpt_stager
-    assert stager.stats["device_copies"] == 5  # every non-empty value, captured on the device
+    if pack_bytes:  # all but "big" (5,600 bytes) gathered by one launch; big copied on its own
+        assert (stager.stats["device_copies"], stager.stats["packed_arrays"]) == (2, 4)
+    else:  # every non-empty value, captured on the device
+        assert (stager.stats["device_copies"], stager.stats["packed_arrays"]) == (5, 0)
     assert stager.pool.free_buffers == stager.pool.max_buffers  # every pinned buffer came back
     assert 0 < device.pinned_peak_bytes <= settings(device).staging_budget_bytes
 

@@ -1105,7 +1105,7 @@ class CheckpointReader:
         )
 
     async def _fetch_range(
-        self, read_range: ReadRange, views: dict[str, memoryview], devices: Mapping[str, _DeviceTarget] = {}
+        self, read_range: ReadRange, views: dict[str, memoryview], devices: Mapping[str, _DeviceTarget] | None = None
     ) -> list[int]:
         """Read one range straight into the targets' buffers; return each target's verified CRC."""
         if devices and any(target.key in devices for target in read_range.targets):

@@ -3,9 +3,10 @@
 This module and :mod:`asyncckpt._cuda` (its copy engine) are the only importers of ``cupy``, both
 lazily, so the package imports and works on machines without CuPy or without a GPU.
 
-Host-to-device copies (restoring into a device variable, creating one from a checkpoint value) go
-through :func:`asyncckpt._cuda.upload`: pinned buffers and asynchronous copies ordered on the
-current stream. Functions take an optional ``backend`` (a :class:`~asyncckpt._cuda.DeviceBackend`);
+Host-to-device copies (creating a device variable from a checkpoint value, copying a host value
+into one) go through :func:`asyncckpt._cuda.upload`: pinned buffers and asynchronous copies ordered
+on the current stream. A restore into an existing device variable reads from storage straight into
+pinned buffers and uploads them (:func:`device_target` gives the reader the backend and array). Functions take an optional ``backend`` (a :class:`~asyncckpt._cuda.DeviceBackend`);
 by default device arrays are CuPy arrays or foreign GPU arrays (PyTorch, JAX, Numba) adopted
 without a copy. Tests pass a :class:`~asyncckpt._cuda.FakeDeviceBackend`, whose arrays count as
 device arrays only where that backend is passed.
@@ -25,6 +26,7 @@ __all__ = [
     "cupy_module",
     "is_device_array",
     "adopt_device_array",
+    "device_target",
     "as_array",
     "to_numpy",
     "capture_device_arrays",
@@ -87,6 +89,20 @@ def adopt_device_array(value: Any, backend: _cuda.DeviceBackend | None = None):
     if not is_device_array(value, backend):
         return value
     return _backend_of(value, backend).adopt(value)
+
+
+def device_target(value: Any, backend: _cuda.DeviceBackend | None = None) -> tuple[_cuda.DeviceBackend, Any] | None:
+    """``(backend, array)`` for a device array, else ``None``.
+
+    ``backend`` is the one that copies into ``value`` (its CuPy backend, or the given one) and
+    ``array`` that backend's own array viewing ``value``'s memory (no copy): what a reader needs
+    to upload bytes into ``value`` at byte offsets. Host values (NumPy arrays and anything else)
+    give ``None``.
+    """
+    if not is_device_array(value, backend):
+        return None
+    target_backend = _backend_of(value, backend)
+    return target_backend, target_backend.adopt(value)
 
 
 def array_module(value: Any):

@@ -55,20 +55,30 @@ pageable buffer. No read ever waits for a buffer, so readers cannot deadlock on 
 order they read in. Each byte of a capture is read once; its buffer returns to the pool when all
 of its bytes have been read (``read_into``) or when the consumer moves on (``chunks()``).
 
-Restoring: :meth:`Stager.upload` (``upload``)
----------------------------------------------
-A host array is copied chunk by chunk into pinned buffers and uploaded with asynchronous
-host-to-device copies on a second copy stream, ordered after the work pending on the current stream
-(which may still use the target); the current stream then waits for the uploads, so later work sees
-the restored values. ``upload`` returns once every chunk is enqueued; it waits on the host only to
-reuse a pinned buffer whose previous upload has not finished yet.
+Restoring: :meth:`Stager.upload` (``upload``) and reads straight into pinned buffers
+--------------------------------------------------------------------------------------
+Uploads run on a second copy stream, ordered after the work pending on the current stream when
+they begin (which may still use the target); the current stream then waits for them (a device-side
+wait), so later work sees the restored values. A restore reading a checkpoint into device arrays
+uses the window primitives directly: :meth:`Stager.begin_uploads` (in the caller's thread), then
+per window of ``chunk_bytes`` :meth:`Stager.take_upload_buffer` (never waits; ``None`` when every
+buffer is held, and the window goes through a private pageable buffer instead), the bytes are read
+from storage into that pinned buffer and checksummed, and :meth:`Stager.upload_window` enqueues the
+host-to-device copies and gives the buffer back with their event as ``pending``; the next user of
+the buffer waits for it (:meth:`Stager.wait_for_buffer`, off the event loop). While window k is
+uploaded, window k+1 is read into another buffer; pinned memory stays within the pool.
+:meth:`Stager.end_uploads` makes the caller's stream wait for them all. ``upload`` (a host array
+into a device array) copies each chunk into a pinned buffer the same way; it returns once every
+chunk is enqueued and waits on the host only to reuse a pinned buffer whose upload has not
+finished yet.
 
 Other frameworks
 ----------------
 PyTorch or JAX tensors on a GPU are adopted without a copy (``cupy.from_dlpack``, which orders the
 producer's stream before CuPy's current stream, else ``__cuda_array_interface__``). The copies are
 ordered against CuPy's current stream: run ``save()``/``restore()`` with the framework's stream
-made current, e.g. ``with cupy.cuda.Stream.from_external(torch.cuda.current_stream()):``.
+made current, e.g. ``with cupy.cuda.Stream.from_external(torch_stream):`` (before CuPy 14:
+``with cupy.cuda.ExternalStream(torch_stream.cuda_stream):``).
 """
 
 from __future__ import annotations
@@ -1474,46 +1484,25 @@ class Stager:
         if source.size != int(np.prod(target.shape, dtype=np.int64)):
             raise ValueError(f"cannot upload a value of shape {source.shape} into an array of shape {tuple(target.shape)}")
         flat = _flat_bytes(source.reshape(-1))
-        stream = backend.current_stream()
         contiguous = backend.is_c_contiguous(target)
         destination = target if contiguous else backend.empty(tuple(target.shape), dtype)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the stager is closed")
-            self._collect()
-            backend.wait_event(self._h2d, backend.record_event(stream))
+        stream = self.begin_uploads()
         start = 0
         while start < flat.nbytes:
-            with self._lock:
-                size = self.chunk_bytes
-                buffer = self._buffer_for(min(size, flat.nbytes - start), evict=True)
-            piece = flat[start : start + size]
+            piece = flat[start : start + self.chunk_bytes]
+            buffer = self.take_upload_buffer(piece.nbytes)
             if buffer is None:  # every pinned buffer is busy: upload from a private copy
-                private = piece.copy()
-                backend.h2d_async(private, destination, start, self._h2d)
-                with self._lock:
-                    self._graveyard.append((backend.record_event(self._h2d), private))
-                self.stats["direct_uploads"] += 1
-                start += piece.nbytes
-                continue
-            if buffer.pending is not None:
-                # The host is about to overwrite it. A failure of that earlier copy belongs to
-                # whoever read it; the buffer is free either way.
-                with contextlib.suppress(Exception):
-                    backend.synchronize_event(buffer.pending)
-                buffer.pending = None
-            staged = buffer.array[: piece.nbytes]
-            staged[...] = piece
-            backend.h2d_async(staged, destination, start, self._h2d)
-            with self._lock:
-                buffer.owner.release(buffer, backend.record_event(self._h2d))
-            self.stats["uploaded_chunks"] += 1
+                self.upload_window(piece.copy(), [(0, piece.nbytes, destination, start)])
+            else:
+                self.wait_for_buffer(buffer)
+                buffer.array[: piece.nbytes] = piece
+                self.upload_window(buffer, [(0, piece.nbytes, destination, start)])
             start += piece.nbytes
         if not contiguous:
             backend.wait_event(stream, backend.record_event(self._h2d))
             backend.assign_on_stream(target, destination, stream)
             return
-        backend.wait_event(stream, backend.record_event(self._h2d))
+        self.end_uploads(stream)
 
     def download(self, array: Any) -> np.ndarray:
         """A host copy of ``array`` after the current stream's pending work (waits for it)."""
@@ -1527,6 +1516,81 @@ class Stager:
             backend.d2h_async(source, 0, flat, stream)
             backend.synchronize_event(backend.record_event(stream))
         return out
+
+    # ------------------------------------------------------------------ uploads window by window
+    # The primitives of ``upload`` and of restores that read from storage straight into pinned
+    # buffers (``CheckpointReader.read_many`` with device destinations): begin, then per window
+    # take a buffer, fill it, upload it (which gives the buffer back), then end.
+
+    def begin_uploads(self) -> Any:
+        """Order the uploads enqueued from now on after the work pending on the current stream.
+
+        Call it in the thread whose current stream the targets are used on (CuPy's current stream
+        is per thread); pass what it returns (that stream) to :meth:`end_uploads`. Never waits.
+        """
+        backend = self.backend
+        stream = backend.current_stream()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the stager is closed")
+            self._collect()
+            backend.wait_event(self._h2d, backend.record_event(stream))
+        return stream
+
+    def take_upload_buffer(self, min_bytes: int = 1) -> PinnedBuffer | None:
+        """A pinned buffer of at least ``min_bytes`` for one window, now; ``None`` if none is free.
+
+        Never waits: ``None`` when every buffer is held (by readers of captures, or by other
+        windows being filled), and the caller then uploads from a private pageable buffer instead
+        of waiting for one. The buffer may still be read by its last copy (``buffer.pending``):
+        call :meth:`wait_for_buffer` (it blocks: off the event loop) or poll :meth:`buffer_idle`
+        before writing into it. Give it back through :meth:`upload_window`.
+        """
+        with self._lock:
+            return self._buffer_for(min_bytes, evict=True)
+
+    def buffer_idle(self, buffer: PinnedBuffer) -> bool:
+        """Whether no copy still reads ``buffer`` (never blocks)."""
+        return buffer.pending is None or self.backend.event_done(buffer.pending)
+
+    def wait_for_buffer(self, buffer: PinnedBuffer) -> None:
+        """Block until no copy still reads ``buffer``, so that the host may overwrite it."""
+        if buffer.pending is not None:
+            # A failure of that earlier copy belongs to whoever made it; the buffer is free either way.
+            with contextlib.suppress(Exception):
+                self.backend.synchronize_event(buffer.pending)
+            buffer.pending = None
+
+    def upload_window(self, source: PinnedBuffer | np.ndarray, pieces: Sequence[tuple[int, int, Any, int]]) -> None:
+        """Enqueue the uploads of one window and let go of its buffer.
+
+        ``pieces`` are ``(source_offset, nbytes, target, target_offset)``: bytes of ``source`` to
+        copy into the C-contiguous device array ``target`` (the backend's own array) at byte
+        ``target_offset``, on :attr:`upload_stream`. ``source`` is a buffer from
+        :meth:`take_upload_buffer`, which goes back to the pool with the copies' event as its
+        ``pending``, or a private ``uint8`` host array, kept alive until the copies are done
+        (copying from pageable memory may block the calling thread: keep it off the event loop).
+        Empty ``pieces`` just give the buffer back.
+        """
+        backend = self.backend
+        pinned = isinstance(source, PinnedBuffer)
+        host = source.array if pinned else source
+        for offset, nbytes, target, target_offset in pieces:
+            if nbytes:
+                backend.h2d_async(host[offset : offset + nbytes], target, target_offset, self._h2d)
+        event = backend.record_event(self._h2d) if pieces else None
+        with self._lock:
+            if pinned:
+                source.owner.release(source, event)
+                if pieces:
+                    self.stats["uploaded_chunks"] += 1
+            elif pieces:
+                self._graveyard.append((event, host))
+                self.stats["direct_uploads"] += 1
+
+    def end_uploads(self, stream: Any) -> None:
+        """Make later work on ``stream`` (from :meth:`begin_uploads`) wait, on the device, for the uploads."""
+        self.backend.wait_event(stream, self.backend.record_event(self._h2d))
 
 
 # =============================================================================================

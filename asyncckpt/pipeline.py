@@ -21,7 +21,8 @@ removed (best effort) or left as debris that the next write into the folder remo
 Read pipeline: :func:`open_reader` parses and validates ``P.index``; reads coalesce nearby
 extents into byte-range reads, run up to ``max_concurrent_reads`` at a time straight into the
 destination arrays, and verify every extent's CRC-32C and each value's whole CRC-32C before
-returning.
+returning. A device destination is filled window by window (the stager's chunk size): each window
+is read into a pinned buffer, checksummed, and uploaded asynchronously while the next one is read.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
+from asyncckpt import _arrays, _cuda
 from asyncckpt._runtime import Runtime, get_runtime, running_loop
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
 from asyncckpt.format import (
@@ -900,7 +902,13 @@ class CheckpointReader:
         """The value of ``key``: a writable NumPy array, or ``bytes``. Checksums are verified."""
         return self.read_many([key])[key]
 
-    def read_many(self, keys: Iterable[str], *, out: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def read_many(
+        self,
+        keys: Iterable[str],
+        *,
+        out: Mapping[str, Any] | None = None,
+        stager: _cuda.Stager | None = None,
+    ) -> dict[str, Any]:
         """Values of several keys, read concurrently and verified.
 
         Parameters
@@ -910,15 +918,39 @@ class CheckpointReader:
         out:
             Optional destinations: ``{key: array}`` with a writable, C-contiguous NumPy array of
             the key's exact dtype and shape, into which the bytes are read directly (no
-            intermediate copy); the result maps that key to the same array. A destination that
-            does not fit raises ``ValueError`` before anything is read. If a checksum then fails,
-            the destinations read so far hold unverified bytes.
+            intermediate copy); the result maps that key to the same array. A destination may
+            also be a C-contiguous device array (CuPy, or a GPU array of another framework): its
+            bytes are read window by window into pinned buffers and uploaded asynchronously on
+            the stager's upload stream, ordered after the work pending on the calling thread's
+            current stream; later work on that stream waits for the uploads (on the device:
+            ``read_many`` does not wait for them). A destination that does not fit raises
+            ``ValueError`` before anything is read. If a checksum then fails, the destinations
+            read so far (host or device) hold unverified bytes.
+        stager:
+            The :class:`~asyncckpt._cuda.Stager` uploading into the device destinations (its
+            pinned pool, chunk size and upload stream; its backend owns the arrays). By default
+            :func:`~asyncckpt._cuda.stager_for` the CuPy backend of each array's device; tests
+            pass one of a :class:`~asyncckpt._cuda.FakeDeviceBackend`.
         """
-        return self._runtime.run(self._read(list(keys), assemble=True, out=out))
+        keys = list(keys)
+        with self._device_uploads(out, stager) as uploads:
+            return self._runtime.run(self._read(keys, assemble=True, out=out, devices=uploads.targets))
 
-    async def aread_many(self, keys: Iterable[str], *, out: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The ``async`` twin of :meth:`read_many`, usable from any event loop without blocking it."""
-        return await self._on_runtime(self._read(list(keys), assemble=True, out=out))
+    async def aread_many(
+        self,
+        keys: Iterable[str],
+        *,
+        out: Mapping[str, Any] | None = None,
+        stager: _cuda.Stager | None = None,
+    ) -> dict[str, Any]:
+        """The ``async`` twin of :meth:`read_many`, usable from any event loop without blocking it.
+
+        Uploads into device destinations are ordered on the current stream of the thread that
+        awaits it.
+        """
+        keys = list(keys)
+        with self._device_uploads(out, stager) as uploads:
+            return await self._on_runtime(self._read(keys, assemble=True, out=out, devices=uploads.targets))
 
     async def aread(self, key: str):
         """The ``async`` twin of :meth:`read`."""
@@ -938,6 +970,34 @@ class CheckpointReader:
             return await coro
         return await asyncio.wrap_future(self._runtime.submit(coro))
 
+    def _device_uploads(self, out: Mapping[str, Any] | None, stager: _cuda.Stager | None) -> _DeviceUploads:
+        """Check the device destinations in ``out`` (before anything is read) and order their uploads.
+
+        Runs in the caller's thread: its current stream is the one the uploads are ordered on.
+        Host destinations are checked later, by :meth:`_destination`.
+        """
+        targets: dict[str, _DeviceTarget] = {}
+        for key, given in (out or {}).items():
+            if isinstance(given, np.ndarray) or key not in self._manifest.tensors:
+                continue  # host destinations and unknown keys are refused by _read
+            found = _arrays.device_target(given, None if stager is None else stager.backend)
+            if found is None:
+                continue
+            backend, array = found
+            record = self._manifest.tensors[key]
+            if record.dtype == BYTES_DTYPE:
+                raise ValueError(f"key {key!r} holds a byte string; it cannot be read into an array")
+            dtype, shape = np.dtype(array.dtype), tuple(int(d) for d in array.shape)
+            if dtype.str != record.dtype or shape != record.shape or not backend.is_c_contiguous(array):
+                layout = "" if backend.is_c_contiguous(array) else " non-contiguous"
+                raise ValueError(
+                    f"cannot read key {key!r} ({record.dtype}{list(record.shape)}) into a{layout} "
+                    f"{dtype.str}{list(shape)} device array: a destination must be a C-contiguous array "
+                    "of the same dtype and shape"
+                )
+            targets[key] = _DeviceTarget(stager or _cuda.stager_for(backend), array)
+        return _DeviceUploads(targets)
+
     def _destination(self, key: str, record: TensorRecord, given: Any) -> tuple[Any, memoryview]:
         """``(value, flat writable byte view)`` of the buffer ``key`` is read into."""
         if given is not None:
@@ -956,7 +1016,8 @@ class CheckpointReader:
                 )
                 raise ValueError(
                     f"cannot read key {key!r} ({record.dtype}{list(record.shape)}) into {described}: a "
-                    "destination must be a writable C-contiguous NumPy array of the same dtype and shape"
+                    "destination must be a writable C-contiguous NumPy (or device) array of the same "
+                    "dtype and shape"
                 )
             return given, memoryview(given.reshape(-1).view(np.uint8))
         if record.dtype == BYTES_DTYPE:
@@ -966,7 +1027,12 @@ class CheckpointReader:
         return array, memoryview(array.reshape(-1).view(np.uint8))
 
     async def _read(
-        self, keys: list[str], *, assemble: bool, out: Mapping[str, Any] | None = None
+        self,
+        keys: list[str],
+        *,
+        assemble: bool,
+        out: Mapping[str, Any] | None = None,
+        devices: Mapping[str, _DeviceTarget] | None = None,
     ) -> dict[str, Any]:
         results: dict[str, Any] = {}
         records: dict[str, TensorRecord] = {}
@@ -976,6 +1042,7 @@ class CheckpointReader:
             else:
                 records[key] = self._record(key)
         out = out or {}
+        devices = devices or {}
         unknown = [key for key in out if key not in records]
         if unknown:
             raise KeyError(f"destinations given for keys that are not being read: {sorted(unknown)[:5]}")
@@ -989,13 +1056,16 @@ class CheckpointReader:
         views: dict[str, memoryview] = {}
         if assemble:
             for key, record in records.items():
-                values[key], views[key] = self._destination(key, record, out.get(key))
+                if key in devices:  # filled through pinned buffers; the result is the caller's array
+                    values[key] = out[key]
+                else:
+                    values[key], views[key] = self._destination(key, record, out.get(key))
         crcs = {key: [None] * len(record.extents) for key, record in records.items()}
         semaphore = asyncio.Semaphore(self._settings.max_concurrent_reads)
 
         async def fetch(read_range: ReadRange) -> None:
             async with semaphore:
-                checked = await self._fetch_range(read_range, views)
+                checked = await self._fetch_range(read_range, views, devices)
             for target, crc in zip(read_range.targets, checked):
                 crcs[target.key][target.extent_index] = crc
 
@@ -1041,19 +1111,136 @@ class CheckpointReader:
             f"corrupt checkpoint {self.path}: key {key!r}: data file {self._file_location(file)} {problem}"
         )
 
-    async def _fetch_range(self, read_range: ReadRange, views: dict[str, memoryview]) -> list[int]:
+    async def _fetch_range(
+        self, read_range: ReadRange, views: dict[str, memoryview], devices: Mapping[str, _DeviceTarget] | None = None
+    ) -> list[int]:
         """Read one range straight into the targets' buffers; return each target's verified CRC."""
-        key = f"{self._manifest.data_dir}/{read_range.file}"
+        if devices and any(target.key in devices for target in read_range.targets):
+            if _ordered(read_range.targets):
+                return await self._fetch_windows(read_range, views, devices)
+            return await self._fetch_overlapping(read_range, views, devices)
         buffers, pieces, copies = _scatter(read_range, views)
+        await self._read_into(read_range, 0, buffers)
+        if read_range.stop - read_range.start >= MiB:
+            return await asyncio.to_thread(self._verify, read_range, pieces, copies)
+        return self._verify(read_range, pieces, copies)
+
+    async def _read_into(self, read_range: ReadRange, offset: int, buffers: list[Any]) -> None:
+        """Fill ``buffers`` from the range's file at ``offset`` bytes into the range."""
         try:
-            found = await self._backend.read_into(key, read_range.start, buffers)
+            found = await self._backend.read_into(
+                f"{self._manifest.data_dir}/{read_range.file}", read_range.start + offset, buffers
+            )
         except TruncatedError:
             raise await self._truncation(read_range) from None
         if not found:
             raise self._corrupt(read_range.targets[0].key, read_range.file, "is missing")
-        if read_range.stop - read_range.start >= MiB:
-            return await asyncio.to_thread(self._verify, read_range, pieces, copies)
-        return self._verify(read_range, pieces, copies)
+
+    async def _fetch_windows(
+        self, read_range: ReadRange, views: dict[str, memoryview], devices: Mapping[str, _DeviceTarget]
+    ) -> list[int]:
+        """Read a range with device targets window by window; return each target's verified CRC.
+
+        A window is one storage read: its device bytes (at most one pinned buffer, of one device)
+        go into a pinned buffer, host bytes straight into their destinations, gaps into scratch
+        space. Once read, the window's pieces extend their targets' running CRC-32C (a target
+        whose last byte is in the window is checked), then its uploads are enqueued and the
+        buffer goes back to the pool; the next window is read while they run.
+        """
+        targets = read_range.targets
+        total = read_range.stop - read_range.start
+        gaps = [b.range_offset - (a.range_offset + a.length) for a, b in zip(targets, targets[1:])]
+        gaps.append(total - (targets[-1].range_offset + targets[-1].length))
+        scratch = memoryview(bytearray(max(gaps)))
+        crcs = [0] * len(targets)
+        index = within = position = 0  # next target, bytes of it already read, offset in the range
+        while index < len(targets):
+            start = position
+            buffers: list[Any] = []
+            parts: list[tuple[int, memoryview, bool]] = []  # (target index, piece, target complete)
+            pieces: list[tuple[int, int, Any, int]] = []  # uploads: (buffer offset, nbytes, array, offset)
+            stager = pinned = window = None
+            used = 0
+            try:
+                while index < len(targets):
+                    target = targets[index]
+                    if target.range_offset > position:  # a gap between extents: bytes nobody needs
+                        buffers.append(scratch[: target.range_offset - position])
+                        position = target.range_offset
+                        continue
+                    remaining = target.length - within
+                    device = devices.get(target.key)
+                    if device is None:
+                        offset = target.tensor_offset + within
+                        piece = views[target.key][offset : offset + remaining]
+                    else:
+                        if stager is None:
+                            stager = device.stager
+                            pinned, window = await self._window_buffer(stager, total - position)
+                        elif device.stager is not stager or used == len(window):
+                            break  # the window's buffer is full, or belongs to another device
+                        size = min(remaining, len(window) - used)
+                        piece = memoryview(window)[used : used + size]
+                        pieces.append((used, size, device.array, target.tensor_offset + within))
+                        used += size
+                    buffers.append(piece)
+                    within += len(piece)
+                    position += len(piece)
+                    parts.append((index, piece, within == target.length))
+                    if within == target.length:
+                        index, within = index + 1, 0
+                if index == len(targets) and position < total:
+                    buffers.append(scratch[: total - position])
+                    position = total
+                await self._read_into(read_range, start, buffers)
+                if position - start >= MiB:
+                    await asyncio.to_thread(self._verify_window, read_range, parts, crcs)
+                else:
+                    self._verify_window(read_range, parts, crcs)
+            except BaseException:
+                if pinned is not None:
+                    stager.upload_window(pinned, ())  # nothing uploaded from it: just give it back
+                raise
+            if pinned is not None:
+                stager.upload_window(pinned, pieces)  # asynchronous copies from page-locked memory
+            elif stager is not None:  # from pageable memory a copy may block: not on the loop
+                await asyncio.to_thread(stager.upload_window, window, pieces)
+        return crcs
+
+    async def _window_buffer(self, stager: _cuda.Stager, most: int) -> tuple[_cuda.PinnedBuffer | None, np.ndarray]:
+        """``(pinned buffer, its bytes)`` to read a window into, or ``(None, private bytes)``.
+
+        Never waits for a free buffer (the pool may be held by captures or other windows): with
+        none free the window goes through a private pageable buffer of at most ``most`` bytes.
+        A buffer whose last upload still runs is waited for in a worker thread.
+        """
+        pinned = stager.take_upload_buffer()
+        if pinned is None:
+            return None, np.empty(min(stager.chunk_bytes, most), dtype=np.uint8)
+        try:
+            if not stager.buffer_idle(pinned):
+                await asyncio.to_thread(stager.wait_for_buffer, pinned)
+            pinned.pending = None
+        except BaseException:
+            stager.upload_window(pinned, ())
+            raise
+        return pinned, pinned.array
+
+    async def _fetch_overlapping(
+        self, read_range: ReadRange, views: dict[str, memoryview], devices: Mapping[str, _DeviceTarget]
+    ) -> list[int]:
+        """A range whose extents overlap (only a crafted manifest has them): read whole, verify, copy."""
+        buffers, pieces, copies = _scatter(read_range, views)
+        await self._read_into(read_range, 0, buffers)
+        checked = await asyncio.to_thread(self._verify, read_range, pieces, copies)
+        for target, piece in zip(read_range.targets, pieces):
+            device = devices.get(target.key)
+            if device is not None:
+                private = np.frombuffer(piece, dtype=np.uint8).copy()
+                await asyncio.to_thread(
+                    device.stager.upload_window, private, [(0, target.length, device.array, target.tensor_offset)]
+                )
+        return checked
 
     async def _truncation(self, read_range: ReadRange, *, definite: bool = True) -> CorruptCheckpointError | None:
         """Name the first key of ``read_range`` whose bytes lie past the end of the file.
@@ -1077,17 +1264,29 @@ class CheckpointReader:
         for target, piece in zip(read_range.targets, pieces):
             crc = checksum(piece)
             if crc != target.crc32c:
-                raise self._corrupt(
-                    target.key,
-                    read_range.file,
-                    f"fails its checksum at bytes [{read_range.start + target.range_offset}, "
-                    f"{read_range.start + target.range_offset + target.length}) "
-                    f"(crc32c {crc:#010x}, manifest says {target.crc32c:#010x})",
-                )
+                raise self._checksum_mismatch(read_range, target, crc)
             checked.append(crc)
         for destination, piece in copies:
             destination[:] = piece
         return checked
+
+    def _verify_window(self, read_range: ReadRange, parts: list[tuple[int, memoryview, bool]], crcs: list[int]) -> None:
+        """Extend the targets' running CRC-32C by the window's pieces; check the completed ones."""
+        checksum = crc32c.crc32c
+        for index, piece, complete in parts:
+            crcs[index] = checksum(piece, crcs[index])
+            target = read_range.targets[index]
+            if complete and crcs[index] != target.crc32c:
+                raise self._checksum_mismatch(read_range, target, crcs[index])
+
+    def _checksum_mismatch(self, read_range: ReadRange, target, crc: int) -> CorruptCheckpointError:
+        return self._corrupt(
+            target.key,
+            read_range.file,
+            f"fails its checksum at bytes [{read_range.start + target.range_offset}, "
+            f"{read_range.start + target.range_offset + target.length}) "
+            f"(crc32c {crc:#010x}, manifest says {target.crc32c:#010x})",
+        )
 
     def _check_whole(self, key: str, record: TensorRecord, crcs: list) -> None:
         if len(crcs) == 1:  # combining one extent's CRC with nothing is the identity
@@ -1103,6 +1302,44 @@ class CheckpointReader:
             )
 
 
+@dataclass(frozen=True)
+class _DeviceTarget:
+    """A device destination: the stager uploading into it and the backend's own array viewing it."""
+
+    stager: _cuda.Stager
+    array: Any
+
+
+class _DeviceUploads:
+    """The device destinations of one read; as a context manager, the ordering of their uploads.
+
+    Entered in the caller's thread: each device's uploads run after the work pending on that
+    thread's current stream; on exit (error or not) that stream waits, on the device, for them.
+    """
+
+    def __init__(self, targets: dict[str, _DeviceTarget]) -> None:
+        self.targets = targets
+        self._streams: list[tuple[_cuda.Stager, Any]] = []
+
+    def __enter__(self) -> _DeviceUploads:
+        try:
+            for stager in {id(t.stager): t.stager for t in self.targets.values()}.values():
+                self._streams.append((stager, stager.begin_uploads()))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for stager, stream in self._streams:
+            stager.end_uploads(stream)
+
+
+def _ordered(targets: Sequence[Any]) -> bool:
+    """Whether the targets follow each other without overlapping (always, but for crafted manifests)."""
+    return all(a.range_offset + a.length <= b.range_offset for a, b in zip(targets, targets[1:]))
+
+
 def _scatter(read_range: ReadRange, views: dict[str, memoryview]) -> tuple[list[Any], list[memoryview], list]:
     """How to read ``read_range``: ``(buffers, pieces, copies)``.
 
@@ -1113,8 +1350,7 @@ def _scatter(read_range: ReadRange, views: dict[str, memoryview]) -> tuple[list[
     the whole range is read into scratch space and sliced.
     """
     targets = read_range.targets
-    ordered = all(a.range_offset + a.length <= b.range_offset for a, b in zip(targets, targets[1:]))
-    if not ordered or not views:
+    if not _ordered(targets) or not views:
         scratch = memoryview(bytearray(read_range.stop - read_range.start))
         pieces = [scratch[t.range_offset : t.range_offset + t.length] for t in targets]
         copies = [

@@ -305,7 +305,11 @@ class CheckpointPosition:
             obj._restore_from_tensors({name: values[key] for name, key in attributes.items()})
 
     def _destinations(self, pending: list[tuple[Any, dict[str, str]]]) -> dict[str, Any]:
-        """Live arrays the values can be read straight into (``Variable``), by checkpoint key."""
+        """Live arrays the values can be read straight into (``Variable``), by checkpoint key.
+
+        Host arrays are read into directly; device arrays through pinned buffers, uploaded on the
+        device's upload stream in order with the current stream of the thread restoring.
+        """
         reader = self.checkpoint.reader
         destinations = {}
         for obj, attributes in pending:

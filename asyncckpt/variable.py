@@ -275,26 +275,31 @@ class Variable(Trackable):
     def _checkpoint_attribute_names(self) -> tuple[str, ...]:
         return (VARIABLE_VALUE_KEY,)
 
-    def _restore_destination(self, name: str, spec: Any) -> np.ndarray | None:
+    def _restore_destination(self, name: str, spec: Any):
         """The live array to read the checkpoint value of attribute ``name`` into, or ``None``.
 
         Lets a restore read straight into this variable instead of into a new array that is then
         copied. ``spec`` (dtype and shape) is checked first, so a mismatch raises before anything
-        is read; then the mutation hooks run, since the read changes the value in place. Device
-        arrays and non-contiguous arrays return ``None``: their value is copied in as before.
+        is read; then the mutation hooks run, since the read changes the value in place. A device
+        array is returned too: the reader fills it through pinned buffers and asynchronous uploads
+        ordered on the current stream. Non-contiguous (and read-only host) arrays return ``None``:
+        their value is read into a new host array and copied in.
         """
         if name != VARIABLE_VALUE_KEY:
             return None
         self._check_restorable(spec)
         array = self._array
-        if type(array) is not np.ndarray or not array.flags.c_contiguous or not array.flags.writeable:
+        if _arrays.is_device_array(array):
+            if not array.flags.c_contiguous:
+                return None
+        elif type(array) is not np.ndarray or not array.flags.c_contiguous or not array.flags.writeable:
             return None
         self._run_mutation_hooks()
         return array
 
     def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
         value = restored_tensors[VARIABLE_VALUE_KEY]
-        if value is self._array:  # read in place through _restore_destination
+        if value is self._array:  # read in place (host or device) through _restore_destination
             return
         self._check_restorable(value)
         self._mutate(lambda array: _arrays.copy_into(array, value))

@@ -85,7 +85,35 @@ class Variable(Trackable):
             initial_value = initial_value()
         if isinstance(initial_value, Variable):
             initial_value = initial_value._array
-        self._array = _arrays.as_array(initial_value, dtype=dtype, device=device)
+        self._init_fields(_arrays.as_array(initial_value, dtype=dtype, device=device), name, trainable)
+
+    @classmethod
+    def wrap(cls, array: Any, name: str | None = None, trainable: bool = True) -> "Variable":
+        """A variable that *shares* the memory of a GPU array instead of copying it.
+
+        ``array`` is a CuPy array or any tensor exporting GPU memory through DLPack or
+        ``__cuda_array_interface__`` (a PyTorch CUDA tensor, say). Training that updates the
+        tensor in place -- a PyTorch optimizer step -- changes what the next save writes, and a
+        restore writes into the tensor. Saves capture device values on the device when ``save()``
+        is called, so updates enqueued after it returns are not written even though they call no
+        hook. Host arrays are refused: a NumPy array changed behind the variable's back while an
+        asynchronous save reads it could be written half-changed. Do not wrap arrays their owner
+        treats as immutable (JAX arrays): a restore would change them in place.
+        """
+        if not _arrays.is_device_array(array):
+            raise TypeError(
+                f"Variable.wrap needs a GPU array (CuPy, or a DLPack / __cuda_array_interface__ tensor), got "
+                f"{type(array).__name__}; use Variable(value) to copy a host value"
+            )
+        view = _arrays.adopt_device_array(array)
+        _arrays.check_dtype_supported(view.dtype)
+        variable = cls.__new__(cls)
+        variable._maybe_initialize_trackable()
+        variable._init_fields(view, name, trainable)
+        return variable
+
+    def _init_fields(self, array: Any, name: str | None, trainable: bool) -> None:
+        self._array = array
         self._name = name if name is not None else "Variable"
         self._trainable = bool(trainable)
         self._unique_id = next(_unique_ids)

@@ -61,3 +61,17 @@ def test_torch_training_stream_made_current_for_the_save(cp, external_stream):
     out = np.empty(capture.shape, dtype=capture.dtype)
     capture.read_into(0, out.reshape(-1).view(np.uint8))
     assert (out == 3.0).all()
+
+
+def test_wrapped_torch_tensor_shares_memory_for_save_and_restore(cp, prefix):
+    tensor = torch.arange(1 << 16, dtype=torch.float32, device="cuda")
+    variable = ac.Variable.wrap(tensor, name="w")
+    assert variable.array.data.ptr == tensor.data_ptr()  # no copy
+    checkpoint = ac.Checkpoint(w=variable)
+    path = checkpoint.save(prefix, options=ac.CheckpointOptions(enable_async=True))
+    tensor.mul_(-1)  # a torch in-place step right after save(): not in the checkpoint
+    checkpoint.sync()
+    np.testing.assert_array_equal(variable.numpy(), -np.arange(1 << 16, dtype=np.float32))
+    checkpoint.restore(path).assert_consumed()  # writes into the tensor's memory
+    torch.cuda.synchronize()
+    assert torch.equal(tensor, torch.arange(1 << 16, dtype=torch.float32, device="cuda"))

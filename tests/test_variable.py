@@ -589,3 +589,10 @@ def test_deepcopy_preserves_sharing_within_one_copy():
 def test_pickling_refused():
     with pytest.raises(TypeError, match="cannot be pickled; save it with a Checkpoint"):
         pickle.dumps(Variable(1.0))
+
+
+def test_wrap_refuses_host_arrays_naming_the_alternative():
+    with pytest.raises(TypeError, match=r"Variable.wrap needs a GPU array .* got ndarray; use Variable\(value\)"):
+        Variable.wrap(np.zeros(3))
+    with pytest.raises(TypeError, match="got list"):
+        Variable.wrap([1.0, 2.0])

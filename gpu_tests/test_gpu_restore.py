@@ -81,8 +81,7 @@ def test_checkpoint_restore_reads_device_variables_through_pinned_buffers(cp, pr
 def test_uploads_run_after_pending_work_and_later_work_waits_for_them(cp, prefix, spin, stager):
     saved = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: 8 windows
     path = write(prefix, {"x": saved})
-    raw = cp.cuda.Stream(non_blocking=True)
-    training = cp.cuda.Stream.from_external(raw.ptr)  # how a framework's stream is made current
+    training = cp.cuda.Stream(non_blocking=True)  # a training stream other than the default one
     target = cp.zeros(saved.shape, cp.float64)
     with training:
         spin(target, 7.0, milliseconds=300)  # still writing the target when the restore starts

@@ -30,6 +30,7 @@ __all__ = [
     "as_array",
     "to_numpy",
     "capture_device_arrays",
+    "plan_device_capture",
     "copy_into",
     "array_module",
     "check_dtype_supported",
@@ -208,6 +209,15 @@ def capture_device_arrays(
         _require_cupy()
         return _cuda.snapshot_device_arrays(arrays, labels=labels, pinned_bytes=pinned_bytes)
     return _cuda.stage_device_arrays(backend, arrays, labels=labels, pinned_bytes=pinned_bytes)
+
+
+def plan_device_capture(
+    arrays: list[Any], labels: list[str], backend: _cuda.DeviceBackend | None = None
+) -> _cuda.CapturePlan:
+    """A :class:`~asyncckpt._cuda.CapturePlan` for device ``arrays``: made once, captured at every save."""
+    if backend is None:
+        _require_cupy()
+    return _cuda.CapturePlan(arrays, labels, backend)
 
 
 def copy_into(destination: Any, source: Any, backend: _cuda.DeviceBackend | None = None) -> None:

@@ -42,13 +42,25 @@ pool, which after the first steps of a training loop holds blocks to reuse; a sa
 the pool calls ``cudaMalloc``, and the first save allocates the pinned pool (``Stager.warm_up``
 does that ahead of time).
 
+Many small arrays
+-----------------
+Copying arrays one by one costs tens of microseconds of host time each, so thousands of small
+variables would stall a save for a fraction of a second. C-contiguous arrays of at most
+``pack_bytes`` (1 MiB) are therefore *packed*: one kernel gathers them into a single device buffer
+on the training stream (the ``device_copy`` policy, for all of them at once), using a table of
+their device pointers that a :class:`PackPlan` builds once and reuses. A :class:`CapturePlan` does
+that grouping once per save structure (per device: one pack, the other arrays one by one) and is
+reused while the arrays are the same objects, so a repeat save costs a few calls whatever the
+number of variables. Each packed array's :class:`DeviceCapture` is a window of the pack.
+
 Chunks and the pinned pool
 --------------------------
 A :class:`PinnedPool` holds page-locked host buffers of ``chunk_bytes`` each, at most
 ``pinned_bytes`` in all (a save passes its staging budget), and is reused across saves and restores
 (allocating pinned memory is slow). It comes on top of what the snapshot stage itself holds.
 Each chunk copy records its own event, so a reader gets the first chunk while later ones are still
-being copied. ``device_copy`` chunks are prefetched in capture order into free buffers; a read of a
+being copied. ``device_copy`` chunks are prefetched in capture order into free buffers, from the
+first read or :meth:`Stager.prefetch` on (not inside ``stage``, whose time is the save's stall); a read of a
 chunk that is not yet fetched takes a free buffer, or evicts the most recently prefetched unread
 chunk (it will be fetched again), or, when the pool is all in use, copies through a private
 pageable buffer. No read ever waits for a buffer, so readers cannot deadlock on the pool whatever
@@ -87,6 +99,7 @@ import collections
 import contextlib
 import functools
 import math
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -110,6 +123,8 @@ __all__ = [
     "PinnedPool",
     "PinnedBuffer",
     "DeviceCapture",
+    "PackPlan",
+    "CapturePlan",
     "Stager",
     "is_cuda_array",
     "cupy_backend",
@@ -221,9 +236,13 @@ class DeviceBackend(Protocol):
     def assign_on_stream(self, destination: Any, source: Any, stream: Any) -> None:
         """Enqueue ``destination[...] = source`` (device to device) on ``stream``."""
 
-    def gather_on_stream(self, arrays: Sequence[Any], offsets: Sequence[int], nbytes: int, stream: Any) -> Any:
-        """A new ``uint8`` device array of ``nbytes`` holding each C-contiguous array's bytes at its
-        offset, filled by work enqueued on ``stream`` (one launch, whatever the number of arrays)."""
+    def gather_table(self, arrays: Sequence[Any], offsets: Sequence[int], stream: Any) -> Any:
+        """A reusable description of where each C-contiguous array goes in a packed buffer, made
+        ready by work enqueued on ``stream`` (no host wait). Valid while the arrays live."""
+
+    def gather_on_stream(self, table: Any, nbytes: int, stream: Any) -> Any:
+        """A new ``uint8`` device array of ``nbytes`` holding the bytes ``table`` describes, filled
+        by work enqueued on ``stream`` (one launch, whatever the number of arrays)."""
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """A new uninitialised device array."""
@@ -370,14 +389,13 @@ class CupyBackend:
         with self._device, stream:
             destination[...] = source
 
-    def gather_on_stream(self, arrays, offsets, nbytes: int, stream):
+    def gather_table(self, arrays, offsets, stream):
         cupy = self._cupy
         count = len(arrays)
         with self._device:
             self._tables = [(event, keep) for event, keep in self._tables if not event.done]
-            packed = cupy.empty(nbytes, dtype=cupy.uint8)
-            # The table of (source, offset, size) goes up from pinned memory, asynchronously: a copy
-            # from pageable memory would wait for the work pending on the stream.
+            # The table goes up from pinned memory, asynchronously: a copy from pageable memory
+            # would wait for the work pending on the stream.
             host = np.frombuffer(cupy.cuda.alloc_pinned_memory(3 * count * 8), np.uint64, 3 * count)
             host[:count] = [array.data.ptr for array in arrays]
             host[count : 2 * count] = offsets
@@ -385,9 +403,15 @@ class CupyBackend:
             table = cupy.empty(3 * count, dtype=cupy.uint64)
             self._runtime.memcpyAsync(table.data.ptr, host.ctypes.data, host.nbytes,
                                       self._runtime.memcpyHostToDevice, stream.ptr)
+            self._tables.append((self.record_event(stream), host))
+        return table, count, tuple(arrays)  # the arrays stay alive as long as their pointers are used
+
+    def gather_on_stream(self, table, nbytes: int, stream):
+        device_table, count, _arrays = table
+        with self._device:
+            packed = self._cupy.empty(nbytes, dtype=self._cupy.uint8)
             with stream:
-                _gather_kernel()((count,), (256,), (table, cupy.int64(count), packed))
-            self._tables.append((self.record_event(stream), (host, table)))
+                _gather_kernel()((count,), (256,), (device_table, self._cupy.int64(count), packed))
         return packed
 
     def empty(self, shape, dtype):
@@ -736,13 +760,15 @@ class FakeDeviceBackend:
         target, data = destination._data, source._data
         self._copy("d2d", destination.nbytes, stream, lambda: np.copyto(target, data))
 
-    def gather_on_stream(self, arrays, offsets, nbytes: int, stream: FakeStream) -> FakeDeviceArray:
+    def gather_table(self, arrays, offsets, stream: FakeStream):
+        return [(_flat_bytes(array._data), offset) for array, offset in zip(arrays, offsets)]
+
+    def gather_on_stream(self, table, nbytes: int, stream: FakeStream) -> FakeDeviceArray:
         packed = self._allocate((nbytes,), np.uint8)
-        sources = [_flat_bytes(array._data) for array in arrays]
         target = packed._data
 
         def body() -> None:
-            for source, offset in zip(sources, offsets):
+            for source, offset in table:
                 target[offset : offset + source.nbytes] = source
 
         self._copy("gather", nbytes, stream, body)
@@ -884,6 +910,37 @@ class PinnedPool:
 
 # =============================================================================================
 # Captures: one staged device array
+
+
+class PackPlan:
+    """Small C-contiguous arrays of one device laid end to end: the layout of a packed device copy.
+
+    Made once for a set of arrays and reusable by every save of exactly those array objects: the
+    gather table (their device pointers) is built on first use, asynchronously, and kept -- which
+    is why the plan holds the arrays. ``label`` names the pack in errors.
+    """
+
+    def __init__(self, arrays: Sequence[Any], label: str | None = None) -> None:
+        self.arrays = tuple(arrays)
+        offsets, position = [], 0
+        for array in self.arrays:
+            offsets.append(position)
+            position += int(array.nbytes)
+        self.offsets = tuple(offsets)
+        self.nbytes = position
+        self.label = label if label is not None else f"{len(self.arrays)} packed arrays"
+        self._table: Any = None
+        self._made_on: Any = None
+        self._ready: Any = None
+
+    def table(self, backend: DeviceBackend, stream: Any) -> Any:
+        """The gather table, made on first use; later work on ``stream`` is ordered after it."""
+        if self._table is None:
+            self._table = backend.gather_table(self.arrays, self.offsets, stream)
+            self._made_on, self._ready = stream, backend.record_event(stream)
+        elif stream is not self._made_on:
+            backend.wait_event(stream, self._ready)
+        return self._table
 
 
 class _Chunk:
@@ -1064,6 +1121,10 @@ class DeviceCapture:
                 self._close(index, len(view))
             position += len(view)
 
+    def prefetch(self) -> None:
+        """Start bringing captured chunks to the host now rather than at the first read."""
+        self._stager.prefetch()
+
     def close(self) -> None:
         """Give back pinned buffers and device memory now (unread bytes are dropped)."""
         self._finalizer()
@@ -1193,14 +1254,14 @@ class Stager:
             free = backend.mem_info()[0] if total else 0
             copied = 0
             plans: list[tuple[str, Any, list[PinnedBuffer] | None]] = []
-            packed, offsets = self._pack(arrays, stream, free)
-            if packed is not None:
-                copied += int(packed.nbytes)
+            packed_state, offsets = self._pack(arrays, stream, free)
+            if packed_state is not None:
+                copied += packed_state.nbytes
             try:
                 for index, (array, label) in enumerate(zip(arrays, labels)):
                     nbytes = int(array.nbytes)
                     if index in offsets:
-                        plans.append((_PACKED, packed, None))
+                        plans.append((_PACKED, None, None))
                         continue
                     if nbytes == 0:
                         plans.append((HOST_COPY, array, None))
@@ -1231,13 +1292,6 @@ class Stager:
             states: list[_CaptureState] = []
             syncs: list[tuple[Any, Any]] = []
             waits = False
-            packed_state = None
-            if packed is not None:
-                packed_state = _CaptureState(f"{len(offsets)} packed arrays", DEVICE_COPY, packed,
-                                             int(packed.nbytes), self.chunk_bytes)
-                self._prefetch_queue.append(packed_state)
-                self.stats["device_copies"] += 1
-                self.stats["packed_arrays"] += len(offsets)
             for (policy, source, buffers), label in zip(plans, labels):
                 if policy == _PACKED:
                     states.append(packed_state)
@@ -1264,7 +1318,8 @@ class Stager:
             if waits:
                 # Later training work waits, on the device, until these copies have read the arrays.
                 backend.wait_event(stream, backend.record_event(self._d2h))
-            self._pump()
+            # device_copy chunks are prefetched from the first read on (by the writer, not here:
+            # enqueuing dozens of copies would lengthen the save's stall for nothing).
         captures = []
         for index, (state, array, label) in enumerate(zip(states, arrays, labels)):
             dtype, shape = np.dtype(array.dtype), tuple(int(d) for d in array.shape)
@@ -1282,28 +1337,59 @@ class Stager:
                 raise DeviceCopyError(f"copying {len(syncs)} array(s) from the device failed: {exc}") from exc
         return captures
 
-    def _pack(self, arrays: Sequence[Any], stream: Any, free: int) -> tuple[Any, dict[int, int]]:
-        """Gather the small arrays into one device buffer on ``stream``: ``(buffer, {index: offset})``.
+    def stage_pack(self, plan: "PackPlan") -> DeviceCapture | None:
+        """Capture every array of ``plan`` with one gather into a packed device copy.
+
+        The capture holds the arrays' bytes at ``plan.offsets``, ordered like :meth:`stage`.
+        ``None`` when the device lacks the memory for the copy: capture them with :meth:`stage`.
+        """
+        backend = self.backend
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the stager is closed")
+            self._collect()
+            stream = backend.current_stream()
+            state = self._gather(plan, stream, backend.mem_info()[0])
+            if state is None:
+                return None
+            backend.wait_event(self._d2h, backend.record_event(stream))
+        return DeviceCapture(self, state, np.dtype(np.uint8), (plan.nbytes,), label=plan.label)
+
+    def prefetch(self) -> None:
+        """Start copying captured chunks into free pinned buffers now, instead of at the first read."""
+        with self._lock:
+            self._pump()
+
+    def _pack(self, arrays: Sequence[Any], stream: Any, free: int) -> tuple[_CaptureState | None, dict[int, int]]:
+        """Gather the small arrays into one device copy on ``stream``: ``(its state, {index: offset})``.
 
         One launch instead of a copy per array is what keeps the stall of saving thousands of
-        small variables at a few milliseconds. ``(None, {})`` when fewer than two arrays are small
-        or the device lacks the memory (they then take the per-array policies).
+        small variables short. ``(None, {})`` when fewer than two arrays are small or the device
+        lacks the memory (they then take the per-array policies). Caller holds the lock.
         """
-        offsets: dict[int, int] = {}
-        position = 0
+        indices = []
         if self.pack_bytes:
-            for index, array in enumerate(arrays):
-                nbytes = int(array.nbytes)
-                if 0 < nbytes <= self.pack_bytes and self.backend.is_c_contiguous(array):
-                    offsets[index] = position
-                    position += nbytes
-        if len(offsets) < 2 or position * self.safety_factor > free:
+            indices = [i for i, array in enumerate(arrays)
+                       if 0 < int(array.nbytes) <= self.pack_bytes and self.backend.is_c_contiguous(array)]
+        if len(indices) < 2:
             return None, {}
+        plan = PackPlan([arrays[i] for i in indices])
+        state = self._gather(plan, stream, free)
+        return (None, {}) if state is None else (state, dict(zip(indices, plan.offsets)))
+
+    def _gather(self, plan: "PackPlan", stream: Any, free: int) -> _CaptureState | None:
+        """Enqueue ``plan``'s gather on ``stream`` and queue its chunks for prefetching. Caller holds the lock."""
+        if plan.nbytes * self.safety_factor > free:
+            return None
         try:
-            packed = self.backend.gather_on_stream([arrays[i] for i in offsets], list(offsets.values()), position, stream)
-        except MemoryError:
-            return None, {}
-        return packed, offsets
+            packed = self.backend.gather_on_stream(plan.table(self.backend, stream), plan.nbytes, stream)
+        except MemoryError:  # cupy.cuda.memory.OutOfMemoryError is a MemoryError
+            return None
+        state = _CaptureState(plan.label, DEVICE_COPY, packed, plan.nbytes, self.chunk_bytes)
+        self._prefetch_queue.append(state)
+        self.stats["device_copies"] += 1
+        self.stats["packed_arrays"] += len(plan.arrays)
+        return state
 
     def _count_chunks(self, nbytes: int) -> int:
         return math.ceil(nbytes / self.chunk_bytes)
@@ -1591,6 +1677,97 @@ class Stager:
     def end_uploads(self, stream: Any) -> None:
         """Make later work on ``stream`` (from :meth:`begin_uploads`) wait, on the device, for the uploads."""
         self.backend.wait_event(stream, self.backend.record_event(self._h2d))
+
+
+# =============================================================================================
+# Capture plans: what a save structure's device arrays need, made once
+
+
+class CapturePlan:
+    """How the device arrays of one save structure are captured; reusable while they are the same objects.
+
+    Small C-contiguous arrays of each device are gathered by one launch (a :class:`PackPlan`, whose
+    table is made once); the others are staged one by one. So :meth:`capture`, run at every save,
+    costs a few calls whatever the number of small arrays. ``backend`` overrides the CuPy backend
+    of each array's device (tests pass a :class:`FakeDeviceBackend`).
+    """
+
+    def __init__(self, arrays: Sequence[Any], labels: Sequence[str], backend: DeviceBackend | None = None) -> None:
+        if len(labels) != len(arrays):
+            raise ValueError(f"got {len(labels)} labels for {len(arrays)} arrays")
+        self.arrays = tuple(arrays)
+        groups: dict[int, tuple[DeviceBackend, list[int]]] = {}
+        for index, array in enumerate(self.arrays):
+            owner = backend if backend is not None else backend_for(array)
+            groups.setdefault(id(owner), (owner, []))[1].append(index)
+        # Per device: (stager, pack or None, packed indices, other indices, other arrays, their labels)
+        self._groups: list[tuple[Stager, PackPlan | None, list[int], list[int], list[Any], list[str]]] = []
+        for owner, indices in groups.values():
+            stager = stager_for(owner)
+            adopted = {i: owner.adopt(self.arrays[i]) for i in indices}
+            small = [i for i in indices if 0 < int(adopted[i].nbytes) <= stager.pack_bytes
+                     and owner.is_c_contiguous(adopted[i])]
+            if len(small) < 2:
+                small = []
+            packed = set(small)
+            others = [i for i in indices if i not in packed]
+            pack = None
+            if small:
+                names = ", ".join(labels[i] for i in small[:3])
+                pack = PackPlan([adopted[i] for i in small], label=f"{len(small)} packed arrays ({names}, ...)")
+            self._groups.append((stager, pack, small, others, [adopted[i] for i in others], [labels[i] for i in others]))
+        self._labels = tuple(labels)
+        self.slots = self._slots([True] * len(self._groups))
+
+    def matches(self, arrays: Sequence[Any]) -> bool:
+        """Whether ``arrays`` are exactly the plan's array objects, in order."""
+        return len(arrays) == len(self.arrays) and all(map(operator.is_, arrays, self.arrays))
+
+    def _slots(self, packed_ok: Sequence[bool]) -> tuple[tuple[int, int], ...]:
+        slots: list[tuple[int, int]] = [(0, 0)] * len(self.arrays)
+        position = 0
+        for (_, pack, small, others, _, _), ok in zip(self._groups, packed_ok):
+            if pack is not None and ok:
+                for index, offset in zip(small, pack.offsets):
+                    slots[index] = (position, offset)
+                position += 1
+            else:
+                for index in small:
+                    slots[index] = (position, 0)
+                    position += 1
+            for index in others:
+                slots[index] = (position, 0)
+                position += 1
+        return tuple(slots)
+
+    def capture(self, pinned_bytes: int | None = None) -> tuple[list[DeviceCapture], tuple[tuple[int, int], ...]]:
+        """Stage every array now: ``(captures, slots)``, array ``i`` at byte ``slots[i][1]`` of ``captures[slots[i][0]]``.
+
+        Ordered like :meth:`Stager.stage`; ``pinned_bytes`` sets each stager's pool capacity.
+        """
+        captures: list[DeviceCapture] = []
+        packed_ok = []
+        try:
+            for stager, pack, small, _, other_arrays, other_labels in self._groups:
+                if pinned_bytes is not None:
+                    stager.set_pinned_bytes(pinned_bytes)
+                if pack is not None:
+                    packed = stager.stage_pack(pack)
+                    packed_ok.append(packed is not None)
+                    if packed is not None:
+                        captures.append(packed)
+                    else:  # no device memory for the pack this time: the per-array policies
+                        captures.extend(stager.stage(pack.arrays, labels=[self._labels[i] for i in small]))
+                else:
+                    packed_ok.append(True)
+                if other_arrays:
+                    captures.extend(stager.stage(other_arrays, labels=other_labels))
+        except BaseException:
+            for capture in captures:
+                capture.close()
+            raise
+        slots = self.slots if all(packed_ok) else self._slots(packed_ok)
+        return captures, slots
 
 
 # =============================================================================================

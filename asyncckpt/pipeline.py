@@ -633,6 +633,8 @@ class _WriteJob:
         metrics = self.handle.metrics
         error: BaseException | None = None
         try:
+            if self.snapshot.captures_device_values:
+                await asyncio.to_thread(self.snapshot.start_device_copies)
             backend = await self.storage.open(self.folder)
             await backend.prepare()
             nonce, lock = await _create_data_dir(backend, self.stem)

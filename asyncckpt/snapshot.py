@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import operator
 import threading
 import time
 from collections import deque
@@ -457,6 +458,20 @@ def copy_bytes(destination: Any, source: Any) -> None:
 # Guards and streamed file contents
 
 
+@dataclass
+class _DeviceCaptureCache:
+    """What capturing a structure's device arrays takes, worked out once (see :meth:`Snapshot.capture_device_values`)."""
+
+    arrays: tuple[Any, ...]  # the live arrays of the layout's device items, compared by identity
+    plan: Any  # a _cuda.CapturePlan over the captured items' arrays
+    items: tuple[int, ...]  # the items it captures (device arrays among the device items)
+    holders: tuple[int, ...]  # their holders, whose guards are not needed
+    slots: dict[int, tuple[int, int]]  # item -> (capture index, byte offset), for the plan's usual slots
+
+    def matches(self, arrays: Sequence[Any]) -> bool:
+        return len(arrays) == len(self.arrays) and all(map(operator.is_, arrays, self.arrays))
+
+
 class GuardLayout:
     """Which holder owns which pieces of a plan: derived once, reusable by every write of that plan.
 
@@ -479,6 +494,12 @@ class GuardLayout:
                 item_holder[item] = index
         #: Per source item: the holder it belongs to (-1 for none).
         self.item_holders: tuple[int, ...] = tuple(item_holder)
+        #: Holders whose array was not a NumPy array when prepared: captured on the device.
+        self.device_items: tuple[int, ...] = tuple(
+            item for item, source in enumerate(sources) if source.off_host and source.nbytes
+        )
+        #: The last save's :class:`_DeviceCaptureCache`, reused while the arrays are the same objects.
+        self.device_cache: _DeviceCaptureCache | None = None
         pieces_by_holder: list[dict[int, list[int]]] = [{} for _ in holders]
         #: Per file, per piece: the holder it belongs to (-1 for none).
         self.piece_holders: tuple[tuple[int, ...], ...] = tuple(
@@ -639,7 +660,8 @@ class Snapshot:
         self.files_staged_by_hooks = 0
         self._hooked_files: set[int] = set()
         self._device_backend = device_backend
-        self._captures: dict[int, Any] = {}  # item -> DeviceCapture of its value at start_write
+        self._captures: list[Any] = []  # the DeviceCaptures of this write's device values
+        self._capture_slots: dict[int, tuple[int, int]] = {}  # item -> (capture index, byte offset)
 
     # ------------------------------------------------------------------ device values
     def capture_device_values(self, pinned_bytes: int) -> int:
@@ -647,34 +669,66 @@ class Snapshot:
 
         Call in the saving thread before ``start_write`` returns. The copies are ordered after the
         work already enqueued on the current stream and before anything enqueued later, without
-        the host waiting for the device (:meth:`asyncckpt._cuda.Stager.stage`), so such a value
-        needs no mutation guard: its file bytes are read from the capture's pinned buffers
-        (``pinned_bytes`` at most) as they arrive.
+        the host waiting for the device (:mod:`asyncckpt._cuda`), so such a value needs no
+        mutation guard: its file bytes are read from the capture's pinned buffers (``pinned_bytes``
+        at most) as they arrive. The capture plan -- small arrays gathered by one kernel -- is
+        kept in the layout and reused while the holders keep the same array objects, so a repeat
+        save of thousands of device variables costs little more than one identity check each.
         """
-        backend = self._device_backend
-        items, arrays = [], []
-        for item, source in enumerate(self._sources):
-            if not source.off_host or not source.nbytes:
-                continue
-            array = source.live_array()
-            if _arrays.is_device_array(array, backend):
-                items.append(item)
-                arrays.append(array)
-        if not arrays:
+        layout = self._layout
+        items = layout.device_items
+        if not items:
             return 0
-        labels = [self._sources[item].key for item in items]
-        captures = _arrays.capture_device_arrays(arrays, labels, pinned_bytes, backend)
-        self._captures = dict(zip(items, captures))
+        sources = self._sources
+        arrays = [sources[item].value._snapshot_array() for item in items]
+        cache = layout.device_cache
+        if cache is None or not cache.matches(arrays):
+            cache = layout.device_cache = self._plan_device_capture(items, arrays)
+        if not cache.items:
+            return 0
+        captures, slots = cache.plan.capture(pinned_bytes)
+        self._captures = captures
+        self._capture_slots = cache.slots if slots is cache.plan.slots else dict(zip(cache.items, slots))
+        remaining = self._remaining
+        for holder in cache.holders:  # captured: no guard needed, their bytes can no longer change
+            remaining[holder] = 0
+        return len(cache.items)
+
+    @property
+    def captures_device_values(self) -> bool:
+        """Whether some values of this write come from device captures."""
+        return bool(self._captures)
+
+    def start_device_copies(self) -> None:
+        """Start the copies of captured values to the host, to overlap the write's setup."""
+        for capture in self._captures:  # a pack and the large arrays: a handful of captures
+            capture.prefetch()
+
+    def _plan_device_capture(self, items: Sequence[int], arrays: Sequence[Any]) -> _DeviceCaptureCache:
+        backend = self._device_backend
+        captured = []
+        for item in items:
+            array = self._sources[item].live_array()  # checks dtype and shape against the plan
+            if _arrays.is_device_array(array, backend):
+                captured.append((item, array))
+        chosen = tuple(item for item, _ in captured)
+        plan = _arrays.plan_device_capture([array for _, array in captured],
+                                           [self._sources[item].key for item in chosen], backend) if captured else None
         holders = self._layout.item_holders
-        for item in items:  # captured: no guard needed, their bytes can no longer change
-            self._remaining[holders[item]] = 0
-        return len(items)
+        return _DeviceCaptureCache(
+            arrays=tuple(arrays),
+            plan=plan,
+            items=chosen,
+            holders=tuple(holders[item] for item in chosen),
+            slots=dict(zip(chosen, plan.slots)) if plan is not None else {},
+        )
 
     def _open_capture(self, state: _FileState, item: int, begin: int, length: int) -> memoryview:
         """A view of up to ``length`` bytes of a captured value, held until :meth:`_close_views`."""
-        capture = self._captures[item]
-        view = capture.acquire(begin, length)
-        state.open_views.append((capture, begin, len(view)))
+        index, base = self._capture_slots[item]
+        capture = self._captures[index]
+        view = capture.acquire(base + begin, length)
+        state.open_views.append((capture, base + begin, len(view)))
         return view
 
     @staticmethod
@@ -846,7 +900,7 @@ class Snapshot:
             start, blocks = staged
             block, offset = divmod(first - start, STAGING_BLOCK_BYTES)
             return memoryview(blocks[block])[offset : offset + length]
-        if piece.item in self._captures:
+        if piece.item in self._capture_slots:
             return self._open_capture(state, piece.item, piece.item_offset + first, length)
         return self._item_bytes(piece.item, piece.item_offset + first, length)
 
@@ -980,6 +1034,6 @@ class Snapshot:
         hooks, self._single_hooks = self._single_hooks, {}
         for index, hook in hooks.items():
             self._layout.holders[index]._remove_mutation_hook(hook)
-        captures, self._captures = self._captures, {}
-        for capture in captures.values():  # pinned buffers and device copies go back now
+        captures, self._captures = self._captures, []
+        for capture in captures:  # pinned buffers and device copies go back now
             capture.close()

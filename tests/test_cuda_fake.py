@@ -154,6 +154,8 @@ def test_device_copy_leaves_the_training_stream_free_while_copies_to_the_host_ar
     gate.hold_at = 1
     stager = stager_for_policy(backend, DEVICE_COPY)
     (capture,) = stager.stage([x])
+    assert gate.log.count("d2h") == 0  # the copies to the host start at the first read, or:
+    stager.prefetch()
     ran = []
     backend.launch(backend.default_stream, lambda data: ran.append(data.sum()), x)
     backend.default_stream.settle()

@@ -232,3 +232,65 @@ def test_acquired_views_stop_at_chunk_ends_and_count_as_read_once_released(devic
     assert capture.consumed
     with pytest.raises(ValueError, match="outside"):
         capture.acquire(390, 20)
+
+
+class CountingBackend(FakeDeviceBackend):
+    """Counts gather tables made: a repeat save of the same arrays must reuse its table."""
+
+    tables = 0
+
+    def gather_table(self, arrays, offsets, stream):
+        self.tables += 1
+        return super().gather_table(arrays, offsets, stream)
+
+
+def test_repeat_saves_of_one_structure_reuse_the_capture_plan_and_write_each_saves_values(tmp_path, hook):
+    device = CountingBackend(memory_bytes=1 << 24, copy_hook=hook)
+    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
+    try:
+        holders = [DeviceHolder(device.array(np.full(40, i, np.float32))) for i in range(30)]
+        holders.append(DeviceHolder(device.array(np.arange(400.0))))  # 3,200 bytes: staged on its own
+        prepared = pipeline.prepare_write([SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+                                          settings=settings(device))
+        for step in range(3):
+            pipeline.start_write(tmp_path / f"ckpt-{step}", prepared, settings=settings(device)).result(30)
+            for holder in holders:  # a training step between saves, on the device only
+                device.launch(device.default_stream, lambda data: data.__iadd__(100), holder.array)
+        assert device.tables == 1
+        assert device._asyncckpt_stager.stats["packed_arrays"] == 90
+        for step in range(3):
+            out = read_back(tmp_path / f"ckpt-{step}", [f"v{i}" for i in range(31)])
+            for i in range(30):
+                np.testing.assert_array_equal(out[f"v{i}"], np.full(40, i + 100 * step, np.float32))
+            np.testing.assert_array_equal(out["v30"], np.arange(400.0) + 100 * step)
+    finally:
+        device.close()
+
+
+def test_a_holder_given_a_new_array_gets_a_new_plan(tmp_path, device):
+    holders = [DeviceHolder(device.array(np.full(8, i, np.int64))) for i in range(4)]
+    prepared = pipeline.prepare_write([SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+                                      settings=settings(device))
+    pipeline.start_write(tmp_path / "a", prepared, settings=settings(device)).result(30)
+    holders[2].array = device.array(np.full(8, -5, np.int64))  # same dtype and shape, new memory
+    pipeline.start_write(tmp_path / "b", prepared, settings=settings(device)).result(30)
+    out = read_back(tmp_path / "b", ["v1", "v2"])
+    np.testing.assert_array_equal(out["v2"], np.full(8, -5))
+    np.testing.assert_array_equal(out["v1"], np.full(8, 1))
+
+
+def test_without_memory_for_the_pack_the_values_are_staged_one_by_one_and_still_correct(tmp_path, hook):
+    device = FakeDeviceBackend(memory_bytes=3000, copy_hook=hook)
+    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=16 * CHUNK)
+    try:
+        values = [np.arange(60, dtype=np.int32) * (i + 1) for i in range(6)]  # 1,440 of 3,000 bytes
+        holders = [DeviceHolder(device.array(v)) for v in values]
+        pipeline.start_write(tmp_path / "ckpt", [SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+                             settings=settings(device)).result(30)
+        stats = device._asyncckpt_stager.stats
+        assert stats["packed_arrays"] == 0 and stats["stream_waits"] + stats["device_copies"] == 6
+        out = read_back(tmp_path / "ckpt", [f"v{i}" for i in range(6)])
+        for i, value in enumerate(values):
+            np.testing.assert_array_equal(out[f"v{i}"], value)
+    finally:
+        device.close()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the GPU tier and the GPU benchmark on a CUDA machine and keeps their logs.
+# Runs the GPU tier, the GPU benchmark and the comparison with other libraries on a CUDA machine,
+# and keeps their logs.
 #
 #     bash gpu_tests/run_on_device.sh [OUTDIR]
 #
@@ -18,8 +19,9 @@ fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 - <<'PY'
-import platform, numpy, tensorstore, cupy
-print("python", platform.python_version(), "numpy", numpy.__version__, "tensorstore", tensorstore.__version__,
+import platform, importlib.metadata, numpy, cupy
+print("python", platform.python_version(), "numpy", numpy.__version__,
+      "tensorstore", importlib.metadata.version("tensorstore"),
       "cupy", cupy.__version__, "cuda runtime", cupy.cuda.runtime.runtimeGetVersion(),
       "driver", cupy.cuda.runtime.driverGetVersion())
 try:
@@ -33,3 +35,5 @@ timeout "${GPU_TESTS_TIMEOUT:-180}" python3 -m pytest gpu_tests -p no:cacheprovi
     --timeout 60 --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log"
 timeout "${GPU_BENCH_TIMEOUT:-120}" python3 benchmarks/gpu_bench.py ${GPU_BENCH_ARGS:---size-mib 1024 --repeat 3} \
     2>&1 | tee "$out/gpu_bench.log"
+timeout "${GPU_COMPARE_TIMEOUT:-300}" python3 benchmarks/gpu_compare.py ${GPU_COMPARE_ARGS:---repeat 2 --timeout 90} \
+    2>&1 | tee "$out/gpu_compare.log"

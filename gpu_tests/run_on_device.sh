@@ -10,7 +10,7 @@
 set -u
 out=${1:-${OUT:-/tmp/asyncckpt-gpu}}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # absolute: tests run snippets elsewhere
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/asyncckpt-site .whl/*.whl || exit 1

@@ -110,12 +110,20 @@ def test_relative_links_resolve():
 
 
 TF_MARKER = "readme-test: tensorflow"
-RUNNABLE = [body for marker, body in python_snippets() if marker != TF_MARKER]
+GPU_MARKER = "readme-test: gpu"  # needs CuPy and a GPU: run by gpu_tests/test_gpu_readme.py
+RUNNABLE = [body for marker, body in python_snippets() if marker == ""]
 
 
 def test_readme_has_runnable_snippets():
     assert len(RUNNABLE) >= 3
-    assert {marker for marker, _ in python_snippets()} <= {"", TF_MARKER}, "unknown snippet marker"
+    assert {marker for marker, _ in python_snippets()} <= {"", TF_MARKER, GPU_MARKER}, "unknown snippet marker"
+
+
+def test_gpu_snippets_are_valid_python():
+    gpu = [body for marker, body in python_snippets() if marker == GPU_MARKER]
+    assert gpu, "the README shows the GPU usage"
+    for body in gpu:
+        compile(body, "README.md", "exec")
 
 
 def test_tf_snippet_and_its_asyncckpt_twin_make_the_same_calls():

@@ -8,12 +8,14 @@ receive it from the ``cp`` fixture.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # shared sample values: tests/_samples.py
 
 
 def _why_no_gpu() -> str | None:

@@ -12,28 +12,15 @@ import pytest
 import asyncckpt as ac
 from asyncckpt import optimizers
 
-DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64", "complex64", "complex128"]
+from _samples import DTYPES, sample  # tests/_samples.py, on the path through conftest.py
+
 ASYNC = ac.CheckpointOptions(enable_async=True)
-
-
-def values(dtype, shape, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(bool)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-    if dtype.kind == "c":
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(), (0, 3), (7,), (3, 4, 5)], ids=["0d", "empty", "1d", "3d"])
 def test_every_dtype_round_trips_on_the_device(cp, prefix, dtype, shape):
-    saved = values(dtype, shape)
+    saved = sample(dtype, shape)
     variable = ac.Variable(cp.asarray(saved))
     assert variable.device == "cuda:0"
     path = ac.Checkpoint(v=variable).save(prefix)
@@ -47,7 +34,7 @@ def test_every_dtype_round_trips_on_the_device(cp, prefix, dtype, shape):
 
 
 def test_cpu_checkpoint_restores_onto_the_device(cp, prefix):
-    saved = values("float32", (64, 33))
+    saved = sample("float32", (64, 33))
     path = ac.Checkpoint(v=ac.Variable(saved)).save(prefix)
     restored = ac.Variable(np.zeros_like(saved), device="cuda:0")
     assert isinstance(restored.array, cp.ndarray)

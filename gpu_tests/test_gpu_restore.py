@@ -15,22 +15,9 @@ import asyncckpt as ac
 from asyncckpt import _cuda, pipeline
 from asyncckpt.errors import CorruptCheckpointError
 
-DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64", "complex64", "complex128"]
+from _samples import DTYPES, sample  # tests/_samples.py, on the path through conftest.py
+
 SMALL_FILES = ac.WriteSettings(chunk_bytes=1 << 20, pack_bytes=1 << 20, staging_budget_bytes=4 << 20)
-
-
-def values(dtype, shape, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(bool)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-    if dtype.kind == "c":
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
 
 
 @pytest.fixture
@@ -49,10 +36,10 @@ def write(prefix, arrays: dict[str, np.ndarray]) -> str:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_dtype_and_shape_round_trips_into_cupy_arrays(cp, prefix, stager, dtype):
     saved = {
-        "scalar": values(dtype, (), 1),
-        "empty": values(dtype, (0, 3), 2),
-        "cube": values(dtype, (3, 4, 5), 3),
-        "big": values(dtype, (3 << 20) // np.dtype(dtype).itemsize, 4),  # 3 MiB: 3 files, 12 windows
+        "scalar": sample(dtype, (), 1),
+        "empty": sample(dtype, (0, 3), 2),
+        "cube": sample(dtype, (3, 4, 5), 3),
+        "big": sample(dtype, (3 << 20) // np.dtype(dtype).itemsize, 4),  # 3 MiB: 3 files, 12 windows
     }
     path = write(prefix, saved)
     out = {key: cp.empty(value.shape, dtype=value.dtype) for key, value in saved.items()}
@@ -65,7 +52,7 @@ def test_every_dtype_and_shape_round_trips_into_cupy_arrays(cp, prefix, stager, 
 
 
 def test_checkpoint_restore_reads_device_variables_through_pinned_buffers(cp, prefix):
-    saved = values("float32", (1 << 20,), 5)  # 4 MiB
+    saved = sample("float32", (1 << 20,), 5)  # 4 MiB
     path = ac.Checkpoint(v=ac.Variable(saved), small=ac.Variable(np.arange(3.0))).save(prefix)
     default = _cuda.stager_for(_cuda.cupy_backend(cp.cuda.Device().id))
     before = default.stats["uploaded_chunks"] + default.stats["direct_uploads"]
@@ -92,7 +79,7 @@ def test_uploads_run_after_pending_work_and_later_work_waits_for_them(cp, prefix
 
 
 def test_a_corrupted_byte_raises_naming_the_key(cp, prefix, stager, tmp_path):
-    saved = values("float32", (1 << 18,), 6)  # 1 MiB: one file, 4 windows
+    saved = sample("float32", (1 << 18,), 6)  # 1 MiB: one file, 4 windows
     path = write(prefix, {"x": saved})
     (data_file,) = [p for p in tmp_path.rglob("*") if p.is_file() and ".data-" in str(p.parent)]
     raw = bytearray(data_file.read_bytes())

@@ -17,6 +17,7 @@ from asyncckpt.storage import FileStorage
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _fakes import FailingStorage, GatedStorage  # noqa: E402
+from _samples import sample  # noqa: E402
 
 DTYPES = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -25,23 +26,10 @@ DTYPES = [
 ASYNC = ac.CheckpointOptions(enable_async=True)
 
 
-def _values(dtype, shape, seed=0):
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(bool)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-    if dtype.kind == "c":
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", [(), (0, 3), (7,), (3, 4, 5)], ids=["0d", "empty", "1d", "3d"])
 def test_every_dtype_and_shape_round_trips(tmp_path, dtype, shape):
-    saved = _values(dtype, shape)
+    saved = sample(dtype, shape)
     path = ac.Checkpoint(v=ac.Variable(saved)).save(tmp_path / "ckpt")
     restored = ac.Variable(np.zeros(shape, dtype=dtype))
     ac.Checkpoint(v=restored).restore(path).assert_consumed()

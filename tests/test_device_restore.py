@@ -25,24 +25,10 @@ from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import seal_manifest
 from asyncckpt.pipeline import ReadSettings, SaveEntry, WriteSettings
 
+from _samples import DTYPES, sample
+
 WINDOW = 48  # the stager's chunk: bytes per pinned buffer and per upload
 SMALL_FILES = WriteSettings(chunk_bytes=200, pack_bytes=128, small_array_bytes=128, staging_budget_bytes=1024)
-DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64", "complex64", "complex128"]
-
-
-def sample(dtype, shape, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(bool)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-    if dtype.kind == "c":
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
-
 
 class CopyGate:
     """A copy hook that logs copies and can hold the n-th host-to-device copy until opened."""

@@ -562,7 +562,7 @@ class _FileState:
         self.buffers: list[np.ndarray] = []  # staging buffers to return to the pool
         self.crcs = [0] * pieces
         self.captured = bytearray(pieces)  # 1 once a piece is written or copied
-        self.open_views: list[tuple[Any, int, int]] = []  # (device capture, offset, bytes) in the batch
+        self.open_views: list[list] = []  # [device capture, offset, view, bytes used] held by the batch
 
 
 class WriteAbortedError(RuntimeError):
@@ -724,19 +724,33 @@ class Snapshot:
         )
 
     def _open_capture(self, state: _FileState, item: int, begin: int, length: int) -> memoryview:
-        """A view of up to ``length`` bytes of a captured value, held until :meth:`_close_views`."""
+        """A view of up to ``length`` bytes of a captured value, held until :meth:`_close_views`.
+
+        A pinned chunk is acquired once, up to its end, for all the pieces of a batch it holds:
+        packed small values lie one after another in both the pack and the data file, so a batch
+        of thousands of them costs a few acquisitions, not one each.
+        """
         index, base = self._capture_slots[item]
         capture = self._captures[index]
-        view = capture.acquire(base + begin, length)
-        state.open_views.append((capture, base + begin, len(view)))
-        return view
+        offset = base + begin
+        views = state.open_views
+        if views:
+            last = views[-1]
+            if last[0] is capture and last[1] + last[3] == offset and last[3] < len(last[2]):
+                taken = min(length, len(last[2]) - last[3])
+                last[3] += taken
+                return last[2][offset - last[1] : offset - last[1] + taken]
+        view = capture.acquire(offset, capture.nbytes - offset)  # to the chunk's end
+        taken = min(length, len(view))
+        views.append([capture, offset, view, taken])
+        return view[:taken]
 
     @staticmethod
     def _close_views(state: _FileState) -> None:
         """The batch is out (or abandoned): let its pinned buffers go back to the pool."""
         views, state.open_views = state.open_views, []
-        for capture, begin, nbytes in views:
-            capture.release(begin, nbytes)
+        for capture, offset, _view, used in views:
+            capture.release(offset, used)
 
     # ------------------------------------------------------------------ guards
     def install_guards(self) -> None:

@@ -177,8 +177,8 @@ def is_cuda_array(value: Any) -> bool:
     try:
         if hasattr(value, "__cuda_array_interface__"):
             return True
-    except Exception:  # a property raising something other than AttributeError
-        return False
+    except Exception:  # raised by the property (PyTorch does for tensors that require grad)
+        pass
     dlpack_device = getattr(value, "__dlpack_device__", None)
     if callable(dlpack_device):
         try:
@@ -333,6 +333,8 @@ class CupyBackend:
 
         if isinstance(value, cupy.ndarray):
             return value
+        if getattr(value, "requires_grad", False) and callable(getattr(value, "detach", None)):
+            value = value.detach()  # a PyTorch parameter: same memory, without the autograd record
         if callable(getattr(value, "__dlpack__", None)) and is_cuda_array(value):
             try:
                 return cupy.from_dlpack(value)
@@ -839,6 +841,8 @@ class PinnedPool:
         self._free: collections.deque[PinnedBuffer] = collections.deque()
         self._retired = False
         self._capacity = 0
+        #: ``(event, memory)`` of dropped buffers a copy may still use: kept until the event is done.
+        self.graveyard: list[tuple[Any, Any]] = []
         self.capacity_bytes = capacity_bytes
 
     @property
@@ -852,8 +856,7 @@ class PinnedPool:
             raise ValueError(f"the pinned pool capacity must be a positive int, got {value!r}")
         self._capacity = max(value, self.buffer_bytes)
         while self._free and self.allocated_bytes > self._capacity:
-            self._free.pop()
-            self.allocated_bytes -= self.buffer_bytes
+            self._drop(self._free.pop())
 
     @property
     def max_buffers(self) -> int:
@@ -889,23 +892,39 @@ class PinnedPool:
         if count > self.free_buffers:
             return None
         buffers = []
-        for _ in range(count):
-            buffers.append(self.try_acquire())
+        try:
+            for _ in range(count):
+                buffers.append(self.try_acquire())
+        except BaseException:  # an allocation failed part way: give back what was taken
+            for buffer in buffers:
+                self.release(buffer, buffer.pending)
+            raise
         return buffers
 
     def release(self, buffer: PinnedBuffer, pending: Any = None) -> None:
         """Return ``buffer``; ``pending`` is the event of a copy that may still be using it."""
         buffer.pending = pending
         if self._retired or self.allocated_bytes > self._capacity:
-            self.allocated_bytes -= self.buffer_bytes  # over a lowered capacity: let it go
+            self._drop(buffer)  # over a lowered capacity: let it go
             return
         self._free.append(buffer)
 
     def retire(self) -> None:
         """Free every idle buffer now and each busy one when it is released; hand out no more."""
         self._retired = True
-        self.allocated_bytes -= self.buffer_bytes * len(self._free)
-        self._free.clear()
+        while self._free:
+            self._drop(self._free.pop())
+
+    def _drop(self, buffer: PinnedBuffer) -> None:
+        """Stop counting ``buffer``; its memory lives on in the graveyard while a copy may use it."""
+        self.allocated_bytes -= self.buffer_bytes
+        if buffer.pending is not None and not self._backend.event_done(buffer.pending):
+            self.graveyard.append((buffer.pending, buffer.array))
+
+    def collect(self) -> None:
+        """Free dropped buffers whose last copy has finished."""
+        if self.graveyard:
+            self.graveyard = [(event, memory) for event, memory in self.graveyard if not self._backend.event_done(event)]
 
 
 # =============================================================================================
@@ -920,13 +939,22 @@ class PackPlan:
     is why the plan holds the arrays. ``label`` names the pack in errors.
     """
 
+    #: Each array starts at a multiple of this, so the gather kernel copies 8-byte words (an
+    #: odd-sized array would otherwise misalign every array after it).
+    ALIGNMENT = 8
+
     def __init__(self, arrays: Sequence[Any], label: str | None = None) -> None:
         self.arrays = tuple(arrays)
-        offsets, position = [], 0
+        offsets, padding, position = [], [], 0
         for array in self.arrays:
-            offsets.append(position)
-            position += int(array.nbytes)
+            start = -(-position // self.ALIGNMENT) * self.ALIGNMENT
+            if start > position:
+                padding.append((position, start))
+            offsets.append(start)
+            position = start + int(array.nbytes)
         self.offsets = tuple(offsets)
+        #: ``(start, stop)`` byte ranges between arrays that hold nothing.
+        self.padding = tuple(padding)
         self.nbytes = position
         self.label = label if label is not None else f"{len(self.arrays)} packed arrays"
         self._table: Any = None
@@ -979,6 +1007,7 @@ class _CaptureState:
         self.next_prefetch = 0
         self.closed = False
         self.users = 0  # DeviceCapture objects reading this state (several for a packed state)
+        self.keepalive: Any = None  # what the device work producing ``source`` reads (a gather's table)
 
 
 class DeviceCapture:
@@ -1054,15 +1083,16 @@ class DeviceCapture:
         try:
             view = self._stager._open_chunk(self._state, index)
         except DeviceCopyError as exc:
-            if self._label is None:
+            if self._label is None or self._label == self._state.label:
                 raise
             raise DeviceCopyError(f"copying {self._label!r} from the device failed: {exc}") from exc
         end = min(self._base + stop, chunk.stop)
         return index, view[start - chunk.start : end - chunk.start]
 
     def _close(self, index: int, nbytes: int) -> None:
-        self._read += nbytes
-        self._stager._close_chunk(self._state, index, nbytes)
+        with self._stager._lock:  # windows of one pack are read from several writer threads
+            self._read += nbytes
+            self._stager._close_chunk(self._state, index, nbytes)
 
     def read_into(self, offset: int, out) -> None:
         """Copy bytes ``[offset, offset + len(out))`` of the value into the writable buffer ``out``.
@@ -1096,6 +1126,19 @@ class DeviceCapture:
             raise ValueError(f"acquire needs a positive length, got {length}")
         self._check_range(offset, length)
         return self._open(offset, offset + length)[1]
+
+    def wait(self, offset: int, length: int) -> None:
+        """Block until the chunks holding bytes ``[offset, offset + length)`` are on the host.
+
+        Reads nothing: lets a reader wait for the device *before* taking a lock that others need,
+        so that its :meth:`acquire` under the lock returns at once. Never raises (a failed copy is
+        reported by the read).
+        """
+        position, end = max(offset, 0), min(offset + length, self._nbytes)
+        while position < end:
+            index = (self._base + position) // self.chunk_bytes
+            self._stager._wait_chunk(self._state, index)
+            position = self._state.chunks[index].stop - self._base
 
     def release(self, offset: int, nbytes: int) -> None:
         """End the use of a view from :meth:`acquire`; its buffer returns once its chunk is all read."""
@@ -1183,6 +1226,7 @@ class Stager:
         self._prefetch_queue: collections.deque[_CaptureState] = collections.deque()
         self._prefetched: list[tuple[_CaptureState, _Chunk]] = []
         self._graveyard: list[tuple[Any, Any]] = []
+        self._old_pools: list[PinnedPool] = []
         self._closed = False
         self.stats: collections.Counter = collections.Counter()
 
@@ -1213,6 +1257,7 @@ class Stager:
                 self.pool.capacity_bytes = nbytes
                 return
             self.pool.retire()
+            self._old_pools.append(self.pool)  # busy buffers come back to it and are freed then
             self.chunk_bytes = chunk_bytes
             self.pool = PinnedPool(self.backend, buffer_bytes=chunk_bytes, capacity_bytes=nbytes)
 
@@ -1228,6 +1273,9 @@ class Stager:
         with self._lock:
             self._closed = True
             graveyard, self._graveyard = self._graveyard, []
+            for pool in [self.pool, *self._old_pools]:
+                graveyard.extend(pool.graveyard)
+                pool.graveyard = []
             self._prefetch_queue.clear()
         for event, _ in graveyard:
             with contextlib.suppress(Exception):
@@ -1286,6 +1334,9 @@ class Stager:
                 for _, _, buffers in plans:
                     for buffer in buffers or ():
                         buffer.owner.release(buffer, buffer.pending)
+                if packed_state is not None:  # nobody will read it: free its device copy once made
+                    backend.wait_event(self._d2h, backend.record_event(stream))
+                    self._retire(packed_state)
                 raise
             # Everything below is ordered after the pending work and after the device copies.
             backend.wait_event(self._d2h, backend.record_event(stream))
@@ -1385,11 +1436,24 @@ class Stager:
             packed = self.backend.gather_on_stream(plan.table(self.backend, stream), plan.nbytes, stream)
         except MemoryError:  # cupy.cuda.memory.OutOfMemoryError is a MemoryError
             return None
+        # The gather reads the table and the arrays on the device: they stay alive with the packed
+        # copy, whose retirement waits for the copies to the host ordered after the gather.
         state = _CaptureState(plan.label, DEVICE_COPY, packed, plan.nbytes, self.chunk_bytes)
+        state.keepalive = plan.table(self.backend, stream)
+        for start, stop in plan.padding:  # alignment gaps: never read, so counted as read now
+            self._mark_read(state, start, stop)
         self._prefetch_queue.append(state)
         self.stats["device_copies"] += 1
         self.stats["packed_arrays"] += len(plan.arrays)
         return state
+
+    @staticmethod
+    def _mark_read(state: _CaptureState, start: int, stop: int) -> None:
+        for chunk in state.chunks[start // state.chunk_bytes : (stop - 1) // state.chunk_bytes + 1]:
+            chunk.read_bytes += min(stop, chunk.stop) - max(start, chunk.start)
+            if chunk.read_bytes >= chunk.length:  # a chunk smaller than the alignment, all padding
+                chunk.consumed = True
+                state.remaining -= 1
 
     def _count_chunks(self, nbytes: int) -> int:
         return math.ceil(nbytes / self.chunk_bytes)
@@ -1412,9 +1476,13 @@ class Stager:
 
     def _pump(self) -> None:
         """Prefetch ``device_copy`` chunks, in capture order, into buffers that are free now."""
+        if len(self._prefetched) > 2 * self.pool.max_buffers + 16:  # forget chunks read or dropped since
+            self._prefetched = [(state, chunk) for state, chunk in self._prefetched
+                                if chunk.prefetched and chunk.buffer is not None and not state.closed]
         while self._prefetch_queue:
             state = self._prefetch_queue[0]
-            if state.closed or state.next_prefetch >= len(state.chunks):
+            if (state.closed or state.next_prefetch >= len(state.chunks)
+                    or state.chunk_bytes > self.pool.buffer_bytes):  # made before the chunks shrank: read on demand
                 self._prefetch_queue.popleft()
                 continue
             chunk = state.chunks[state.next_prefetch]
@@ -1494,6 +1562,7 @@ class Stager:
         except BaseException as exc:
             with self._lock:
                 chunk.readers -= 1
+                self._release_chunk(state, chunk)  # the capture may have been closed meanwhile
             raise DeviceCopyError(
                 f"copying bytes [{chunk.start}, {chunk.stop}) of {state.label!r} from the device failed: {exc}"
             ) from exc
@@ -1502,6 +1571,28 @@ class Stager:
                 if chunk.event is event:
                     chunk.arrived = True
         return view
+
+    def _wait_chunk(self, state: _CaptureState, index: int) -> None:
+        """Wait, without reading, until chunk ``index`` is on the host (fetching it if a buffer is free)."""
+        with self._lock:
+            chunk = state.chunks[index]
+            if state.closed or state.policy == HOST_COPY or chunk.consumed or chunk.arrived:
+                return
+            if chunk.buffer is None:
+                buffer = self._buffer_for(chunk.length, evict=False)
+                if buffer is None:
+                    return  # the read will copy it through a private buffer
+                self._fetch(state, chunk, buffer)
+                chunk.prefetched = True
+                self._prefetched.append((state, chunk))
+            event = chunk.event
+        try:
+            self.backend.synchronize_event(event)
+        except Exception:
+            return  # the read raises it, naming the bytes
+        with self._lock:
+            if chunk.event is event:
+                chunk.arrived = True
 
     def _close_chunk(self, state: _CaptureState, index: int, nbytes: int) -> None:
         with self._lock:
@@ -1529,8 +1620,9 @@ class Stager:
         """Drop the state's source once no copy can still be reading it. Caller holds the lock."""
         state.closed = True
         source, state.source = state.source, None
+        keepalive, state.keepalive = state.keepalive, None
         if state.policy != HOST_COPY and source is not None:
-            self._graveyard.append((self.backend.record_event(self._d2h), source))
+            self._graveyard.append((self.backend.record_event(self._d2h), (source, keepalive)))
         self._collect()
 
     def _close_state(self, state: _CaptureState) -> None:
@@ -1555,6 +1647,9 @@ class Stager:
     def _collect(self) -> None:
         if self._graveyard:
             self._graveyard = [(event, obj) for event, obj in self._graveyard if not self.backend.event_done(event)]
+        for pool in [self.pool, *self._old_pools]:
+            pool.collect()
+        self._old_pools = [pool for pool in self._old_pools if pool.graveyard or pool.allocated_bytes > 0]
 
     # ------------------------------------------------------------------ restoring
     def upload(self, host: Any, target: Any) -> None:

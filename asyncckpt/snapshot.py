@@ -51,7 +51,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from asyncckpt import _arrays
+from asyncckpt import _arrays, _cuda
 from asyncckpt._runtime import running_loop
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
 from asyncckpt.plan import WritePlan
@@ -731,7 +731,10 @@ class Snapshot:
         of thousands of them costs a few acquisitions, not one each.
         """
         index, base = self._capture_slots[item]
-        capture = self._captures[index]
+        captures = self._captures
+        if self._closed or index >= len(captures):
+            raise WriteAbortedError("the write was aborted")
+        capture = captures[index]
         offset = base + begin
         views = state.open_views
         if views:
@@ -740,10 +743,50 @@ class Snapshot:
                 taken = min(length, len(last[2]) - last[3])
                 last[3] += taken
                 return last[2][offset - last[1] : offset - last[1] + taken]
-        view = capture.acquire(offset, capture.nbytes - offset)  # to the chunk's end
+        try:
+            view = capture.acquire(offset, capture.nbytes - offset)  # to the chunk's end
+        except _cuda.DeviceCopyError as exc:  # name the key: a pack's label names only a few
+            raise _cuda.DeviceCopyError(f"copying {self._sources[item].key!r} from the device failed: {exc}") from exc
+        except RuntimeError:
+            if self._closed:  # closed under us: the capture is gone
+                raise WriteAbortedError("the write was aborted") from None
+            raise
         taken = min(length, len(view))
         views.append([capture, offset, view, taken])
         return view[:taken]
+
+    def _wait_for_device(self, index: int, state: _FileState, limit: int) -> None:
+        """Before locking file ``index``: wait until the device bytes of its next batch are on the host.
+
+        Otherwise the writer would wait for the device while holding the lock, and a host value's
+        mutation hook queued on that lock would wait for GPU work too. Only the file's own writer
+        moves ``state.piece``/``state.offset``, so reading them unlocked here is safe.
+        """
+        slots = self._capture_slots
+        if not slots:
+            return
+        captures = self._captures
+        if not captures:  # closed
+            return
+        pieces = self._plan.files[index].pieces
+        current, first, budget = state.piece, state.offset, limit
+        run: list = []  # [capture, start, stop] of consecutive bytes of one capture
+        while current < len(pieces) and budget > 0:
+            piece = pieces[current]
+            length = min(piece.length - first, budget)
+            slot = slots.get(piece.item)
+            if slot is not None and current not in state.staged:
+                capture, start = captures[slot[0]], slot[1] + piece.item_offset + first
+                if run and run[0] is capture and run[2] == start:
+                    run[2] += length
+                else:
+                    if run:
+                        run[0].wait(run[1], run[2] - run[1])
+                    run = [capture, start, start + length]
+            budget -= length
+            current, first = current + 1, 0
+        if run:
+            run[0].wait(run[1], run[2] - run[1])
 
     @staticmethod
     def _close_views(state: _FileState) -> None:
@@ -970,6 +1013,7 @@ class Snapshot:
         state = self._files[index]
         count = len(self._plan.files[index].pieces)
         while True:
+            self._wait_for_device(index, state, self._segment_bytes)
             with state.lock:
                 self._await_turn(state)
                 if state.piece == count:
@@ -990,6 +1034,7 @@ class Snapshot:
         never makes a mutation wait for its device.
         """
         state = self._files[index]
+        self._wait_for_device(index, state, min(len(buffer), self._segment_bytes))
         with state.lock:
             self._await_turn(state)
             if state.piece == len(self._plan.files[index].pieces):

@@ -75,3 +75,15 @@ def test_wrapped_torch_tensor_shares_memory_for_save_and_restore(cp, prefix):
     checkpoint.restore(path).assert_consumed()  # writes into the tensor's memory
     torch.cuda.synchronize()
     assert torch.equal(tensor, torch.arange(1 << 16, dtype=torch.float32, device="cuda"))
+
+
+def test_wrapped_torch_parameter_is_shared_too(cp, prefix):
+    parameter = torch.nn.Parameter(torch.ones(256, device="cuda"))
+    variable = ac.Variable.wrap(parameter)
+    assert variable.array.data.ptr == parameter.data_ptr()
+    path = ac.Checkpoint(p=variable).save(prefix)
+    with torch.no_grad():
+        parameter.mul_(3)  # an optimizer step
+    ac.Checkpoint(p=variable).restore(path)
+    torch.cuda.synchronize()
+    assert torch.equal(parameter.detach(), torch.ones(256, device="cuda"))

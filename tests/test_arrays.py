@@ -61,6 +61,21 @@ def test_gpu_protocols_mark_device_arrays():
     assert _arrays.is_device_array(DLPackOn(13))  # kDLCUDAManaged
 
 
+class GradTensorLike:
+    """Like a PyTorch CUDA tensor that requires grad: the CUDA interface property raises RuntimeError."""
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+def test_a_gpu_tensor_refusing_the_cuda_interface_is_still_found_through_dlpack():
+    assert _arrays.is_device_array(GradTensorLike())
+
+
 def test_fake_arrays_are_device_arrays_only_where_the_fake_backend_is_passed(fake):
     x = fake.array([1.0, 2.0])
     assert not _arrays.is_device_array(x)

@@ -774,3 +774,96 @@ def test_the_pack_and_its_buffers_go_back_only_when_every_window_is_closed(backe
     stager.collect()
     assert backend.allocated_bytes == baseline
     assert stager.pool.free_buffers == stager.pool.max_buffers
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources on error paths and when the pool changes
+
+
+def test_a_stage_failing_after_the_pack_frees_the_packed_copy(gate):
+    device = FakeDeviceBackend(memory_bytes=6820, copy_hook=gate)
+    try:
+        stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
+        small = [device.array(np.full(100, i, np.float64)) for i in range(2)]  # packed: 1,600 bytes
+        strided = device.array(np.zeros((20, 12))).T  # no memory left for its contiguous copy
+        baseline = device.allocated_bytes
+        with pytest.raises(DeviceCopyError, match="strided"):
+            stager.stage(small + [strided], labels=["a", "b", "strided"])
+        device.synchronize()
+        stager.collect()
+        assert device.allocated_bytes == baseline
+        stager.prefetch()
+        assert stager.pool.free_buffers == stager.pool.max_buffers  # nothing prefetched for nobody
+    finally:
+        device.close()
+
+
+def test_a_read_failing_while_its_capture_is_closed_returns_the_buffer(backend, gate):
+    gate.hold_at = gate.fail_at = 1
+    stager = Stager(backend, chunk_bytes=CHUNK, pinned_bytes=4 * CHUNK, safety_factor=math.inf, pack_bytes=0)
+    (capture,) = stager.stage([backend.array(np.arange(8.0))], labels=["x"])  # stream_wait: buffer taken now
+    errors = []
+    reader = threading.Thread(target=lambda: errors.append(pytest.raises(DeviceCopyError, capture.acquire, 0, 64)))
+    reader.start()
+    assert gate.held.wait(30)
+    while backend.host_syncs == 0:  # the reader is waiting for the copy
+        threading.Event().wait(0.001)
+    capture.close()  # an aborted write, while the read still waits
+    gate.opened.set()
+    reader.join()
+    assert errors and stager.pool.free_buffers == stager.pool.max_buffers
+
+
+def test_a_pinned_buffer_dropped_while_a_copy_uses_it_is_kept_until_the_copy_ends():
+    uploads = threading.Event()
+    held = FakeDeviceBackend(memory_bytes=1 << 20, copy_hook=lambda kind, n: kind != "h2d" or uploads.wait())
+    try:
+        stager = Stager(held, chunk_bytes=CHUNK, pinned_bytes=4 * CHUNK)
+        target = held.array(np.zeros(CHUNK // 8))
+        stager.begin_uploads()
+        buffer = stager.take_upload_buffer(CHUNK)
+        stager.upload_window(buffer, [(0, CHUNK, target, 0)])  # back in the pool, its copy held
+        stager.set_pinned_bytes(CHUNK // 2)  # a smaller budget: a new pool, the old one retired
+        graveyard = [memory for pool in (stager.pool, *stager._old_pools) for _, memory in pool.graveyard]
+        assert any(memory is buffer.array for memory in graveyard)
+        uploads.set()
+        held.synchronize()
+        stager.collect()
+        assert not [entry for pool in (stager.pool, *stager._old_pools) for entry in pool.graveyard]
+    finally:
+        uploads.set()
+        held.close()
+
+
+def test_captures_made_after_the_chunks_shrank_are_still_prefetched(backend):
+    stager = Stager(backend, chunk_bytes=CHUNK, pinned_bytes=2 * CHUNK, pack_bytes=0)
+    old = stager.stage([backend.array(np.arange(4 * CHUNK // 8, dtype=np.float64))])  # 4 chunks, 2 buffers
+    stager.prefetch()
+    stager.set_pinned_bytes(CHUNK // 2)
+    (new,) = stager.stage([backend.array(np.arange(CHUNK // 16, dtype=np.float64))])
+    stager.prefetch()
+    backend.synchronize()
+    assert new.chunk_ready(0)
+    np.testing.assert_array_equal(read_all(new), np.arange(CHUNK // 16, dtype=np.float64))
+    np.testing.assert_array_equal(read_all(old[0]), np.arange(4 * CHUNK // 8, dtype=np.float64))
+
+
+def test_the_prefetch_record_stays_bounded_over_many_saves(backend):
+    stager = Stager(backend, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=0)
+    array = backend.array(np.arange(4 * CHUNK // 8, dtype=np.float64))
+    for _ in range(100):
+        (capture,) = stager.stage([array])
+        read_all(capture)
+        capture.close()
+    assert len(stager._prefetched) <= 2 * stager.pool.max_buffers + 16
+
+
+def test_packed_arrays_start_on_eight_byte_boundaries_and_read_back_whole(backend, gate):
+    values = [np.arange(3, dtype=np.int8), np.arange(5, dtype=np.float64), np.arange(7, dtype=np.int16),
+              np.arange(2, dtype=np.complex64)]
+    stager = Stager(backend, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
+    captures = stager.stage([backend.array(v) for v in values])
+    assert [c._base % 8 for c in captures] == [0, 0, 0, 0]
+    for capture, value in zip(captures, values):
+        np.testing.assert_array_equal(read_all(capture), value)
+    assert stager.pool.free_buffers == stager.pool.max_buffers  # padding counted as read: chunks recycled

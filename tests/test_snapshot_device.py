@@ -293,3 +293,45 @@ def test_without_memory_for_the_pack_the_values_are_staged_one_by_one_and_still_
             np.testing.assert_array_equal(out[f"v{i}"], value)
     finally:
         device.close()
+
+
+class MutatingHost(HostHolder):
+    """A host holder whose in-place change runs its hooks first, like Variable.assign."""
+
+    def mutate(self) -> None:
+        for hook in list(self.hooks):
+            hook(self)
+        self.array += 1
+
+
+def test_a_host_value_changing_while_device_bytes_of_its_file_are_awaited_does_not_wait_for_the_gpu(tmp_path, device):
+    gpu_busy = threading.Event()
+    device.launch(device.default_stream, lambda *_: gpu_busy.wait())  # a training step still running
+    host = MutatingHost(np.arange(16.0))
+    on_device = DeviceHolder(device.array(np.arange(16.0)))
+    try:
+        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("a", host), SaveEntry("b", on_device)], {},
+                                      settings=settings(device))
+        while device.host_syncs == 0:  # the writer is waiting for the device bytes of the file
+            threading.Event().wait(0.001)
+        mutated = threading.Event()
+        threading.Thread(target=lambda: (host.mutate(), mutated.set())).start()
+        assert mutated.wait(30), "the host value's change waited for the GPU"
+    finally:
+        gpu_busy.set()
+    handle.result(30)
+    np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["a"])["a"], np.arange(16.0))
+
+
+def test_a_failed_copy_of_a_packed_chunk_names_the_key_being_written(tmp_path, hook):
+    device = FakeDeviceBackend(memory_bytes=1 << 24, copy_hook=hook)
+    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
+    try:
+        hook.fail_at = 4  # the fourth chunk of the pack: values v6 and v7 (128 bytes each)
+        holders = [DeviceHolder(device.array(np.full(16, i, np.float64))) for i in range(10)]
+        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+                                      settings=settings(device, max_concurrent_writes=1))
+        with pytest.raises(DeviceCopyError, match=r"^copying 'v6' from the device failed"):
+            handle.result(30)
+    finally:
+        device.close()

@@ -1194,7 +1194,7 @@ class CheckpointReader:
                 if index == len(targets) and position < total:
                     buffers.append(scratch[: total - position])
                     position = total
-                await self._read_into(read_range, start, buffers)
+                await _finish_even_if_cancelled(self._read_into(read_range, start, buffers))
                 if position - start >= MiB:
                     await asyncio.to_thread(self._verify_window, read_range, parts, crcs)
                 else:
@@ -1340,6 +1340,21 @@ class _DeviceUploads:
 def _ordered(targets: Sequence[Any]) -> bool:
     """Whether the targets follow each other without overlapping (always, but for crafted manifests)."""
     return all(a.range_offset + a.length <= b.range_offset for a, b in zip(targets, targets[1:]))
+
+
+async def _finish_even_if_cancelled(coro) -> None:
+    """Await ``coro``; if the caller is cancelled meanwhile, let it finish first, then re-raise.
+
+    A read into a pinned buffer runs in a worker thread that cancellation does not stop: the buffer
+    must not go back to the pool (and to the next copy) while that thread still writes into it.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 def _scatter(read_range: ReadRange, views: dict[str, memoryview]) -> tuple[list[Any], list[memoryview], list]:

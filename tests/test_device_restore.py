@@ -361,3 +361,31 @@ def test_a_byte_string_cannot_be_read_into_a_device_array(tmp_path, backend):
     path = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("s", b"hello")], {"nodes": []}).result()
     with pytest.raises(ValueError, match="key 's' holds a byte string"):
         pipeline.open_reader(path).read_many(["s"], out={"s": backend.empty((5,), np.uint8)}, stager=make_stager(backend))
+
+
+def test_a_cancelled_window_read_finishes_before_its_buffer_can_be_reused():
+    async def scenario():
+        release = asyncio.Event()
+        order = []
+
+        async def read_into_pinned_buffer():
+            await release.wait()  # a worker thread still filling the buffer
+            order.append("read finished")
+
+        async def window():
+            try:
+                await pipeline._finish_even_if_cancelled(read_into_pinned_buffer())
+            finally:
+                order.append("buffer released")
+
+        task = asyncio.ensure_future(window())
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        assert order == []  # cancelled, but still waiting for the read
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return order
+
+    assert asyncio.run(scenario()) == ["read finished", "buffer released"]

@@ -465,7 +465,7 @@ class _DeviceCaptureCache:
     arrays: tuple[Any, ...]  # the live arrays of the layout's device items, compared by identity
     plan: Any  # a _cuda.CapturePlan over the captured items' arrays
     items: tuple[int, ...]  # the items it captures (device arrays among the device items)
-    holders: tuple[int, ...]  # their holders, whose guards are not needed
+    remaining: tuple[int, ...]  # pieces to guard per holder: none for the captured ones
     slots: dict[int, tuple[int, int]]  # item -> (capture index, byte offset), for the plan's usual slots
 
     def matches(self, arrays: Sequence[Any]) -> bool:
@@ -498,6 +498,7 @@ class GuardLayout:
         self.device_items: tuple[int, ...] = tuple(
             item for item, source in enumerate(sources) if source.off_host and source.nbytes
         )
+        self.device_holders: tuple[Any, ...] = tuple(sources[item].value for item in self.device_items)
         #: The last save's :class:`_DeviceCaptureCache`, reused while the arrays are the same objects.
         self.device_cache: _DeviceCaptureCache | None = None
         pieces_by_holder: list[dict[int, list[int]]] = [{} for _ in holders]
@@ -679,8 +680,7 @@ class Snapshot:
         items = layout.device_items
         if not items:
             return 0
-        sources = self._sources
-        arrays = [sources[item].value._snapshot_array() for item in items]
+        arrays = [holder._snapshot_array() for holder in layout.device_holders]
         cache = layout.device_cache
         if cache is None or not cache.matches(arrays):
             cache = layout.device_cache = self._plan_device_capture(items, arrays)
@@ -689,9 +689,7 @@ class Snapshot:
         captures, slots = cache.plan.capture(pinned_bytes)
         self._captures = captures
         self._capture_slots = cache.slots if slots is cache.plan.slots else dict(zip(cache.items, slots))
-        remaining = self._remaining
-        for holder in cache.holders:  # captured: no guard needed, their bytes can no longer change
-            remaining[holder] = 0
+        self._remaining = list(cache.remaining)  # captured: no guard needed, their bytes cannot change
         return len(cache.items)
 
     @property
@@ -714,12 +712,14 @@ class Snapshot:
         chosen = tuple(item for item, _ in captured)
         plan = _arrays.plan_device_capture([array for _, array in captured],
                                            [self._sources[item].key for item in chosen], backend) if captured else None
-        holders = self._layout.item_holders
+        remaining = list(self._layout.piece_counts)
+        for item in chosen:
+            remaining[self._layout.item_holders[item]] = 0
         return _DeviceCaptureCache(
             arrays=tuple(arrays),
             plan=plan,
             items=chosen,
-            holders=tuple(holders[item] for item in chosen),
+            remaining=tuple(remaining),
             slots=dict(zip(chosen, plan.slots)) if plan is not None else {},
         )
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from asyncckpt.storage import Backend, BackendWrapper, Storage
 
-__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage"]
+__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate"]
 
 
 class FakeVariable:
@@ -143,3 +143,34 @@ class MemoryReader:
             np.copyto(destination, values[key])
             values[key] = destination
         return values
+
+
+class CopyGate:
+    """A ``FakeDeviceBackend`` copy hook: logs every copy, and can hold or fail the n-th copy of one kind.
+
+    ``kind`` is the copy direction counted (``"d2h"``, ``"h2d"`` or ``"d2d"``); the n-th such copy
+    blocks on ``opened`` when ``hold_at == n`` (setting ``held`` first) and raises when ``fail_at == n``.
+    """
+
+    def __init__(self, kind: str = "d2h") -> None:
+        self.kind = kind
+        self.log: list[str] = []
+        self.calls = 0
+        self.hold_at: int | None = None
+        self.fail_at: int | None = None
+        self.opened = threading.Event()
+        self.held = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, nbytes: int) -> None:
+        with self._lock:
+            self.log.append(kind)
+            if kind != self.kind:
+                return
+            self.calls += 1
+            call = self.calls
+        if call == self.hold_at:
+            self.held.set()
+            self.opened.wait()
+        if call == self.fail_at:
+            raise RuntimeError("simulated DMA fault")

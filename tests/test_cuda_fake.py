@@ -26,33 +26,9 @@ from asyncckpt._cuda import (
     Stager,
 )
 
+from _fakes import CopyGate  # noqa: E402
+
 CHUNK = 64  # bytes per pinned buffer in these tests: arrays of a few hundred bytes span several chunks
-
-
-class CopyGate:
-    """A copy hook that logs copies and can hold or fail the n-th device-to-host copy."""
-
-    def __init__(self) -> None:
-        self.log: list[str] = []
-        self.d2h_calls = 0
-        self.hold_at: int | None = None
-        self.fail_at: int | None = None
-        self.opened = threading.Event()
-        self.held = threading.Event()
-        self._lock = threading.Lock()
-
-    def __call__(self, kind: str, nbytes: int) -> None:
-        with self._lock:
-            self.log.append(kind)
-            if kind != "d2h":
-                return
-            self.d2h_calls += 1
-            call = self.d2h_calls
-        if call == self.hold_at:
-            self.held.set()
-            self.opened.wait()
-        if call == self.fail_at:
-            raise RuntimeError("simulated DMA fault")
 
 
 @pytest.fixture

@@ -25,37 +25,15 @@ from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import seal_manifest
 from asyncckpt.pipeline import ReadSettings, SaveEntry, WriteSettings
 
+from _fakes import CopyGate
 from _samples import DTYPES, sample
 
 WINDOW = 48  # the stager's chunk: bytes per pinned buffer and per upload
 SMALL_FILES = WriteSettings(chunk_bytes=200, pack_bytes=128, small_array_bytes=128, staging_budget_bytes=1024)
 
-class CopyGate:
-    """A copy hook that logs copies and can hold the n-th host-to-device copy until opened."""
-
-    def __init__(self) -> None:
-        self.log: list[str] = []
-        self.h2d_calls = 0
-        self.hold_at: int | None = None
-        self.opened = threading.Event()
-        self.held = threading.Event()
-        self._lock = threading.Lock()
-
-    def __call__(self, kind: str, nbytes: int) -> None:
-        with self._lock:
-            self.log.append(kind)
-            if kind != "h2d":
-                return
-            self.h2d_calls += 1
-            call = self.h2d_calls
-        if call == self.hold_at:
-            self.held.set()
-            self.opened.wait()
-
-
 @pytest.fixture
 def gate():
-    return CopyGate()
+    return CopyGate("h2d")
 
 
 @pytest.fixture

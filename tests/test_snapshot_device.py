@@ -18,6 +18,8 @@ from asyncckpt import _arrays, pipeline
 from asyncckpt._cuda import DeviceCopyError, FakeDeviceBackend, Stager
 from asyncckpt.pipeline import SaveEntry, WriteSettings
 
+from _fakes import CopyGate
+
 CHUNK = 256  # pinned buffer size in these tests: values of a few KiB span many buffers
 
 
@@ -44,30 +46,9 @@ class HostHolder(DeviceHolder):
     """The same protocol over a NumPy array: guarded by a hook while the write runs."""
 
 
-class FailNthCopy:
-    """A copy hook making the n-th device-to-host copy fail, or hold until released."""
-
-    def __init__(self, fail_at: int | None = None, hold_at: int | None = None) -> None:
-        self.fail_at, self.hold_at = fail_at, hold_at
-        self.d2h = 0
-        self.release = threading.Event()
-        self._lock = threading.Lock()
-
-    def __call__(self, kind: str, nbytes: int) -> None:
-        if kind != "d2h":
-            return
-        with self._lock:
-            self.d2h += 1
-            call = self.d2h
-        if call == self.hold_at:
-            self.release.wait()
-        if call == self.fail_at:
-            raise RuntimeError("simulated DMA fault")
-
-
 @pytest.fixture
 def hook():
-    return FailNthCopy()
+    return CopyGate("d2h")
 
 
 @pytest.fixture
@@ -75,7 +56,7 @@ def device(hook):
     backend = FakeDeviceBackend(memory_bytes=1 << 24, copy_hook=hook)
     backend._asyncckpt_stager = Stager(backend, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK)
     yield backend
-    hook.release.set()
+    hook.opened.set()
     backend.close()
 
 
@@ -188,7 +169,7 @@ def test_a_failed_device_copy_fails_the_write_naming_the_key_and_keeps_the_last_
     path = tmp_path / "ckpt"
     pipeline.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.ones(500))))], {},
                          settings=settings(device)).result(30)
-    hook.fail_at = hook.d2h + 3
+    hook.fail_at = hook.calls + 3
     handle = pipeline.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.zeros(500))))], {},
                                   settings=settings(device))
     with pytest.raises(DeviceCopyError, match="weights"):

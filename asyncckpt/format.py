@@ -42,6 +42,7 @@ __all__ = [
     "seal_manifest",
     "index_path",
     "index_name",
+    "MAX_INDEX_BYTES",
     "data_dir_name",
     "index_tmp_name",
     "lock_name",
@@ -63,6 +64,9 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 BYTES_DTYPE = "bytes"
 # Every size and offset in a manifest must fit in a double exactly (so readers in any language can
 # hold it) and in an int64 (so storage APIs accept it). Larger values are rejected as corrupt.
+#: The largest ``P.index`` a reader accepts (~1 million tensors): a larger one is refused before it
+#: is read, so a corrupt or hostile file cannot make a reader allocate without bound.
+MAX_INDEX_BYTES = 256 << 20
 MAX_BYTES = 2**53
 MAX_NDIM = 64
 _MAX_NAME_LENGTH = 255

@@ -58,6 +58,7 @@ from asyncckpt.format import (
     TensorSpec,
     crc32c_combine,
     data_dir_name,
+    MAX_INDEX_BYTES,
     index_name,
     index_tmp_name,
     lock_name,
@@ -769,8 +770,24 @@ async def _create_data_dir(backend: Backend, stem: str):
     raise RuntimeError(f"could not lock a new data directory for {backend.describe(stem)}")
 
 
+async def _read_index(backend: Backend, name: str) -> bytes | None:
+    """The manifest ``name``, or ``None`` if it does not exist.
+
+    Raises ``CorruptCheckpointError`` for one larger than ``MAX_INDEX_BYTES``, before reading it.
+    """
+    if await backend.holds(name, MAX_INDEX_BYTES + 1):
+        raise CorruptCheckpointError(
+            f"the checkpoint index {backend.describe(name)} is larger than {MAX_INDEX_BYTES} bytes: "
+            "not a manifest this library wrote; refusing to read it"
+        )
+    return await backend.read(name)
+
+
 async def _referenced_data_dir(backend: Backend, stem: str) -> str | None:
-    data = await backend.read(index_name(stem))
+    try:
+        data = await _read_index(backend, index_name(stem))
+    except CorruptCheckpointError:
+        return None  # an unreadable old index: its data directory is left alone
     return None if data is None else read_data_dir(data)
 
 
@@ -801,8 +818,8 @@ async def _clean_debris(backend: Backend, *, exclude: str) -> None:
         async def referenced_by(index: str) -> Any:
             if index not in references:
                 try:
-                    data = await backend.read(index)
-                except OSError:
+                    data = await _read_index(backend, index)
+                except (OSError, CorruptCheckpointError):
                     data = b""
                 references[index] = None if data is None else (read_data_dir(data) or _UNREADABLE)
             return references[index]
@@ -1401,7 +1418,7 @@ async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointRea
     folder, stem = storage.split(path)
     backend = await storage.open(folder)
     index = index_name(stem)
-    data = await backend.read(index)
+    data = await _read_index(backend, index)
     if data is None:
         raise NotFoundError(
             f"Failed to find any matching files for {path}: the checkpoint index {backend.describe(index)} "
@@ -1453,7 +1470,10 @@ def checkpoint_exists(prefix, *, storage: Storage | None = None, runtime: Runtim
 
     async def exists() -> bool:
         backend = await storage.open(folder)
-        data = await backend.read(index_name(stem))
+        try:
+            data = await _read_index(backend, index_name(stem))
+        except CorruptCheckpointError:
+            return False
         if data is None:
             return False
         try:
@@ -1475,7 +1495,10 @@ def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtim
 
     async def delete() -> None:
         backend = await storage.open(folder)
-        data = await backend.read(index_name(stem))
+        try:
+            data = await _read_index(backend, index_name(stem))
+        except CorruptCheckpointError:
+            data = None
         data_dir = None if data is None else read_data_dir(data)
         await backend.delete(index_name(stem))
         if data_dir is not None:

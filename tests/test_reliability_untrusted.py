@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import asyncckpt as ac
 from asyncckpt import cli, pipeline
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
-from asyncckpt.format import index_path, seal_manifest
+from asyncckpt.format import MAX_INDEX_BYTES, index_path, seal_manifest
 
 PACKAGE = Path(ac.__file__).parent
 
@@ -374,3 +374,21 @@ def test_a_manager_never_deletes_the_checkpoint_it_just_saved(tmp_path):
     manager.checkpoint.save_counter.assign(1)
     path = manager.save()  # ckpt-2 again
     assert ac.latest_checkpoint(tmp_path) == path
+
+
+def test_an_oversized_index_is_refused_before_it_is_read(hostile, capsys):
+    """A sparse ``P.index`` just over the limit: refused by size alone, nothing allocated for it."""
+    write, _ = hostile
+    prefix = write(lambda document: None)
+    with open(index_path(prefix), "r+b") as index:
+        index.truncate(MAX_INDEX_BYTES + 1)  # sparse: costs no disk
+    with pytest.raises(CorruptCheckpointError, match=r"larger than \d+ bytes") as raised:
+        pipeline.open_reader(prefix)
+    assert index_path(prefix) in str(raised.value)
+    with pytest.raises(CorruptCheckpointError, match="larger than"):
+        _model(fill=False)[2].restore(prefix)
+    assert cli.main(["verify", prefix]) == 1
+    assert "larger than" in capsys.readouterr().err
+    assert not pipeline.checkpoint_exists(prefix)
+    _model(fill=True)[2].write(prefix)  # a new save replaces it
+    pipeline.open_reader(prefix).verify()

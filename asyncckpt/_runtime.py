@@ -10,10 +10,10 @@ whose copy of the loop thread does not exist. Every entry point accepts another 
 its settings, which is how tests isolate themselves.
 
 Blocking calls (file I/O, checksums) run through ``asyncio.to_thread`` on the loop's default
-executor, which the runtime replaces with a pool whose worker threads all start together with the
-loop. Python 3.12 refuses to start threads once the interpreter begins to exit, so a pool that
-started workers on demand could not finish a write still pending at exit; this one never needs a
-new thread.
+executor, which the runtime replaces with its own pool (:class:`_WorkerPool`) whose worker threads
+all start together with the loop. Python 3.12 refuses to start threads once the interpreter begins
+to exit, and ``concurrent.futures`` stops its own pools before non-daemon threads are joined, so
+either kind of pool could not finish a write still pending, or started, at exit; this one can.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import queue
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -34,20 +35,67 @@ T = TypeVar("T")
 WORKER_THREADS = max(8, min(32, (os.cpu_count() or 1) + 4))
 
 
-class _PrestartedPool(concurrent.futures.ThreadPoolExecutor):
-    """A thread pool whose ``max_workers`` threads are all running when the constructor returns.
+class _WorkerPool(concurrent.futures.ThreadPoolExecutor):
+    """``max_workers`` daemon threads, all started by the constructor, serving one queue.
 
-    ``ThreadPoolExecutor`` starts a thread when work arrives and no worker is idle; once all are
-    started it only reuses them. Starting them up front (every worker waits at one barrier, so
-    each task lands on its own thread) means submitting work never starts a thread, which keeps
-    working while the interpreter exits.
+    A ``ThreadPoolExecutor`` in type only (asyncio accepts nothing else as a default executor):
+    it runs its own threads, which ``concurrent.futures`` does not know about. That module stops
+    every pool it knows from an exit hook that runs *before* the interpreter joins non-daemon
+    threads, so a save such a thread starts while the program ends could not run one blocking
+    call on such a pool. Starting every worker up front also means submitting work never starts
+    a thread (Python 3.12 refuses to once exit begins).
     """
 
     def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
-        barrier = threading.Barrier(max_workers)
-        for future in [self.submit(barrier.wait) for _ in range(max_workers)]:
-            future.result()
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)  # starts nothing
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._shutdown = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{thread_name_prefix}_{index}", daemon=True)
+            for index in range(max_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:  # noqa: D102 - Executor.submit
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after the pool was shut down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            future, fn, args, kwargs = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # delivered to whoever awaits the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del task, future, fn, args, kwargs  # drop references before blocking again
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        if cancel_futures:
+            while True:
+                try:
+                    task = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not None:
+                    task[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join()
 
 
 class Runtime:
@@ -75,7 +123,7 @@ class Runtime:
             if self._loop is None:
                 ready = threading.Event()
                 loop = asyncio.new_event_loop()
-                loop.set_default_executor(_PrestartedPool(WORKER_THREADS, f"{self._name}-worker"))
+                loop.set_default_executor(_WorkerPool(WORKER_THREADS, f"{self._name}-worker"))
                 thread = threading.Thread(target=self._serve, args=(loop, ready), name=self._name, daemon=True)
                 thread.start()
                 ready.wait()

@@ -355,9 +355,9 @@ _registry = _Registry()
 def _finish_pending_writes_at_exit() -> None:
     """Let writes still in flight at interpreter exit finish instead of dying with the loop thread.
 
-    Registered with ``threading._register_atexit`` where available: those hooks run before the
-    thread pools behind ``asyncio.to_thread`` shut down (plain ``atexit`` hooks run after, when a
-    write could no longer use them). Errors stay with the handles' owners.
+    Runs twice: from ``threading._register_atexit`` where available (before non-daemon threads are
+    joined) and from ``atexit`` (after, for saves those threads started meanwhile). Errors stay
+    with the handles' owners.
     """
     for handle in _registry.all():
         with contextlib.suppress(BaseException):
@@ -374,6 +374,9 @@ def _forget_after_fork() -> None:
 # that hook is registered first and therefore runs after ours (they run in reverse order).
 importlib.import_module("concurrent.futures.thread")
 getattr(threading, "_register_atexit", atexit.register)(_finish_pending_writes_at_exit)
+# And once more after the non-daemon threads have been joined: a save one of them started while the
+# program was ending is finished too (the runtime's own pool still serves it then).
+atexit.register(_finish_pending_writes_at_exit)
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 

@@ -2,10 +2,9 @@
 
 * Exit: a program whose asynchronous save (slowed down by an injected storage delay) is still
   writing when the interpreter exits -- by returning, an unhandled exception, ``sys.exit``,
-  ``KeyboardInterrupt`` -- finishes that save, records it in the state file and exits; one killed
-  with no chance to clean up (``os._exit``, ``SIGTERM``), or whose save could not run any more
-  (started by a non-daemon thread during shutdown: a known defect, xfail), leaves no visible
-  partial checkpoint. Never a hang: each program runs under a generous timeout.
+  ``KeyboardInterrupt`` -- or started by a non-daemon thread while the interpreter shuts down,
+  finishes that save, records it in the state file and exits; one killed with no chance to clean
+  up (``os._exit``, ``SIGTERM``) leaves no visible partial checkpoint. Never a hang: each program runs under a generous timeout.
 * Garbage collection: a ``Checkpoint`` (and its manager) is collectable after its saves, even one
   dropped with a save in flight, and creating many leaks no thread.
 """
@@ -102,15 +101,7 @@ def _restored_value(path: str) -> float:
 @pytest.mark.parametrize(
     ("mode", "code"),
     [("return", 0), ("exception", 1), ("sys.exit", 3), ("KeyboardInterrupt", 1),
-     pytest.param("thread-at-exit", 0, marks=(
-        pytest.mark.xfail(
-            strict=True,
-            reason="pipeline._finish_pending_writes_at_exit runs (threading._register_atexit) before "
-            "non-daemon threads are joined, and the loop's default executor used by asyncio.to_thread is "
-            "shut down right after; a save a non-daemon thread starts after that (its thread is still "
-            "running at exit) fails in backend.prepare with 'RuntimeError: cannot schedule new futures "
-            "after shutdown' and is lost (reported on stderr, exit status 0)",
-        )))],
+     ("thread-at-exit", 0)],
 )
 def test_a_save_in_flight_at_exit_is_finished_and_recorded(tmp_path, mode, code):
     result = _run(tmp_path, mode)

@@ -47,8 +47,10 @@ import crc32c
 import numpy as np
 
 from asyncckpt import _arrays, _cuda
+from asyncckpt import coordination
 from asyncckpt._runtime import Runtime, get_runtime, running_loop
-from asyncckpt.errors import CorruptCheckpointError, NotFoundError
+from asyncckpt.coordination import MultiWorker
+from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError, NotFoundError
 from asyncckpt.format import (
     BYTES_DTYPE,
     OBJECT_GRAPH_KEY,
@@ -67,7 +69,9 @@ from asyncckpt.format import (
     parse_index_tmp_name,
     parse_lock_name,
     parse_manifest,
-    read_data_dir,
+    parse_section,
+    read_data_dirs,
+    Section,
 )
 from asyncckpt.plan import PlanItem, ReadRange, WritePlan, plan_read, plan_write
 from asyncckpt.snapshot import (
@@ -82,6 +86,7 @@ from asyncckpt.snapshot import (
 from asyncckpt.storage import Backend, Storage, TruncatedError, default_storage
 
 __all__ = [
+    "MultiWorker",
     "SaveEntry",
     "TensorSpec",
     "WriteSettings",
@@ -139,6 +144,10 @@ class WriteSettings:
     device_backend:
         The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays are captured on the device at
         ``start_write`` (default: CUDA arrays, through CuPy).
+    multi_worker:
+        A :class:`~asyncckpt.coordination.MultiWorker`: this write is one worker's part of a
+        save by several workers to a shared filesystem (each writes its share of the bytes; the
+        chief merges and commits). ``None`` or ``count == 1``: a single writer.
     """
 
     staging_budget_bytes: int = 256 * MiB
@@ -149,8 +158,13 @@ class WriteSettings:
     storage: Storage | None = None
     runtime: Runtime | None = None
     device_backend: Any = None
+    multi_worker: MultiWorker | None = None
 
     def __post_init__(self) -> None:
+        if self.multi_worker is not None and not isinstance(self.multi_worker, MultiWorker):
+            raise TypeError(
+                f"WriteSettings.multi_worker must be an asyncckpt.MultiWorker or None, got {self.multi_worker!r}"
+            )
         for name in ("staging_budget_bytes", "chunk_bytes", "pack_bytes", "small_array_bytes", "max_concurrent_writes"):
             _require_positive_int("WriteSettings", name, getattr(self, name))
         if self.staging_budget_bytes < max(self.chunk_bytes, self.pack_bytes):
@@ -262,6 +276,7 @@ class WriteHandle:
         self.path = path
         self.metrics = WriteMetrics()
         self._key = key
+        self._worker: int | None = None  # this write's worker number in a multi-worker save
         self._future: concurrent.futures.Future = concurrent.futures.Future()
 
     def done(self) -> bool:
@@ -301,10 +316,14 @@ class _Registry:
         self._calling_back = threading.local()
 
     def add(self, handle: WriteHandle) -> WriteHandle | None:
-        """Register ``handle``; return the latest earlier pending write to the same path."""
+        """Register ``handle``; return the latest earlier pending write to the same path.
+
+        Writes of different workers of a multi-worker save (threads playing several workers) do
+        not wait for each other: each worker's writes to a path are ordered among themselves.
+        """
         with self._guard:
             queue = self._pending.setdefault(handle._key, [])
-            previous = queue[-1] if queue else None
+            previous = next((h for h in reversed(queue) if h._worker == handle._worker), None)
             queue.append(handle)
         handle._future.add_done_callback(lambda _: self._remove(handle))
         return previous
@@ -362,6 +381,19 @@ def _finish_pending_writes_at_exit() -> None:
     for handle in _registry.all():
         with contextlib.suppress(BaseException):
             handle._future.result()
+
+
+# Writes started per (path, worker, count) by this process: part of a multi-worker save's
+# identifier, so a section from an earlier save to the same path is never taken for this one.
+_generations: dict[tuple[str, int, int], int] = {}
+_generations_guard = threading.Lock()
+
+
+def _next_generation(key: tuple[str, int, int]) -> int:
+    with _generations_guard:
+        generation = _generations.get(key, 0)
+        _generations[key] = generation + 1
+        return generation
 
 
 def _forget_after_fork() -> None:
@@ -569,6 +601,10 @@ def start_write(
                                      settings=settings)
     else:
         prepared = prepare_write(entries, object_graph, settings=settings)
+    team = None
+    worker = settings.multi_worker
+    if worker is not None and worker.count > 1:
+        team, prepared = _share_of(prepared, worker, stem, storage.canonical(prefix))
     callbacks = tuple(on_commit)
     for callback in callbacks:
         if not callable(callback):
@@ -583,6 +619,9 @@ def start_write(
     runtime = _runtime_of(settings)
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
+    job.team = team
+    if team is not None:
+        handle._worker = team.worker.index
     try:
         job.snapshot.capture_device_values(settings.staging_budget_bytes)
         job.snapshot.install_guards()
@@ -599,6 +638,39 @@ def start_write(
         raise
     _chain(future, handle._future)
     return handle
+
+
+@dataclass(frozen=True)
+class _Team:
+    """What one worker of a multi-worker save knows about the whole save."""
+
+    worker: MultiWorker
+    save_id: str
+    order: tuple[str, ...]  # every key, in the save's order
+    owners: Mapping[str, int]  # key -> worker writing it
+    specs: Mapping[str, TensorRecord]  # key -> dtype, shape and size (no extents)
+
+    def share(self, worker: int) -> dict[str, TensorRecord]:
+        return {key: self.specs[key] for key in self.order if self.owners[key] == worker}
+
+
+def _share_of(prepared: PreparedWrite, worker: MultiWorker, stem: str, canonical: str) -> tuple[_Team, PreparedWrite]:
+    """The save as a whole, and the part of it this worker writes (its sources, laid out alone)."""
+    sources = prepared.sources
+    owners = coordination.assign([(source.key, source.nbytes) for source in sources], worker.count)
+    specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in sources}
+    generation = _next_generation((canonical, worker.index, worker.count))
+    save_id = coordination.save_id(
+        stem, worker.count, ((s.key, s.dtype, s.shape, s.nbytes) for s in sources), generation
+    )
+    team = _Team(worker, save_id, prepared.keys, owners, specs)
+    mine = [index for index, source in enumerate(sources) if owners[source.key] == worker.index]
+    own = tuple(sources[index] for index in mine)
+    plan = _plan(own, prepared.plan_settings)
+    arrays = set(prepared.array_items)
+    own_arrays = tuple(position for position, index in enumerate(mine) if index in arrays)
+    return team, PreparedWrite(own, plan, GuardLayout(own, plan), prepared.object_graph, prepared.plan_settings,
+                               own_arrays)
 
 
 def _chain(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
@@ -632,6 +704,7 @@ class _WriteJob:
                                  device_backend=settings.device_backend)
         self.snapshot_seconds = 0.0
         self._write_span = [float("inf"), 0.0]
+        self.team: _Team | None = None
 
     async def run(self, previous: WriteHandle | None, started: float) -> str:
         metrics = self.handle.metrics
@@ -651,22 +724,32 @@ class _WriteJob:
                 manifest = self._manifest(data_dir)
                 if previous is not None:
                     await _quietly_wait(previous)
-                replaced = await _referenced_data_dir(backend, self.stem)
-                commit_started = time.perf_counter()
-                await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
-                committed = True
-                metrics.commit_seconds = time.perf_counter() - commit_started
-                if replaced is not None and replaced != data_dir:
-                    try:
-                        await backend.delete_tree(replaced)
-                    except OSError as exc:
-                        logger.warning("could not delete replaced data directory %s: %s", backend.describe(replaced), exc)
+                if self.team is not None and not self.team.worker.is_chief:
+                    # Once published, the section may be merged at any moment: from here on the
+                    # data directory is left to the chief's commit or, failing that, to cleanup.
+                    committed = True
+                    await self._publish_and_wait(backend, data_dir, nonce, manifest)
+                else:
+                    if self.team is not None:
+                        manifest = await self._gather(backend, manifest)
+                    replaced = await _referenced_data_dirs(backend, self.stem)
+                    commit_started = time.perf_counter()
+                    await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
+                    committed = True
+                    metrics.commit_seconds = time.perf_counter() - commit_started
+                    for old in replaced:
+                        if old in manifest.all_data_dirs:
+                            continue
+                        try:
+                            await backend.delete_tree(old)
+                        except OSError as exc:
+                            logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
             except BaseException:
                 self.snapshot.close()
                 with contextlib.suppress(Exception):
                     # A commit can fail after its rename (e.g. the directory fsync): then P.index
                     # already names the new data, which must stay.
-                    if not committed and await _referenced_data_dir(backend, self.stem) != data_dir:
+                    if not committed and data_dir not in await _referenced_data_dirs(backend, self.stem):
                         await backend.delete_tree(data_dir)
                 raise
             finally:
@@ -689,6 +772,76 @@ class _WriteJob:
             metrics.total_seconds = time.perf_counter() - started
             if self.on_stats is not None:
                 await self._report(error)
+
+    async def _gather(self, backend: Backend, own: Manifest) -> Manifest:
+        """The chief's part: wait for every other worker's section of this save, check, merge."""
+        team = self.team
+        count = team.worker.count
+        found: dict[int, Section] = {}
+
+        async def look() -> bool | None:
+            for worker in range(1, count):
+                if worker not in found:
+                    section = await self._fresh_section(backend, worker)
+                    if section is not None:
+                        found[worker] = section
+            return True if len(found) == count - 1 else None
+
+        if await coordination.poll(look, team.worker.timeout_seconds) is None:
+            missing = [worker for worker in range(1, count) if worker not in found]
+            names = ", ".join(
+                f"worker {w} ({backend.describe(coordination.section_name(self.stem, w, count))})" for w in missing
+            )
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.handle.path} was not committed: after {team.worker.timeout_seconds:g} s "
+                f"the section(s) of {len(missing)} of {count - 1} other worker(s) had not been published: {names}"
+            )
+        return coordination.merge(own, [found[worker] for worker in range(1, count)], team.order)
+
+    async def _fresh_section(self, backend: Backend, worker: int) -> Section | None:
+        """Worker ``worker``'s section of this save, checked; ``None`` while there is none yet.
+
+        A section of another save (another ``save_id``) or one whose writer no longer holds its
+        data directory's lock is an earlier save's leftover: not merged, waited past.
+        """
+        team = self.team
+        name = coordination.section_name(self.stem, worker, team.worker.count)
+        data = await _read_index(backend, name)
+        if data is None:
+            return None
+        source = backend.describe(name)
+        section = parse_section(data, source=source)
+        if section.save_id != team.save_id or section.count != team.worker.count:
+            return None
+        coordination.check_section(section, source=source, worker=worker, stem=self.stem,
+                                   expected=team.share(worker))
+        if backend.cleans_debris and not await _held(backend, section.data_dir):
+            return None
+        await backend.check_data_dir(section.data_dir)
+        return section
+
+    async def _publish_and_wait(self, backend: Backend, data_dir: str, nonce: str, own: Manifest) -> None:
+        """A non-chief's part: publish the section, then wait until ``P.index`` references it."""
+        team = self.team
+        worker = team.worker
+        name = coordination.section_name(self.stem, worker.index, worker.count)
+        section = Section(worker.index, worker.count, team.save_id, data_dir, own.tensors)
+        await backend.commit(name, index_tmp_name(self.stem, nonce), section.to_json())
+
+        async def committed() -> bool | None:
+            return True if data_dir in await _referenced_data_dirs(backend, self.stem) else None
+
+        try:
+            done = await coordination.poll(committed, worker.timeout_seconds)
+        finally:
+            with contextlib.suppress(Exception):
+                await backend.delete(name)
+        if done is None and await committed() is None:  # the chief may have merged it just now
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.handle.path} was not committed: worker {worker.index} of {worker.count} "
+                f"published its section, but after {worker.timeout_seconds:g} s the chief (worker 0) had "
+                f"not committed {backend.describe(index_name(self.stem))} referencing {data_dir}"
+            )
 
     async def _report(self, error: BaseException | None) -> None:
         metrics = self.handle.metrics
@@ -786,12 +939,29 @@ async def _read_index(backend: Backend, name: str) -> bytes | None:
     return await backend.read(name)
 
 
-async def _referenced_data_dir(backend: Backend, stem: str) -> str | None:
+async def _referenced_data_dirs(backend: Backend, stem: str) -> tuple[str, ...]:
+    """The data directories ``stem.index`` names; () when there is none or it cannot be read."""
     try:
         data = await _read_index(backend, index_name(stem))
     except CorruptCheckpointError:
-        return None  # an unreadable old index: its data directory is left alone
-    return None if data is None else read_data_dir(data)
+        return ()  # an unreadable old index: its data directories are left alone
+    return () if data is None else (read_data_dirs(data) or ())
+
+
+async def _held(backend: Backend, data_dir: str) -> bool:
+    """Whether a writer still holds the lock of ``data_dir`` (its write or section is live).
+
+    Taking a free lock to find out removes its stale marker, as debris cleanup would.
+    """
+    parsed = parse_data_dir_name(data_dir)
+    if parsed is None:
+        return False
+    marker = lock_name(*parsed)
+    taken = await backend.try_lock(marker)
+    if taken is not None:
+        await taken.release()
+        return False
+    return await backend.holds(marker, 0) is not None
 
 
 _UNREADABLE = object()
@@ -824,8 +994,12 @@ async def _clean_debris(backend: Backend, *, exclude: str) -> None:
                     data = await _read_index(backend, index)
                 except (OSError, CorruptCheckpointError):
                     data = b""
-                references[index] = None if data is None else (read_data_dir(data) or _UNREADABLE)
+                references[index] = None if data is None else (read_data_dirs(data) or _UNREADABLE)
             return references[index]
+
+        for name in sorted(names):
+            if coordination.parse_section_name(name) is not None:
+                await _clean_section(backend, name)
 
         for (stem, nonce), kinds in sorted(groups.items()):
             name = data_dir_name(stem, nonce)
@@ -856,15 +1030,35 @@ async def _clean_debris(backend: Backend, *, exclude: str) -> None:
 
 async def _is_referenced(name: str, own_index: str, names: set[str], referenced_by) -> bool:
     own = await referenced_by(own_index)
-    if own == name or own is _UNREADABLE:
+    if own is _UNREADABLE or (own is not None and name in own):
         return True
     # A checkpoint renamed by hand keeps naming its data directory: look at every manifest.
     for other in sorted(names):
         if other.endswith(".index") and other != own_index:
             found = await referenced_by(other)
-            if found == name:
+            if found is not None and found is not _UNREADABLE and name in found:
                 return True
     return False
+
+
+async def _clean_section(backend: Backend, name: str) -> None:
+    """Delete section file ``name`` unless its writer is still live (holds its data directory's lock).
+
+    A live worker holds that lock from before its data directory exists until after it has deleted
+    its own section, so a section whose lock is free is a crashed or abandoned save's leftover (and
+    one that cannot be read could never be merged).
+    """
+    try:
+        data = await _read_index(backend, name)
+    except CorruptCheckpointError:
+        data = b""
+    if data is None:
+        return
+    dirs = read_data_dirs(data)
+    if dirs and await _held(backend, dirs[0]):
+        return
+    await backend.delete(name)
+    logger.info("removed the section of an unfinished multi-worker save: %s", backend.describe(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,6 +1079,14 @@ class CheckpointReader:
     def __init__(self, path: str, manifest: Manifest, backend: Backend, settings: ReadSettings, runtime: Runtime):
         self.path = path
         self._manifest = manifest
+        if manifest.data_dirs:
+            # Several data directories (a multi-worker save): each extent's file is named with
+            # its directory, so reads and messages need no other change.
+            self._prefix = ""
+            self._tensors = {key: _located(record, manifest.data_dirs) for key, record in manifest.tensors.items()}
+        else:
+            self._prefix = f"{manifest.data_dir}/"
+            self._tensors = manifest.tensors
         self._backend = backend
         self._settings = settings
         self._runtime = runtime
@@ -899,14 +1101,19 @@ class CheckpointReader:
         """Name of the data directory the manifest points at."""
         return self._manifest.data_dir
 
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        """Every data directory the manifest points at (several for a multi-worker save)."""
+        return self._manifest.all_data_dirs
+
     def keys(self) -> list[str]:
         """Every key, including the object-graph key, sorted bytewise (UTF-8)."""
         return sorted(
-            [OBJECT_GRAPH_KEY, *self._manifest.tensors], key=lambda key: key.encode("utf-8", "surrogatepass")
+            [OBJECT_GRAPH_KEY, *self._tensors], key=lambda key: key.encode("utf-8", "surrogatepass")
         )
 
     def __contains__(self, key: object) -> bool:
-        return key == OBJECT_GRAPH_KEY or key in self._manifest.tensors
+        return key == OBJECT_GRAPH_KEY or key in self._tensors
 
     def spec(self, key: str) -> TensorSpec:
         """dtype and shape of ``key``; ``KeyError`` naming the key when absent."""
@@ -916,7 +1123,7 @@ class CheckpointReader:
 
     def _record(self, key: str) -> TensorRecord:
         try:
-            return self._manifest.tensors[key]
+            return self._tensors[key]
         except (KeyError, TypeError):
             raise KeyError(f"key {key!r} not found in checkpoint {self.path}") from None
 
@@ -983,7 +1190,7 @@ class CheckpointReader:
 
         Raises ``CorruptCheckpointError`` naming the key and the file of the first problem found.
         """
-        tensors = self._manifest.tensors
+        tensors = self._tensors
         self._runtime.run(self._read(list(tensors), assemble=False))
         return VerifyReport(len(tensors), sum(record.nbytes for record in tensors.values()))
 
@@ -1000,13 +1207,13 @@ class CheckpointReader:
         """
         targets: dict[str, _DeviceTarget] = {}
         for key, given in (out or {}).items():
-            if isinstance(given, np.ndarray) or key not in self._manifest.tensors:
+            if isinstance(given, np.ndarray) or key not in self._tensors:
                 continue  # host destinations and unknown keys are refused by _read
             found = _arrays.device_target(given, None if stager is None else stager.backend)
             if found is None:
                 continue
             backend, array = found
-            record = self._manifest.tensors[key]
+            record = self._tensors[key]
             if record.dtype == BYTES_DTYPE:
                 raise ValueError(f"key {key!r} holds a byte string; it cannot be read into an array")
             dtype, shape = np.dtype(array.dtype), tuple(int(d) for d in array.shape)
@@ -1114,7 +1321,7 @@ class CheckpointReader:
             if read_range.file not in last or read_range.stop >= last[read_range.file].stop:
                 last[read_range.file] = read_range
         for file, read_range in last.items():
-            found = await self._backend.holds(f"{self._manifest.data_dir}/{file}", read_range.stop)
+            found = await self._backend.holds(f"{self._prefix}{file}", read_range.stop)
             if found is None:
                 raise self._corrupt(read_range.targets[0].key, file, "is missing")
             if not found:
@@ -1126,7 +1333,7 @@ class CheckpointReader:
                 raise await self._truncation(read_range)
 
     def _file_location(self, file: str) -> str:
-        return self._backend.describe(f"{self._manifest.data_dir}/{file}")
+        return self._backend.describe(f"{self._prefix}{file}")
 
     def _corrupt(self, key: str, file: str, problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -1151,7 +1358,7 @@ class CheckpointReader:
         """Fill ``buffers`` from the range's file at ``offset`` bytes into the range."""
         try:
             found = await self._backend.read_into(
-                f"{self._manifest.data_dir}/{read_range.file}", read_range.start + offset, buffers
+                f"{self._prefix}{read_range.file}", read_range.start + offset, buffers
             )
         except TruncatedError:
             raise await self._truncation(read_range) from None
@@ -1269,7 +1476,7 @@ class CheckpointReader:
 
         ``None`` when none does and ``definite`` is false (the caller looks at further ranges).
         """
-        key = f"{self._manifest.data_dir}/{read_range.file}"
+        key = f"{self._prefix}{read_range.file}"
         for target in read_range.targets:
             end = read_range.start + target.range_offset + target.length
             try:
@@ -1322,6 +1529,14 @@ class CheckpointReader:
             raise self._corrupt(
                 key, file, f"holds extents whose combined crc32c {crc:#010x} differs from the value's {record.crc32c:#010x}"
             )
+
+
+def _located(record: TensorRecord, data_dirs: Sequence[str]) -> TensorRecord:
+    """``record`` with each extent's file named ``<its data directory>/<file>``."""
+    extents = tuple(
+        Extent(f"{data_dirs[e.dir]}/{e.file}", e.offset, e.length, e.crc32c) for e in record.extents
+    )
+    return dataclasses.replace(record, extents=extents)
 
 
 @dataclass(frozen=True)
@@ -1428,7 +1643,8 @@ async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointRea
             "does not exist"
         )
     manifest = parse_manifest(data, source=backend.describe(index))
-    await backend.check_data_dir(manifest.data_dir)
+    for data_dir in manifest.all_data_dirs:
+        await backend.check_data_dir(data_dir)
     return CheckpointReader(os.fspath(path), manifest, backend, settings, runtime)
 
 
@@ -1502,9 +1718,9 @@ def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtim
             data = await _read_index(backend, index_name(stem))
         except CorruptCheckpointError:
             data = None
-        data_dir = None if data is None else read_data_dir(data)
+        data_dirs = () if data is None else (read_data_dirs(data) or ())
         await backend.delete(index_name(stem))
-        if data_dir is not None:
+        for data_dir in data_dirs:
             await backend.delete_tree(data_dir)
 
     (runtime or get_runtime()).run(delete())

@@ -109,14 +109,16 @@ def parse_section_name(name: str) -> tuple[str, int, int] | None:
     return (match["stem"], int(match["worker"]), int(match["count"])) if match else None
 
 
-def save_id(stem: str, count: int, specs: Iterable[tuple[str, str, tuple[int, ...], int]], generation: int) -> str:
-    """The identifier every worker of one save computes alike, and a different save does not.
+def save_id(stem: str, count: int, specs: Iterable[tuple[str, str, tuple[int, ...], int]]) -> str:
+    """The identifier every worker of one save computes alike, and a save of other things does not.
 
-    Hashes the checkpoint name, the number of workers, every key with its dtype, shape and size
-    (in order), and ``generation``: how many writes to this path the process started before.
+    Hashes the checkpoint name (which carries the save number for ``save``), the number of workers
+    and every key with its dtype, shape and size, in order. Two saves of the same program to the
+    same name share it; the chief tells a leftover of the earlier one by its lock (a section is
+    live only while its writer holds its data directory's lock).
     """
     digest = hashlib.sha256()
-    digest.update(json.dumps([stem, count, generation]).encode("utf-8", "surrogatepass"))
+    digest.update(json.dumps([stem, count]).encode("utf-8", "surrogatepass"))
     for key, dtype, shape, nbytes in specs:
         digest.update(json.dumps([key, dtype, list(shape), nbytes]).encode("utf-8", "surrogatepass"))
     return digest.hexdigest()

@@ -341,9 +341,13 @@ class _Registry:
 
         A callback of write W runs before W resolves, and later writes to W's path wait for W;
         waiting for any of those from inside the callback would deadlock, so they are skipped.
+        So are writes of a multi-worker save made for another worker than the calling thread's
+        last one (threads of one process playing several workers): such a write may wait for
+        something the calling thread has yet to do.
         """
         folder = key.rstrip("/") + "/"
         current = getattr(self._calling_back, "handle", None)
+        worker = getattr(_thread_worker, "index", None)
         found = []
         with self._guard:
             for path, queue in self._pending.items():
@@ -351,7 +355,7 @@ class _Registry:
                     continue
                 if current is not None and current in queue:
                     queue = queue[: queue.index(current)]
-                found.extend(queue)
+                found.extend(h for h in queue if h._worker is None or h._worker == worker)
         return found
 
     def all(self) -> list[WriteHandle]:
@@ -369,6 +373,8 @@ class _Registry:
 
 
 _registry = _Registry()
+# The worker (MultiWorker.index) of the last multi-worker write each thread started.
+_thread_worker = threading.local()
 
 
 def _finish_pending_writes_at_exit() -> None:
@@ -381,19 +387,6 @@ def _finish_pending_writes_at_exit() -> None:
     for handle in _registry.all():
         with contextlib.suppress(BaseException):
             handle._future.result()
-
-
-# Writes started per (path, worker, count) by this process: part of a multi-worker save's
-# identifier, so a section from an earlier save to the same path is never taken for this one.
-_generations: dict[tuple[str, int, int], int] = {}
-_generations_guard = threading.Lock()
-
-
-def _next_generation(key: tuple[str, int, int]) -> int:
-    with _generations_guard:
-        generation = _generations.get(key, 0)
-        _generations[key] = generation + 1
-        return generation
 
 
 def _forget_after_fork() -> None:
@@ -604,7 +597,7 @@ def start_write(
     team = None
     worker = settings.multi_worker
     if worker is not None and worker.count > 1:
-        team, prepared = _share_of(prepared, worker, stem, storage.canonical(prefix))
+        team, prepared = _share_of(prepared, worker, stem)
     callbacks = tuple(on_commit)
     for callback in callbacks:
         if not callable(callback):
@@ -621,7 +614,7 @@ def start_write(
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
     job.team = team
     if team is not None:
-        handle._worker = team.worker.index
+        handle._worker = _thread_worker.index = team.worker.index
     try:
         job.snapshot.capture_device_values(settings.staging_budget_bytes)
         job.snapshot.install_guards()
@@ -654,15 +647,12 @@ class _Team:
         return {key: self.specs[key] for key in self.order if self.owners[key] == worker}
 
 
-def _share_of(prepared: PreparedWrite, worker: MultiWorker, stem: str, canonical: str) -> tuple[_Team, PreparedWrite]:
+def _share_of(prepared: PreparedWrite, worker: MultiWorker, stem: str) -> tuple[_Team, PreparedWrite]:
     """The save as a whole, and the part of it this worker writes (its sources, laid out alone)."""
     sources = prepared.sources
     owners = coordination.assign([(source.key, source.nbytes) for source in sources], worker.count)
     specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in sources}
-    generation = _next_generation((canonical, worker.index, worker.count))
-    save_id = coordination.save_id(
-        stem, worker.count, ((s.key, s.dtype, s.shape, s.nbytes) for s in sources), generation
-    )
+    save_id = coordination.save_id(stem, worker.count, ((s.key, s.dtype, s.shape, s.nbytes) for s in sources))
     team = _Team(worker, save_id, prepared.keys, owners, specs)
     mine = [index for index, source in enumerate(sources) if owners[source.key] == worker.index]
     own = tuple(sources[index] for index in mine)

@@ -2,11 +2,13 @@
 
 In data-parallel training every worker holds the same values. Rather than copy everything to one
 worker, each of ``count`` workers writes about ``1/count`` of the bytes into its own data directory
-``P.data-<nonce_i>/`` and publishes a *section* (``P.index.section-<i>-of-<n>``) recording its
-tensors. Worker 0, the chief, writes its own share, waits for every other section of the same save,
-validates them as untrusted input, merges them into one manifest naming several data directories
-and commits ``P.index`` as a single writer would. Non-chief workers keep their data directory
-locked until ``P.index`` references it. The pipeline runs the protocol; this module holds its pure
+``P.data-<nonce_i>/`` and publishes a *section* (``P.index.section-<i>-of-<n>-<nonce_i>``)
+recording its tensors. Worker 0, the chief, writes its own share, waits for every other section of
+the same save, validates them as untrusted input, *claims* each (renames it to
+``P.index.claim-<chief nonce>-<nonce_i>``, which keeps its data directory from cleanup while the
+chief holds its own lock), checks that every byte is there, merges them into one manifest naming
+several data directories and commits ``P.index`` as a single writer would. Non-chief workers keep
+their data directory locked until ``P.index`` references it. The pipeline runs the protocol; this module holds its pure
 parts (the assignment, the names, the save identifier, the checks on a section, the merge) and the
 polling loop, so the pipeline stays one executor.
 """
@@ -19,18 +21,28 @@ import heapq
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from asyncckpt.errors import CorruptCheckpointError
-from asyncckpt.format import MAX_DATA_DIRS, Extent, Manifest, Section, TensorRecord, parse_data_dir_name
+from asyncckpt.format import (
+    MAX_DATA_DIRS,
+    Extent,
+    Manifest,
+    Section,
+    TensorRecord,
+    data_dir_name,
+    parse_data_dir_name,
+)
 
 __all__ = [
     "MultiWorker",
     "assign",
     "section_name",
     "parse_section_name",
+    "claim_name",
+    "parse_claim_name",
     "save_id",
     "check_section",
     "merge",
@@ -95,30 +107,53 @@ def assign(sizes: Iterable[tuple[str, int]], count: int) -> dict[str, int]:
     return owners
 
 
-_SECTION_RE = re.compile(r"^(?P<stem>.+)\.index\.section-(?P<worker>[0-9]{5,})-of-(?P<count>[0-9]{5,})$", re.DOTALL)
+_NONCE = r"[0-9a-f]{16}"
+_SECTION_RE = re.compile(
+    rf"^(?P<stem>.+)\.index\.section-(?P<worker>[0-9]{{5,}})-of-(?P<count>[0-9]{{5,}})-(?P<nonce>{_NONCE})$", re.DOTALL
+)
+_CLAIM_RE = re.compile(rf"^(?P<stem>.+)\.index\.claim-(?P<chief>{_NONCE})-(?P<worker>{_NONCE})$", re.DOTALL)
 
 
-def section_name(stem: str, worker: int, count: int) -> str:
-    """Basename of worker ``worker``'s section of checkpoint ``stem``: ``<stem>.index.section-i-of-n``."""
-    return f"{stem}.index.section-{worker:05d}-of-{count:05d}"
+def section_name(stem: str, worker: int, count: int, nonce: str) -> str:
+    """Basename of the section worker ``worker`` publishes for data directory ``stem.data-<nonce>``.
+
+    ``<stem>.index.section-i-of-n-<nonce>``: the writer's nonce makes the name its own, so no two
+    writers ever publish under one name and cleanup can tell whose lock guards which section.
+    """
+    return f"{stem}.index.section-{worker:05d}-of-{count:05d}-{nonce}"
 
 
-def parse_section_name(name: str) -> tuple[str, int, int] | None:
-    """``(stem, worker, count)`` if ``name`` is a section file name, else ``None``."""
+def parse_section_name(name: str) -> tuple[str, int, int, str] | None:
+    """``(stem, worker, count, nonce)`` if ``name`` is a section file name, else ``None``."""
     match = _SECTION_RE.match(name)
-    return (match["stem"], int(match["worker"]), int(match["count"])) if match else None
+    return (match["stem"], int(match["worker"]), int(match["count"]), match["nonce"]) if match else None
 
 
-def save_id(stem: str, count: int, specs: Iterable[tuple[str, str, tuple[int, ...], int]]) -> str:
+def claim_name(stem: str, chief_nonce: str, worker_nonce: str) -> str:
+    """Basename a chief renames an accepted section to: ``<stem>.index.claim-<chief>-<worker>``.
+
+    While the chief holds the lock of ``stem.data-<chief_nonce>``, the claim keeps data directory
+    ``stem.data-<worker_nonce>`` from cleanup, whatever happens to the worker that wrote it.
+    """
+    return f"{stem}.index.claim-{chief_nonce}-{worker_nonce}"
+
+
+def parse_claim_name(name: str) -> tuple[str, str, str] | None:
+    """``(stem, chief_nonce, worker_nonce)`` if ``name`` is a claim file name, else ``None``."""
+    match = _CLAIM_RE.match(name)
+    return (match["stem"], match["chief"], match["worker"]) if match else None
+
+
+def save_id(stem: str, count: int, specs: Iterable[tuple[str, str, tuple[int, ...], int]], token: str = "") -> str:
     """The identifier every worker of one save computes alike, and a save of other things does not.
 
-    Hashes the checkpoint name (which carries the save number for ``save``), the number of workers
-    and every key with its dtype, shape and size, in order. Two saves of the same program to the
-    same name share it; the chief tells a leftover of the earlier one by its lock (a section is
-    live only while its writer holds its data directory's lock).
+    Hashes the checkpoint name (which carries the save number for ``save``), the number of workers,
+    every key with its dtype, shape and size, in order, and ``token``: what ``P.index`` held when
+    the save began (every worker reads it after its previous write to the path has ended), so
+    two writes of the same program to one path do not share an identifier.
     """
     digest = hashlib.sha256()
-    digest.update(json.dumps([stem, count]).encode("utf-8", "surrogatepass"))
+    digest.update(json.dumps([stem, count, token]).encode("utf-8", "surrogatepass"))
     for key, dtype, shape, nbytes in specs:
         digest.update(json.dumps([key, dtype, list(shape), nbytes]).encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
@@ -131,12 +166,17 @@ def check_section(
     worker: int,
     stem: str,
     expected: Mapping[str, TensorRecord],
+    nonce: str | None = None,
+    taken: Collection[str] = (),
 ) -> None:
     """Refuse a section that does not hold exactly worker ``worker``'s share of this save.
 
     ``expected`` maps each key assigned to ``worker`` to a record of its dtype, shape and size
     (its extents and CRC are the section's to give). The section's ``save_id`` and ``count`` are
     checked by the caller (a mismatch there means an earlier save's leftover, not damage).
+    ``nonce`` is the one in the section's file name: the section must name that data directory.
+    ``taken`` are data directories the merged manifest already names (the chief's own, those of
+    the checkpoint being replaced, other accepted sections): a section may not name one of them.
 
     Raises
     ------
@@ -148,6 +188,10 @@ def check_section(
         problem = f"it says it is worker {section.worker}'s, not worker {worker}'s"
     elif parse_data_dir_name(section.data_dir) is None or parse_data_dir_name(section.data_dir)[0] != stem:
         problem = f"its data_dir {section.data_dir!r} is not a data directory of checkpoint {stem!r}"
+    elif nonce is not None and section.data_dir != data_dir_name(stem, nonce):
+        problem = f"its data_dir {section.data_dir!r} is not the one its file name gives ({data_dir_name(stem, nonce)!r})"
+    elif section.data_dir in taken:
+        problem = f"its data_dir {section.data_dir!r} is already named by the checkpoint (another worker's or the old one)"
     else:
         missing = expected.keys() - section.tensors.keys()
         extra = section.tensors.keys() - expected.keys()

@@ -32,6 +32,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import json
 import logging
@@ -315,15 +316,17 @@ class _Registry:
         self._pending: dict[str, list[WriteHandle]] = {}
         self._calling_back = threading.local()
 
-    def add(self, handle: WriteHandle) -> WriteHandle | None:
-        """Register ``handle``; return the latest earlier pending write to the same path.
+    def add(self, handle: WriteHandle) -> list[WriteHandle]:
+        """Register ``handle``; return the earlier pending writes to the same path it must follow.
 
         Writes of different workers of a multi-worker save (threads playing several workers) do
-        not wait for each other: each worker's writes to a path are ordered among themselves.
+        not wait for each other: each worker's writes to a path are ordered among themselves. A
+        single-writer write and any multi-worker write to one path are ordered both ways.
         """
+        mine = handle._worker
         with self._guard:
             queue = self._pending.setdefault(handle._key, [])
-            previous = next((h for h in reversed(queue) if h._worker == handle._worker), None)
+            previous = [h for h in queue if mine is None or h._worker is None or h._worker == mine]
             queue.append(handle)
         handle._future.add_done_callback(lambda _: self._remove(handle))
         return previous
@@ -343,7 +346,8 @@ class _Registry:
         waiting for any of those from inside the callback would deadlock, so they are skipped.
         So are writes of a multi-worker save made for another worker than the calling thread's
         last one (threads of one process playing several workers): such a write may wait for
-        something the calling thread has yet to do.
+        something the calling thread has yet to do (a thread about to play worker 1 must not
+        wait for the chief's commit that needs worker 1's section).
         """
         folder = key.rstrip("/") + "/"
         current = getattr(self._calling_back, "handle", None)
@@ -638,7 +642,6 @@ class _Team:
     """What one worker of a multi-worker save knows about the whole save."""
 
     worker: MultiWorker
-    save_id: str
     order: tuple[str, ...]  # every key, in the save's order
     owners: Mapping[str, int]  # key -> worker writing it
     specs: Mapping[str, TensorRecord]  # key -> dtype, shape and size (no extents)
@@ -646,14 +649,16 @@ class _Team:
     def share(self, worker: int) -> dict[str, TensorRecord]:
         return {key: self.specs[key] for key in self.order if self.owners[key] == worker}
 
+    def spec_items(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        return [(key, self.specs[key].dtype, self.specs[key].shape, self.specs[key].nbytes) for key in self.order]
+
 
 def _share_of(prepared: PreparedWrite, worker: MultiWorker, stem: str) -> tuple[_Team, PreparedWrite]:
     """The save as a whole, and the part of it this worker writes (its sources, laid out alone)."""
     sources = prepared.sources
     owners = coordination.assign([(source.key, source.nbytes) for source in sources], worker.count)
     specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in sources}
-    save_id = coordination.save_id(stem, worker.count, ((s.key, s.dtype, s.shape, s.nbytes) for s in sources))
-    team = _Team(worker, save_id, prepared.keys, owners, specs)
+    team = _Team(worker, prepared.keys, owners, specs)
     mine = [index for index, source in enumerate(sources) if owners[source.key] == worker.index]
     own = tuple(sources[index] for index in mine)
     plan = _plan(own, prepared.plan_settings)
@@ -695,8 +700,10 @@ class _WriteJob:
         self.snapshot_seconds = 0.0
         self._write_span = [float("inf"), 0.0]
         self.team: _Team | None = None
+        self.save_id = ""
+        self.claims: list[str] = []  # sections this chief renamed to its own claim names
 
-    async def run(self, previous: WriteHandle | None, started: float) -> str:
+    async def run(self, previous: list[WriteHandle], started: float) -> str:
         metrics = self.handle.metrics
         error: BaseException | None = None
         try:
@@ -712,8 +719,11 @@ class _WriteJob:
                     await _clean_debris(backend, exclude=data_dir)
                 await self._write_files(backend, data_dir)
                 manifest = self._manifest(data_dir)
-                if previous is not None:
-                    await _quietly_wait(previous)
+                for earlier in previous:
+                    await _quietly_wait(earlier)
+                if self.team is not None:
+                    self.save_id = coordination.save_id(self.stem, self.team.worker.count, self.team.spec_items(),
+                                                        await _index_token(backend, self.stem))
                 if self.team is not None and not self.team.worker.is_chief:
                     # Once published, the section may be merged at any moment: from here on the
                     # data directory is left to the chief's commit or, failing that, to cleanup.
@@ -721,7 +731,7 @@ class _WriteJob:
                     await self._publish_and_wait(backend, data_dir, nonce, manifest)
                 else:
                     if self.team is not None:
-                        manifest = await self._gather(backend, manifest)
+                        manifest = await self._gather(backend, nonce, manifest)
                     replaced = await _referenced_data_dirs(backend, self.stem)
                     commit_started = time.perf_counter()
                     await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
@@ -743,6 +753,9 @@ class _WriteJob:
                         await backend.delete_tree(data_dir)
                 raise
             finally:
+                for claim in self.claims:  # the commit (or its failure) settles them: drop before unlocking
+                    with contextlib.suppress(Exception):
+                        await backend.delete(claim)
                 with contextlib.suppress(Exception):
                     await lock.release()
             for callback in self.callbacks:
@@ -763,70 +776,104 @@ class _WriteJob:
             if self.on_stats is not None:
                 await self._report(error)
 
-    async def _gather(self, backend: Backend, own: Manifest) -> Manifest:
-        """The chief's part: wait for every other worker's section of this save, check, merge."""
+    async def _gather(self, backend: Backend, nonce: str, own: Manifest) -> Manifest:
+        """The chief's part: claim every other worker's section of this save, check, merge, verify."""
         team = self.team
         count = team.worker.count
         found: dict[int, Section] = {}
+        replaced = await _referenced_data_dirs(backend, self.stem)
 
         async def look() -> bool | None:
-            for worker in range(1, count):
-                if worker not in found:
-                    section = await self._fresh_section(backend, worker)
-                    if section is not None:
-                        found[worker] = section
+            names = await backend.list_names()
+            for name in sorted(names):
+                parsed = coordination.parse_section_name(name)
+                if parsed is None or parsed[0] != self.stem or parsed[2] != count:
+                    continue
+                if not 0 < parsed[1] < count or parsed[1] in found:
+                    continue
+                section = await self._claim(backend, nonce, name, parsed, own, replaced, found)
+                if section is not None:
+                    found[parsed[1]] = section
             return True if len(found) == count - 1 else None
 
         if await coordination.poll(look, team.worker.timeout_seconds) is None:
             missing = [worker for worker in range(1, count) if worker not in found]
             names = ", ".join(
-                f"worker {w} ({backend.describe(coordination.section_name(self.stem, w, count))})" for w in missing
+                f"worker {w} ({backend.describe(coordination.section_name(self.stem, w, count, '<nonce>'))})"
+                for w in missing
             )
             raise CheckpointTimeoutError(
                 f"checkpoint {self.handle.path} was not committed: after {team.worker.timeout_seconds:g} s "
                 f"the section(s) of {len(missing)} of {count - 1} other worker(s) had not been published: {names}"
             )
-        return coordination.merge(own, [found[worker] for worker in range(1, count)], team.order)
+        merged = coordination.merge(own, [found[worker] for worker in range(1, count)], team.order)
+        # What is about to be committed must read back, and every byte it names must be there.
+        parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
+        problem = await _missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())
+        if problem is not None:
+            raise CorruptCheckpointError(f"checkpoint {self.handle.path} was not committed: {problem}")
+        return merged
 
-    async def _fresh_section(self, backend: Backend, worker: int) -> Section | None:
-        """Worker ``worker``'s section of this save, checked; ``None`` while there is none yet.
+    async def _claim(self, backend, nonce, name, parsed, own, replaced, found) -> Section | None:
+        """Worker ``parsed[1]``'s section ``name``, checked and claimed; ``None`` to wait past it.
 
         A section of another save (another ``save_id``) or one whose writer no longer holds its
-        data directory's lock is an earlier save's leftover: not merged, waited past.
+        data directory's lock is an earlier save's leftover: not merged, waited past. A section
+        that passes is renamed to this chief's claim name (at most one renamer wins it: a worker
+        withdrawing it, a cleaner deleting it, or this chief); only then are its bytes checked, and
+        from then on cleanup leaves its data directory alone while this chief holds its lock.
         """
         team = self.team
-        name = coordination.section_name(self.stem, worker, team.worker.count)
+        _, worker, count, section_nonce = parsed
         data = await _read_index(backend, name)
         if data is None:
             return None
         source = backend.describe(name)
         section = parse_section(data, source=source)
-        if section.save_id != team.save_id or section.count != team.worker.count:
+        if section.save_id != self.save_id or section.count != count:
             return None
+        taken = {own.data_dir, *replaced, *(other.data_dir for other in found.values())}
         coordination.check_section(section, source=source, worker=worker, stem=self.stem,
-                                   expected=team.share(worker))
+                                   expected=team.share(worker), nonce=section_nonce, taken=taken)
         if backend.cleans_debris and not await _held(backend, section.data_dir):
             return None
         await backend.check_data_dir(section.data_dir)
+        claim = coordination.claim_name(self.stem, nonce, section_nonce)
+        if not await backend.rename(name, claim):
+            return None
+        self.claims.append(claim)
+        if await _missing_bytes(backend, (section.data_dir,), section.tensors.values()) is not None:
+            self.claims.remove(claim)
+            await backend.delete(claim)  # its writer is gone and so are its bytes: wait for another
+            return None
         return section
 
     async def _publish_and_wait(self, backend: Backend, data_dir: str, nonce: str, own: Manifest) -> None:
         """A non-chief's part: publish the section, then wait until ``P.index`` references it."""
         team = self.team
         worker = team.worker
-        name = coordination.section_name(self.stem, worker.index, worker.count)
-        section = Section(worker.index, worker.count, team.save_id, data_dir, own.tensors)
+        name = coordination.section_name(self.stem, worker.index, worker.count, nonce)
+        section = Section(worker.index, worker.count, self.save_id, data_dir, own.tensors)
         await backend.commit(name, index_tmp_name(self.stem, nonce), section.to_json())
 
         async def committed() -> bool | None:
             return True if data_dir in await _referenced_data_dirs(backend, self.stem) else None
 
-        try:
-            done = await coordination.poll(committed, worker.timeout_seconds)
-        finally:
-            with contextlib.suppress(Exception):
-                await backend.delete(name)
-        if done is None and await committed() is None:  # the chief may have merged it just now
+        async def settled() -> bool | None:  # committed, or no live chief holds a claim on it any more
+            if await committed():
+                return True
+            return None if await _claimed(backend, self.stem, nonce) else True
+
+        done = await coordination.poll(committed, worker.timeout_seconds)
+        if done is None:
+            # Withdraw the section; if a chief claimed it first, that chief decides: wait for it.
+            withdrawn = await backend.rename(name, index_tmp_name(self.stem, nonce))
+            if withdrawn:
+                with contextlib.suppress(Exception):
+                    await backend.delete(index_tmp_name(self.stem, nonce))
+            else:
+                await coordination.poll(settled, worker.timeout_seconds)
+        if done is None and await committed() is None:  # the chief may have committed just now
             raise CheckpointTimeoutError(
                 f"checkpoint {self.handle.path} was not committed: worker {worker.index} of {worker.count} "
                 f"published its section, but after {worker.timeout_seconds:g} s the chief (worker 0) had "
@@ -938,6 +985,39 @@ async def _referenced_data_dirs(backend: Backend, stem: str) -> tuple[str, ...]:
     return () if data is None else (read_data_dirs(data) or ())
 
 
+async def _index_token(backend: Backend, stem: str) -> str:
+    """What ``stem.index`` holds now, hashed: the part of a save's identifier that changes per write."""
+    try:
+        data = await _read_index(backend, index_name(stem))
+    except CorruptCheckpointError:
+        return "oversized"
+    return "absent" if data is None else hashlib.sha256(data).hexdigest()
+
+
+async def _missing_bytes(backend: Backend, data_dirs, records) -> str | None:
+    """What of ``records``' extents (in ``data_dirs``) is not on storage; ``None`` when all is."""
+    ends: dict[tuple[int, str], int] = {}
+    for record in records:
+        for extent in record.extents:
+            key = (extent.dir, extent.file)
+            ends[key] = max(ends.get(key, 0), extent.offset + extent.length)
+    for (directory, file), end in sorted(ends.items()):
+        location = f"{data_dirs[directory]}/{file}"
+        if not await backend.holds(location, end):
+            return f"{backend.describe(location)} does not hold the {end} bytes the manifest names"
+    return None
+
+
+async def _claimed(backend: Backend, stem: str, nonce: str) -> bool:
+    """Whether a chief still holding its lock has claimed the section of ``stem.data-<nonce>``."""
+    for name in sorted(await backend.list_names()):
+        parsed = coordination.parse_claim_name(name)
+        if parsed is not None and parsed[0] == stem and parsed[2] == nonce:
+            if await _held(backend, data_dir_name(stem, parsed[1])):
+                return True
+    return False
+
+
 async def _held(backend: Backend, data_dir: str) -> bool:
     """Whether a writer still holds the lock of ``data_dir`` (its write or section is live).
 
@@ -960,13 +1040,26 @@ _UNREADABLE = object()
 async def _clean_debris(backend: Backend, *, exclude: str) -> None:
     """Delete what crashed writes left in the folder; never fails the write that calls it.
 
-    A data directory is debris when no writer holds its lock and no manifest in the folder names
-    it. Temporary manifests and stale lock markers go with their data directory.
+    A data directory is debris when no writer holds its lock, no manifest in the folder names it
+    and no live chief has claimed its section. Temporary manifests, sections and stale lock
+    markers go with their data directory; claims go once their chief no longer holds its lock.
     """
     try:
         names = await backend.list_names()
         groups: dict[tuple[str, str], set[str]] = {}
+        sections: dict[tuple[str, str], str] = {}
+        claims = []
         for name in names:
+            section = coordination.parse_section_name(name)
+            if section is not None:
+                key = (section[0], section[3])
+                groups.setdefault(key, set()).add("section")
+                sections[key] = name
+                continue
+            claim = coordination.parse_claim_name(name)
+            if claim is not None:
+                claims.append((name, claim))
+                continue
             for kind, parse in (("dir", parse_data_dir_name), ("lock", parse_lock_name), ("tmp", parse_index_tmp_name)):
                 parsed = parse(name)
                 if parsed is not None:
@@ -987,35 +1080,50 @@ async def _clean_debris(backend: Backend, *, exclude: str) -> None:
                 references[index] = None if data is None else (read_data_dirs(data) or _UNREADABLE)
             return references[index]
 
-        for name in sorted(names):
-            if coordination.parse_section_name(name) is not None:
-                await _clean_section(backend, name)
-
         for (stem, nonce), kinds in sorted(groups.items()):
             name = data_dir_name(stem, nonce)
             if name == exclude:
                 continue
             own_index = index_name(stem)
-            if kinds == {"dir"} and data_dirs_per_stem[stem] == 1 and own_index in names:
+            if kinds == {"dir"} and data_dirs_per_stem.get(stem) == 1 and own_index in names:
                 continue  # the one finished data directory of a committed checkpoint
-            lock = None
             if "lock" in kinds:
                 lock = await backend.try_lock(lock_name(stem, nonce))
-                if lock is None:
-                    continue  # still being written
+            elif "section" in kinds:  # a live writer always has a marker: make sure by creating it
+                lock = await backend.lock_new(lock_name(stem, nonce))
+            else:
+                lock = _NO_LOCK
+            if lock is None:
+                continue  # still being written
             try:
-                if await _is_referenced(name, own_index, names, referenced_by):
-                    continue
+                if "section" in kinds:
+                    # Take the section away first: a chief that claims it later finds nothing; a
+                    # chief that claimed it already has a claim the check below finds.
+                    if await backend.rename(sections[(stem, nonce)], index_tmp_name(stem, nonce)):
+                        kinds.add("tmp")
+                        logger.info("removed the section of an unfinished multi-worker save: %s",
+                                    backend.describe(sections[(stem, nonce)]))
                 if "dir" in kinds:
+                    if await _is_referenced(name, own_index, names, referenced_by):
+                        continue
+                    if await _claimed(backend, stem, nonce):  # listed after taking the lock
+                        continue
                     await backend.delete_tree(name)
                 if "tmp" in kinds:
                     await backend.delete(index_tmp_name(stem, nonce))
                 logger.info("removed debris of an unfinished write: %s", backend.describe(name))
             finally:
-                if lock is not None:
+                if lock is not _NO_LOCK:
                     await lock.release()
+
+        for name, (stem, chief, _) in sorted(claims):
+            if data_dir_name(stem, chief) != exclude and not await _held(backend, data_dir_name(stem, chief)):
+                await backend.delete(name)
     except Exception as exc:  # cleanup is best effort: the write itself must not fail for it
         logger.warning("could not clean up after earlier unfinished writes: %s", exc)
+
+
+_NO_LOCK = object()
 
 
 async def _is_referenced(name: str, own_index: str, names: set[str], referenced_by) -> bool:
@@ -1029,26 +1137,6 @@ async def _is_referenced(name: str, own_index: str, names: set[str], referenced_
             if found is not None and found is not _UNREADABLE and name in found:
                 return True
     return False
-
-
-async def _clean_section(backend: Backend, name: str) -> None:
-    """Delete section file ``name`` unless its writer is still live (holds its data directory's lock).
-
-    A live worker holds that lock from before its data directory exists until after it has deleted
-    its own section, so a section whose lock is free is a crashed or abandoned save's leftover (and
-    one that cannot be read could never be merged).
-    """
-    try:
-        data = await _read_index(backend, name)
-    except CorruptCheckpointError:
-        data = b""
-    if data is None:
-        return
-    dirs = read_data_dirs(data)
-    if dirs and await _held(backend, dirs[0]):
-        return
-    await backend.delete(name)
-    logger.info("removed the section of an unfinished multi-worker save: %s", backend.describe(name))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,11 +153,16 @@ def test_multi_worker_validates_its_fields():
             multi_worker=ac.MultiWorker(0, 2), write_settings=ac.WriteSettings(multi_worker=ac.MultiWorker(1, 2))))
 
 
-def test_section_names_round_trip():
-    name = coordination.section_name("ckpt-3", 2, 5)
-    assert name == "ckpt-3.index.section-00002-of-00005"
-    assert coordination.parse_section_name(name) == ("ckpt-3", 2, 5)
+def test_section_and_claim_names_round_trip():
+    name = coordination.section_name("ckpt-3", 2, 5, "0123456789abcdef")
+    assert name == "ckpt-3.index.section-00002-of-00005-0123456789abcdef"
+    assert coordination.parse_section_name(name) == ("ckpt-3", 2, 5, "0123456789abcdef")
     assert coordination.parse_section_name("ckpt-3.index") is None
+    assert coordination.parse_section_name("ckpt-3.index.section-00002-of-00005") is None
+    claim = coordination.claim_name("ckpt-3", "a" * 16, "b" * 16)
+    assert claim == f"ckpt-3.index.claim-{'a' * 16}-{'b' * 16}"
+    assert coordination.parse_claim_name(claim) == ("ckpt-3", "a" * 16, "b" * 16)
+    assert coordination.parse_claim_name(name) is None and coordination.parse_section_name(claim) is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +250,7 @@ def test_a_missing_worker_fails_the_chief_and_the_next_save_cleans_up(tmp_path):
     prefix = str(tmp_path / "ckpt")
     previous = build(seed=1)
     previous.write(prefix)  # an earlier checkpoint at the same path
-    with pytest.raises(ac.CheckpointTimeoutError, match=r"worker 2 \(.*ckpt\.index\.section-00002-of-00003\)") as raised:
+    with pytest.raises(ac.CheckpointTimeoutError, match=r"worker 2 \(.*ckpt\.index\.section-00002-of-00003-<nonce>\)") as raised:
         run_result = run_workers(2, lambda i: build().write(prefix, options=options(i, 3, timeout=0.5)))
         raise next(r for r in run_result if isinstance(r, BaseException) and "worker 2 (" in str(r))
     assert "1 of 2 other worker(s)" in str(raised.value)
@@ -257,7 +262,7 @@ def test_a_missing_worker_fails_the_chief_and_the_next_save_cleans_up(tmp_path):
     debris = [n for n in os.listdir(tmp_path) if ".data-" in n and n not in pipeline.open_reader(prefix).data_dirs]
     assert debris  # worker 1's data directory, left for cleanup
     # A section left by a crashed worker (its lock no longer held) is debris as well.
-    stale = tmp_path / "ckpt.index.section-00001-of-00003"
+    stale = tmp_path / coordination.section_name("ckpt", 1, 3, debris[0][-16:])
     stale.write_bytes(seal_manifest({"format": "asyncckpt-section", "format_version": 1, "worker": 1, "count": 3,
                                      "save_id": "x", "data_dir": debris[0], "tensors": {}}))
     assert run_workers(3, lambda i: build().write(prefix, options=options(i, 3))) == [prefix] * 3
@@ -277,15 +282,16 @@ def test_a_chief_that_never_commits_leaves_no_checkpoint(tmp_path):
 
 def test_a_stale_section_of_an_earlier_save_is_not_merged(tmp_path):
     prefix = str(tmp_path / "ckpt")
-    section = tmp_path / "ckpt.index.section-00001-of-00002"
     copied = {}
 
     def copy_section():
         deadline = time.monotonic() + HANG_GUARD
         while "bytes" not in copied and time.monotonic() < deadline:
             try:
+                section = next(tmp_path.glob("ckpt.index.section-00001-of-00002-*"))
                 copied["bytes"] = section.read_bytes()
-            except FileNotFoundError:
+                copied["path"] = section
+            except (StopIteration, FileNotFoundError):
                 time.sleep(0.01)
 
     copier = threading.Thread(target=copy_section)
@@ -294,7 +300,7 @@ def test_a_stale_section_of_an_earlier_save_is_not_merged(tmp_path):
     with pytest.raises(ac.CheckpointTimeoutError):
         build().write(prefix, options=options(1, 2, timeout=1.0))
     copier.join(HANG_GUARD)
-    section.write_bytes(copied["bytes"])  # as a crash after publishing would have left it
+    copied["path"].write_bytes(copied["bytes"])  # as a crash after publishing would have left it
     # Same save identifier (same name, same keys), but its writer no longer holds the data
     # directory: the chief waits past it and commits nothing.
     with pytest.raises(ac.CheckpointTimeoutError, match="worker 1"):
@@ -407,17 +413,18 @@ def test_a_damaged_extent_in_a_second_directory_is_named(hostile):
 
 def test_a_hostile_section_is_refused_by_the_chief(tmp_path):
     prefix = str(tmp_path / "ckpt")
-    section = tmp_path / "ckpt.index.section-00001-of-00002"
+    section = tmp_path / coordination.section_name("ckpt", 1, 2, "0" * 16)
     # A section naming a data directory of another checkpoint, with the right save_id, is refused
     # as soon as the chief finds it (checked before its writer's liveness).
     team_id = coordination.save_id(
-        "ckpt", 2, [(s.key, s.dtype, s.shape, s.nbytes) for s in build()._prepare_write(ac.WriteSettings()).sources]
+        "ckpt", 2, [(s.key, s.dtype, s.shape, s.nbytes) for s in build()._prepare_write(ac.WriteSettings()).sources],
+        "absent",
     )
     section.write_bytes(seal_manifest({"format": "asyncckpt-section", "format_version": 1, "worker": 1, "count": 2,
                                        "save_id": team_id, "data_dir": "other.data-0000000000000000",
                                        "tensors": {}}))
     # Its "writer" holds the lock of the directory it names, so cleanup leaves it for the chief.
-    fd = os.open(tmp_path / "other.data-0000000000000000.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(tmp_path / "ckpt.data-0000000000000000.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(ac.CorruptCheckpointError, match="not a data directory of checkpoint 'ckpt'"):
@@ -425,7 +432,7 @@ def test_a_hostile_section_is_refused_by_the_chief(tmp_path):
     finally:
         os.close(fd)
     assert not ac.checkpoint_exists(prefix)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith("ckpt.data-")]  # the chief's own data removed
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("ckpt.data-") and n != "ckpt.data-0000000000000000.lock"]
 
 
 # ------------------------------------------------------------------------------------------------

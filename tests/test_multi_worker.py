@@ -464,3 +464,110 @@ def test_only_the_chief_manager_keeps_the_books(tmp_path):
     restored = build(seed=11)
     restored.restore(ac.latest_checkpoint(directory)).assert_consumed()
     assert_same(values(restored), values(build()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Claims, stale sections, cleanup races
+
+
+def _specs():
+    return [(s.key, s.dtype, s.shape, s.nbytes) for s in build()._prepare_write(ac.WriteSettings()).sources]
+
+
+def test_a_rewrite_of_one_path_has_its_own_save_identifier_and_new_values(tmp_path):
+    # What P.index held when the save began is part of the identifier: a section left by the
+    # previous write to the same path (same keys) is never taken for the next one.
+    assert coordination.save_id("ckpt", 2, _specs(), "absent") != coordination.save_id("ckpt", 2, _specs(), "ab12")
+    prefix = str(tmp_path / "ckpt")
+
+    def work(index):
+        checkpoint = build()
+        checkpoint.write(prefix, options=options(index, 2))
+        checkpoint.model.big.assign(np.full((128, 96), 2.0, np.float32))
+        checkpoint.model.mid.assign(np.full(2000, 2.0))
+        return checkpoint.write(prefix, options=options(index, 2))
+
+    assert run_workers(2, work) == [prefix] * 2
+    reader = pipeline.open_reader(prefix)
+    assert set(np.unique(reader.read("model/big/.ATTRIBUTES/VARIABLE_VALUE"))) == {2.0}
+    assert set(np.unique(reader.read("model/mid/.ATTRIBUTES/VARIABLE_VALUE"))) == {2.0}
+
+
+def test_a_section_naming_a_directory_already_in_the_checkpoint_is_refused():
+    from asyncckpt.format import Extent, Section, TensorRecord
+    record = TensorRecord("float64", (2,), 16, 0, (Extent("pack-00000", 0, 16, 0),))
+    expected = {"b": TensorRecord("float64", (2,), 16, 0, ())}
+    chief_dir = "p.data-" + "a" * 16
+    section = Section(1, 2, "x", chief_dir, {"b": record})
+    with pytest.raises(ac.CorruptCheckpointError, match="already named by the checkpoint"):
+        coordination.check_section(section, source="s", worker=1, stem="p", expected=expected,
+                                   nonce="a" * 16, taken={chief_dir})
+    with pytest.raises(ac.CorruptCheckpointError, match="not the one its file name gives"):
+        coordination.check_section(section, source="s", worker=1, stem="p", expected=expected, nonce="b" * 16)
+
+
+async def _backend(folder):
+    from asyncckpt.storage import default_storage
+
+    backend = await default_storage().open(str(folder))
+    await backend.prepare()
+    return backend
+
+
+def test_cleanup_leaves_a_live_workers_section_and_removes_a_dead_ones(tmp_path):
+    import asyncio
+    from asyncckpt.format import Section, data_dir_name, index_tmp_name, lock_name
+
+    async def scenario():
+        backend = await _backend(tmp_path)
+        dead, live = "0" * 16, "f" * 16
+        await backend.create_data_dir(data_dir_name("p", dead))
+        stale = coordination.section_name("p", 1, 2, dead)
+        await backend.commit(stale, index_tmp_name("p", dead), Section(1, 2, "old", data_dir_name("p", dead), {}).to_json())
+        live_lock = await backend.lock_new(lock_name("p", live))
+        await backend.create_data_dir(data_dir_name("p", live))
+        fresh = coordination.section_name("p", 1, 2, live)
+        await backend.commit(fresh, index_tmp_name("p", live), Section(1, 2, "new", data_dir_name("p", live), {}).to_json())
+        await pipeline._clean_debris(backend, exclude="none")
+        names = await backend.list_names()
+        await live_lock.release()
+        return names
+
+    names = asyncio.run(scenario())
+    assert coordination.section_name("p", 1, 2, "f" * 16) in names and "p.data-" + "f" * 16 in names
+    assert coordination.section_name("p", 1, 2, "0" * 16) not in names and "p.data-" + "0" * 16 not in names
+
+
+def test_a_claimed_directory_of_a_dead_worker_survives_cleanup_while_its_chief_lives(tmp_path):
+    import asyncio
+    from asyncckpt.format import data_dir_name, lock_name
+
+    async def scenario():
+        backend = await _backend(tmp_path)
+        chief, worker = "c" * 16, "d" * 16
+        chief_lock = await backend.lock_new(lock_name("p", chief))
+        await backend.create_data_dir(data_dir_name("p", chief))
+        await backend.create_data_dir(data_dir_name("p", worker))  # its writer died: no lock held
+        await backend.write(data_dir_name("p", worker) + "/pack-00000", b"x" * 8)
+        claim = coordination.claim_name("p", chief, worker)
+        await backend.write(claim, b"{}")
+        await pipeline._clean_debris(backend, exclude="none")
+        kept = await backend.list_names()
+        await chief_lock.release()  # the chief is gone without committing: all of it is debris now
+        await pipeline._clean_debris(backend, exclude="none")
+        return kept, await backend.list_names()
+
+    kept, after = asyncio.run(scenario())
+    assert {"p.data-" + "d" * 16, coordination.claim_name("p", "c" * 16, "d" * 16)} <= kept
+    assert not any(name.startswith("p.") for name in after), after
+
+
+def test_a_worker_killed_after_its_section_was_claimed_still_lands_in_the_checkpoint(tmp_path):
+    script = ROOT / "tests" / "_kill_after_claim.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=HANG_GUARD, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    prefix = str(tmp_path / "p")
+    reader = pipeline.open_reader(prefix)
+    assert reader.verify().tensors == 3 and len(reader.data_dirs) == 3

@@ -6,6 +6,7 @@ The public surface is exactly ``__all__``.
 from asyncckpt import optimizers
 from asyncckpt.autotrackable import AutoTrackable
 from asyncckpt.checkpoint import Checkpoint, CheckpointOptions, add_variable
+from asyncckpt.coordination import MultiWorker
 from asyncckpt.checkpoint_management import (
     CheckpointManager,
     CheckpointState,
@@ -14,7 +15,13 @@ from asyncckpt.checkpoint_management import (
     latest_checkpoint,
     update_checkpoint_state,
 )
-from asyncckpt.errors import CheckpointError, CorruptCheckpointError, NotFoundError, UnsupportedFormatError
+from asyncckpt.errors import (
+    CheckpointError,
+    CheckpointTimeoutError,
+    CorruptCheckpointError,
+    NotFoundError,
+    UnsupportedFormatError,
+)
 from asyncckpt.module import Module
 from asyncckpt.pipeline import ReadSettings, WriteSettings
 from asyncckpt.python_state import PythonState
@@ -29,8 +36,10 @@ __all__ = [
     "CheckpointManager",
     "CheckpointOptions",
     "CheckpointState",
+    "CheckpointTimeoutError",
     "CorruptCheckpointError",
     "Module",
+    "MultiWorker",
     "NoDependency",
     "NotFoundError",
     "PythonState",

@@ -38,7 +38,7 @@ from asyncckpt.state_file import update_checkpoint_state
 from asyncckpt.trackable import Trackable, TrackableReference
 from asyncckpt.variable import Variable
 
-__all__ = ["Checkpoint", "CheckpointOptions", "add_variable"]
+__all__ = ["Checkpoint", "CheckpointOptions", "add_variable", "is_chief"]
 
 logger = logging.getLogger("asyncckpt")
 
@@ -85,6 +85,11 @@ class CheckpointOptions:
         frozen :class:`~asyncckpt.pipeline.WriteStats`: bytes and files written, and seconds per
         stage (snapshot -- the caller's stall --, data write, commit, total). Its exceptions are
         logged, never raised.
+    multi_worker : asyncckpt.MultiWorker, optional
+        This process is worker ``index`` of ``count`` saving the same checkpoints to a shared
+        filesystem: each writes its share of the bytes, the chief (worker 0) merges the sections,
+        commits, and alone updates the ``checkpoint`` state file. Every worker's ``save``/``sync``
+        returns once the checkpoint is committed. Also accepted as ``write_settings.multi_worker``.
     experimental_io_device, experimental_sharding_callback :
         Accepted for TensorFlow compatibility and ignored (placement and sharding are the pipeline's).
     experimental_enable_async_checkpoint : bool
@@ -100,8 +105,11 @@ class CheckpointOptions:
     write_settings: pipeline.WriteSettings | None = None
     read_settings: pipeline.ReadSettings | None = None
     experimental_metrics_callback: Callable[[pipeline.WriteStats], None] | None = None
+    multi_worker: pipeline.MultiWorker | None = None
 
     def __post_init__(self):
+        if self.multi_worker is not None and not isinstance(self.multi_worker, pipeline.MultiWorker):
+            raise TypeError(f"multi_worker must be an asyncckpt.MultiWorker or None, got {self.multi_worker!r}")
         if self.experimental_enable_async_checkpoint:
             logger.warning("experimental_enable_async_checkpoint is deprecated; use enable_async=True")
             self.enable_async = True
@@ -112,6 +120,28 @@ class CheckpointOptions:
             raise TypeError(
                 f"experimental_metrics_callback must be callable, got {self.experimental_metrics_callback!r}"
             )
+
+
+def _write_settings(options: CheckpointOptions) -> pipeline.WriteSettings:
+    """``options.write_settings`` with ``options.multi_worker`` folded in (they must agree)."""
+    settings = options.write_settings or pipeline.WriteSettings()
+    worker = getattr(options, "multi_worker", None)
+    if worker is None:
+        return settings
+    if settings.multi_worker is not None and settings.multi_worker != worker:
+        raise ValueError(
+            f"CheckpointOptions.multi_worker ({worker}) and write_settings.multi_worker "
+            f"({settings.multi_worker}) disagree; give one of them"
+        )
+    return dataclasses.replace(settings, multi_worker=worker)
+
+
+def is_chief(options: CheckpointOptions | None) -> bool:
+    """Whether this process keeps the bookkeeping of a save with ``options`` (not a non-chief worker)."""
+    if options is None:
+        return True
+    worker = _write_settings(options).multi_worker
+    return worker is None or worker.is_chief
 
 
 def _plan_key(settings: pipeline.WriteSettings) -> tuple[int, int, int]:
@@ -302,7 +332,8 @@ class Checkpoint(AutoTrackable):
             path = f"{prefix}-{int(counter)}"
             directory = os.path.dirname(path) or "."
             state_updater = lambda: update_checkpoint_state(directory, path)  # noqa: E731
-            return self._write(path, options, extra_callbacks=[state_updater])
+            # Of several workers saving together, only the chief records the checkpoint.
+            return self._write(path, options, extra_callbacks=[state_updater] if is_chief(options) else [])
 
     def write(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None) -> str:
         """Write exactly ``file_prefix``: no numbering, no ``save_counter`` change, no state file."""
@@ -322,7 +353,7 @@ class Checkpoint(AutoTrackable):
         return path
 
     def _start_write(self, path: str, options: CheckpointOptions, extra_callbacks: Sequence[Callable]):
-        settings = options.write_settings or pipeline.WriteSettings()
+        settings = _write_settings(options)
         prepared = self._prepare_write(settings)
         callbacks = [_bind_callback(callback, path) for callback in options.experimental_write_callbacks]
         callbacks.extend(extra_callbacks)

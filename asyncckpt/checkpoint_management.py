@@ -61,7 +61,7 @@ import numpy as np
 
 from asyncckpt import pipeline
 from asyncckpt._runtime import Runtime
-from asyncckpt.checkpoint import CheckpointOptions
+from asyncckpt.checkpoint import CheckpointOptions, is_chief
 from asyncckpt.format import lock_name
 from asyncckpt.state_file import (
     MAX_STATE_FILE_BYTES,
@@ -366,7 +366,7 @@ class CheckpointManager:
         write_options = copy.copy(options) if options is not None else CheckpointOptions()
         write_options.experimental_write_callbacks = [
             *(getattr(options, "experimental_write_callbacks", None) or []),
-            self._make_bookkeeping_callback(pending),
+            self._make_bookkeeping_callback(pending, chief=is_chief(options)),
         ]
         try:
             path = self._checkpoint.write(prefix, options=write_options)
@@ -377,14 +377,37 @@ class CheckpointManager:
             pending.started = True
         return path
 
-    def _make_bookkeeping_callback(self, pending: _PendingSave) -> Callable[[Any], None]:
+    def _make_bookkeeping_callback(self, pending: _PendingSave, *, chief: bool = True) -> Callable[[Any], None]:
         def record_and_sweep(save_path) -> None:
             try:
-                self._record_and_sweep_state(_fspath(save_path, "save path"), pending.io)
+                if chief:
+                    self._record_and_sweep_state(_fspath(save_path, "save path"), pending.io)
+                else:
+                    self._record_only(_fspath(save_path, "save path"), pending.io)
             finally:
                 self._forget(pending)
 
         return record_and_sweep
+
+    def _record_only(self, save_path: str, io: _CheckpointIo) -> None:
+        """A non-chief worker's bookkeeping: the chief's view, in memory, without touching files.
+
+        Of several workers saving together only the chief writes the state file and deletes old
+        checkpoints; the others follow along so ``latest_checkpoint`` and ``checkpoints`` answer
+        the same on every worker.
+        """
+        with self._lock:
+            save_path = self._canonical(save_path)
+            self._maybe_delete.pop(save_path, None)
+            self._maybe_delete[save_path] = self._clock()
+            self._released.discard(save_path)
+            self._latest_checkpoint = save_path
+            self._latest_io = io
+            expiring, _, last_preserved = self._plan_expiry()
+            for path in expiring:
+                del self._maybe_delete[path]
+                self._released.add(path)
+            self._last_preserved_timestamp = last_preserved
 
     def _forget(self, pending: _PendingSave) -> None:
         with self._lock:

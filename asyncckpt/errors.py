@@ -4,6 +4,7 @@ Error tree::
 
     CheckpointError
     ├── NotFoundError (also FileNotFoundError)      no committed checkpoint at a path
+    ├── CheckpointTimeoutError (also TimeoutError)  a multi-worker save waited too long for a worker
     └── CorruptCheckpointError (also ValueError)    manifest, state or data failed validation
         └── UnsupportedFormatError                  written by an unknown format version
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "NotFoundError",
+    "CheckpointTimeoutError",
     "CorruptCheckpointError",
     "UnsupportedFormatError",
 ]
@@ -27,6 +29,10 @@ class CheckpointError(Exception):
 
 class NotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint (or a file it needs) exists at the given path."""
+
+
+class CheckpointTimeoutError(CheckpointError, TimeoutError):
+    """A multi-worker save gave up waiting: for a worker's section (chief) or the commit (others)."""
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):

@@ -54,6 +54,11 @@ __all__ = [
     "is_plain_name",
     "parse_manifest",
     "read_data_dir",
+    "read_data_dirs",
+    "MAX_DATA_DIRS",
+    "SECTION_FORMAT_NAME",
+    "Section",
+    "parse_section",
     "object_graph_bytes",
     "crc32c_combine",
 ]
@@ -69,6 +74,10 @@ BYTES_DTYPE = "bytes"
 MAX_INDEX_BYTES = 256 << 20
 MAX_BYTES = 2**53
 MAX_NDIM = 64
+#: The most data directories one manifest may name (one per worker of a multi-worker save).
+MAX_DATA_DIRS = 65536
+#: The ``format`` of a section manifest: one worker's part of a multi-worker save, before the merge.
+SECTION_FORMAT_NAME = "asyncckpt-section"
 _MAX_NAME_LENGTH = 255
 
 INDEX_SUFFIX = ".index"
@@ -198,15 +207,23 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Extent:
-    """A run of a tensor's bytes: ``length`` bytes at ``offset`` in data file ``file``."""
+    """A run of a tensor's bytes: ``length`` bytes at ``offset`` in data file ``file``.
+
+    ``dir`` indexes the manifest's data directories (:attr:`Manifest.all_data_dirs`); 0, the
+    manifest's ``data_dir``, is the only one a single writer uses and is not written out.
+    """
 
     file: str
     offset: int
     length: int
     crc32c: int
+    dir: int = 0
 
     def to_json(self) -> dict:
-        return {"file": self.file, "offset": self.offset, "length": self.length, "crc32c": self.crc32c}
+        document = {"file": self.file, "offset": self.offset, "length": self.length, "crc32c": self.crc32c}
+        if self.dir:
+            document["dir"] = self.dir
+        return document
 
 
 @dataclass(frozen=True)
@@ -235,11 +252,22 @@ class TensorRecord:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A parsed ``P.index``: the data directory, the caller's object graph and the tensor records."""
+    """A parsed ``P.index``: the data directory, the caller's object graph and the tensor records.
+
+    ``data_dirs`` is empty for a checkpoint written by one writer. A checkpoint merged from the
+    sections of several workers lists every data directory there, ``data_dir`` first, and each
+    extent names its directory by position (:attr:`Extent.dir`).
+    """
 
     data_dir: str
     object_graph: dict
     tensors: Mapping[str, TensorRecord]
+    data_dirs: tuple[str, ...] = ()
+
+    @property
+    def all_data_dirs(self) -> tuple[str, ...]:
+        """Every data directory the manifest references, ``data_dir`` first."""
+        return self.data_dirs or (self.data_dir,)
 
     def to_json(self) -> bytes:
         """Serialise to the bytes written as ``P.index`` (UTF-8 JSON, sealed by :func:`seal_manifest`)."""
@@ -247,10 +275,39 @@ class Manifest:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "data_dir": self.data_dir,
-            "object_graph": self.object_graph,
-            "tensors": {key: record.to_json() for key, record in self.tensors.items()},
         }
+        if self.data_dirs:
+            document["data_dirs"] = list(self.data_dirs)
+        document["object_graph"] = self.object_graph
+        document["tensors"] = {key: record.to_json() for key, record in self.tensors.items()}
         return seal_manifest(document)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One worker's part of a multi-worker save: ``P.index.section-<i>-of-<n>`` (see docs/format.md).
+
+    ``save_id`` identifies the save the section belongs to (every worker computes the same one),
+    so a section left by an earlier, crashed save is never merged into a later one.
+    """
+
+    worker: int
+    count: int
+    save_id: str
+    data_dir: str
+    tensors: Mapping[str, TensorRecord]
+
+    def to_json(self) -> bytes:
+        """The sealed bytes of the section file (same checksum scheme as a manifest)."""
+        return seal_manifest({
+            "format": SECTION_FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "worker": self.worker,
+            "count": self.count,
+            "save_id": self.save_id,
+            "data_dir": self.data_dir,
+            "tensors": {key: record.to_json() for key, record in self.tensors.items()},
+        })
 
 
 def seal_manifest(document: Mapping) -> bytes:
@@ -326,9 +383,15 @@ def _require_int(value: Any, what: str, upper: int = MAX_BYTES) -> int:
     return value
 
 
-def _parse_extent(raw: Any, index: int) -> Extent:
+def _parse_extent(raw: Any, index: int, dirs: int = 1) -> Extent:
     what = f"extent {index}"
-    raw = _require_dict(raw, what, {"file", "offset", "length", "crc32c"})
+    raw = _require_dict(raw, what, {"file", "offset", "length", "crc32c", "dir"}, frozenset({"dir"}))
+    directory = raw.get("dir", 0)
+    if type(directory) is not int or not 0 <= directory < dirs:
+        raise _Invalid(
+            f"{what} names data directory {directory!r}, but the manifest lists {dirs} "
+            f"(valid: 0..{dirs - 1})"
+        )
     if not is_plain_name(raw["file"]):
         raise _Invalid(f"{what} names file {raw['file']!r}, which is not a plain file name")
     offset = _require_int(raw["offset"], f"{what} offset")
@@ -337,10 +400,10 @@ def _parse_extent(raw: Any, index: int) -> Extent:
         raise _Invalid(f"{what} is empty")
     if offset + length > MAX_BYTES:
         raise _Invalid(f"{what} ends beyond {MAX_BYTES} bytes")
-    return Extent(raw["file"], offset, length, _require_int(raw["crc32c"], f"{what} crc32c", 2**32 - 1))
+    return Extent(raw["file"], offset, length, _require_int(raw["crc32c"], f"{what} crc32c", 2**32 - 1), directory)
 
 
-def _parse_record(raw: Any) -> TensorRecord:
+def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     raw = _require_dict(raw, "the record", {"dtype", "shape", "nbytes", "crc32c", "extents"})
     try:
         dtype = decode_dtype(raw["dtype"])
@@ -363,7 +426,7 @@ def _parse_record(raw: Any) -> TensorRecord:
         raise _Invalid("extents must be a list")
     if len(extents_raw) > nbytes:
         raise _Invalid(f"{len(extents_raw)} extents cannot tile {nbytes} bytes")
-    extents = tuple(_parse_extent(extent, i) for i, extent in enumerate(extents_raw))
+    extents = tuple(_parse_extent(extent, i, dirs) for i, extent in enumerate(extents_raw))
     covered = sum(extent.length for extent in extents)
     if covered != nbytes:
         raise _Invalid(f"extents cover {covered} bytes but the tensor has {nbytes}")
@@ -384,7 +447,6 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
         does not match ``nbytes``, extents that do not tile the tensor, file names that could
         escape the data directory. The message names ``source`` and, where known, the key.
     """
-    key = None
     try:
         header = _MANIFEST_HEADER_RE.match(data)
         if header is not None:
@@ -416,24 +478,115 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
         document = _require_dict(
             document,
             "the manifest",
-            {MANIFEST_CRC_FIELD, "format", "format_version", "data_dir", "object_graph", "tensors"},
+            {MANIFEST_CRC_FIELD, "format", "format_version", "data_dir", "data_dirs", "object_graph", "tensors"},
+            frozenset({"data_dirs"}),
         )
         if not is_plain_name(document["data_dir"]):
             raise _Invalid(f"data_dir {document['data_dir']!r} is not a plain directory name")
+        data_dirs = _parse_data_dirs(document)
         if not isinstance(document["object_graph"], dict):
             raise _Invalid("object_graph must be a JSON object")
-        if not isinstance(document["tensors"], dict):
-            raise _Invalid("tensors must be a JSON object")
-        tensors = {}
-        for key, raw in document["tensors"].items():
-            if key == OBJECT_GRAPH_KEY:
-                raise _Invalid(f"the reserved key {OBJECT_GRAPH_KEY} must not be stored as a tensor")
-            tensors[key] = _parse_record(raw)
-        key = None
-        return Manifest(document["data_dir"], document["object_graph"], tensors)
+        tensors = _parse_tensors(document, max(len(data_dirs), 1))
+        return Manifest(document["data_dir"], document["object_graph"], tensors, data_dirs)
     except _Invalid as exc:
+        key = getattr(exc, "key", None)
         where = f" (key {key!r})" if key is not None else ""
         raise CorruptCheckpointError(f"corrupt checkpoint manifest {source}{where}: {exc}") from None
+
+
+def _parse_data_dirs(document: dict) -> tuple[str, ...]:
+    """The optional ``data_dirs`` list: plain, distinct names, ``data_dir`` first; () when absent."""
+    if "data_dirs" not in document:
+        return ()
+    names = document["data_dirs"]
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_DATA_DIRS:
+        raise _Invalid(f"data_dirs must be a list of 1 to {MAX_DATA_DIRS} directory names")
+    for name in names:
+        if not is_plain_name(name):
+            raise _Invalid(f"data_dirs names {name!r}, which is not a plain directory name")
+    if len(set(names)) != len(names):
+        raise _Invalid("data_dirs names a directory twice")
+    if names[0] != document["data_dir"]:
+        raise _Invalid(f"data_dirs must begin with data_dir {document['data_dir']!r}, not {names[0]!r}")
+    return tuple(names)
+
+
+def _parse_tensors(document: dict, dirs: int) -> dict[str, TensorRecord]:
+    if not isinstance(document["tensors"], dict):
+        raise _Invalid("tensors must be a JSON object")
+    tensors = {}
+    for key, raw in document["tensors"].items():
+        try:
+            if key == OBJECT_GRAPH_KEY:
+                raise _Invalid(f"the reserved key {OBJECT_GRAPH_KEY} must not be stored as a tensor")
+            tensors[key] = _parse_record(raw, dirs)
+        except _Invalid as exc:
+            exc.key = key
+            raise
+    return tensors
+
+
+def parse_section(data: bytes, *, source: str) -> Section:
+    """Parse and validate a section file read from ``source`` (untrusted, like a manifest).
+
+    Same rules as :func:`parse_manifest` (checksum first, strict fields, plain names), with the
+    section's own fields: ``worker`` and ``count`` (``0 <= worker < count``), ``save_id`` (a
+    string) and exactly one ``data_dir`` (an extent may not name another).
+
+    Raises
+    ------
+    CorruptCheckpointError
+        Naming ``source`` and, where known, the key.
+    """
+    try:
+        header = _MANIFEST_HEADER_RE.match(data)
+        if header is None:
+            raise _Invalid(f"the section does not begin with its checksum member ({_MANIFEST_HEADER.decode()}<crc32c>,)")
+        recorded = int(header.group(1))
+        actual = crc32c.crc32c(memoryview(data)[header.end():])
+        if actual != recorded:
+            raise _Invalid(f"the section fails its checksum (crc32c {actual:#010x}, recorded {recorded:#010x})")
+        document = _require_dict(
+            _load_json(data),
+            "the section",
+            {MANIFEST_CRC_FIELD, "format", "format_version", "worker", "count", "save_id", "data_dir", "tensors"},
+        )
+        if document["format"] != SECTION_FORMAT_NAME or document["format_version"] != FORMAT_VERSION:
+            raise _Invalid(f"not an {SECTION_FORMAT_NAME} file of format_version {FORMAT_VERSION}")
+        count = _require_int(document["count"], "count", MAX_DATA_DIRS)
+        worker = _require_int(document["worker"], "worker", MAX_DATA_DIRS)
+        if not worker < count:
+            raise _Invalid(f"worker {worker} is not below count {count}")
+        if not isinstance(document["save_id"], str) or not 0 < len(document["save_id"]) <= 256:
+            raise _Invalid("save_id must be a non-empty string of at most 256 characters")
+        if not is_plain_name(document["data_dir"]):
+            raise _Invalid(f"data_dir {document['data_dir']!r} is not a plain directory name")
+        tensors = _parse_tensors(document, 1)
+        return Section(worker, count, document["save_id"], document["data_dir"], tensors)
+    except _Invalid as exc:
+        key = getattr(exc, "key", None)
+        where = f" (key {key!r})" if key is not None else ""
+        raise CorruptCheckpointError(f"corrupt checkpoint section {source}{where}: {exc}") from None
+
+
+def read_data_dirs(data: bytes) -> tuple[str, ...] | None:
+    """Every data directory a manifest (or a section) names, or ``None`` when unreadable as one.
+
+    Lenient like :func:`read_data_dir`: debris cleanup must know what a manifest references even
+    when the rest of it is from a newer format version. Names that are not plain are dropped.
+    """
+    try:
+        document = _load_json(data)
+    except _Invalid:
+        return None
+    if not isinstance(document, dict) or document.get("format") not in (FORMAT_NAME, SECTION_FORMAT_NAME):
+        return None
+    first = document.get("data_dir")
+    if not is_plain_name(first):
+        return None
+    others = document.get("data_dirs")
+    names = [first, *(others if isinstance(others, list) else ())]
+    return tuple(dict.fromkeys(name for name in names if is_plain_name(name)))
 
 
 def read_data_dir(data: bytes) -> str | None:

@@ -32,6 +32,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import json
 import logging
@@ -47,8 +48,10 @@ import crc32c
 import numpy as np
 
 from asyncckpt import _arrays, _cuda
+from asyncckpt import coordination
 from asyncckpt._runtime import Runtime, get_runtime, running_loop
-from asyncckpt.errors import CorruptCheckpointError, NotFoundError
+from asyncckpt.coordination import MultiWorker
+from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError, NotFoundError
 from asyncckpt.format import (
     BYTES_DTYPE,
     OBJECT_GRAPH_KEY,
@@ -67,7 +70,9 @@ from asyncckpt.format import (
     parse_index_tmp_name,
     parse_lock_name,
     parse_manifest,
-    read_data_dir,
+    parse_section,
+    read_data_dirs,
+    Section,
 )
 from asyncckpt.plan import PlanItem, ReadRange, WritePlan, plan_read, plan_write
 from asyncckpt.snapshot import (
@@ -82,6 +87,7 @@ from asyncckpt.snapshot import (
 from asyncckpt.storage import Backend, Storage, TruncatedError, default_storage
 
 __all__ = [
+    "MultiWorker",
     "SaveEntry",
     "TensorSpec",
     "WriteSettings",
@@ -139,6 +145,10 @@ class WriteSettings:
     device_backend:
         The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays are captured on the device at
         ``start_write`` (default: CUDA arrays, through CuPy).
+    multi_worker:
+        A :class:`~asyncckpt.coordination.MultiWorker`: this write is one worker's part of a
+        save by several workers to a shared filesystem (each writes its share of the bytes; the
+        chief merges and commits). ``None`` or ``count == 1``: a single writer.
     """
 
     staging_budget_bytes: int = 256 * MiB
@@ -149,8 +159,13 @@ class WriteSettings:
     storage: Storage | None = None
     runtime: Runtime | None = None
     device_backend: Any = None
+    multi_worker: MultiWorker | None = None
 
     def __post_init__(self) -> None:
+        if self.multi_worker is not None and not isinstance(self.multi_worker, MultiWorker):
+            raise TypeError(
+                f"WriteSettings.multi_worker must be an asyncckpt.MultiWorker or None, got {self.multi_worker!r}"
+            )
         for name in ("staging_budget_bytes", "chunk_bytes", "pack_bytes", "small_array_bytes", "max_concurrent_writes"):
             _require_positive_int("WriteSettings", name, getattr(self, name))
         if self.staging_budget_bytes < max(self.chunk_bytes, self.pack_bytes):
@@ -262,6 +277,7 @@ class WriteHandle:
         self.path = path
         self.metrics = WriteMetrics()
         self._key = key
+        self._worker: int | None = None  # this write's worker number in a multi-worker save
         self._future: concurrent.futures.Future = concurrent.futures.Future()
 
     def done(self) -> bool:
@@ -300,11 +316,17 @@ class _Registry:
         self._pending: dict[str, list[WriteHandle]] = {}
         self._calling_back = threading.local()
 
-    def add(self, handle: WriteHandle) -> WriteHandle | None:
-        """Register ``handle``; return the latest earlier pending write to the same path."""
+    def add(self, handle: WriteHandle) -> list[WriteHandle]:
+        """Register ``handle``; return the earlier pending writes to the same path it must follow.
+
+        Writes of different workers of a multi-worker save (threads playing several workers) do
+        not wait for each other: each worker's writes to a path are ordered among themselves. A
+        single-writer write and any multi-worker write to one path are ordered both ways.
+        """
+        mine = handle._worker
         with self._guard:
             queue = self._pending.setdefault(handle._key, [])
-            previous = queue[-1] if queue else None
+            previous = [h for h in queue if mine is None or h._worker is None or h._worker == mine]
             queue.append(handle)
         handle._future.add_done_callback(lambda _: self._remove(handle))
         return previous
@@ -322,9 +344,14 @@ class _Registry:
 
         A callback of write W runs before W resolves, and later writes to W's path wait for W;
         waiting for any of those from inside the callback would deadlock, so they are skipped.
+        So are writes of a multi-worker save made for another worker than the calling thread's
+        last one (threads of one process playing several workers): such a write may wait for
+        something the calling thread has yet to do (a thread about to play worker 1 must not
+        wait for the chief's commit that needs worker 1's section).
         """
         folder = key.rstrip("/") + "/"
         current = getattr(self._calling_back, "handle", None)
+        worker = getattr(_thread_worker, "index", None)
         found = []
         with self._guard:
             for path, queue in self._pending.items():
@@ -332,7 +359,7 @@ class _Registry:
                     continue
                 if current is not None and current in queue:
                     queue = queue[: queue.index(current)]
-                found.extend(queue)
+                found.extend(h for h in queue if h._worker is None or h._worker == worker)
         return found
 
     def all(self) -> list[WriteHandle]:
@@ -350,6 +377,8 @@ class _Registry:
 
 
 _registry = _Registry()
+# The worker (MultiWorker.index) of the last multi-worker write each thread started.
+_thread_worker = threading.local()
 
 
 def _finish_pending_writes_at_exit() -> None:
@@ -569,6 +598,10 @@ def start_write(
                                      settings=settings)
     else:
         prepared = prepare_write(entries, object_graph, settings=settings)
+    team = None
+    worker = settings.multi_worker
+    if worker is not None and worker.count > 1:
+        team, prepared = _share_of(prepared, worker, stem)
     callbacks = tuple(on_commit)
     for callback in callbacks:
         if not callable(callback):
@@ -583,6 +616,9 @@ def start_write(
     runtime = _runtime_of(settings)
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
+    job.team = team
+    if team is not None:
+        handle._worker = _thread_worker.index = team.worker.index
     try:
         job.snapshot.capture_device_values(settings.staging_budget_bytes)
         job.snapshot.install_guards()
@@ -599,6 +635,37 @@ def start_write(
         raise
     _chain(future, handle._future)
     return handle
+
+
+@dataclass(frozen=True)
+class _Team:
+    """What one worker of a multi-worker save knows about the whole save."""
+
+    worker: MultiWorker
+    order: tuple[str, ...]  # every key, in the save's order
+    owners: Mapping[str, int]  # key -> worker writing it
+    specs: Mapping[str, TensorRecord]  # key -> dtype, shape and size (no extents)
+
+    def share(self, worker: int) -> dict[str, TensorRecord]:
+        return {key: self.specs[key] for key in self.order if self.owners[key] == worker}
+
+    def spec_items(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        return [(key, self.specs[key].dtype, self.specs[key].shape, self.specs[key].nbytes) for key in self.order]
+
+
+def _share_of(prepared: PreparedWrite, worker: MultiWorker, stem: str) -> tuple[_Team, PreparedWrite]:
+    """The save as a whole, and the part of it this worker writes (its sources, laid out alone)."""
+    sources = prepared.sources
+    owners = coordination.assign([(source.key, source.nbytes) for source in sources], worker.count)
+    specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in sources}
+    team = _Team(worker, prepared.keys, owners, specs)
+    mine = [index for index, source in enumerate(sources) if owners[source.key] == worker.index]
+    own = tuple(sources[index] for index in mine)
+    plan = _plan(own, prepared.plan_settings)
+    arrays = set(prepared.array_items)
+    own_arrays = tuple(position for position, index in enumerate(mine) if index in arrays)
+    return team, PreparedWrite(own, plan, GuardLayout(own, plan), prepared.object_graph, prepared.plan_settings,
+                               own_arrays)
 
 
 def _chain(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
@@ -632,8 +699,11 @@ class _WriteJob:
                                  device_backend=settings.device_backend)
         self.snapshot_seconds = 0.0
         self._write_span = [float("inf"), 0.0]
+        self.team: _Team | None = None
+        self.save_id = ""
+        self.claims: list[str] = []  # sections this chief renamed to its own claim names
 
-    async def run(self, previous: WriteHandle | None, started: float) -> str:
+    async def run(self, previous: list[WriteHandle], started: float) -> str:
         metrics = self.handle.metrics
         error: BaseException | None = None
         try:
@@ -649,27 +719,43 @@ class _WriteJob:
                     await _clean_debris(backend, exclude=data_dir)
                 await self._write_files(backend, data_dir)
                 manifest = self._manifest(data_dir)
-                if previous is not None:
-                    await _quietly_wait(previous)
-                replaced = await _referenced_data_dir(backend, self.stem)
-                commit_started = time.perf_counter()
-                await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
-                committed = True
-                metrics.commit_seconds = time.perf_counter() - commit_started
-                if replaced is not None and replaced != data_dir:
-                    try:
-                        await backend.delete_tree(replaced)
-                    except OSError as exc:
-                        logger.warning("could not delete replaced data directory %s: %s", backend.describe(replaced), exc)
+                for earlier in previous:
+                    await _quietly_wait(earlier)
+                if self.team is not None:
+                    self.save_id = coordination.save_id(self.stem, self.team.worker.count, self.team.spec_items(),
+                                                        await _index_token(backend, self.stem))
+                if self.team is not None and not self.team.worker.is_chief:
+                    # Once published, the section may be merged at any moment: from here on the
+                    # data directory is left to the chief's commit or, failing that, to cleanup.
+                    committed = True
+                    await self._publish_and_wait(backend, data_dir, nonce, manifest)
+                else:
+                    if self.team is not None:
+                        manifest = await self._gather(backend, nonce, manifest)
+                    replaced = await _referenced_data_dirs(backend, self.stem)
+                    commit_started = time.perf_counter()
+                    await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
+                    committed = True
+                    metrics.commit_seconds = time.perf_counter() - commit_started
+                    for old in replaced:
+                        if old in manifest.all_data_dirs:
+                            continue
+                        try:
+                            await backend.delete_tree(old)
+                        except OSError as exc:
+                            logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
             except BaseException:
                 self.snapshot.close()
                 with contextlib.suppress(Exception):
                     # A commit can fail after its rename (e.g. the directory fsync): then P.index
                     # already names the new data, which must stay.
-                    if not committed and await _referenced_data_dir(backend, self.stem) != data_dir:
+                    if not committed and data_dir not in await _referenced_data_dirs(backend, self.stem):
                         await backend.delete_tree(data_dir)
                 raise
             finally:
+                for claim in self.claims:  # the commit (or its failure) settles them: drop before unlocking
+                    with contextlib.suppress(Exception):
+                        await backend.delete(claim)
                 with contextlib.suppress(Exception):
                     await lock.release()
             for callback in self.callbacks:
@@ -689,6 +775,110 @@ class _WriteJob:
             metrics.total_seconds = time.perf_counter() - started
             if self.on_stats is not None:
                 await self._report(error)
+
+    async def _gather(self, backend: Backend, nonce: str, own: Manifest) -> Manifest:
+        """The chief's part: claim every other worker's section of this save, check, merge, verify."""
+        team = self.team
+        count = team.worker.count
+        found: dict[int, Section] = {}
+        replaced = await _referenced_data_dirs(backend, self.stem)
+
+        async def look() -> bool | None:
+            names = await backend.list_names()
+            for name in sorted(names):
+                parsed = coordination.parse_section_name(name)
+                if parsed is None or parsed[0] != self.stem or parsed[2] != count:
+                    continue
+                if not 0 < parsed[1] < count or parsed[1] in found:
+                    continue
+                section = await self._claim(backend, nonce, name, parsed, own, replaced, found)
+                if section is not None:
+                    found[parsed[1]] = section
+            return True if len(found) == count - 1 else None
+
+        if await coordination.poll(look, team.worker.timeout_seconds) is None:
+            missing = [worker for worker in range(1, count) if worker not in found]
+            names = ", ".join(
+                f"worker {w} ({backend.describe(coordination.section_name(self.stem, w, count, '<nonce>'))})"
+                for w in missing
+            )
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.handle.path} was not committed: after {team.worker.timeout_seconds:g} s "
+                f"the section(s) of {len(missing)} of {count - 1} other worker(s) had not been published: {names}"
+            )
+        merged = coordination.merge(own, [found[worker] for worker in range(1, count)], team.order)
+        # What is about to be committed must read back, and every byte it names must be there.
+        parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
+        problem = await _missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())
+        if problem is not None:
+            raise CorruptCheckpointError(f"checkpoint {self.handle.path} was not committed: {problem}")
+        return merged
+
+    async def _claim(self, backend, nonce, name, parsed, own, replaced, found) -> Section | None:
+        """Worker ``parsed[1]``'s section ``name``, checked and claimed; ``None`` to wait past it.
+
+        A section of another save (another ``save_id``) or one whose writer no longer holds its
+        data directory's lock is an earlier save's leftover: not merged, waited past. A section
+        that passes is renamed to this chief's claim name (at most one renamer wins it: a worker
+        withdrawing it, a cleaner deleting it, or this chief); only then are its bytes checked, and
+        from then on cleanup leaves its data directory alone while this chief holds its lock.
+        """
+        team = self.team
+        _, worker, count, section_nonce = parsed
+        data = await _read_index(backend, name)
+        if data is None:
+            return None
+        source = backend.describe(name)
+        section = parse_section(data, source=source)
+        if section.save_id != self.save_id or section.count != count:
+            return None
+        taken = {own.data_dir, *replaced, *(other.data_dir for other in found.values())}
+        coordination.check_section(section, source=source, worker=worker, stem=self.stem,
+                                   expected=team.share(worker), nonce=section_nonce, taken=taken)
+        if backend.cleans_debris and not await _held(backend, section.data_dir):
+            return None
+        await backend.check_data_dir(section.data_dir)
+        claim = coordination.claim_name(self.stem, nonce, section_nonce)
+        if not await backend.rename(name, claim):
+            return None
+        self.claims.append(claim)
+        if await _missing_bytes(backend, (section.data_dir,), section.tensors.values()) is not None:
+            self.claims.remove(claim)
+            await backend.delete(claim)  # its writer is gone and so are its bytes: wait for another
+            return None
+        return section
+
+    async def _publish_and_wait(self, backend: Backend, data_dir: str, nonce: str, own: Manifest) -> None:
+        """A non-chief's part: publish the section, then wait until ``P.index`` references it."""
+        team = self.team
+        worker = team.worker
+        name = coordination.section_name(self.stem, worker.index, worker.count, nonce)
+        section = Section(worker.index, worker.count, self.save_id, data_dir, own.tensors)
+        await backend.commit(name, index_tmp_name(self.stem, nonce), section.to_json())
+
+        async def committed() -> bool | None:
+            return True if data_dir in await _referenced_data_dirs(backend, self.stem) else None
+
+        async def settled() -> bool | None:  # committed, or no live chief holds a claim on it any more
+            if await committed():
+                return True
+            return None if await _claimed(backend, self.stem, nonce) else True
+
+        done = await coordination.poll(committed, worker.timeout_seconds)
+        if done is None:
+            # Withdraw the section; if a chief claimed it first, that chief decides: wait for it.
+            withdrawn = await backend.rename(name, index_tmp_name(self.stem, nonce))
+            if withdrawn:
+                with contextlib.suppress(Exception):
+                    await backend.delete(index_tmp_name(self.stem, nonce))
+            else:
+                await coordination.poll(settled, worker.timeout_seconds)
+        if done is None and await committed() is None:  # the chief may have committed just now
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.handle.path} was not committed: worker {worker.index} of {worker.count} "
+                f"published its section, but after {worker.timeout_seconds:g} s the chief (worker 0) had "
+                f"not committed {backend.describe(index_name(self.stem))} referencing {data_dir}"
+            )
 
     async def _report(self, error: BaseException | None) -> None:
         metrics = self.handle.metrics
@@ -786,12 +976,62 @@ async def _read_index(backend: Backend, name: str) -> bytes | None:
     return await backend.read(name)
 
 
-async def _referenced_data_dir(backend: Backend, stem: str) -> str | None:
+async def _referenced_data_dirs(backend: Backend, stem: str) -> tuple[str, ...]:
+    """The data directories ``stem.index`` names; () when there is none or it cannot be read."""
     try:
         data = await _read_index(backend, index_name(stem))
     except CorruptCheckpointError:
-        return None  # an unreadable old index: its data directory is left alone
-    return None if data is None else read_data_dir(data)
+        return ()  # an unreadable old index: its data directories are left alone
+    return () if data is None else (read_data_dirs(data) or ())
+
+
+async def _index_token(backend: Backend, stem: str) -> str:
+    """What ``stem.index`` holds now, hashed: the part of a save's identifier that changes per write."""
+    try:
+        data = await _read_index(backend, index_name(stem))
+    except CorruptCheckpointError:
+        return "oversized"
+    return "absent" if data is None else hashlib.sha256(data).hexdigest()
+
+
+async def _missing_bytes(backend: Backend, data_dirs, records) -> str | None:
+    """What of ``records``' extents (in ``data_dirs``) is not on storage; ``None`` when all is."""
+    ends: dict[tuple[int, str], int] = {}
+    for record in records:
+        for extent in record.extents:
+            key = (extent.dir, extent.file)
+            ends[key] = max(ends.get(key, 0), extent.offset + extent.length)
+    for (directory, file), end in sorted(ends.items()):
+        location = f"{data_dirs[directory]}/{file}"
+        if not await backend.holds(location, end):
+            return f"{backend.describe(location)} does not hold the {end} bytes the manifest names"
+    return None
+
+
+async def _claimed(backend: Backend, stem: str, nonce: str) -> bool:
+    """Whether a chief still holding its lock has claimed the section of ``stem.data-<nonce>``."""
+    for name in sorted(await backend.list_names()):
+        parsed = coordination.parse_claim_name(name)
+        if parsed is not None and parsed[0] == stem and parsed[2] == nonce:
+            if await _held(backend, data_dir_name(stem, parsed[1])):
+                return True
+    return False
+
+
+async def _held(backend: Backend, data_dir: str) -> bool:
+    """Whether a writer still holds the lock of ``data_dir`` (its write or section is live).
+
+    Taking a free lock to find out removes its stale marker, as debris cleanup would.
+    """
+    parsed = parse_data_dir_name(data_dir)
+    if parsed is None:
+        return False
+    marker = lock_name(*parsed)
+    taken = await backend.try_lock(marker)
+    if taken is not None:
+        await taken.release()
+        return False
+    return await backend.holds(marker, 0) is not None
 
 
 _UNREADABLE = object()
@@ -800,13 +1040,26 @@ _UNREADABLE = object()
 async def _clean_debris(backend: Backend, *, exclude: str) -> None:
     """Delete what crashed writes left in the folder; never fails the write that calls it.
 
-    A data directory is debris when no writer holds its lock and no manifest in the folder names
-    it. Temporary manifests and stale lock markers go with their data directory.
+    A data directory is debris when no writer holds its lock, no manifest in the folder names it
+    and no live chief has claimed its section. Temporary manifests, sections and stale lock
+    markers go with their data directory; claims go once their chief no longer holds its lock.
     """
     try:
         names = await backend.list_names()
         groups: dict[tuple[str, str], set[str]] = {}
+        sections: dict[tuple[str, str], str] = {}
+        claims = []
         for name in names:
+            section = coordination.parse_section_name(name)
+            if section is not None:
+                key = (section[0], section[3])
+                groups.setdefault(key, set()).add("section")
+                sections[key] = name
+                continue
+            claim = coordination.parse_claim_name(name)
+            if claim is not None:
+                claims.append((name, claim))
+                continue
             for kind, parse in (("dir", parse_data_dir_name), ("lock", parse_lock_name), ("tmp", parse_index_tmp_name)):
                 parsed = parse(name)
                 if parsed is not None:
@@ -824,7 +1077,7 @@ async def _clean_debris(backend: Backend, *, exclude: str) -> None:
                     data = await _read_index(backend, index)
                 except (OSError, CorruptCheckpointError):
                     data = b""
-                references[index] = None if data is None else (read_data_dir(data) or _UNREADABLE)
+                references[index] = None if data is None else (read_data_dirs(data) or _UNREADABLE)
             return references[index]
 
         for (stem, nonce), kinds in sorted(groups.items()):
@@ -832,37 +1085,56 @@ async def _clean_debris(backend: Backend, *, exclude: str) -> None:
             if name == exclude:
                 continue
             own_index = index_name(stem)
-            if kinds == {"dir"} and data_dirs_per_stem[stem] == 1 and own_index in names:
+            if kinds == {"dir"} and data_dirs_per_stem.get(stem) == 1 and own_index in names:
                 continue  # the one finished data directory of a committed checkpoint
-            lock = None
             if "lock" in kinds:
                 lock = await backend.try_lock(lock_name(stem, nonce))
-                if lock is None:
-                    continue  # still being written
+            elif "section" in kinds:  # a live writer always has a marker: make sure by creating it
+                lock = await backend.lock_new(lock_name(stem, nonce))
+            else:
+                lock = _NO_LOCK
+            if lock is None:
+                continue  # still being written
             try:
-                if await _is_referenced(name, own_index, names, referenced_by):
-                    continue
+                if "section" in kinds:
+                    # Take the section away first: a chief that claims it later finds nothing; a
+                    # chief that claimed it already has a claim the check below finds.
+                    if await backend.rename(sections[(stem, nonce)], index_tmp_name(stem, nonce)):
+                        kinds.add("tmp")
+                        logger.info("removed the section of an unfinished multi-worker save: %s",
+                                    backend.describe(sections[(stem, nonce)]))
                 if "dir" in kinds:
+                    if await _is_referenced(name, own_index, names, referenced_by):
+                        continue
+                    if await _claimed(backend, stem, nonce):  # listed after taking the lock
+                        continue
                     await backend.delete_tree(name)
                 if "tmp" in kinds:
                     await backend.delete(index_tmp_name(stem, nonce))
                 logger.info("removed debris of an unfinished write: %s", backend.describe(name))
             finally:
-                if lock is not None:
+                if lock is not _NO_LOCK:
                     await lock.release()
+
+        for name, (stem, chief, _) in sorted(claims):
+            if data_dir_name(stem, chief) != exclude and not await _held(backend, data_dir_name(stem, chief)):
+                await backend.delete(name)
     except Exception as exc:  # cleanup is best effort: the write itself must not fail for it
         logger.warning("could not clean up after earlier unfinished writes: %s", exc)
 
 
+_NO_LOCK = object()
+
+
 async def _is_referenced(name: str, own_index: str, names: set[str], referenced_by) -> bool:
     own = await referenced_by(own_index)
-    if own == name or own is _UNREADABLE:
+    if own is _UNREADABLE or (own is not None and name in own):
         return True
     # A checkpoint renamed by hand keeps naming its data directory: look at every manifest.
     for other in sorted(names):
         if other.endswith(".index") and other != own_index:
             found = await referenced_by(other)
-            if found == name:
+            if found is not None and found is not _UNREADABLE and name in found:
                 return True
     return False
 
@@ -885,6 +1157,14 @@ class CheckpointReader:
     def __init__(self, path: str, manifest: Manifest, backend: Backend, settings: ReadSettings, runtime: Runtime):
         self.path = path
         self._manifest = manifest
+        if manifest.data_dirs:
+            # Several data directories (a multi-worker save): each extent's file is named with
+            # its directory, so reads and messages need no other change.
+            self._prefix = ""
+            self._tensors = {key: _located(record, manifest.data_dirs) for key, record in manifest.tensors.items()}
+        else:
+            self._prefix = f"{manifest.data_dir}/"
+            self._tensors = manifest.tensors
         self._backend = backend
         self._settings = settings
         self._runtime = runtime
@@ -899,14 +1179,19 @@ class CheckpointReader:
         """Name of the data directory the manifest points at."""
         return self._manifest.data_dir
 
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        """Every data directory the manifest points at (several for a multi-worker save)."""
+        return self._manifest.all_data_dirs
+
     def keys(self) -> list[str]:
         """Every key, including the object-graph key, sorted bytewise (UTF-8)."""
         return sorted(
-            [OBJECT_GRAPH_KEY, *self._manifest.tensors], key=lambda key: key.encode("utf-8", "surrogatepass")
+            [OBJECT_GRAPH_KEY, *self._tensors], key=lambda key: key.encode("utf-8", "surrogatepass")
         )
 
     def __contains__(self, key: object) -> bool:
-        return key == OBJECT_GRAPH_KEY or key in self._manifest.tensors
+        return key == OBJECT_GRAPH_KEY or key in self._tensors
 
     def spec(self, key: str) -> TensorSpec:
         """dtype and shape of ``key``; ``KeyError`` naming the key when absent."""
@@ -916,7 +1201,7 @@ class CheckpointReader:
 
     def _record(self, key: str) -> TensorRecord:
         try:
-            return self._manifest.tensors[key]
+            return self._tensors[key]
         except (KeyError, TypeError):
             raise KeyError(f"key {key!r} not found in checkpoint {self.path}") from None
 
@@ -983,7 +1268,7 @@ class CheckpointReader:
 
         Raises ``CorruptCheckpointError`` naming the key and the file of the first problem found.
         """
-        tensors = self._manifest.tensors
+        tensors = self._tensors
         self._runtime.run(self._read(list(tensors), assemble=False))
         return VerifyReport(len(tensors), sum(record.nbytes for record in tensors.values()))
 
@@ -1000,13 +1285,13 @@ class CheckpointReader:
         """
         targets: dict[str, _DeviceTarget] = {}
         for key, given in (out or {}).items():
-            if isinstance(given, np.ndarray) or key not in self._manifest.tensors:
+            if isinstance(given, np.ndarray) or key not in self._tensors:
                 continue  # host destinations and unknown keys are refused by _read
             found = _arrays.device_target(given, None if stager is None else stager.backend)
             if found is None:
                 continue
             backend, array = found
-            record = self._manifest.tensors[key]
+            record = self._tensors[key]
             if record.dtype == BYTES_DTYPE:
                 raise ValueError(f"key {key!r} holds a byte string; it cannot be read into an array")
             dtype, shape = np.dtype(array.dtype), tuple(int(d) for d in array.shape)
@@ -1114,7 +1399,7 @@ class CheckpointReader:
             if read_range.file not in last or read_range.stop >= last[read_range.file].stop:
                 last[read_range.file] = read_range
         for file, read_range in last.items():
-            found = await self._backend.holds(f"{self._manifest.data_dir}/{file}", read_range.stop)
+            found = await self._backend.holds(f"{self._prefix}{file}", read_range.stop)
             if found is None:
                 raise self._corrupt(read_range.targets[0].key, file, "is missing")
             if not found:
@@ -1126,7 +1411,7 @@ class CheckpointReader:
                 raise await self._truncation(read_range)
 
     def _file_location(self, file: str) -> str:
-        return self._backend.describe(f"{self._manifest.data_dir}/{file}")
+        return self._backend.describe(f"{self._prefix}{file}")
 
     def _corrupt(self, key: str, file: str, problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -1151,7 +1436,7 @@ class CheckpointReader:
         """Fill ``buffers`` from the range's file at ``offset`` bytes into the range."""
         try:
             found = await self._backend.read_into(
-                f"{self._manifest.data_dir}/{read_range.file}", read_range.start + offset, buffers
+                f"{self._prefix}{read_range.file}", read_range.start + offset, buffers
             )
         except TruncatedError:
             raise await self._truncation(read_range) from None
@@ -1269,7 +1554,7 @@ class CheckpointReader:
 
         ``None`` when none does and ``definite`` is false (the caller looks at further ranges).
         """
-        key = f"{self._manifest.data_dir}/{read_range.file}"
+        key = f"{self._prefix}{read_range.file}"
         for target in read_range.targets:
             end = read_range.start + target.range_offset + target.length
             try:
@@ -1322,6 +1607,14 @@ class CheckpointReader:
             raise self._corrupt(
                 key, file, f"holds extents whose combined crc32c {crc:#010x} differs from the value's {record.crc32c:#010x}"
             )
+
+
+def _located(record: TensorRecord, data_dirs: Sequence[str]) -> TensorRecord:
+    """``record`` with each extent's file named ``<its data directory>/<file>``."""
+    extents = tuple(
+        Extent(f"{data_dirs[e.dir]}/{e.file}", e.offset, e.length, e.crc32c) for e in record.extents
+    )
+    return dataclasses.replace(record, extents=extents)
 
 
 @dataclass(frozen=True)
@@ -1428,7 +1721,8 @@ async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointRea
             "does not exist"
         )
     manifest = parse_manifest(data, source=backend.describe(index))
-    await backend.check_data_dir(manifest.data_dir)
+    for data_dir in manifest.all_data_dirs:
+        await backend.check_data_dir(data_dir)
     return CheckpointReader(os.fspath(path), manifest, backend, settings, runtime)
 
 
@@ -1502,9 +1796,9 @@ def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtim
             data = await _read_index(backend, index_name(stem))
         except CorruptCheckpointError:
             data = None
-        data_dir = None if data is None else read_data_dir(data)
+        data_dirs = () if data is None else (read_data_dirs(data) or ())
         await backend.delete(index_name(stem))
-        if data_dir is not None:
+        for data_dir in data_dirs:
             await backend.delete_tree(data_dir)
 
     (runtime or get_runtime()).run(delete())

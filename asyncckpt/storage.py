@@ -261,6 +261,20 @@ class Backend(abc.ABC):
     async def delete_tree(self, name: str) -> None:
         """Remove the directory ``name`` and everything in it; missing is not an error."""
 
+    async def rename(self, name: str, new_name: str) -> bool:
+        """Move ``name`` to the (unused) ``new_name``; ``False`` if ``name`` does not exist.
+
+        Of several renames of one name, at most one succeeds where the backend can rename
+        atomically (files, and in-process stores). This default copies then deletes: it is
+        atomic only against other calls in this process made through the same backend class.
+        """
+        data = await self.read(name)
+        if data is None:
+            return False
+        await self.commit(new_name, new_name + ".tmp", data)
+        await self.delete(name)
+        return True
+
     @abc.abstractmethod
     async def lock_new(self, name: str) -> Lock | None:
         """Create the lock marker ``name`` and hold it; ``None`` if that raced with a cleaner."""
@@ -306,6 +320,9 @@ class BackendWrapper(Backend):
 
     async def delete_tree(self, name):
         await self.inner.delete_tree(name)
+
+    async def rename(self, name, new_name):
+        return await self.inner.rename(name, new_name)
 
     async def lock_new(self, name):
         return await self.inner.lock_new(name)
@@ -772,6 +789,17 @@ class _FileBackend(Backend):
     async def delete_tree(self, name: str) -> None:
         await asyncio.to_thread(_remove, self.describe(name))
 
+    async def rename(self, name: str, new_name: str) -> bool:
+        def rename() -> bool:
+            try:
+                os.rename(self.describe(name), self.describe(new_name))
+            except FileNotFoundError:
+                return False
+            _fsync_dir(self._folder)
+            return True
+
+        return await asyncio.to_thread(rename)
+
     async def lock_new(self, name: str) -> Lock | None:
         return await asyncio.to_thread(_lock_file, self.describe(name), True)
 
@@ -929,6 +957,22 @@ class _GenericBackend(_KvStoreBackend):
             self.locks.discard(name)
             raise
         return _ProcessLock(self, name)
+
+    async def rename(self, name: str, new_name: str) -> bool:
+        # Copy-then-delete under an in-process mutex on ``name``: atomic against every other
+        # rename of ``name`` in this process (as safe as this storage's locks).
+        mutex = "\0rename:" + name
+        while not self.locks.add(mutex):
+            await asyncio.sleep(0.001)
+        try:
+            data = await self.read(name)
+            if data is None:
+                return False
+            await self.write(new_name, data)
+            await self.delete(name)
+            return True
+        finally:
+            self.locks.discard(mutex)
 
     async def lock_new(self, name: str) -> Lock | None:
         return await self._take(name, create=True)

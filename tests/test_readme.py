@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shlex
 import subprocess
@@ -147,5 +148,8 @@ def test_tf_snippet_and_its_asyncckpt_twin_make_the_same_calls():
 
 @pytest.mark.parametrize("body", RUNNABLE, ids=[f"snippet{i}" for i in range(len(RUNNABLE))])
 def test_python_snippet_runs(tmp_path, body):
-    proc = subprocess.run([sys.executable, "-W", "error", "-c", body], cwd=tmp_path, capture_output=True, text=True)
+    # The snippet imports this checkout's asyncckpt, wherever the installed one points.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", body], cwd=tmp_path, capture_output=True, text=True,
+                          env=env)
     assert proc.returncode == 0, f"README snippet failed:\n{body}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import shutil
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 
+from asyncckpt.format import index_path, seal_manifest
 from asyncckpt.storage import Backend, BackendWrapper, Storage
 
-__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate"]
+__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor"]
 
 
 class FakeVariable:
@@ -174,3 +178,22 @@ class CopyGate:
             self.opened.wait()
         if call == self.fail_at:
             raise RuntimeError("simulated DMA fault")
+
+
+def manifest_editor(folder, document: dict, workdir):
+    """Copy the checkpoint folder ``folder`` (holding ``ckpt``) under ``workdir``; return ``(write, document)``.
+
+    ``write(edit)`` applies ``edit`` to a deep copy of the manifest ``document``, seals it with a
+    valid checksum (as an attacker would) over the copy's ``ckpt.index`` and returns its prefix.
+    """
+    copy = Path(workdir) / "copy"
+    shutil.copytree(folder, copy)
+    prefix = str(copy / "ckpt")
+
+    def write(edit) -> str:
+        edited = json.loads(json.dumps(document))
+        edit(edited)
+        Path(index_path(prefix)).write_bytes(seal_manifest(edited))
+        return prefix
+
+    return write, document

@@ -24,6 +24,8 @@ import asyncckpt as ac
 from asyncckpt import coordination, pipeline
 from asyncckpt.format import index_path, parse_manifest, seal_manifest
 
+from _fakes import manifest_editor  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD = 120.0  # seconds; only against a hang, never a performance limit
 
@@ -331,18 +333,7 @@ def merged(tmp_path_factory):
 
 @pytest.fixture
 def hostile(merged, tmp_path):
-    folder, document = merged
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)
-    prefix = str(copy / "ckpt")
-
-    def write(edit) -> str:
-        edited = json.loads(json.dumps(document))
-        edit(edited)
-        Path(index_path(prefix)).write_bytes(seal_manifest(edited))
-        return prefix
-
-    return write, document
+    return manifest_editor(*merged, tmp_path)
 
 
 def _second_dir_extent(document):

@@ -31,6 +31,8 @@ from asyncckpt import cli, pipeline
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.format import MAX_INDEX_BYTES, index_path, seal_manifest
 
+from _fakes import manifest_editor  # noqa: E402
+
 PACKAGE = Path(ac.__file__).parent
 
 # ---------------------------------------------------------------------------------------------
@@ -102,18 +104,7 @@ def saved(tmp_path_factory):
 @pytest.fixture
 def hostile(saved, tmp_path):
     """A copy of the saved checkpoint and a function writing a sealed, edited manifest over it."""
-    folder, document = saved
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)
-    prefix = str(copy / "ckpt")
-
-    def write(edit) -> str:
-        edited = json.loads(json.dumps(document))
-        edit(edited)
-        Path(index_path(prefix)).write_bytes(seal_manifest(edited))
-        return prefix
-
-    return write, document
+    return manifest_editor(*saved, tmp_path)
 
 
 W = "model/w/.ATTRIBUTES/VARIABLE_VALUE"

@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from asyncckpt import pipeline
+from asyncckpt import pipeline, state_file
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions, is_chief
 from asyncckpt.format import lock_name
@@ -85,18 +85,7 @@ from asyncckpt.state_file import (
 )
 from asyncckpt.storage import Storage
 
-__all__ = [
-    "MAX_STATE_FILE_BYTES",
-    "CheckpointState",
-    "CheckpointStateParseError",
-    "parse_checkpoint_state",
-    "format_checkpoint_state",
-    "get_checkpoint_state",
-    "update_checkpoint_state",
-    "latest_checkpoint",
-    "checkpoint_exists",
-    "CheckpointManager",
-]
+__all__ = [*state_file.__all__, "CheckpointManager"]  # the state-file functions are re-exported here
 
 logger = logging.getLogger("asyncckpt")
 

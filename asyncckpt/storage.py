@@ -487,14 +487,24 @@ def _write_all(fd: int, views: list[memoryview]) -> int:
         batch = views[index : index + _IOV_MAX]
         written = os.writev(fd, batch) if len(batch) > 1 else os.write(fd, batch[0])
         total += written
-        for view in batch:
-            if written >= view.nbytes:
-                written -= view.nbytes
-                index += 1
-            else:
-                views[index] = view[written:]
-                break
+        index = _skip_transferred(views, index, index + len(batch), written)
     return total
+
+
+def _skip_transferred(views: list[memoryview], index: int, end: int, count: int) -> int:
+    """After a vectored transfer of ``count`` bytes from ``views[index:end]``: the index to resume at.
+
+    Views wholly transferred (empty ones included) are passed; one transferred in part is replaced
+    by its remainder.
+    """
+    while index < end:
+        view = views[index]
+        if count < view.nbytes:
+            views[index] = view[count:]
+            break
+        count -= view.nbytes
+        index += 1
+    return index
 
 
 _DIRECT_ALIGNMENT = 4096  # O_DIRECT needs addresses, sizes and offsets aligned to the device's blocks
@@ -681,13 +691,7 @@ def _read_file_into(path: str, start: int, buffers: Sequence[Any]) -> bool:
             if count == 0:
                 raise TruncatedError(f"reading {path}: the file ended at byte {position}, before {stop}")
             position += count
-            for view in batch:
-                if count >= view.nbytes:
-                    count -= view.nbytes
-                    index += 1
-                else:
-                    views[index] = view[count:]
-                    break
+            index = _skip_transferred(views, index, index + len(batch), count)
         return True
     finally:
         os.close(fd)

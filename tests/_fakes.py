@@ -18,7 +18,7 @@ import numpy as np
 from asyncckpt.format import index_path, seal_manifest
 from asyncckpt.storage import Backend, BackendWrapper, Storage
 
-__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor"]
+__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor", "json_paths"]
 
 
 class FakeVariable:
@@ -197,3 +197,14 @@ def manifest_editor(folder, document: dict, workdir):
         return prefix
 
     return write, document
+
+
+def json_paths(node, prefix=()):
+    """Every path (a tuple of keys and list indexes) into the JSON value ``node``, itself first."""
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from json_paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from json_paths(value, (*prefix, index))

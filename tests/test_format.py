@@ -38,6 +38,8 @@ from asyncckpt.format import (
     seal_manifest,
 )
 
+from _fakes import json_paths  # noqa: E402
+
 NONCE = "0123456789abcdef"
 
 
@@ -180,17 +182,7 @@ _json_value = st.recursive(_json_leaf, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=8)
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _paths(value, (*prefix, key))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _paths(value, (*prefix, index))
-
-
-_ALL_PATHS = [p for p in _paths(_valid_document()) if p]
+_ALL_PATHS = [p for p in json_paths(_valid_document()) if p]
 
 
 @settings(max_examples=400, deadline=None)

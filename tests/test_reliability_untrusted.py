@@ -31,7 +31,7 @@ from asyncckpt import cli, pipeline
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.format import MAX_INDEX_BYTES, index_path, seal_manifest
 
-from _fakes import manifest_editor  # noqa: E402
+from _fakes import json_paths, manifest_editor  # noqa: E402
 
 PACKAGE = Path(ac.__file__).parent
 
@@ -223,16 +223,6 @@ def test_a_data_file_linked_outside_the_folder_is_refused(hostile, tmp_path):
 # Fuzzing the object graph through a full restore
 
 
-def _graph_paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _graph_paths(value, (*prefix, key))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _graph_paths(value, (*prefix, index))
-
-
 _json_leaf = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-3, max_value=40), st.integers(),
     st.floats(allow_nan=False, allow_infinity=False),
@@ -253,7 +243,7 @@ def test_fuzzed_object_graphs_restore_or_raise_corrupt(saved, tmp_path, edits):
     folder, document = saved
     edited = json.loads(json.dumps(document))
     for choice, value in edits:
-        paths = [p for p in _graph_paths(edited["object_graph"]) if p]
+        paths = [p for p in json_paths(edited["object_graph"]) if p]
         if not paths:
             break
         path = paths[choice % len(paths)]

@@ -4,9 +4,9 @@ The public surface is exactly ``__all__``.
 """
 
 from asyncckpt import optimizers
-from asyncckpt.autotrackable import AutoTrackable
+from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.checkpoint import Checkpoint, CheckpointOptions, add_variable
-from asyncckpt.coordination import MultiWorker
+from asyncckpt.io.coordination import MultiWorker
 from asyncckpt.checkpoint_management import (
     CheckpointManager,
     CheckpointState,
@@ -22,12 +22,12 @@ from asyncckpt.errors import (
     NotFoundError,
     UnsupportedFormatError,
 )
-from asyncckpt.module import Module
-from asyncckpt.pipeline import ReadSettings, WriteSettings
-from asyncckpt.python_state import PythonState
+from asyncckpt.model.module import Module
+from asyncckpt.io.pipeline import ReadSettings, WriteSettings
+from asyncckpt.model.python_state import PythonState
 from asyncckpt.readers import list_variables, load_checkpoint, load_variable, object_metadata
-from asyncckpt.trackable import NoDependency, Trackable
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import NoDependency, Trackable
+from asyncckpt.model.variable import Variable
 
 __all__ = [
     "AutoTrackable",

@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asyncckpt import pipeline
-from asyncckpt.autotrackable import AutoTrackable
+from asyncckpt.io import pipeline
+from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.errors import NotFoundError
 from asyncckpt.graph import GraphCache, GraphView
 from asyncckpt.restore import (
@@ -35,8 +35,8 @@ from asyncckpt.restore import (
     preload_simple_restoration,
 )
 from asyncckpt.state_file import update_checkpoint_state
-from asyncckpt.trackable import Trackable, TrackableReference
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import Trackable, TrackableReference
+from asyncckpt.model.variable import Variable
 
 __all__ = ["Checkpoint", "CheckpointOptions", "add_variable", "is_chief"]
 
@@ -82,7 +82,7 @@ class CheckpointOptions:
         Staging budget, chunk sizes and concurrency of the I/O pipeline.
     experimental_metrics_callback : callable, optional
         Called once after each write ends (committed or failed), in a worker thread, with a
-        frozen :class:`~asyncckpt.pipeline.WriteStats`: bytes and files written, and seconds per
+        frozen :class:`~asyncckpt.io.pipeline.WriteStats`: bytes and files written, and seconds per
         stage (snapshot -- the caller's stall --, data write, commit, total). Its exceptions are
         logged, never raised.
     multi_worker : asyncckpt.MultiWorker, optional

@@ -59,7 +59,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from asyncckpt import pipeline, state_file
+from asyncckpt import state_file
+from asyncckpt.io import pipeline
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions, is_chief
 from asyncckpt.format import lock_name
@@ -83,7 +84,7 @@ from asyncckpt.state_file import (
     parse_checkpoint_state,
     update_checkpoint_state,
 )
-from asyncckpt.storage import Storage
+from asyncckpt.io.storage import Storage
 
 __all__ = [*state_file.__all__, "CheckpointManager"]  # the state-file functions are re-exported here
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Sequence, TextIO
 
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt.errors import CheckpointError
 from asyncckpt.readers import load_checkpoint, resolve_checkpoint_path
 

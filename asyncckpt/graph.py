@@ -13,9 +13,9 @@ import dataclasses
 import weakref
 from typing import Any, Iterable, Sequence
 
-from asyncckpt.data_structures import TrackableDataStructure
-from asyncckpt.trackable import Trackable, TrackableReference, structure_version
-from asyncckpt.variable import VARIABLE_VALUE_KEY, Variable
+from asyncckpt.model.data_structures import TrackableDataStructure
+from asyncckpt.model.trackable import Trackable, TrackableReference, structure_version
+from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable
 
 __all__ = [
     "OBJECT_GRAPH_KEY",
@@ -288,7 +288,7 @@ class GraphCache:
     Saving the same objects again and again is the common case, and walking 10,000 variables costs
     far more than the save's stall budget. A cached graph is reused when
 
-    * :func:`~asyncckpt.trackable.structure_version` is the one it was built at (every
+    * :func:`~asyncckpt.model.trackable.structure_version` is the one it was built at (every
       ``_track_trackable``, ``_delete_tracking``, container mutation and optimizer slot creation
       moves it on);
     * the root is the same object, and weakly attached objects are the same (or gone the same);

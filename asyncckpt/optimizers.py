@@ -15,11 +15,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from asyncckpt import _arrays
-from asyncckpt.autotrackable import AutoTrackable
+from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.checkpoint import add_variable
 from asyncckpt.restore import CheckpointPosition, variable_from_position
-from asyncckpt.trackable import structure_changed
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import structure_changed
+from asyncckpt.model.variable import Variable
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 

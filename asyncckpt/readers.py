@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from asyncckpt import format as _format
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt.checkpoint_management import latest_checkpoint
 from asyncckpt.errors import NotFoundError
 

@@ -22,11 +22,11 @@ import threading
 import weakref
 from typing import Any, Callable, Sequence
 
-from asyncckpt.data_structures import TrackableDataStructure
+from asyncckpt.model.data_structures import TrackableDataStructure
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.graph import GraphView, list_objects, pretty_node_names
-from asyncckpt.trackable import Trackable
-from asyncckpt.variable import VARIABLE_VALUE_KEY, Variable
+from asyncckpt.model.trackable import Trackable
+from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable
 
 __all__ = [
     "RestoreCoordinator",

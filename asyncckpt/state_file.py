@@ -33,7 +33,7 @@ checkpoints it names live on another storage (``WriteSettings(storage=...)``): a
 (`latest_checkpoint`, `checkpoint_exists`) and the waits for pending writes use the pipeline's
 default storage, the local file system; `asyncckpt.CheckpointManager` passes its saves' storage.
 
-This module sits just above `asyncckpt.pipeline` so that both `asyncckpt.checkpoint` (which
+This module sits just above `asyncckpt.io.pipeline` so that both `asyncckpt.checkpoint` (which
 records every ``save``) and `asyncckpt.checkpoint_management` (whose manager keeps the file) can
 use it; it knows nothing of trackables or managers.
 
@@ -61,9 +61,9 @@ import os
 import re
 from typing import Any, Iterator, Sequence
 
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt._runtime import Runtime
-from asyncckpt.storage import Storage
+from asyncckpt.io.storage import Storage
 
 try:  # POSIX only; see the module docstring.
     import fcntl

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import _cuda, pipeline
+from asyncckpt import _cuda
+from asyncckpt.io import pipeline
 from asyncckpt.errors import CorruptCheckpointError
 
 from _samples import DTYPES, sample  # tests/_samples.py, on the path through conftest.py

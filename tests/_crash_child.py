@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 
 SETTINGS = pipeline.WriteSettings(
     chunk_bytes=16 * 1024, pack_bytes=4 * 1024, small_array_bytes=1024, staging_budget_bytes=32 * 1024,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from asyncckpt.format import index_path, seal_manifest
-from asyncckpt.storage import Backend, BackendWrapper, Storage
+from asyncckpt.io.storage import Backend, BackendWrapper, Storage
 
 __all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor", "json_paths"]
 

@@ -13,7 +13,7 @@ import pytest
 
 import asyncckpt as ac
 from asyncckpt._runtime import Runtime
-from asyncckpt.storage import FileStorage
+from asyncckpt.io.storage import FileStorage
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _fakes import FailingStorage, GatedStorage  # noqa: E402
@@ -278,7 +278,7 @@ def test_unsynced_background_error_is_reported_at_interpreter_exit(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import numpy as np, asyncckpt as ac
         from _fakes import FailingStorage
-        from asyncckpt.storage import FileStorage
+        from asyncckpt.io.storage import FileStorage
         storage = FailingStorage(FileStorage(), fail_on=1)
         options = ac.CheckpointOptions(enable_async=True, write_settings=ac.WriteSettings(storage=storage))
         ac.Checkpoint(v=ac.Variable(np.ones(4))).save({str(tmp_path / "ckpt")!r}, options=options)
@@ -292,7 +292,7 @@ def test_unsynced_background_error_is_reported_at_interpreter_exit(tmp_path):
 
 def test_round_trip_through_tensorstore_file_kvstore(tmp_path):
     """The same layout written and read through TensorStore's own `file` kvstore driver."""
-    from asyncckpt.storage import KvStoreStorage
+    from asyncckpt.io.storage import KvStoreStorage
 
     storage = KvStoreStorage({"driver": "file", "path": str(tmp_path) + "/"})
     write = ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=storage, chunk_bytes=2**20,

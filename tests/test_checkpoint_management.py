@@ -20,11 +20,11 @@ import pytest
 
 import asyncckpt as ac
 from asyncckpt import checkpoint_management as cm
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.checkpoint_management import CheckpointState
 from asyncckpt.format import index_name, index_path
-from asyncckpt.storage import BackendWrapper, KvStoreStorage, default_storage
+from asyncckpt.io.storage import BackendWrapper, KvStoreStorage, default_storage
 
 from _fakes import FailingStorage, GatedStorage, WrappingStorage
 

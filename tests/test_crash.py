@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from _crash_child import expected_values
 
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 
 CHILD = Path(__file__).with_name("_crash_child.py")

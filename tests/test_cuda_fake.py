@@ -475,7 +475,7 @@ def test_concurrent_readers_of_different_captures(backend):
 
 def test_the_snapshot_read_pattern_of_a_write_plan(backend):
     """Files in plan order, pieces in segments: packs of small arrays read ahead of capture order."""
-    from asyncckpt.plan import PlanItem, plan_write
+    from asyncckpt.io.plan import PlanItem, plan_write
 
     rng = np.random.default_rng(5)
     values = [rng.integers(0, 1000, size, dtype=np.int64) for size in (5, 300, 7, 90, 2, 260, 11)]

@@ -1,4 +1,4 @@
-"""Unit tests for ``asyncckpt.data_structures``: the list/dict/tuple wrappers.
+"""Unit tests for ``asyncckpt.model.data_structures``: the list/dict/tuple wrappers.
 
 Two contracts: the wrappers behave as the Python containers they stand in for (``isinstance``,
 equality, length, iteration, slicing, copying), and they track trackable elements by position or key
@@ -18,7 +18,7 @@ import re
 import numpy as np
 import pytest
 
-from asyncckpt.data_structures import (
+from asyncckpt.model.data_structures import (
     DictWrapper,
     ListWrapper,
     TrackableDataStructure,
@@ -26,8 +26,8 @@ from asyncckpt.data_structures import (
     sticky_attribute_assignment,
     wrap_or_unwrap,
 )
-from asyncckpt.trackable import NoDependency, Trackable
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import NoDependency, Trackable
+from asyncckpt.model.variable import Variable
 
 APPEND_ONLY = re.escape("tracking is exclusively for append-only data structures")
 LIST_OUTSIDE = re.escape("The wrapped list was modified outside the wrapper")

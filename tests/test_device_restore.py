@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asyncckpt import _cuda, pipeline
+from asyncckpt import _cuda
+from asyncckpt.io import pipeline
 from asyncckpt._cuda import FakeDeviceBackend, Stager
 from asyncckpt._runtime import get_runtime
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import seal_manifest
-from asyncckpt.pipeline import ReadSettings, SaveEntry, WriteSettings
+from asyncckpt.io.pipeline import ReadSettings, SaveEntry, WriteSettings
 
 from _fakes import CopyGate
 from _samples import DTYPES, sample

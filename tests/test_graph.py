@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncckpt.autotrackable import AutoTrackable
+from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.graph import (
     OBJECT_GRAPH_KEY,
     GraphView,
@@ -28,8 +28,8 @@ from asyncckpt.graph import (
     serialize_graph,
     slot_variable_key,
 )
-from asyncckpt.trackable import Trackable, TrackableReference
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import Trackable, TrackableReference
+from asyncckpt.model.variable import Variable
 
 VALUE = ".ATTRIBUTES/VARIABLE_VALUE"
 HYPOTHESIS = settings(deadline=None, max_examples=300)

@@ -1,4 +1,4 @@
-"""Unit tests for ``asyncckpt.module.Module``: name, and the variables and sub-modules it can list.
+"""Unit tests for ``asyncckpt.model.module.Module``: name, and the variables and sub-modules it can list.
 
 ``variables``, ``trainable_variables`` and ``submodules`` follow the tracked dependencies
 (attributes, lists, dicts, tuples, sub-modules) breadth-first and list each object once.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asyncckpt.autotrackable import AutoTrackable
-from asyncckpt.module import Module
-from asyncckpt.trackable import NoDependency
-from asyncckpt.variable import Variable
+from asyncckpt.model.autotrackable import AutoTrackable
+from asyncckpt.model.module import Module
+from asyncckpt.model.trackable import NoDependency
+from asyncckpt.model.variable import Variable
 
 
 def var(name, trainable=True):

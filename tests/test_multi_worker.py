@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import coordination, pipeline
+from asyncckpt.io import coordination, pipeline
 from asyncckpt.format import index_path, parse_manifest, seal_manifest
 
 from _fakes import manifest_editor  # noqa: E402
@@ -498,7 +498,7 @@ def test_a_section_naming_a_directory_already_in_the_checkpoint_is_refused():
 
 
 async def _backend(folder):
-    from asyncckpt.storage import default_storage
+    from asyncckpt.io.storage import default_storage
 
     backend = await default_storage().open(str(folder))
     await backend.prepare()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from asyncckpt.optimizers import SGD, Adam, Optimizer
-from asyncckpt.trackable import Trackable
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import Trackable
+from asyncckpt.model.variable import Variable
 
 STEPS = 6
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt.graph import GraphCache, GraphView
-from asyncckpt.trackable import TrackableReference, structure_version
+from asyncckpt.model.trackable import TrackableReference, structure_version
 
 MANIFEST_FIELDS = ("object_graph", "tensors")
 

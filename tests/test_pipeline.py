@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from _fakes import FailingStorage, FakeVariable, GatedStorage, WrappingStorage
 
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt._runtime import Runtime
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError, UnsupportedFormatError
 from asyncckpt.format import OBJECT_GRAPH_KEY, seal_manifest
-from asyncckpt.pipeline import SaveEntry, TensorSpec
-from asyncckpt.storage import BackendWrapper, FileStorage, KvStoreStorage
+from asyncckpt.io.pipeline import SaveEntry, TensorSpec
+from asyncckpt.io.storage import BackendWrapper, FileStorage, KvStoreStorage
 
 ALL_DTYPES = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -660,7 +660,7 @@ def test_a_write_pending_at_interpreter_exit_is_finished(tmp_path):
         """
         import sys
         import numpy as np
-        from asyncckpt import pipeline
+        from asyncckpt.io import pipeline
         pipeline.start_write(sys.argv[1], [pipeline.SaveEntry("v", np.arange(1_000_000.0))], {})
         """,
         str(tmp_path / "ckpt"),
@@ -675,9 +675,9 @@ def test_a_forked_child_does_not_inherit_pending_writes(tmp_path):
         import os, sys
         import numpy as np
         from _fakes import GatedStorage
-        from asyncckpt import pipeline
+        from asyncckpt.io import pipeline
         from asyncckpt._runtime import get_runtime
-        from asyncckpt.storage import FileStorage
+        from asyncckpt.io.storage import FileStorage
 
         gated = GatedStorage(FileStorage(), get_runtime())
         handle = pipeline.start_write(sys.argv[1], [pipeline.SaveEntry("v", np.zeros(3))], {},
@@ -703,7 +703,7 @@ def test_a_write_pending_at_exit_is_finished_without_starting_threads(tmp_path):
         """
         import sys, threading
         import numpy as np
-        from asyncckpt import pipeline
+        from asyncckpt.io import pipeline
 
         def refuse(self):
             raise RuntimeError("can't create new thread at interpreter shutdown")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncckpt.format import Extent, TensorRecord
-from asyncckpt.plan import Piece, PlanItem, ReadTarget, plan_read, plan_write
+from asyncckpt.io.plan import Piece, PlanItem, ReadTarget, plan_read, plan_write
 
 
 def _plan(sizes, small=10, pack=32, chunk=25):

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import pipeline, readers
+from asyncckpt import readers
+from asyncckpt.io import pipeline
 from asyncckpt._runtime import get_runtime
 from asyncckpt.format import OBJECT_GRAPH_KEY, index_path
-from asyncckpt.storage import default_storage
+from asyncckpt.io.storage import default_storage
 
 from _fakes import GatedStorage
 

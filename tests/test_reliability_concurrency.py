@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import asyncckpt as ac
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
 from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import cli, pipeline
+from asyncckpt import cli
+from asyncckpt.io import pipeline
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import index_path, seal_manifest
 

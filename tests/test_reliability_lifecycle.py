@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import pipeline
-from asyncckpt.storage import BackendWrapper, FileStorage
+from asyncckpt.io import pipeline
+from asyncckpt.io.storage import BackendWrapper, FileStorage
 
 from _fakes import WrappingStorage
 
@@ -44,7 +44,7 @@ PROGRAM = textwrap.dedent(
     import numpy as np
     import asyncckpt as ac
     from _fakes import WrappingStorage
-    from asyncckpt.storage import BackendWrapper, FileStorage
+    from asyncckpt.io.storage import BackendWrapper, FileStorage
 
     class Slow(BackendWrapper):
         async def write(self, key, value):

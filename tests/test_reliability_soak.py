@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 
 
 def _open_fds() -> int:

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import pipeline
+from asyncckpt.io import pipeline
 from asyncckpt.format import index_path, parse_data_dir_name, parse_index_tmp_name, parse_lock_name
-from asyncckpt.storage import BackendWrapper, FileStorage
+from asyncckpt.io.storage import BackendWrapper, FileStorage
 
 from _fakes import WrappingStorage
 

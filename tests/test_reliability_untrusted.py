@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asyncckpt as ac
-from asyncckpt import cli, pipeline
+from asyncckpt import cli
+from asyncckpt.io import pipeline
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.format import MAX_INDEX_BYTES, index_path, seal_manifest
 

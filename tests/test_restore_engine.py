@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pytest
 
-from asyncckpt.data_structures import TupleWrapper
+from asyncckpt.model.data_structures import TupleWrapper
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.restore import (
     CheckpointPosition,
@@ -23,8 +23,8 @@ from asyncckpt.restore import (
     validate_object_graph,
     variable_from_position,
 )
-from asyncckpt.trackable import Trackable
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import Trackable
+from asyncckpt.model.variable import Variable
 from _fakes import MemoryReader
 
 VALUE = ".ATTRIBUTES/VARIABLE_VALUE"

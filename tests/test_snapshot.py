@@ -12,8 +12,8 @@ from _fakes import FakeVariable
 
 from asyncckpt._runtime import Runtime
 from asyncckpt.format import OBJECT_GRAPH_KEY
-from asyncckpt.plan import PlanItem, plan_write
-from asyncckpt.snapshot import (
+from asyncckpt.io.plan import PlanItem, plan_write
+from asyncckpt.io.snapshot import (
     SEGMENT_BYTES,
     STAGING_BLOCK_BYTES,
     BudgetClosedError,

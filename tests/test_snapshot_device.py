@@ -14,9 +14,10 @@ import threading
 import numpy as np
 import pytest
 
-from asyncckpt import _arrays, pipeline
+from asyncckpt import _arrays
+from asyncckpt.io import pipeline
 from asyncckpt._cuda import DeviceCopyError, FakeDeviceBackend, Stager
-from asyncckpt.pipeline import SaveEntry, WriteSettings
+from asyncckpt.io.pipeline import SaveEntry, WriteSettings
 
 from _fakes import CopyGate
 

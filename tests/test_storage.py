@@ -10,7 +10,7 @@ import pytest
 
 from asyncckpt._runtime import Runtime
 from asyncckpt.errors import CorruptCheckpointError
-from asyncckpt.storage import FileStorage, KvStoreStorage, StorageError, StreamedValue, TruncatedError
+from asyncckpt.io.storage import FileStorage, KvStoreStorage, StorageError, StreamedValue, TruncatedError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Unit tests for ``asyncckpt.trackable`` and ``asyncckpt.autotrackable``.
+"""Unit tests for ``asyncckpt.model.trackable`` and ``asyncckpt.model.autotrackable``.
 
 Named edges, overwrite and deletion rules, and the deferred-dependency queue: a restore position
 waiting under a name is applied when a dependency with that name is attached. Positions come from
@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asyncckpt.autotrackable import AutoTrackable
-from asyncckpt.data_structures import DictWrapper, ListWrapper
+from asyncckpt.model.autotrackable import AutoTrackable
+from asyncckpt.model.data_structures import DictWrapper, ListWrapper
 from asyncckpt.restore import CheckpointPosition, RestoreCoordinator
-from asyncckpt.trackable import NoDependency, Trackable, TrackableReference
-from asyncckpt.variable import Variable
+from asyncckpt.model.trackable import NoDependency, Trackable, TrackableReference
+from asyncckpt.model.variable import Variable
 from _fakes import MemoryReader
 
 VALUE = ".ATTRIBUTES/VARIABLE_VALUE"

@@ -1,4 +1,4 @@
-"""Unit tests for ``asyncckpt.variable``: construction, the mutation API and its hooks, conversions.
+"""Unit tests for ``asyncckpt.model.variable``: construction, the mutation API and its hooks, conversions.
 
 The snapshot side relies on two promises checked here: every in-place change runs the mutation
 hooks first (so a hook can still see the old value), and nothing handed out by the variable aliases
@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import pytest
 
-from asyncckpt.trackable import Trackable
-from asyncckpt.variable import VARIABLE_VALUE_KEY, Variable
+from asyncckpt.model.trackable import Trackable
+from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable
 
 NUMERIC_DTYPES = [
     np.bool_,

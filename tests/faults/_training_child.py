@@ -36,7 +36,7 @@ import threading
 import numpy as np
 
 import asyncckpt as ac
-from asyncckpt.storage import BackendWrapper, FileStorage
+from asyncckpt.io.storage import BackendWrapper, FileStorage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _fakes import WrappingStorage  # noqa: E402

@@ -48,9 +48,9 @@ import crc32c
 import numpy as np
 
 from asyncckpt import _arrays, _cuda
-from asyncckpt import coordination
+from asyncckpt.io import coordination
 from asyncckpt._runtime import Runtime, get_runtime, running_loop
-from asyncckpt.coordination import MultiWorker
+from asyncckpt.io.coordination import MultiWorker
 from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError, NotFoundError
 from asyncckpt.format import (
     BYTES_DTYPE,
@@ -74,8 +74,8 @@ from asyncckpt.format import (
     read_data_dirs,
     Section,
 )
-from asyncckpt.plan import PlanItem, ReadRange, WritePlan, plan_read, plan_write
-from asyncckpt.snapshot import (
+from asyncckpt.io.plan import PlanItem, ReadRange, WritePlan, plan_read, plan_write
+from asyncckpt.io.snapshot import (
     ByteBudget,
     GuardLayout,
     SaveEntry,
@@ -84,7 +84,7 @@ from asyncckpt.snapshot import (
     prepare_source,
     prepare_sources,
 )
-from asyncckpt.storage import Backend, Storage, TruncatedError, default_storage
+from asyncckpt.io.storage import Backend, Storage, TruncatedError, default_storage
 
 __all__ = [
     "MultiWorker",
@@ -128,7 +128,7 @@ class WriteSettings:
     staging_budget_bytes:
         Most bytes copied by mutation hooks (values changed while the write runs) and not yet
         durable at any time, and the most page-locked host memory that values on a GPU are copied
-        through (see :mod:`asyncckpt.snapshot` for the full memory bound). Must be at least
+        through (see :mod:`asyncckpt.io.snapshot` for the full memory bound). Must be at least
         ``chunk_bytes`` and ``pack_bytes``.
     chunk_bytes:
         Largest data file a big array is split into.
@@ -139,14 +139,14 @@ class WriteSettings:
     max_concurrent_writes:
         Data files in flight at once.
     storage:
-        Where to write (default: :func:`~asyncckpt.storage.default_storage`, the filesystem).
+        Where to write (default: :func:`~asyncckpt.io.storage.default_storage`, the filesystem).
     runtime:
         The loop to run on (default: the process-wide runtime).
     device_backend:
         The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays are captured on the device at
         ``start_write`` (default: CUDA arrays, through CuPy).
     multi_worker:
-        A :class:`~asyncckpt.coordination.MultiWorker`: this write is one worker's part of a
+        A :class:`~asyncckpt.io.coordination.MultiWorker`: this write is one worker's part of a
         save by several workers to a shared filesystem (each writes its share of the bytes; the
         chief merges and commits). ``None`` or ``count == 1``: a single writer.
     """

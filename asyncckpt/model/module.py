@@ -5,8 +5,8 @@ from __future__ import annotations
 import collections
 import re
 
-from asyncckpt.autotrackable import AutoTrackable
-from asyncckpt.variable import Variable
+from asyncckpt.model.autotrackable import AutoTrackable
+from asyncckpt.model.variable import Variable
 
 __all__ = ["Module"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncckpt.data_structures import sticky_attribute_assignment
-from asyncckpt.trackable import Trackable
+from asyncckpt.model.data_structures import sticky_attribute_assignment
+from asyncckpt.model.trackable import Trackable
 
 __all__ = ["AutoTrackable"]
 

@@ -16,7 +16,7 @@ import collections.abc
 import copy
 from typing import Any
 
-from asyncckpt.trackable import NoDependency, Trackable, structure_changed
+from asyncckpt.model.trackable import NoDependency, Trackable, structure_changed
 
 __all__ = [
     "TrackableDataStructure",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from asyncckpt import _arrays
-from asyncckpt.trackable import Trackable
+from asyncckpt.model.trackable import Trackable
 
 __all__ = ["Variable", "VARIABLE_VALUE_KEY"]
 

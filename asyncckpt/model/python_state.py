@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from asyncckpt.trackable import Trackable
+from asyncckpt.model.trackable import Trackable
 
 __all__ = ["PythonState", "PYTHON_STATE_KEY"]
 

@@ -1,7 +1,7 @@
 """Host snapshots of the values being saved: the copy-on-write guard, zero-copy file contents, the budget.
 
-A write streams each data file of its :class:`~asyncckpt.plan.WritePlan` to storage as a
-:class:`FileContent` -- a :class:`~asyncckpt.storage.StreamedValue` whose batches are views of the
+A write streams each data file of its :class:`~asyncckpt.io.plan.WritePlan` to storage as a
+:class:`FileContent` -- a :class:`~asyncckpt.io.storage.StreamedValue` whose batches are views of the
 sources' own bytes -- and computes the CRC-32C of every piece as the batches go out. Nothing is
 copied on the way unless a value is about to change; the value written is nevertheless the value
 at ``start_write`` time:
@@ -54,8 +54,8 @@ import numpy as np
 from asyncckpt import _arrays, _cuda
 from asyncckpt._runtime import running_loop
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
-from asyncckpt.plan import WritePlan
-from asyncckpt.storage import StreamedValue
+from asyncckpt.io.plan import WritePlan
+from asyncckpt.io.storage import StreamedValue
 
 __all__ = [
     "SaveEntry",
@@ -478,7 +478,7 @@ class GuardLayout:
     Parameters
     ----------
     sources, plan:
-        From :func:`prepare_sources` and :func:`~asyncckpt.plan.plan_write` (one item per source).
+        From :func:`prepare_sources` and :func:`~asyncckpt.io.plan.plan_write` (one item per source).
     """
 
     def __init__(self, sources: Sequence[Source], plan: WritePlan) -> None:
@@ -608,7 +608,7 @@ class Snapshot:
     Parameters
     ----------
     sources, plan:
-        From :func:`prepare_sources` and :func:`~asyncckpt.plan.plan_write` (one item per source).
+        From :func:`prepare_sources` and :func:`~asyncckpt.io.plan.plan_write` (one item per source).
     budget:
         The staging budget: hooks reserve what they copy before copying it.
     loop:
@@ -926,7 +926,7 @@ class Snapshot:
 
     # ------------------------------------------------------------------ serving files
     def content(self, index: int) -> FileContent:
-        """The bytes of file ``index`` as a :class:`~asyncckpt.storage.StreamedValue`."""
+        """The bytes of file ``index`` as a :class:`~asyncckpt.io.storage.StreamedValue`."""
         return FileContent(self, index)
 
     def crcs(self, index: int) -> tuple[int, ...]:

@@ -1,13 +1,22 @@
-"""The owned background event loop that runs every asynchronous operation of asyncckpt.
+"""The one owner of process state: the background event loop and everything kept per process.
 
-A :class:`Runtime` owns one daemon thread running one asyncio loop. The synchronous API blocks on
-``runtime.run(coro)``; background work is started with ``runtime.submit(coro)``. Calling ``run``
-from the loop thread itself would deadlock, so it raises ``RuntimeError`` instead and points to the
-``async`` API.
+:class:`ProcessState` holds what asyncckpt keeps for the life of a process: the default
+:class:`Runtime` (one daemon thread running one asyncio loop, with its worker pool) and one
+instance each of the components that must be shared by every save and restore -- the registry of
+pending writes, the staging pool, the direct-I/O bounce buffers, the default storage, the device
+stagers, the asynchronous writes nobody has synced yet. Components ask for theirs with
+``process_state().owned(Factory)``; nothing else in the package keeps module-global state.
 
-One default runtime exists per process (:func:`get_runtime`); it is forgotten in a forked child,
-whose copy of the loop thread does not exist. Every entry point accepts another runtime through
-its settings, which is how tests isolate themselves.
+There is one fork reset (a forked child starts with an empty state: it has the parent's objects
+but not the threads serving them) and one exit sequence: components with an ``at_exit(final)``
+method are called in the order they were created, once before the interpreter joins non-daemon
+threads (``final=False``) and once after (``final=True``), so a write such a thread started while
+the program ended is still finished.
+
+The synchronous API blocks on ``runtime.run(coro)``; background work is started with
+``runtime.submit(coro)``. Calling ``run`` from the loop thread itself would deadlock, so it raises
+``RuntimeError`` instead and points to the ``async`` API. Every entry point accepts another
+runtime through its settings, which is how tests isolate themselves.
 
 Blocking calls (file I/O, checksums) run through ``asyncio.to_thread`` on the loop's default
 executor, which the runtime replaces with its own pool (:class:`_WorkerPool`) whose worker threads
@@ -19,14 +28,17 @@ either kind of pool could not finish a write still pending, or started, at exit;
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import contextlib
+import importlib
 import os
 import queue
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
-__all__ = ["Runtime", "get_runtime", "running_loop", "WORKER_THREADS"]
+__all__ = ["ProcessState", "Runtime", "WORKER_THREADS", "get_runtime", "process_state", "running_loop"]
 
 T = TypeVar("T")
 
@@ -207,24 +219,84 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-_default_lock = threading.Lock()
-_default: Runtime | None = None
+class ProcessState:
+    """What asyncckpt keeps for the life of one process; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._runtime: Runtime | None = None
+        self._owned: dict[Callable[[], Any], Any] = {}
+
+    @property
+    def runtime(self) -> Runtime:
+        """The process's default :class:`Runtime` (created on first use, started on first call)."""
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = Runtime()
+            return self._runtime
+
+    def owned(self, factory: Callable[[], T]) -> T:
+        """The process's one instance made by ``factory`` (a class, usually), created on first use."""
+        found = self._owned.get(factory)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._owned.get(factory)
+            if found is None:
+                found = self._owned[factory] = factory()
+            return found
+
+    def at_exit(self, final: bool) -> None:
+        """Call ``at_exit(final)`` on every component that has one, in creation order.
+
+        A component's failure is its own to report (it logs or re-raises); the others still run.
+        """
+        with self._lock:
+            components = list(self._owned.values())
+        error = None
+        for component in components:
+            hook = getattr(component, "at_exit", None)
+            if hook is None:
+                continue
+            try:
+                hook(final)
+            except BaseException as exc:  # noqa: BLE001 - every component gets its turn; first error re-raised
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+_state = ProcessState()
+
+
+def process_state() -> ProcessState:
+    """This process's :class:`ProcessState`."""
+    return _state
 
 
 def get_runtime() -> Runtime:
     """The process-wide default runtime (created on first use)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Runtime()
-        return _default
+    return _state.runtime
 
 
-def _forget_after_fork() -> None:
-    # The child has the parent's Runtime object but not its thread: start afresh on next use.
-    global _default, _default_lock
-    _default_lock = threading.Lock()
-    _default = None
+def _reset_after_fork() -> None:
+    # The child has the parent's objects but not the threads serving them: start afresh on next use.
+    global _state
+    _state = ProcessState()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+def _before_threads_join() -> None:
+    with contextlib.suppress(BaseException):  # errors are reported by the final call
+        _state.at_exit(final=False)
+
+
+def _at_exit() -> None:
+    _state.at_exit(final=True)
+
+
+# The thread pool registers its own exit hook when its module is first imported; import it now so
+# that hook is registered first and therefore runs after ours (they run in reverse order).
+importlib.import_module("concurrent.futures.thread")
+getattr(threading, "_register_atexit", atexit.register)(_before_threads_join)
+atexit.register(_at_exit)
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -23,7 +23,7 @@ from asyncckpt.errors import (
     UnsupportedFormatError,
 )
 from asyncckpt.model.module import Module
-from asyncckpt.io.pipeline import ReadSettings, WriteSettings
+from asyncckpt.io import ReadSettings, WriteSettings
 from asyncckpt.model.python_state import PythonState
 from asyncckpt.readers import list_variables, load_checkpoint, load_variable, object_metadata
 from asyncckpt.model.trackable import NoDependency, Trackable

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
+from asyncckpt.io.settings import PlanSettings
 from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.errors import NotFoundError
 from asyncckpt.graph import GraphCache, GraphView
@@ -82,7 +83,7 @@ class CheckpointOptions:
         Staging budget, chunk sizes and concurrency of the I/O pipeline.
     experimental_metrics_callback : callable, optional
         Called once after each write ends (committed or failed), in a worker thread, with a
-        frozen :class:`~asyncckpt.io.pipeline.WriteStats`: bytes and files written, and seconds per
+        frozen :class:`~asyncckpt.io.ckio.WriteStats`: bytes and files written, and seconds per
         stage (snapshot -- the caller's stall --, data write, commit, total). Its exceptions are
         logged, never raised.
     multi_worker : asyncckpt.MultiWorker, optional
@@ -102,13 +103,13 @@ class CheckpointOptions:
     enable_async: bool = False
     experimental_sharding_callback: Any = None
     experimental_skip_slot_variables: bool = False
-    write_settings: pipeline.WriteSettings | None = None
-    read_settings: pipeline.ReadSettings | None = None
-    experimental_metrics_callback: Callable[[pipeline.WriteStats], None] | None = None
-    multi_worker: pipeline.MultiWorker | None = None
+    write_settings: ckio.WriteSettings | None = None
+    read_settings: ckio.ReadSettings | None = None
+    experimental_metrics_callback: Callable[[ckio.WriteStats], None] | None = None
+    multi_worker: ckio.MultiWorker | None = None
 
     def __post_init__(self):
-        if self.multi_worker is not None and not isinstance(self.multi_worker, pipeline.MultiWorker):
+        if self.multi_worker is not None and not isinstance(self.multi_worker, ckio.MultiWorker):
             raise TypeError(f"multi_worker must be an asyncckpt.MultiWorker or None, got {self.multi_worker!r}")
         if self.experimental_enable_async_checkpoint:
             logger.warning("experimental_enable_async_checkpoint is deprecated; use enable_async=True")
@@ -122,9 +123,9 @@ class CheckpointOptions:
             )
 
 
-def _write_settings(options: CheckpointOptions) -> pipeline.WriteSettings:
+def _write_settings(options: CheckpointOptions) -> ckio.WriteSettings:
     """``options.write_settings`` with ``options.multi_worker`` folded in (they must agree)."""
-    settings = options.write_settings or pipeline.WriteSettings()
+    settings = options.write_settings or ckio.WriteSettings()
     worker = getattr(options, "multi_worker", None)
     if worker is None:
         return settings
@@ -142,10 +143,6 @@ def is_chief(options: CheckpointOptions | None) -> bool:
         return True
     worker = _write_settings(options).multi_worker
     return worker is None or worker.is_chief
-
-
-def _plan_key(settings: pipeline.WriteSettings) -> tuple[int, int, int]:
-    return settings.small_array_bytes, settings.pack_bytes, settings.chunk_bytes
 
 
 def _callback_arity(callback: Callable) -> int:
@@ -357,11 +354,11 @@ class Checkpoint(AutoTrackable):
         prepared = self._prepare_write(settings)
         callbacks = [_bind_callback(callback, path) for callback in options.experimental_write_callbacks]
         callbacks.extend(extra_callbacks)
-        return pipeline.start_write(
+        return ckio.start_write(
             path, prepared, settings=settings, on_commit=callbacks, on_stats=options.experimental_metrics_callback
         )
 
-    def _prepare_write(self, settings: pipeline.WriteSettings) -> pipeline.PreparedWrite:
+    def _prepare_write(self, settings: ckio.WriteSettings) -> ckio.PreparedWrite:
         """The entries of this save, validated and laid out; reused while the graph is unchanged.
 
         An unchanged program (see :class:`~asyncckpt.graph.GraphCache`) reuses the last layout and
@@ -371,12 +368,12 @@ class Checkpoint(AutoTrackable):
         cache = self._self_graph_cache
         serialized, values = cache.serialize(self._graph_view())
         kept = cache.attachment(serialized)  # lives and dies with the cached graph
-        if values is not None and kept is not None and kept[0] == _plan_key(settings):
+        if values is not None and kept is not None and kept[0] == PlanSettings.of(settings):
             prepared = kept[1].with_values(values) if values else kept[1]
         else:
-            entries = [pipeline.SaveEntry(key, source) for key, source in serialized.entries]
-            prepared = pipeline.prepare_write(entries, serialized.object_graph, settings=settings)
-        cache.attach(serialized, (_plan_key(settings), prepared))
+            entries = [ckio.SaveEntry(key, source) for key, source in serialized.entries]
+            prepared = ckio.prepare_write(entries, serialized.object_graph, settings=settings)
+        cache.attach(serialized, (PlanSettings.of(settings), prepared))
         return prepared
 
     def _wait_for_pending_write(self) -> None:
@@ -438,9 +435,9 @@ class Checkpoint(AutoTrackable):
         """Restore values of objects that exist (or are queued for creation); ``save_counter`` is left alone."""
         options = options or CheckpointOptions()
         path = os.fspath(save_path)
-        read_settings = options.read_settings or pipeline.ReadSettings()
-        pipeline.wait_for_pending_writes(path, storage=read_settings.storage)
-        reader = pipeline.open_reader(path, settings=read_settings)
+        read_settings = options.read_settings or ckio.ReadSettings()
+        ckio.wait_for_pending_writes(path, storage=read_settings.storage)
+        reader = ckio.open_reader(path, settings=read_settings)
         coordinator = RestoreCoordinator(
             reader.object_graph, reader, skip_slot_variables=options.experimental_skip_slot_variables
         )

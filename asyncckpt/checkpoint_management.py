@@ -60,7 +60,7 @@ from typing import Any, Callable
 import numpy as np
 
 from asyncckpt import state_file
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions, is_chief
 from asyncckpt.format import lock_name
@@ -669,17 +669,17 @@ class _CheckpointIo:
         return _recorded_checkpoint_exists(prefix, storage=self.storage, runtime=self.runtime)
 
     def delete(self, prefix: str) -> None:
-        pipeline.delete_checkpoint(prefix, storage=self.storage, runtime=self.runtime)
+        ckio.delete_checkpoint(prefix, storage=self.storage, runtime=self.runtime)
 
     def wait(self, prefix: str) -> None:
         # Pending writes are registered under the storage's canonical path (not the local one).
-        pipeline.wait_for_pending_writes(prefix, storage=self.storage)
+        ckio.wait_for_pending_writes(prefix, storage=self.storage)
 
     def read_options(self) -> CheckpointOptions | None:
         """Options that read from here, or ``None`` for the defaults."""
         if self.storage is None and self.runtime is None:
             return None
-        return CheckpointOptions(read_settings=pipeline.ReadSettings(storage=self.storage, runtime=self.runtime))
+        return CheckpointOptions(read_settings=ckio.ReadSettings(storage=self.storage, runtime=self.runtime))
 
 
 class _PendingSave:

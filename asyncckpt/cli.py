@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Sequence, TextIO
 
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.errors import CheckpointError
 from asyncckpt.readers import load_checkpoint, resolve_checkpoint_path
 
@@ -63,7 +63,7 @@ def _ls(path: str, out: TextIO) -> int:
 
 def _verify(path: str, out: TextIO) -> int:
     prefix = resolve_checkpoint_path(path)
-    report = pipeline.open_reader(prefix).verify()
+    report = ckio.open_reader(prefix).verify()
     out.write(f"OK: {report.tensors} tensors, {report.bytes} bytes verified\n")
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from asyncckpt import format as _format
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.checkpoint_management import latest_checkpoint
 from asyncckpt.errors import NotFoundError
 
@@ -47,7 +47,7 @@ def resolve_checkpoint_path(ckpt_dir_or_file: Any) -> str:
         ) from None
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    pipeline.wait_for_pending_writes(path)
+    ckio.wait_for_pending_writes(path)
     if os.path.isdir(path):
         latest = latest_checkpoint(path)
         if latest is None:
@@ -145,7 +145,7 @@ def load_checkpoint(ckpt_dir_or_file) -> CheckpointReader:
         When no committed checkpoint exists there.
     """
     path = resolve_checkpoint_path(ckpt_dir_or_file)
-    return CheckpointReader(path, pipeline.open_reader(path))
+    return CheckpointReader(path, ckio.open_reader(path))
 
 
 def load_variable(ckpt_dir_or_file, name: str) -> np.ndarray | bytes:
@@ -184,7 +184,7 @@ def object_metadata(save_path) -> dict:
         When no committed checkpoint exists at the path.
     """
     path = resolve_checkpoint_path(save_path)
-    reader = pipeline.open_reader(path)
+    reader = ckio.open_reader(path)
     graph = reader.object_graph
     if _format.OBJECT_GRAPH_KEY not in reader.keys() or not isinstance(graph, dict) or not graph.get("nodes"):
         raise ValueError(

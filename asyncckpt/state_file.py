@@ -61,7 +61,7 @@ import os
 import re
 from typing import Any, Iterator, Sequence
 
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime
 from asyncckpt.io.storage import Storage
 
@@ -441,7 +441,7 @@ def get_checkpoint_state(checkpoint_dir, latest_filename: str | None = None) -> 
         If the file parses but names no ``model_checkpoint_path`` (e.g. it is empty).
     """
     directory = _fspath(checkpoint_dir, "checkpoint_dir")
-    pipeline.wait_for_pending_writes(directory)
+    ckio.wait_for_pending_writes(directory)
     return _load_state(directory, latest_filename)
 
 
@@ -669,8 +669,8 @@ def checkpoint_exists(checkpoint_prefix) -> bool:
     Waits first for this process's pending writes to that prefix.
     """
     prefix = _fspath(checkpoint_prefix, "checkpoint_prefix")
-    pipeline.wait_for_pending_writes(prefix)
-    return bool(pipeline.checkpoint_exists(prefix))
+    ckio.wait_for_pending_writes(prefix)
+    return bool(ckio.checkpoint_exists(prefix))
 
 
 def latest_checkpoint(checkpoint_dir, latest_filename: str | None = None) -> str | None:
@@ -704,13 +704,13 @@ def latest_checkpoint(checkpoint_dir, latest_filename: str | None = None) -> str
 
 
 def _recorded_checkpoint_exists(prefix: str, *, storage: Storage | None = None, runtime: Runtime | None = None) -> bool:
-    """`pipeline.checkpoint_exists` for a path read from a state file, which may be anything.
+    """`ckio.checkpoint_exists` for a path read from a state file, which may be anything.
 
     A path the file system cannot even look up (a name too long, say) names no checkpoint.
     ``storage`` and ``runtime`` say where checkpoints live (the pipeline's defaults when ``None``).
     """
     try:
-        return bool(pipeline.checkpoint_exists(prefix, storage=storage, runtime=runtime))
+        return bool(ckio.checkpoint_exists(prefix, storage=storage, runtime=runtime))
     except OSError as exc:
         logger.warning("cannot look up checkpoint %r recorded in the state file: %s", prefix, exc)
         return False

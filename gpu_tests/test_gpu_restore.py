@@ -13,7 +13,7 @@ import pytest
 
 import asyncckpt as ac
 from asyncckpt import _cuda
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.errors import CorruptCheckpointError
 
 from _samples import DTYPES, sample  # tests/_samples.py, on the path through conftest.py
@@ -30,8 +30,8 @@ def stager(cp):
 
 
 def write(prefix, arrays: dict[str, np.ndarray]) -> str:
-    entries = [pipeline.SaveEntry(key, value) for key, value in arrays.items()]
-    return pipeline.start_write(prefix, entries, {"nodes": []}, settings=SMALL_FILES).result()
+    entries = [ckio.SaveEntry(key, value) for key, value in arrays.items()]
+    return ckio.start_write(prefix, entries, {"nodes": []}, settings=SMALL_FILES).result()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -44,7 +44,7 @@ def test_every_dtype_and_shape_round_trips_into_cupy_arrays(cp, prefix, stager, 
     }
     path = write(prefix, saved)
     out = {key: cp.empty(value.shape, dtype=value.dtype) for key, value in saved.items()}
-    result = pipeline.open_reader(path).read_many(saved, out=out, stager=stager)
+    result = ckio.open_reader(path).read_many(saved, out=out, stager=stager)
     cp.cuda.get_current_stream().synchronize()
     for key, value in saved.items():
         assert result[key] is out[key]
@@ -73,7 +73,7 @@ def test_uploads_run_after_pending_work_and_later_work_waits_for_them(cp, prefix
     target = cp.zeros(saved.shape, cp.float64)
     with training:
         spin(target, 7.0, milliseconds=300)  # still writing the target when the restore starts
-        pipeline.open_reader(path).read_many(["x"], out={"x": target}, stager=stager)
+        ckio.open_reader(path).read_many(["x"], out={"x": target}, stager=stager)
         target += 1.0  # later work on the same stream sees the restored values
     training.synchronize()
     np.testing.assert_array_equal(cp.asnumpy(target), saved + 1.0)
@@ -87,4 +87,4 @@ def test_a_corrupted_byte_raises_naming_the_key(cp, prefix, stager, tmp_path):
     raw[len(raw) // 2] ^= 0x01
     data_file.write_bytes(bytes(raw))
     with pytest.raises(CorruptCheckpointError, match="key 'x'.*fails its checksum"):
-        pipeline.open_reader(path).read_many(["x"], out={"x": cp.empty(saved.shape, cp.float32)}, stager=stager)
+        ckio.open_reader(path).read_many(["x"], out={"x": cp.empty(saved.shape, cp.float32)}, stager=stager)

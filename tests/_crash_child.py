@@ -14,9 +14,9 @@ import sys
 
 import numpy as np
 
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 
-SETTINGS = pipeline.WriteSettings(
+SETTINGS = ckio.WriteSettings(
     chunk_bytes=16 * 1024, pack_bytes=4 * 1024, small_array_bytes=1024, staging_budget_bytes=32 * 1024,
     max_concurrent_writes=2,
 )
@@ -43,8 +43,8 @@ def main() -> None:
     iteration = first
     while True:
         path = path_for(folder, mode, iteration)
-        entries = [pipeline.SaveEntry(key, value) for key, value in expected_values(iteration).items()]
-        pipeline.start_write(path, entries, {"iteration": iteration}, settings=SETTINGS).result()
+        entries = [ckio.SaveEntry(key, value) for key, value in expected_values(iteration).items()]
+        ckio.start_write(path, entries, {"iteration": iteration}, settings=SETTINGS).result()
         print(f"committed {path} {iteration}", flush=True)
         iteration += 1
 

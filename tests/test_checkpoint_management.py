@@ -20,7 +20,7 @@ import pytest
 
 import asyncckpt as ac
 from asyncckpt import checkpoint_management as cm
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.checkpoint_management import CheckpointState
 from asyncckpt.format import index_name, index_path
@@ -349,7 +349,7 @@ def test_async_save_bookkeeping_waits_for_durable_data(tmp_path, gated):
     # save() returned: the counter moved, but nothing of the second checkpoint is durable yet.
     assert second.endswith("ckpt-2") and checkpoint.save_counter.numpy() == 2
     gated.reached.wait()
-    assert pipeline.has_pending_writes(second)
+    assert ckio.has_pending_writes(second)
     assert not committed_on_disk(second) and committed_on_disk(first)
     assert state_on_disk(tmp_path).model_checkpoint_path == "ckpt-1"
     variable.assign(np.zeros(4, np.float32))  # after the snapshot: not in the checkpoint
@@ -523,7 +523,7 @@ def options_for(storage, runtime=None, enable_async=False):
 def test_manager_deletes_checkpoints_on_the_storage_of_the_save(tmp_path, memory):
     manager = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.zeros(2))), tmp_path, max_to_keep=2)
     paths = [manager.save(options=options_for(memory)) for _ in range(3)]
-    assert [pipeline.checkpoint_exists(p, storage=memory) for p in paths] == [False, True, True]
+    assert [ckio.checkpoint_exists(p, storage=memory) for p in paths] == [False, True, True]
     assert manager.checkpoints == paths[1:] and manager.latest_checkpoint == paths[-1]
     # The state file stays a local file in the directory; the checkpoints never touch the disk.
     assert sorted(os.listdir(tmp_path)) == [".checkpoint.lock", "checkpoint"]
@@ -538,7 +538,7 @@ def test_two_managers_on_another_storage_keep_each_others_entries(tmp_path, memo
     for _ in range(3):
         saved.append(a.save(options=options_for(memory)))
         saved.append(b.save(options=options_for(memory)))
-    kept = [p for p in saved if pipeline.checkpoint_exists(p, storage=memory)]
+    kept = [p for p in saved if ckio.checkpoint_exists(p, storage=memory)]
     assert [os.path.basename(p) for p in kept] == ["a-2", "b-2", "a-3", "b-3"]
     assert state_on_disk(tmp_path).all_model_checkpoint_paths == ["a-2", "b-2", "a-3", "b-3"]
     assert a.checkpoints == kept[0::2] and b.checkpoints == kept[1::2]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from _crash_child import expected_values
 
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 
 CHILD = Path(__file__).with_name("_crash_child.py")
@@ -64,9 +64,9 @@ def _run_and_kill(folder: Path, mode: str, first: int, delay: float) -> list[str
 def _check(folder: Path, mode: str, last_committed: dict) -> None:
     for name in PATHS[mode]:
         path = folder / name
-        if name not in last_committed and not pipeline.checkpoint_exists(path):
+        if name not in last_committed and not ckio.checkpoint_exists(path):
             continue
-        reader = pipeline.open_reader(path)
+        reader = ckio.open_reader(path)
         iteration = reader.object_graph["iteration"]
         assert iteration >= last_committed.get(name, -1), f"{name} went back to iteration {iteration}"
         expected = expected_values(iteration)
@@ -92,8 +92,8 @@ def _crash_rounds(tmp_path: Path, mode: str, rounds: int, seed: int) -> None:
         _check(tmp_path, mode, last_committed)
         first += 1000  # each child writes iterations of its own
     # One clean write in the folder removes every leftover of the crashed ones.
-    pipeline.start_write(tmp_path / "final", [pipeline.SaveEntry("v", np.zeros(1))], {}).result()
-    referenced = {pipeline.open_reader(tmp_path / p.stem).data_dir for p in tmp_path.glob("*.index")}
+    ckio.start_write(tmp_path / "final", [ckio.SaveEntry("v", np.zeros(1))], {}).result()
+    referenced = {ckio.open_reader(tmp_path / p.stem).data_dir for p in tmp_path.glob("*.index")}
     for entry in tmp_path.iterdir():
         name = entry.name
         assert parse_lock_name(name) is None and parse_index_tmp_name(name) is None, f"debris left: {name}"

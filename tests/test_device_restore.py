@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from asyncckpt import _cuda
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt._cuda import FakeDeviceBackend, Stager
 from asyncckpt._runtime import get_runtime
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import seal_manifest
-from asyncckpt.io.pipeline import ReadSettings, SaveEntry, WriteSettings
+from asyncckpt.io import ReadSettings, SaveEntry, WriteSettings
 
 from _fakes import CopyGate
 from _samples import DTYPES, sample
@@ -51,7 +51,7 @@ def make_stager(backend, buffers: int = 16) -> Stager:
 
 def write(path, values: dict[str, np.ndarray], settings: WriteSettings = SMALL_FILES) -> str:
     entries = [SaveEntry(key, value) for key, value in values.items()]
-    return pipeline.start_write(path, entries, {"nodes": []}, settings=settings).result()
+    return ckio.start_write(path, entries, {"nodes": []}, settings=settings).result()
 
 
 def extents(path, key: str) -> list[dict]:
@@ -88,7 +88,7 @@ def test_every_dtype_and_shape_round_trips_bit_exact(tmp_path, backend, dtype):
     path = write(tmp_path / "ckpt", values)
     stager = make_stager(backend)
     out = {key: backend.empty(value.shape, value.dtype) for key, value in values.items()}
-    result = pipeline.open_reader(path).read_many(values, out=out, stager=stager)
+    result = ckio.open_reader(path).read_many(values, out=out, stager=stager)
     for key, value in values.items():
         assert result[key] is out[key]
         restored = backend.peek(out[key])
@@ -101,7 +101,7 @@ def test_a_value_across_data_files_and_windows_round_trips(big, backend, gate):
     path, value = big
     stager = make_stager(backend)
     target = backend.empty(value.shape, value.dtype)
-    reader = pipeline.open_reader(path, ReadSettings(max_concurrent_reads=1))
+    reader = ckio.open_reader(path, ReadSettings(max_concurrent_reads=1))
     reader.read_many(["big"], out={"big": target}, stager=stager)
     np.testing.assert_array_equal(backend.peek(target), value)
     assert stager.stats["uploaded_chunks"] == windows_of(path, ["big"]) == 25
@@ -114,7 +114,7 @@ def test_host_and_device_destinations_share_packed_files(tmp_path, backend):
     path = write(tmp_path / "ckpt", values)
     stager = make_stager(backend)
     out = {key: (backend.empty(v.shape, v.dtype) if i % 2 else np.zeros_like(v)) for i, (key, v) in enumerate(values.items())}
-    result = pipeline.open_reader(path).read_many(values, out=out, stager=stager)
+    result = ckio.open_reader(path).read_many(values, out=out, stager=stager)
     for i, (key, value) in enumerate(values.items()):
         assert result[key] is out[key]
         got = backend.peek(out[key]) if i % 2 else out[key]
@@ -124,7 +124,7 @@ def test_host_and_device_destinations_share_packed_files(tmp_path, backend):
 def test_keys_without_a_destination_are_still_read_to_the_host(big, backend):
     path, value = big
     target = backend.empty(value.shape, value.dtype)
-    reader = pipeline.open_reader(path)
+    reader = ckio.open_reader(path)
     result = reader.read_many(["big"], out={"big": target}, stager=make_stager(backend))
     assert result["big"] is target
     np.testing.assert_array_equal(reader.read("big"), value)
@@ -135,7 +135,7 @@ def test_aread_many_uploads_too(big, backend):
     target = backend.empty(value.shape, value.dtype)
 
     async def restore():
-        reader = await pipeline.aopen_reader(path)
+        reader = await ckio.aopen_reader(path)
         return await reader.aread_many(["big"], out={"big": target}, stager=make_stager(backend))
 
     assert asyncio.run(restore())["big"] is target
@@ -146,7 +146,7 @@ def test_the_default_stager_is_the_backends(big, backend):
     path, value = big
     target = backend.empty(value.shape, value.dtype)
     stager = _cuda.stager_for(backend)
-    pipeline.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
+    ckio.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
     np.testing.assert_array_equal(backend.peek(target), value)
     assert stager.stats["uploaded_chunks"] > 0
 
@@ -159,7 +159,7 @@ def test_overlapping_extents_of_a_crafted_manifest_are_uploaded_correctly(tmp_pa
     document["tensors"]["b"]["extents"] = document["tensors"]["a"]["extents"]  # both read the same bytes
     index.write_bytes(seal_manifest(document))
     out = {"a": backend.empty((4,), np.float64), "b": np.zeros(4)}
-    pipeline.open_reader(path).read_many(["a", "b"], out=out, stager=make_stager(backend))
+    ckio.open_reader(path).read_many(["a", "b"], out=out, stager=make_stager(backend))
     np.testing.assert_array_equal(backend.peek(out["a"]), value)
     np.testing.assert_array_equal(out["b"], value)
 
@@ -175,7 +175,7 @@ def test_uploads_run_after_pending_work_and_later_work_waits_for_them(big, backe
     backend.launch(backend.default_stream, lambda data: (kernel_gate.wait(), data.fill(5.0)), target)
     stager = make_stager(backend, buffers=32)  # every window fits: the restore never waits for a buffer
     with backend.forbid_host_sync():  # the calling thread never waits for the device
-        pipeline.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
+        ckio.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
     stager.upload_stream.settle()  # idle, or held in its device-side wait for the kernel
     assert gate.log.count("h2d") == 0, "an upload ran before the work pending when the restore started"
     seen = []
@@ -198,7 +198,7 @@ def test_the_current_stream_of_the_calling_thread_orders_the_uploads(big, backen
     backend.launch(training, lambda data: (kernel_gate.wait(), data.fill(5.0)), target)
     stager = make_stager(backend, buffers=32)
     with backend.use_stream(training):
-        pipeline.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
+        ckio.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
     stager.upload_stream.settle()
     assert gate.log.count("h2d") == 0
     kernel_gate.set()
@@ -210,7 +210,7 @@ def test_reading_goes_on_while_earlier_windows_are_still_uploading(big, backend,
     target = backend.empty(value.shape, value.dtype)
     gate.hold_at = 1  # the first window's upload stalls until the read is over
     stager = make_stager(backend, buffers=32)
-    reader = pipeline.open_reader(path, ReadSettings(max_concurrent_reads=1))
+    reader = ckio.open_reader(path, ReadSettings(max_concurrent_reads=1))
     reader.read_many(["big"], out={"big": target}, stager=stager)  # returns with uploads in flight
     assert gate.held.is_set() and gate.log.count("h2d") == 1
     assert stager.stats["uploaded_chunks"] == 25  # every window was read and enqueued meanwhile
@@ -223,7 +223,7 @@ def test_waiting_for_a_busy_pinned_buffer_leaves_the_event_loop_free(big, backen
     target = backend.empty(value.shape, value.dtype)
     gate.hold_at = 1  # the first upload stalls: the third window must wait for its buffer
     stager = make_stager(backend, buffers=2)
-    reader = pipeline.open_reader(path, ReadSettings(max_concurrent_reads=1))
+    reader = ckio.open_reader(path, ReadSettings(max_concurrent_reads=1))
     errors = []
 
     def restore():
@@ -256,7 +256,7 @@ def test_pinned_memory_stays_within_the_pool_and_buffers_are_reused(big, backend
     path, value = big
     stager = make_stager(backend, buffers=3)
     target = backend.empty(value.shape, value.dtype)
-    reader = pipeline.open_reader(path, ReadSettings(max_concurrent_reads=1))
+    reader = ckio.open_reader(path, ReadSettings(max_concurrent_reads=1))
     reader.read_many(["big"], out={"big": target}, stager=stager)
     np.testing.assert_array_equal(backend.peek(target), value)
     assert backend.pinned_peak_bytes <= stager.pool.capacity_bytes == 3 * WINDOW
@@ -270,7 +270,7 @@ def test_concurrent_reads_through_a_small_pool_stay_within_it(tmp_path, backend)
     path = write(tmp_path / "ckpt", values)
     stager = make_stager(backend, buffers=2)
     out = {key: backend.empty(v.shape, v.dtype) for key, v in values.items()}
-    pipeline.open_reader(path).read_many(values, out=out, stager=stager)
+    ckio.open_reader(path).read_many(values, out=out, stager=stager)
     for key, value in values.items():
         np.testing.assert_array_equal(backend.peek(out[key]), value)
     assert backend.pinned_peak_bytes <= 2 * WINDOW
@@ -283,7 +283,7 @@ def test_with_every_pinned_buffer_held_windows_go_through_private_buffers(big, b
     held = [stager.take_upload_buffer(), stager.take_upload_buffer()]
     assert None not in held and stager.take_upload_buffer() is None
     target = backend.empty(value.shape, value.dtype)
-    pipeline.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
+    ckio.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
     np.testing.assert_array_equal(backend.peek(target), value)
     assert stager.stats["direct_uploads"] == 25 and stager.stats["uploaded_chunks"] == 0
     for buffer in held:
@@ -300,18 +300,18 @@ def test_a_corrupted_byte_raises_naming_the_key(big, backend, where):
     path, value = big
     extent = extents(path, "big")[2]
     offset = {"first window": 3, "middle window": WINDOW + 7, "last window": extent["length"] - 1}[where]
-    data_file = Path(path).parent / pipeline.open_reader(path).data_dir / extent["file"]
+    data_file = Path(path).parent / ckio.open_reader(path).data_dir / extent["file"]
     raw = bytearray(data_file.read_bytes())
     raw[extent["offset"] + offset] ^= 0x10
     data_file.write_bytes(bytes(raw))
     stager = make_stager(backend, buffers=4)
     target = backend.empty(value.shape, value.dtype)
     with pytest.raises(CorruptCheckpointError, match=rf"key 'big'.*{extent['file']}.*fails its checksum"):
-        pipeline.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
+        ckio.open_reader(path).read_many(["big"], out={"big": target}, stager=stager)
     backend.synchronize()
     assert stager.pool.free_buffers == stager.pool.max_buffers  # no buffer is lost to the error
     with pytest.raises(CorruptCheckpointError, match="key 'big'"):  # the host path says the same
-        pipeline.open_reader(path).read("big")
+        ckio.open_reader(path).read("big")
 
 
 @pytest.mark.parametrize(
@@ -328,7 +328,7 @@ def test_a_destination_that_does_not_fit_is_refused_before_reading(tmp_path, bac
     path = write(tmp_path / "ckpt", {"big": value, "small": np.arange(4.0)})
     host = np.full(4, -1.0)  # a fitting host destination in the same call
     with pytest.raises(ValueError, match=rf"cannot read key 'big' \(<f8\[125\]\) {problem}"):
-        pipeline.open_reader(path).read_many(
+        ckio.open_reader(path).read_many(
             ["small", "big"], out={"small": host, "big": make(backend)}, stager=make_stager(backend)
         )
     backend.synchronize()
@@ -337,9 +337,9 @@ def test_a_destination_that_does_not_fit_is_refused_before_reading(tmp_path, bac
 
 
 def test_a_byte_string_cannot_be_read_into_a_device_array(tmp_path, backend):
-    path = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("s", b"hello")], {"nodes": []}).result()
+    path = ckio.start_write(tmp_path / "ckpt", [SaveEntry("s", b"hello")], {"nodes": []}).result()
     with pytest.raises(ValueError, match="key 's' holds a byte string"):
-        pipeline.open_reader(path).read_many(["s"], out={"s": backend.empty((5,), np.uint8)}, stager=make_stager(backend))
+        ckio.open_reader(path).read_many(["s"], out={"s": backend.empty((5,), np.uint8)}, stager=make_stager(backend))
 
 
 def test_a_cancelled_window_read_finishes_before_its_buffer_can_be_reused():
@@ -353,7 +353,7 @@ def test_a_cancelled_window_read_finishes_before_its_buffer_can_be_reused():
 
         async def window():
             try:
-                await pipeline._finish_even_if_cancelled(read_into_pinned_buffer())
+                await ckio.tasks.finish_even_if_cancelled(read_into_pinned_buffer())
             finally:
                 order.append("buffer released")
 

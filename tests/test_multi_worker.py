@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt.io import coordination, pipeline
+from asyncckpt import io as ckio
+from asyncckpt.io import coordination
 from asyncckpt.format import index_path, parse_manifest, seal_manifest
 
 from _fakes import manifest_editor  # noqa: E402
@@ -94,7 +95,7 @@ def check_checkpoint(path: str, count: int) -> None:
     else:  # written by write(): no save_counter in the checkpoint
         status.expect_partial()
     assert_same(values(restored), values(build()))
-    reader = pipeline.open_reader(path)
+    reader = ckio.open_reader(path)
     report = reader.verify()
     assert report.tensors == len(reader.keys()) - 1
     assert listed["model/big/.ATTRIBUTES/VARIABLE_VALUE"] == [128, 96]
@@ -232,15 +233,15 @@ def test_one_worker_writes_an_ordinary_checkpoint(tmp_path):
 def test_replacing_a_multi_worker_checkpoint_deletes_every_old_data_directory(tmp_path):
     prefix = str(tmp_path / "ckpt")
     run_workers(3, lambda i: build().write(prefix, options=options(i, 3)))
-    old = pipeline.open_reader(prefix).data_dirs
+    old = ckio.open_reader(prefix).data_dirs
     results = run_workers(2, lambda i: build().write(prefix, options=options(i, 2)))
     assert results == [prefix, prefix]
-    new = pipeline.open_reader(prefix).data_dirs
+    new = ckio.open_reader(prefix).data_dirs
     assert not set(old) & set(new)
     assert sorted(n for n in os.listdir(tmp_path) if ".data-" in n) == sorted(new)
     check_checkpoint(prefix, 2)
     ac.checkpoint_exists(prefix)
-    pipeline.delete_checkpoint(prefix)
+    ckio.delete_checkpoint(prefix)
     assert os.listdir(tmp_path) == []
 
 
@@ -261,7 +262,7 @@ def test_a_missing_worker_fails_the_chief_and_the_next_save_cleans_up(tmp_path):
     restored = build(seed=5)
     restored.restore(prefix).expect_partial()
     assert_same(values(restored), values(previous))  # the previous checkpoint is untouched
-    debris = [n for n in os.listdir(tmp_path) if ".data-" in n and n not in pipeline.open_reader(prefix).data_dirs]
+    debris = [n for n in os.listdir(tmp_path) if ".data-" in n and n not in ckio.open_reader(prefix).data_dirs]
     assert debris  # worker 1's data directory, left for cleanup
     # A section left by a crashed worker (its lock no longer held) is debris as well.
     stale = tmp_path / coordination.section_name("ckpt", 1, 3, debris[0][-16:])
@@ -269,7 +270,7 @@ def test_a_missing_worker_fails_the_chief_and_the_next_save_cleans_up(tmp_path):
                                      "save_id": "x", "data_dir": debris[0], "tensors": {}}))
     assert run_workers(3, lambda i: build().write(prefix, options=options(i, 3))) == [prefix] * 3
     check_checkpoint(prefix, 3)
-    referenced = set(pipeline.open_reader(prefix).data_dirs)
+    referenced = set(ckio.open_reader(prefix).data_dirs)
     assert {n for n in os.listdir(tmp_path) if ".data-" in n} == referenced
     assert not stale.exists()
 
@@ -374,7 +375,7 @@ def test_hostile_merged_manifest_is_refused(hostile, edit, message):
     with pytest.raises(ac.CorruptCheckpointError, match=message):
         build(seed=3).restore(prefix)
     with pytest.raises(ac.CorruptCheckpointError, match=message):
-        pipeline.open_reader(prefix).verify()
+        ckio.open_reader(prefix).verify()
 
 
 def test_an_extent_in_a_data_directory_linked_outside_is_refused(hostile, tmp_path):
@@ -385,7 +386,7 @@ def test_an_extent_in_a_data_directory_linked_outside_is_refused(hostile, tmp_pa
     shutil.move(str(second), str(outside))
     second.symlink_to(outside)
     with pytest.raises(ac.CorruptCheckpointError, match="symbolic link"):
-        pipeline.open_reader(prefix)
+        ckio.open_reader(prefix)
     with pytest.raises(ac.CorruptCheckpointError, match="symbolic link"):
         build(seed=3).restore(prefix)
 
@@ -399,7 +400,7 @@ def test_a_damaged_extent_in_a_second_directory_is_named(hostile):
     data[extent["offset"]] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(ac.CorruptCheckpointError, match=document["data_dirs"][1]):
-        pipeline.open_reader(prefix).verify()
+        ckio.open_reader(prefix).verify()
 
 
 def test_a_hostile_section_is_refused_by_the_chief(tmp_path):
@@ -479,7 +480,7 @@ def test_a_rewrite_of_one_path_has_its_own_save_identifier_and_new_values(tmp_pa
         return checkpoint.write(prefix, options=options(index, 2))
 
     assert run_workers(2, work) == [prefix] * 2
-    reader = pipeline.open_reader(prefix)
+    reader = ckio.open_reader(prefix)
     assert set(np.unique(reader.read("model/big/.ATTRIBUTES/VARIABLE_VALUE"))) == {2.0}
     assert set(np.unique(reader.read("model/mid/.ATTRIBUTES/VARIABLE_VALUE"))) == {2.0}
 
@@ -519,7 +520,7 @@ def test_cleanup_leaves_a_live_workers_section_and_removes_a_dead_ones(tmp_path)
         await backend.create_data_dir(data_dir_name("p", live))
         fresh = coordination.section_name("p", 1, 2, live)
         await backend.commit(fresh, index_tmp_name("p", live), Section(1, 2, "new", data_dir_name("p", live), {}).to_json())
-        await pipeline._clean_debris(backend, exclude="none")
+        await ckio.commit.clean_debris(backend, exclude="none")
         names = await backend.list_names()
         await live_lock.release()
         return names
@@ -542,10 +543,10 @@ def test_a_claimed_directory_of_a_dead_worker_survives_cleanup_while_its_chief_l
         await backend.write(data_dir_name("p", worker) + "/pack-00000", b"x" * 8)
         claim = coordination.claim_name("p", chief, worker)
         await backend.write(claim, b"{}")
-        await pipeline._clean_debris(backend, exclude="none")
+        await ckio.commit.clean_debris(backend, exclude="none")
         kept = await backend.list_names()
         await chief_lock.release()  # the chief is gone without committing: all of it is debris now
-        await pipeline._clean_debris(backend, exclude="none")
+        await ckio.commit.clean_debris(backend, exclude="none")
         return kept, await backend.list_names()
 
     kept, after = asyncio.run(scenario())
@@ -560,5 +561,5 @@ def test_a_worker_killed_after_its_section_was_claimed_still_lands_in_the_checkp
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout + result.stderr
     prefix = str(tmp_path / "p")
-    reader = pipeline.open_reader(prefix)
+    reader = ckio.open_reader(prefix)
     assert reader.verify().tensors == 3 and len(reader.data_dirs) == 3

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.graph import GraphCache, GraphView
 from asyncckpt.model.trackable import TrackableReference, structure_version
 
@@ -242,7 +242,7 @@ def test_a_third_party_slot_provider_disables_the_cache(tmp_path):
     optimizer.slots[id(variable)] = ac.Variable(np.full(3, 4.0))
     assert structure_version() == version  # nobody said anything
     path = checkpoint.write(tmp_path / "second")
-    reader = pipeline.open_reader(path)
+    reader = ckio.open_reader(path)
     assert "v/.OPTIMIZER_SLOT/optimizer/accumulator/.ATTRIBUTES/VARIABLE_VALUE" in reader.keys()
 
 
@@ -290,7 +290,7 @@ def test_the_metrics_callback_receives_each_writes_statistics(tmp_path):
     path = checkpoint.save(tmp_path / "ckpt", options=options)
     checkpoint.sync()
     (stats,) = received
-    assert isinstance(stats, pipeline.WriteStats)
+    assert isinstance(stats, ckio.WriteStats)
     assert stats.path == path and stats.error is None
     assert stats.tensors == 4  # three variables and save_counter
     assert stats.bytes_written == 3 * 8000 + 8

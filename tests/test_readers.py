@@ -13,7 +13,7 @@ import pytest
 
 import asyncckpt as ac
 from asyncckpt import readers
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt._runtime import get_runtime
 from asyncckpt.format import OBJECT_GRAPH_KEY, index_path
 from asyncckpt.io.storage import default_storage
@@ -178,7 +178,7 @@ def test_object_metadata_is_the_saved_graph(written):
 
 def test_object_metadata_without_object_graph_raises_value_error(tmp_path):
     prefix = str(tmp_path / "graphless")
-    pipeline.start_write(prefix, [pipeline.SaveEntry("x", np.ones(2))], {}).result()
+    ckio.start_write(prefix, [ckio.SaveEntry("x", np.ones(2))], {}).result()
     np.testing.assert_array_equal(readers.load_variable(prefix, "x"), np.ones(2))
     with pytest.raises(ValueError, match="object graph"):
         readers.object_metadata(prefix)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import asyncckpt as ac
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
 from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 
@@ -98,7 +98,7 @@ WRITER = textwrap.dedent(
 
 def _read_consistent(prefix: str) -> int:
     """The (writer, iteration) mark of the checkpoint at ``prefix``; fails if its values disagree."""
-    reader = pipeline.open_reader(prefix)
+    reader = ckio.open_reader(prefix)
     values = reader.read_many(["big/.ATTRIBUTES/VARIABLE_VALUE", "small/.ATTRIBUTES/VARIABLE_VALUE"])
     big, small = values["big/.ATTRIBUTES/VARIABLE_VALUE"], values["small/.ATTRIBUTES/VARIABLE_VALUE"]
     mark = int(small[0])
@@ -129,13 +129,13 @@ def test_two_processes_writing_one_prefix_never_tear_it(tmp_path):
         assert child.returncode == 0, stderr
     final = _read_consistent(prefix)
     assert final in (1000 + rounds - 1, 2000 + rounds - 1)
-    pipeline.open_reader(prefix).verify()
+    ckio.open_reader(prefix).verify()
     assert seen, "the reader never saw a committed checkpoint"
     # One more write cleans whatever the race left unreferenced.
     ac.Checkpoint(big=ac.Variable(np.zeros((128, 256), np.float32)), small=ac.Variable(np.arange(10))).write(
         str(tmp_path / "after"))
     names = os.listdir(tmp_path)
-    referenced = {pipeline.open_reader(tmp_path / n[: -len(".index")]).data_dir for n in names if n.endswith(".index")}
+    referenced = {ckio.open_reader(tmp_path / n[: -len(".index")]).data_dir for n in names if n.endswith(".index")}
     for name in names:
         assert parse_lock_name(name) is None and parse_index_tmp_name(name) is None, f"debris: {name}"
         assert parse_data_dir_name(name) is None or name in referenced, f"unreferenced data directory: {name}"

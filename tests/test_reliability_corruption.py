@@ -20,7 +20,7 @@ import pytest
 
 import asyncckpt as ac
 from asyncckpt import cli
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import index_path, seal_manifest
 
@@ -88,7 +88,7 @@ def _detections(prefix: str, capsys) -> list[str]:
         ac.Checkpoint(**_objects(fill=False)).restore(prefix)
     messages.append(str(raised.value))
     with pytest.raises(CorruptCheckpointError) as raised:
-        pipeline.open_reader(prefix).verify()
+        ckio.open_reader(prefix).verify()
     messages.append(str(raised.value))
     capsys.readouterr()
     assert cli.main(["verify", prefix]) == 1
@@ -203,10 +203,10 @@ def test_an_edited_manifest_fails_its_own_checksum(damaged, field, value):
     body = json.dumps(document, separators=(",", ":")).encode()
     index.write_bytes(body)  # still led by the old manifest_crc32c member
     with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
-        pipeline.open_reader(prefix)
+        ckio.open_reader(prefix)
     index.write_bytes(seal_manifest(document))  # resealed, the edit is accepted or rejected on its merits
     if field[0] == "object_graph":
-        pipeline.open_reader(prefix).verify()
+        ckio.open_reader(prefix).verify()
 
 
 def test_a_manifest_without_its_checksum_is_refused(damaged):
@@ -216,8 +216,8 @@ def test_a_manifest_without_its_checksum_is_refused(damaged):
     del document["manifest_crc32c"]
     index.write_bytes(json.dumps(document).encode())
     with pytest.raises(CorruptCheckpointError, match="does not begin with its checksum member"):
-        pipeline.open_reader(prefix)
+        ckio.open_reader(prefix)
     document["manifest_crc32c"] = json.loads(seal_manifest(document))["manifest_crc32c"]
     index.write_bytes(json.dumps(document).encode())  # the right value, but not the leading member
     with pytest.raises(CorruptCheckpointError, match="does not begin with its checksum member"):
-        pipeline.open_reader(prefix)
+        ckio.open_reader(prefix)

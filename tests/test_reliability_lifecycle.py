@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.io.storage import BackendWrapper, FileStorage
 
 from _fakes import WrappingStorage
@@ -109,7 +109,7 @@ def test_a_save_in_flight_at_exit_is_finished_and_recorded(tmp_path, mode, code)
     assert "pending" in result.stdout, result.stderr
     latest = ac.latest_checkpoint(tmp_path)
     assert latest == str(tmp_path / "ckpt-2"), result.stderr
-    pipeline.open_reader(latest).verify()
+    ckio.open_reader(latest).verify()
     assert _restored_value(latest) == 2.0
     assert _restored_value(str(tmp_path / "ckpt-1")) == 1.0
 
@@ -122,8 +122,8 @@ def test_a_process_ended_without_cleanup_leaves_no_partial_checkpoint(tmp_path, 
     assert latest in (str(tmp_path / "ckpt-1"), str(tmp_path / "ckpt-2"))
     assert _restored_value(latest) == (1.0 if latest.endswith("-1") else 2.0)
     for prefix in ("ckpt-1", "ckpt-2"):
-        if pipeline.checkpoint_exists(tmp_path / prefix):  # committed means complete
-            pipeline.open_reader(tmp_path / prefix).verify()
+        if ckio.checkpoint_exists(tmp_path / prefix):  # committed means complete
+            ckio.open_reader(tmp_path / prefix).verify()
     # The next program in the directory carries on and cleans up.
     assert _run(tmp_path, "return").returncode == 0
     assert _restored_value(ac.latest_checkpoint(tmp_path)) == 2.0
@@ -144,13 +144,13 @@ def _short_lived_checkpoint(directory: Path, storage=None) -> weakref.ref:
 
 def test_checkpoints_are_collected_and_leak_no_threads(tmp_path):
     _short_lived_checkpoint(tmp_path / "warm")  # starts the process runtime and its pools
-    pipeline.wait_for_pending_writes(tmp_path)
+    ckio.wait_for_pending_writes(tmp_path)
     gc.collect()
     threads_before = threading.active_count()
     refs = []
     for n in range(30):
         refs.append(_short_lived_checkpoint(tmp_path / f"run-{n}"))
-    pipeline.wait_for_pending_writes(tmp_path)
+    ckio.wait_for_pending_writes(tmp_path)
     gc.collect()
     assert [ref for ref in refs if ref() is not None] == [], "a Checkpoint outlived its last save"
     assert threading.active_count() <= threads_before + 2, threading.enumerate()
@@ -167,9 +167,9 @@ def test_a_checkpoint_dropped_with_a_save_in_flight_is_collected_once_it_finishe
             await super().write(key, value)
 
     ref = _short_lived_checkpoint(tmp_path, storage=WrappingStorage(FileStorage(), Held))
-    assert pipeline.has_pending_writes(tmp_path)
+    assert ckio.has_pending_writes(tmp_path)
     release.set()
-    pipeline.wait_for_pending_writes(tmp_path)
+    ckio.wait_for_pending_writes(tmp_path)
     gc.collect()
     assert ref() is None, gc.get_referrers(ref())
     restored = ac.Variable(np.zeros(1000))

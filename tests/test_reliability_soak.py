@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 
 
 def _open_fds() -> int:
@@ -75,7 +75,7 @@ def check_soak(directory, result: dict, rss_slack: int) -> None:
     names = set(os.listdir(directory))
     indexes = {name[: -len(".index")] for name in names if name.endswith(".index")}
     assert indexes == expected
-    data_dirs = {pipeline.open_reader(directory / stem).data_dir for stem in expected}
+    data_dirs = {ckio.open_reader(directory / stem).data_dir for stem in expected}
     assert names == {f"{stem}.index" for stem in expected} | data_dirs | {"checkpoint", ".checkpoint.lock"}, names
     assert ac.latest_checkpoint(directory) == str(directory / f"ckpt-{n}")
     assert [os.path.basename(p) for p in ac.get_checkpoint_state(directory).all_model_checkpoint_paths] == sorted(

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.format import index_path, parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 from asyncckpt.io.storage import BackendWrapper, FileStorage
 
@@ -117,7 +117,7 @@ def assert_no_debris(folder: Path, *, unreferenced_data_dirs_allowed: bool = Fal
     read the folder leaves it for the next write to remove.
     """
     names = os.listdir(folder)
-    referenced = {pipeline.open_reader(folder / name[: -len(".index")]).data_dir for name in names if name.endswith(".index")}
+    referenced = {ckio.open_reader(folder / name[: -len(".index")]).data_dir for name in names if name.endswith(".index")}
     for name in names:
         assert parse_lock_name(name) is None and parse_index_tmp_name(name) is None, f"debris: {name}"
         assert not name.endswith(".tmp"), f"temporary file left: {name}"
@@ -128,7 +128,7 @@ def assert_no_debris(folder: Path, *, unreferenced_data_dirs_allowed: bool = Fal
 def assert_listed_checkpoints_intact(model: Model, folder: Path) -> None:
     state = ac.get_checkpoint_state(folder)
     for path in state.all_model_checkpoint_paths:
-        pipeline.open_reader(path).verify()
+        ckio.open_reader(path).verify()
         assert_restores(path, model.saved[path])
 
 
@@ -158,7 +158,7 @@ def test_a_failing_operation_fails_the_save_and_loses_nothing(tmp_path, operatio
     assert ac.latest_checkpoint(tmp_path) == before
     if (operation, when) == ("commit", "after"):
         # The rename happened: the new checkpoint is complete, but it was never recorded.
-        pipeline.open_reader(failed).verify()
+        ckio.open_reader(failed).verify()
         assert_restores(failed, 3)
     else:
         assert not os.path.exists(index_path(failed)), "a failed save left a commit marker"
@@ -214,8 +214,8 @@ def test_a_failing_deletion_of_an_old_checkpoint_is_reported_and_keeps_the_new_o
     assert ac.latest_checkpoint(tmp_path) == newest
     assert_restores(newest, 2)
     for path in ac.get_checkpoint_state(tmp_path).all_model_checkpoint_paths:
-        assert pipeline.checkpoint_exists(path), f"the state file lists {path}, which does not exist"
-        pipeline.open_reader(path).verify()  # whatever the file lists is still there and complete
+        assert ckio.checkpoint_exists(path), f"the state file lists {path}, which does not exist"
+        ckio.open_reader(path).verify()  # whatever the file lists is still there and complete
     model.save(3, asynchronous)
     assert_restores(ac.latest_checkpoint(tmp_path), 3)
     assert_no_debris(tmp_path)
@@ -286,7 +286,7 @@ def test_a_full_filesystem_fails_saves_cleanly_at_every_fill_level(small_filesys
                 outcomes["data file"] += 1
             elif os.path.exists(index_path(attempted)):
                 outcomes["state file"] += 1
-                pipeline.open_reader(attempted).verify()
+                ckio.open_reader(attempted).verify()
             else:
                 outcomes["manifest"] += 1
             assert ac.latest_checkpoint(folder) == previous

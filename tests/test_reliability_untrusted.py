@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import asyncckpt as ac
 from asyncckpt import cli
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.format import MAX_INDEX_BYTES, index_path, seal_manifest
 
@@ -148,7 +148,7 @@ def test_hostile_manifest_is_refused_by_every_reader(hostile, capsys, edit, mess
         _model(fill=False)[2].restore(prefix)
     assert prefix in str(raised.value)
     with pytest.raises(CorruptCheckpointError, match=message):
-        pipeline.open_reader(prefix).verify()
+        ckio.open_reader(prefix).verify()
     assert cli.main(["verify", prefix]) == 1
     assert message in capsys.readouterr().err
 
@@ -172,7 +172,7 @@ def test_a_consistent_but_absurd_size_fails_as_corrupt_without_allocating_it(hos
         edited["tensors"][W] = {"dtype": "|u1", "shape": [nbytes], "nbytes": nbytes, "crc32c": 0, "extents": [extent]}
 
     prefix = write(edit)
-    reader = pipeline.open_reader(prefix)
+    reader = ckio.open_reader(prefix)
     assert reader.spec(W).shape == (nbytes,)  # well-formed: only reading finds it out
     for action in (lambda: reader.read(W), reader.verify):
         with pytest.raises(CorruptCheckpointError, match="truncated") as raised:
@@ -217,7 +217,7 @@ def test_a_data_file_linked_outside_the_folder_is_refused(hostile, tmp_path):
     data_file.unlink()
     data_file.symlink_to(secret)
     with pytest.raises(CorruptCheckpointError, match="outside"):
-        pipeline.open_reader(prefix).read(W)
+        ckio.open_reader(prefix).read(W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_a_manager_never_deletes_checkpoints_outside_its_directory(tmp_path):
     manager = ac.CheckpointManager(_model(fill=True)[2], directory, max_to_keep=1)
     manager.save()
     manager.save()
-    assert pipeline.checkpoint_exists(precious), "the manager deleted a checkpoint outside its directory"
+    assert ckio.checkpoint_exists(precious), "the manager deleted a checkpoint outside its directory"
 
 
 def _state_file(directory: Path, *entries: str) -> None:
@@ -365,12 +365,12 @@ def test_an_oversized_index_is_refused_before_it_is_read(hostile, capsys):
     with open(index_path(prefix), "r+b") as index:
         index.truncate(MAX_INDEX_BYTES + 1)  # sparse: costs no disk
     with pytest.raises(CorruptCheckpointError, match=r"larger than \d+ bytes") as raised:
-        pipeline.open_reader(prefix)
+        ckio.open_reader(prefix)
     assert index_path(prefix) in str(raised.value)
     with pytest.raises(CorruptCheckpointError, match="larger than"):
         _model(fill=False)[2].restore(prefix)
     assert cli.main(["verify", prefix]) == 1
     assert "larger than" in capsys.readouterr().err
-    assert not pipeline.checkpoint_exists(prefix)
+    assert not ckio.checkpoint_exists(prefix)
     _model(fill=True)[2].write(prefix)  # a new save replaces it
-    pipeline.open_reader(prefix).verify()
+    ckio.open_reader(prefix).verify()

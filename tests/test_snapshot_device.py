@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from asyncckpt import _arrays
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt._cuda import DeviceCopyError, FakeDeviceBackend, Stager
-from asyncckpt.io.pipeline import SaveEntry, WriteSettings
+from asyncckpt.io import SaveEntry, WriteSettings
 
 from _fakes import CopyGate
 
@@ -81,7 +81,7 @@ def values() -> dict[str, np.ndarray]:
 
 
 def read_back(path, keys) -> dict[str, np.ndarray]:
-    return pipeline.open_reader(path).read_many(list(keys))
+    return ckio.open_reader(path).read_many(list(keys))
 
 
 @pytest.mark.parametrize("pack_bytes", [0, 4096], ids=["one-copy-each", "small-ones-packed"])
@@ -89,7 +89,7 @@ def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, devi
     device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=pack_bytes)
     expected = values()
     holders = {key: DeviceHolder(device.array(value)) for key, value in expected.items()}
-    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry(k, h) for k, h in holders.items()], {},
+    handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry(k, h) for k, h in holders.items()], {},
                                   settings=settings(device))
     handle.result(30)
     out = read_back(tmp_path / "ckpt", expected)
@@ -108,7 +108,7 @@ def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, devi
 def test_captured_values_get_no_mutation_hook_while_host_values_do(tmp_path, device):
     on_device = DeviceHolder(device.array(np.arange(64.0)))
     on_host = HostHolder(np.arange(64.0))
-    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("d", on_device), SaveEntry("h", on_host)], {},
+    handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry("d", on_device), SaveEntry("h", on_host)], {},
                                   settings=settings(device))
     handle.result(30)
     assert (on_device.hooks_added, on_host.hooks_added) == (0, 1)
@@ -127,7 +127,7 @@ def test_a_kernel_pending_at_save_is_captured_after_it_and_later_work_is_not(tmp
 
     device.launch(device.default_stream, slow_kernel, array)
     with device.forbid_host_sync():  # start_write must not wait for the device
-        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", DeviceHolder(array))], {},
+        handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry("x", DeviceHolder(array))], {},
                                       settings=settings(device))
     device.launch(device.default_stream, lambda data: data.fill(7), array)  # training goes on
     kernel_gate.set()
@@ -145,7 +145,7 @@ def test_every_capture_policy_writes_the_value_at_save_time(tmp_path, hook, poli
     try:
         value = np.arange(150, dtype=np.float64)  # 1,200 bytes: 5 chunks
         array = device.array(value)
-        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", DeviceHolder(array))], {},
+        handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry("x", DeviceHolder(array))], {},
                                       settings=settings(device, staging_budget_bytes=max(pinned, 1024)))
         device.launch(device.default_stream, lambda data: data.__imul__(-1), array)
         handle.result(30)
@@ -159,7 +159,7 @@ def test_every_capture_policy_writes_the_value_at_save_time(tmp_path, hook, poli
 def test_the_staging_budget_caps_the_pinned_pool(tmp_path, device):
     device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=1 << 20)
     holder = DeviceHolder(device.array(np.arange(2000.0)))  # 16,000 bytes, far above the budget
-    pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {},
+    ckio.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {},
                          settings=settings(device, staging_budget_bytes=2048)).result(30)
     assert device._asyncckpt_stager.pool.capacity_bytes == 2048
     assert device.pinned_peak_bytes <= 2048
@@ -168,10 +168,10 @@ def test_the_staging_budget_caps_the_pinned_pool(tmp_path, device):
 
 def test_a_failed_device_copy_fails_the_write_naming_the_key_and_keeps_the_last_checkpoint(tmp_path, device, hook):
     path = tmp_path / "ckpt"
-    pipeline.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.ones(500))))], {},
+    ckio.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.ones(500))))], {},
                          settings=settings(device)).result(30)
     hook.fail_at = hook.calls + 3
-    handle = pipeline.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.zeros(500))))], {},
+    handle = ckio.start_write(path, [SaveEntry("weights", DeviceHolder(device.array(np.zeros(500))))], {},
                                   settings=settings(device))
     with pytest.raises(DeviceCopyError, match="weights"):
         handle.result(30)
@@ -183,7 +183,7 @@ def test_a_failed_device_copy_fails_the_write_naming_the_key_and_keeps_the_last_
 def test_a_write_failing_in_storage_returns_every_pinned_buffer(tmp_path, device):
     (tmp_path / "ckpt.index").mkdir()  # the commit cannot replace a folder: the write fails late
     holder = DeviceHolder(device.array(np.arange(900.0)))
-    handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {}, settings=settings(device))
+    handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {}, settings=settings(device))
     with pytest.raises(Exception):
         handle.result(30)
     stager = device._asyncckpt_stager
@@ -193,9 +193,9 @@ def test_a_write_failing_in_storage_returns_every_pinned_buffer(tmp_path, device
 
 def test_a_holder_whose_array_moved_to_the_host_after_preparation_is_still_written(tmp_path, device):
     holder = DeviceHolder(device.array(np.arange(10.0)))
-    prepared = pipeline.prepare_write([SaveEntry("x", holder)], {}, settings=settings(device))
+    prepared = ckio.prepare_write([SaveEntry("x", holder)], {}, settings=settings(device))
     holder.array = np.arange(10.0) * 2  # same dtype and shape, now a host array
-    pipeline.start_write(tmp_path / "ckpt", prepared, settings=settings(device)).result(30)
+    ckio.start_write(tmp_path / "ckpt", prepared, settings=settings(device)).result(30)
     np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["x"])["x"], np.arange(10.0) * 2)
 
 
@@ -231,10 +231,10 @@ def test_repeat_saves_of_one_structure_reuse_the_capture_plan_and_write_each_sav
     try:
         holders = [DeviceHolder(device.array(np.full(40, i, np.float32))) for i in range(30)]
         holders.append(DeviceHolder(device.array(np.arange(400.0))))  # 3,200 bytes: staged on its own
-        prepared = pipeline.prepare_write([SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+        prepared = ckio.prepare_write([SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
                                           settings=settings(device))
         for step in range(3):
-            pipeline.start_write(tmp_path / f"ckpt-{step}", prepared, settings=settings(device)).result(30)
+            ckio.start_write(tmp_path / f"ckpt-{step}", prepared, settings=settings(device)).result(30)
             for holder in holders:  # a training step between saves, on the device only
                 device.launch(device.default_stream, lambda data: data.__iadd__(100), holder.array)
         assert device.tables == 1
@@ -250,11 +250,11 @@ def test_repeat_saves_of_one_structure_reuse_the_capture_plan_and_write_each_sav
 
 def test_a_holder_given_a_new_array_gets_a_new_plan(tmp_path, device):
     holders = [DeviceHolder(device.array(np.full(8, i, np.int64))) for i in range(4)]
-    prepared = pipeline.prepare_write([SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+    prepared = ckio.prepare_write([SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
                                       settings=settings(device))
-    pipeline.start_write(tmp_path / "a", prepared, settings=settings(device)).result(30)
+    ckio.start_write(tmp_path / "a", prepared, settings=settings(device)).result(30)
     holders[2].array = device.array(np.full(8, -5, np.int64))  # same dtype and shape, new memory
-    pipeline.start_write(tmp_path / "b", prepared, settings=settings(device)).result(30)
+    ckio.start_write(tmp_path / "b", prepared, settings=settings(device)).result(30)
     out = read_back(tmp_path / "b", ["v1", "v2"])
     np.testing.assert_array_equal(out["v2"], np.full(8, -5))
     np.testing.assert_array_equal(out["v1"], np.full(8, 1))
@@ -266,7 +266,7 @@ def test_without_memory_for_the_pack_the_values_are_staged_one_by_one_and_still_
     try:
         values = [np.arange(60, dtype=np.int32) * (i + 1) for i in range(6)]  # 1,440 of 3,000 bytes
         holders = [DeviceHolder(device.array(v)) for v in values]
-        pipeline.start_write(tmp_path / "ckpt", [SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+        ckio.start_write(tmp_path / "ckpt", [SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
                              settings=settings(device)).result(30)
         stats = device._asyncckpt_stager.stats
         assert stats["packed_arrays"] == 0 and stats["stream_waits"] + stats["device_copies"] == 6
@@ -292,7 +292,7 @@ def test_a_host_value_changing_while_device_bytes_of_its_file_are_awaited_does_n
     host = MutatingHost(np.arange(16.0))
     on_device = DeviceHolder(device.array(np.arange(16.0)))
     try:
-        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry("a", host), SaveEntry("b", on_device)], {},
+        handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry("a", host), SaveEntry("b", on_device)], {},
                                       settings=settings(device))
         while device.host_syncs == 0:  # the writer is waiting for the device bytes of the file
             threading.Event().wait(0.001)
@@ -311,7 +311,7 @@ def test_a_failed_copy_of_a_packed_chunk_names_the_key_being_written(tmp_path, h
     try:
         hook.fail_at = 4  # the fourth chunk of the pack: values v6 and v7 (128 bytes each)
         holders = [DeviceHolder(device.array(np.full(16, i, np.float64))) for i in range(10)]
-        handle = pipeline.start_write(tmp_path / "ckpt", [SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
+        handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
                                       settings=settings(device, max_concurrent_writes=1))
         with pytest.raises(DeviceCopyError, match=r"^copying 'v6' from the device failed"):
             handle.result(30)

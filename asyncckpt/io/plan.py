@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from asyncckpt.format import TensorRecord
 
@@ -25,6 +26,8 @@ __all__ = [
     "ReadTarget",
     "ReadRange",
     "plan_read",
+    "ordered",
+    "scatter",
 ]
 
 
@@ -203,3 +206,47 @@ def plan_read(
         if pending:
             flush()
     return tuple(ranges)
+
+
+def ordered(targets: Sequence[Any]) -> bool:
+    """Whether the targets follow each other without overlapping (always, but for crafted manifests)."""
+    return all(a.range_offset + a.length <= b.range_offset for a, b in zip(targets, targets[1:]))
+
+
+def scatter(read_range: ReadRange, views: dict[str, memoryview]) -> tuple[list[Any], list[memoryview], list]:
+    """How to read ``read_range``: ``(buffers, pieces, copies)``.
+
+    ``buffers`` are what the read fills, in file order; ``pieces`` the bytes of each target among
+    them; ``copies`` ``(destination, piece)`` pairs to copy once the pieces are verified. Targets
+    are normally read straight into their destinations, with gaps going to scratch space. Without
+    destinations (verification), or with overlapping extents (only a crafted manifest has them),
+    the whole range is read into scratch space and sliced.
+    """
+    targets = read_range.targets
+    if not ordered(targets) or not views:
+        scratch = memoryview(bytearray(read_range.stop - read_range.start))
+        pieces = [scratch[t.range_offset : t.range_offset + t.length] for t in targets]
+        copies = [
+            (views[t.key][t.tensor_offset : t.tensor_offset + t.length], piece)
+            for t, piece in zip(targets, pieces)
+            if t.key in views
+        ]
+        return [scratch], pieces, copies
+    pieces = [views[t.key][t.tensor_offset : t.tensor_offset + t.length] for t in targets]
+    buffers: list[memoryview] = []
+    gaps: list[int] = []
+    position = 0
+    for target, piece in zip(targets, pieces):
+        if target.range_offset > position:
+            gaps.append(len(buffers))
+            buffers.append(target.range_offset - position)
+        buffers.append(piece)
+        position = target.range_offset + target.length
+    if read_range.stop - read_range.start > position:
+        gaps.append(len(buffers))
+        buffers.append(read_range.stop - read_range.start - position)
+    if gaps:  # one scratch buffer serves every gap: their bytes are not needed
+        scratch = memoryview(bytearray(max(buffers[index] for index in gaps)))
+        for index in gaps:
+            buffers[index] = scratch[: buffers[index]]
+    return buffers, pieces, []

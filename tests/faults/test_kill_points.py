@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt.io import pipeline
+from asyncckpt import io as ckio
 from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 
 from ._training_child import KILL_POINTS, MAX_TO_KEEP, build_model, expected_values
@@ -121,8 +121,8 @@ def check_after_crash(folder: Path, committed: int, tally: Tally, killed_at: str
         tally.restores_verified += 1
     state = ac.get_checkpoint_state(folder)
     for path in state.all_model_checkpoint_paths if state is not None else []:
-        assert pipeline.checkpoint_exists(path), f"the state file lists {path}, which does not exist ({killed_at})"
-        pipeline.open_reader(path).verify()
+        assert ckio.checkpoint_exists(path), f"the state file lists {path}, which does not exist ({killed_at})"
+        ckio.open_reader(path).verify()
         tally.listed_checkpoints_verified += 1
 
 
@@ -130,7 +130,7 @@ def assert_clean(folder: Path) -> None:
     """Exactly the managed checkpoints remain, all listed, with no debris of crashed writes."""
     names = set(os.listdir(folder))
     stems = {name[: -len(".index")] for name in names if name.endswith(".index")}
-    referenced = {pipeline.open_reader(folder / stem).data_dir for stem in stems}
+    referenced = {ckio.open_reader(folder / stem).data_dir for stem in stems}
     for name in names:
         assert parse_lock_name(name) is None and parse_index_tmp_name(name) is None, f"debris left: {name}"
         if parse_data_dir_name(name) is not None:
@@ -230,7 +230,7 @@ def test_kill_during_deletion_leaves_no_dangling_state_entry(tmp_path):
     code, lines, stderr = run_child(tmp_path, "delete-after", 1)
     assert code == -signal.SIGKILL and "killing delete-after 1" in lines, stderr
     state = ac.get_checkpoint_state(tmp_path)
-    missing = [path for path in state.all_model_checkpoint_paths if not pipeline.checkpoint_exists(path)]
+    missing = [path for path in state.all_model_checkpoint_paths if not ckio.checkpoint_exists(path)]
     assert missing == [], f"the state file lists deleted checkpoints {missing}"
 
 

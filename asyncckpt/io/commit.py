@@ -1,0 +1,268 @@
+"""Publishing a checkpoint and living beside others: data-directory locks, the manifest commit, debris, exists/delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from typing import Any
+
+
+from asyncckpt._runtime import Runtime, get_runtime
+from asyncckpt.errors import CorruptCheckpointError
+from asyncckpt.format import (
+    MAX_INDEX_BYTES,
+    data_dir_name,
+    index_name,
+    index_tmp_name,
+    lock_name,
+    parse_data_dir_name,
+    parse_index_tmp_name,
+    parse_lock_name,
+    read_data_dirs,
+)
+from asyncckpt.io import coordination
+from asyncckpt.io.storage import Backend, Storage, default_storage
+
+
+logger = logging.getLogger("asyncckpt")
+
+
+async def create_data_dir(backend: Backend, stem: str):
+    """Lock and create a fresh ``stem.data-<nonce>``; the lock exists before the directory does."""
+    for _ in range(8):
+        nonce = secrets.token_hex(8)
+        lock = await backend.lock_new(lock_name(stem, nonce))
+        if lock is None:
+            continue  # a cleaner took the brand-new marker; try another name
+        try:
+            await backend.create_data_dir(data_dir_name(stem, nonce))
+        except BaseException:
+            await lock.release()
+            raise
+        return nonce, lock
+    raise RuntimeError(f"could not lock a new data directory for {backend.describe(stem)}")
+
+
+async def read_index(backend: Backend, name: str) -> bytes | None:
+    """The manifest ``name``, or ``None`` if it does not exist.
+
+    Raises ``CorruptCheckpointError`` for one larger than ``MAX_INDEX_BYTES``, before reading it.
+    """
+    if await backend.holds(name, MAX_INDEX_BYTES + 1):
+        raise CorruptCheckpointError(
+            f"the checkpoint index {backend.describe(name)} is larger than {MAX_INDEX_BYTES} bytes: "
+            "not a manifest this library wrote; refusing to read it"
+        )
+    return await backend.read(name)
+
+
+async def referenced_data_dirs(backend: Backend, stem: str) -> tuple[str, ...]:
+    """The data directories ``stem.index`` names; () when there is none or it cannot be read."""
+    try:
+        data = await read_index(backend, index_name(stem))
+    except CorruptCheckpointError:
+        return ()  # an unreadable old index: its data directories are left alone
+    return () if data is None else (read_data_dirs(data) or ())
+
+
+async def index_token(backend: Backend, stem: str) -> str:
+    """What ``stem.index`` holds now, hashed: the part of a save's identifier that changes per write."""
+    try:
+        data = await read_index(backend, index_name(stem))
+    except CorruptCheckpointError:
+        return "oversized"
+    return "absent" if data is None else hashlib.sha256(data).hexdigest()
+
+
+async def missing_bytes(backend: Backend, data_dirs, records) -> str | None:
+    """What of ``records``' extents (in ``data_dirs``) is not on storage; ``None`` when all is."""
+    ends: dict[tuple[int, str], int] = {}
+    for record in records:
+        for extent in record.extents:
+            key = (extent.dir, extent.file)
+            ends[key] = max(ends.get(key, 0), extent.offset + extent.length)
+    for (directory, file), end in sorted(ends.items()):
+        location = f"{data_dirs[directory]}/{file}"
+        if not await backend.holds(location, end):
+            return f"{backend.describe(location)} does not hold the {end} bytes the manifest names"
+    return None
+
+
+async def claimed(backend: Backend, stem: str, nonce: str) -> bool:
+    """Whether a chief still holding its lock has claimed the section of ``stem.data-<nonce>``."""
+    for name in sorted(await backend.list_names()):
+        parsed = coordination.parse_claim_name(name)
+        if parsed is not None and parsed[0] == stem and parsed[2] == nonce:
+            if await held(backend, data_dir_name(stem, parsed[1])):
+                return True
+    return False
+
+
+async def held(backend: Backend, data_dir: str) -> bool:
+    """Whether a writer still holds the lock of ``data_dir`` (its write or section is live).
+
+    Taking a free lock to find out removes its stale marker, as debris cleanup would.
+    """
+    parsed = parse_data_dir_name(data_dir)
+    if parsed is None:
+        return False
+    marker = lock_name(*parsed)
+    taken = await backend.try_lock(marker)
+    if taken is not None:
+        await taken.release()
+        return False
+    return await backend.holds(marker, 0) is not None
+
+
+_UNREADABLE = object()
+
+
+async def clean_debris(backend: Backend, *, exclude: str) -> None:
+    """Delete what crashed writes left in the folder; never fails the write that calls it.
+
+    A data directory is debris when no writer holds its lock, no manifest in the folder names it
+    and no live chief has claimed its section. Temporary manifests, sections and stale lock
+    markers go with their data directory; claims go once their chief no longer holds its lock.
+    """
+    try:
+        names = await backend.list_names()
+        groups: dict[tuple[str, str], set[str]] = {}
+        sections: dict[tuple[str, str], str] = {}
+        claims = []
+        for name in names:
+            section = coordination.parse_section_name(name)
+            if section is not None:
+                key = (section[0], section[3])
+                groups.setdefault(key, set()).add("section")
+                sections[key] = name
+                continue
+            claim = coordination.parse_claim_name(name)
+            if claim is not None:
+                claims.append((name, claim))
+                continue
+            for kind, parse in (("dir", parse_data_dir_name), ("lock", parse_lock_name), ("tmp", parse_index_tmp_name)):
+                parsed = parse(name)
+                if parsed is not None:
+                    groups.setdefault(parsed, set()).add(kind)
+                    break
+        data_dirs_per_stem: dict[str, int] = {}
+        for (stem, _), kinds in groups.items():
+            if "dir" in kinds:
+                data_dirs_per_stem[stem] = data_dirs_per_stem.get(stem, 0) + 1
+        references: dict[str, Any] = {}
+
+        async def referenced_by(index: str) -> Any:
+            if index not in references:
+                try:
+                    data = await read_index(backend, index)
+                except (OSError, CorruptCheckpointError):
+                    data = b""
+                references[index] = None if data is None else (read_data_dirs(data) or _UNREADABLE)
+            return references[index]
+
+        for (stem, nonce), kinds in sorted(groups.items()):
+            name = data_dir_name(stem, nonce)
+            if name == exclude:
+                continue
+            own_index = index_name(stem)
+            if kinds == {"dir"} and data_dirs_per_stem.get(stem) == 1 and own_index in names:
+                continue  # the one finished data directory of a committed checkpoint
+            if "lock" in kinds:
+                lock = await backend.try_lock(lock_name(stem, nonce))
+            elif "section" in kinds:  # a live writer always has a marker: make sure by creating it
+                lock = await backend.lock_new(lock_name(stem, nonce))
+            else:
+                lock = _NO_LOCK
+            if lock is None:
+                continue  # still being written
+            try:
+                if "section" in kinds:
+                    # Take the section away first: a chief that claims it later finds nothing; a
+                    # chief that claimed it already has a claim the check below finds.
+                    if await backend.rename(sections[(stem, nonce)], index_tmp_name(stem, nonce)):
+                        kinds.add("tmp")
+                        logger.info("removed the section of an unfinished multi-worker save: %s",
+                                    backend.describe(sections[(stem, nonce)]))
+                if "dir" in kinds:
+                    if await is_referenced(name, own_index, names, referenced_by):
+                        continue
+                    if await claimed(backend, stem, nonce):  # listed after taking the lock
+                        continue
+                    await backend.delete_tree(name)
+                if "tmp" in kinds:
+                    await backend.delete(index_tmp_name(stem, nonce))
+                logger.info("removed debris of an unfinished write: %s", backend.describe(name))
+            finally:
+                if lock is not _NO_LOCK:
+                    await lock.release()
+
+        for name, (stem, chief, _) in sorted(claims):
+            if data_dir_name(stem, chief) != exclude and not await held(backend, data_dir_name(stem, chief)):
+                await backend.delete(name)
+    except Exception as exc:  # cleanup is best effort: the write itself must not fail for it
+        logger.warning("could not clean up after earlier unfinished writes: %s", exc)
+
+
+_NO_LOCK = object()
+
+
+async def is_referenced(name: str, own_index: str, names: set[str], referenced_by) -> bool:
+    own = await referenced_by(own_index)
+    if own is _UNREADABLE or (own is not None and name in own):
+        return True
+    # A checkpoint renamed by hand keeps naming its data directory: look at every manifest.
+    for other in sorted(names):
+        if other.endswith(".index") and other != own_index:
+            found = await referenced_by(other)
+            if found is not None and found is not _UNREADABLE and name in found:
+                return True
+    return False
+
+
+def checkpoint_exists(prefix, *, storage: Storage | None = None, runtime: Runtime | None = None) -> bool:
+    """True when a committed asyncckpt checkpoint exists at ``prefix`` (its ``P.index`` parses)."""
+    storage = storage or default_storage()
+    try:
+        folder, stem = storage.split(prefix)
+    except ValueError:
+        return False
+
+    async def exists() -> bool:
+        backend = await storage.open(folder)
+        try:
+            data = await read_index(backend, index_name(stem))
+        except CorruptCheckpointError:
+            return False
+        if data is None:
+            return False
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return False
+        return isinstance(document, dict) and document.get("format") == "asyncckpt"
+
+    return (runtime or get_runtime()).run(exists())
+
+
+def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtime | None = None) -> None:
+    """Delete the checkpoint at ``prefix``: un-commit it (remove ``P.index``), then its data.
+
+    Missing pieces are not an error. Does not wait for pending writes to ``prefix``.
+    """
+    storage = storage or default_storage()
+    folder, stem = storage.split(prefix)
+
+    async def delete() -> None:
+        backend = await storage.open(folder)
+        try:
+            data = await read_index(backend, index_name(stem))
+        except CorruptCheckpointError:
+            data = None
+        data_dirs = () if data is None else (read_data_dirs(data) or ())
+        await backend.delete(index_name(stem))
+        for data_dir in data_dirs:
+            await backend.delete_tree(data_dir)
+
+    (runtime or get_runtime()).run(delete())

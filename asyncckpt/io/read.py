@@ -1,0 +1,421 @@
+"""The read executor: open a committed checkpoint, read values straight into their destinations, verify.
+
+:func:`open_reader` parses and validates ``P.index``; reads coalesce nearby extents into
+byte-range reads (``plan.plan_read``), run up to ``max_concurrent_reads`` at a time straight into
+the destination arrays, and verify every extent's CRC-32C and each value's whole CRC-32C before
+returning. Device destinations are filled through pinned windows (``read_device``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from asyncckpt import _cuda
+from asyncckpt._runtime import Runtime, running_loop
+from asyncckpt.errors import CorruptCheckpointError, NotFoundError
+from asyncckpt.format import (
+    BYTES_DTYPE,
+    OBJECT_GRAPH_KEY,
+    Extent,
+    Manifest,
+    TensorRecord,
+    TensorSpec,
+    crc32c_combine,
+    index_name,
+    object_graph_bytes,
+    parse_manifest,
+)
+from asyncckpt.io.plan import ReadRange, plan_read
+from asyncckpt.io.storage import Backend, TruncatedError
+
+from asyncckpt.io.commit import read_index
+from asyncckpt.io.read_device import DeviceReads, DeviceTarget
+from asyncckpt.io.plan import ordered, scatter
+from asyncckpt.io.read_device import DeviceTarget
+from asyncckpt.io.settings import MiB, ReadSettings, check_read_settings, runtime_of, storage_of
+from asyncckpt.io.tasks import first_error
+
+logger = logging.getLogger("asyncckpt")
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`CheckpointReader.verify` checked: how many values and bytes."""
+
+    tensors: int
+    bytes: int
+
+
+class CheckpointReader(DeviceReads):
+    """Read access to one committed checkpoint. Obtain it from :func:`open_reader`."""
+
+    def __init__(self, path: str, manifest: Manifest, backend: Backend, settings: ReadSettings, runtime: Runtime):
+        self.path = path
+        self._manifest = manifest
+        if manifest.data_dirs:
+            # Several data directories (a multi-worker save): each extent's file is named with
+            # its directory, so reads and messages need no other change.
+            self._prefix = ""
+            self._tensors = {key: located(record, manifest.data_dirs) for key, record in manifest.tensors.items()}
+        else:
+            self._prefix = f"{manifest.data_dir}/"
+            self._tensors = manifest.tensors
+        self._backend = backend
+        self._settings = settings
+        self._runtime = runtime
+
+    @property
+    def object_graph(self) -> dict:
+        """The object graph stored with the checkpoint (a fresh copy)."""
+        return json.loads(object_graph_bytes(self._manifest.object_graph))
+
+    @property
+    def data_dir(self) -> str:
+        """Name of the data directory the manifest points at."""
+        return self._manifest.data_dir
+
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        """Every data directory the manifest points at (several for a multi-worker save)."""
+        return self._manifest.all_data_dirs
+
+    def keys(self) -> list[str]:
+        """Every key, including the object-graph key, sorted bytewise (UTF-8)."""
+        return sorted(
+            [OBJECT_GRAPH_KEY, *self._tensors], key=lambda key: key.encode("utf-8", "surrogatepass")
+        )
+
+    def __contains__(self, key: object) -> bool:
+        return key == OBJECT_GRAPH_KEY or key in self._tensors
+
+    def spec(self, key: str) -> TensorSpec:
+        """dtype and shape of ``key``; ``KeyError`` naming the key when absent."""
+        if key == OBJECT_GRAPH_KEY:
+            return TensorSpec(BYTES_DTYPE, ())
+        return self._record(key).spec
+
+    def _record(self, key: str) -> TensorRecord:
+        try:
+            return self._tensors[key]
+        except (KeyError, TypeError):
+            raise KeyError(f"key {key!r} not found in checkpoint {self.path}") from None
+
+    def read(self, key: str):
+        """The value of ``key``: a writable NumPy array, or ``bytes``. Checksums are verified."""
+        return self.read_many([key])[key]
+
+    def read_many(
+        self,
+        keys: Iterable[str],
+        *,
+        out: Mapping[str, Any] | None = None,
+        stager: _cuda.Stager | None = None,
+    ) -> dict[str, Any]:
+        """Values of several keys, read concurrently and verified.
+
+        Parameters
+        ----------
+        keys:
+            The keys to read.
+        out:
+            Optional destinations: ``{key: array}`` with a writable, C-contiguous NumPy array of
+            the key's exact dtype and shape, into which the bytes are read directly (no
+            intermediate copy); the result maps that key to the same array. A destination may
+            also be a C-contiguous device array (CuPy, or a GPU array of another framework): its
+            bytes are read window by window into pinned buffers and uploaded asynchronously on
+            the stager's upload stream, ordered after the work pending on the calling thread's
+            current stream; later work on that stream waits for the uploads (on the device:
+            ``read_many`` does not wait for them). A destination that does not fit raises
+            ``ValueError`` before anything is read. If a checksum then fails, the destinations
+            read so far (host or device) hold unverified bytes.
+        stager:
+            The :class:`~asyncckpt._cuda.Stager` uploading into the device destinations (its
+            pinned pool, chunk size and upload stream; its backend owns the arrays). By default
+            :func:`~asyncckpt._cuda.stager_for` the CuPy backend of each array's device; tests
+            pass one of a :class:`~asyncckpt._cuda.FakeDeviceBackend`.
+        """
+        keys = list(keys)
+        with self._device_uploads(out, stager) as uploads:
+            return self._runtime.run(self._read(keys, assemble=True, out=out, devices=uploads.targets))
+
+    async def aread_many(
+        self,
+        keys: Iterable[str],
+        *,
+        out: Mapping[str, Any] | None = None,
+        stager: _cuda.Stager | None = None,
+    ) -> dict[str, Any]:
+        """The ``async`` twin of :meth:`read_many`, usable from any event loop without blocking it.
+
+        Uploads into device destinations are ordered on the current stream of the thread that
+        awaits it.
+        """
+        keys = list(keys)
+        with self._device_uploads(out, stager) as uploads:
+            return await self._on_runtime(self._read(keys, assemble=True, out=out, devices=uploads.targets))
+
+    async def aread(self, key: str):
+        """The ``async`` twin of :meth:`read`."""
+        return (await self.aread_many([key]))[key]
+
+    def verify(self) -> VerifyReport:
+        """Check every checksum of the checkpoint without keeping the data.
+
+        Raises ``CorruptCheckpointError`` naming the key and the file of the first problem found.
+        """
+        tensors = self._tensors
+        self._runtime.run(self._read(list(tensors), assemble=False))
+        return VerifyReport(len(tensors), sum(record.nbytes for record in tensors.values()))
+
+    async def _on_runtime(self, coro):
+        if running_loop() is self._runtime.loop:
+            return await coro
+        return await asyncio.wrap_future(self._runtime.submit(coro))
+
+    def _destination(self, key: str, record: TensorRecord, given: Any) -> tuple[Any, memoryview]:
+        """``(value, flat writable byte view)`` of the buffer ``key`` is read into."""
+        if given is not None:
+            if record.dtype == BYTES_DTYPE:
+                raise ValueError(f"key {key!r} holds a byte string; it cannot be read into an array")
+            if (
+                not isinstance(given, np.ndarray)
+                or given.dtype.str != record.dtype
+                or given.shape != record.shape
+                or not given.flags.c_contiguous
+                or not given.flags.writeable
+            ):
+                described = (
+                    f"a {given.dtype.str}{list(given.shape)} array" if isinstance(given, np.ndarray)
+                    else f"a {type(given).__name__}"
+                )
+                raise ValueError(
+                    f"cannot read key {key!r} ({record.dtype}{list(record.shape)}) into {described}: a "
+                    "destination must be a writable C-contiguous NumPy (or device) array of the same "
+                    "dtype and shape"
+                )
+            return given, memoryview(given.reshape(-1).view(np.uint8))
+        if record.dtype == BYTES_DTYPE:
+            buffer = bytearray(record.nbytes)
+            return buffer, memoryview(buffer)
+        array = np.empty(record.shape, dtype=record.dtype)
+        return array, memoryview(array.reshape(-1).view(np.uint8))
+
+    async def _read(
+        self,
+        keys: list[str],
+        *,
+        assemble: bool,
+        out: Mapping[str, Any] | None = None,
+        devices: Mapping[str, DeviceTarget] | None = None,
+    ) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        records: dict[str, TensorRecord] = {}
+        for key in keys:
+            if key == OBJECT_GRAPH_KEY:
+                results[key] = object_graph_bytes(self._manifest.object_graph)
+            else:
+                records[key] = self._record(key)
+        out = out or {}
+        devices = devices or {}
+        unknown = [key for key in out if key not in records]
+        if unknown:
+            raise KeyError(f"destinations given for keys that are not being read: {sorted(unknown)[:5]}")
+        ranges = plan_read(
+            records,
+            coalesce_gap_bytes=self._settings.coalesce_gap_bytes,
+            max_range_bytes=self._settings.max_read_bytes,
+        )
+        await self._check_lengths(ranges)  # before allocating what a crafted manifest claims
+        values: dict[str, Any] = {}
+        views: dict[str, memoryview] = {}
+        if assemble:
+            for key, record in records.items():
+                if key in devices:  # filled through pinned buffers; the result is the caller's array
+                    values[key] = out[key]
+                else:
+                    values[key], views[key] = self._destination(key, record, out.get(key))
+        crcs = {key: [None] * len(record.extents) for key, record in records.items()}
+        semaphore = asyncio.Semaphore(self._settings.max_concurrent_reads)
+
+        async def fetch(read_range: ReadRange) -> None:
+            async with semaphore:
+                checked = await self._fetch_range(read_range, views, devices)
+            for target, crc in zip(read_range.targets, checked):
+                crcs[target.key][target.extent_index] = crc
+
+        try:
+            if len(ranges) == 1:
+                await fetch(ranges[0])
+            else:
+                async with asyncio.TaskGroup() as group:
+                    for read_range in ranges:
+                        group.create_task(fetch(read_range))
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        for key, record in records.items():
+            self._check_whole(key, record, crcs[key])
+            if assemble:
+                value = values[key]
+                results[key] = bytes(value) if isinstance(value, bytearray) else value
+        return results
+
+    async def _check_lengths(self, ranges: Sequence[ReadRange]) -> None:
+        """Raise ``CorruptCheckpointError`` for a data file that is missing or too short."""
+        last: dict[str, ReadRange] = {}
+        for read_range in ranges:  # ranges come grouped by file, in offset order
+            if read_range.file not in last or read_range.stop >= last[read_range.file].stop:
+                last[read_range.file] = read_range
+        for file, read_range in last.items():
+            found = await self._backend.holds(f"{self._prefix}{file}", read_range.stop)
+            if found is None:
+                raise self._corrupt(read_range.targets[0].key, file, "is missing")
+            if not found:
+                for earlier in ranges:
+                    if earlier.file == file:
+                        error = await self._truncation(earlier, definite=False)
+                        if error is not None:
+                            raise error
+                raise await self._truncation(read_range)
+
+    def _file_location(self, file: str) -> str:
+        return self._backend.describe(f"{self._prefix}{file}")
+
+    def _corrupt(self, key: str, file: str, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"corrupt checkpoint {self.path}: key {key!r}: data file {self._file_location(file)} {problem}"
+        )
+
+    async def _fetch_range(
+        self, read_range: ReadRange, views: dict[str, memoryview], devices: Mapping[str, DeviceTarget] | None = None
+    ) -> list[int]:
+        """Read one range straight into the targets' buffers; return each target's verified CRC."""
+        if devices and any(target.key in devices for target in read_range.targets):
+            if ordered(read_range.targets):
+                return await self._fetch_windows(read_range, views, devices)
+            return await self._fetch_overlapping(read_range, views, devices)
+        buffers, pieces, copies = scatter(read_range, views)
+        await self._read_into(read_range, 0, buffers)
+        if read_range.stop - read_range.start >= MiB:
+            return await asyncio.to_thread(self._verify, read_range, pieces, copies)
+        return self._verify(read_range, pieces, copies)
+
+    async def _read_into(self, read_range: ReadRange, offset: int, buffers: list[Any]) -> None:
+        """Fill ``buffers`` from the range's file at ``offset`` bytes into the range."""
+        try:
+            found = await self._backend.read_into(
+                f"{self._prefix}{read_range.file}", read_range.start + offset, buffers
+            )
+        except TruncatedError:
+            raise await self._truncation(read_range) from None
+        if not found:
+            raise self._corrupt(read_range.targets[0].key, read_range.file, "is missing")
+
+    async def _truncation(self, read_range: ReadRange, *, definite: bool = True) -> CorruptCheckpointError | None:
+        """Name the first key of ``read_range`` whose bytes lie past the end of the file.
+
+        ``None`` when none does and ``definite`` is false (the caller looks at further ranges).
+        """
+        key = f"{self._prefix}{read_range.file}"
+        for target in read_range.targets:
+            end = read_range.start + target.range_offset + target.length
+            try:
+                await self._backend.read(key, end - 1, end)
+            except TruncatedError:
+                return self._corrupt(
+                    target.key, read_range.file, f"is truncated: the key's bytes [{end - target.length}, {end}) are past its end"
+                )
+        return self._corrupt(read_range.targets[0].key, read_range.file, "is truncated") if definite else None
+
+    def _verify(self, read_range: ReadRange, pieces: list[memoryview], copies: list) -> list[int]:
+        checked = []
+        checksum = crc32c.crc32c
+        for target, piece in zip(read_range.targets, pieces):
+            crc = checksum(piece)
+            if crc != target.crc32c:
+                raise self._checksum_mismatch(read_range, target, crc)
+            checked.append(crc)
+        for destination, piece in copies:
+            destination[:] = piece
+        return checked
+
+    def _checksum_mismatch(self, read_range: ReadRange, target, crc: int) -> CorruptCheckpointError:
+        return self._corrupt(
+            target.key,
+            read_range.file,
+            f"fails its checksum at bytes [{read_range.start + target.range_offset}, "
+            f"{read_range.start + target.range_offset + target.length}) "
+            f"(crc32c {crc:#010x}, manifest says {target.crc32c:#010x})",
+        )
+
+    def _check_whole(self, key: str, record: TensorRecord, crcs: list) -> None:
+        if len(crcs) == 1:  # combining one extent's CRC with nothing is the identity
+            crc = crcs[0]
+        else:
+            crc = 0
+            for extent, extent_crc in zip(record.extents, crcs):
+                crc = crc32c_combine(crc, extent_crc, extent.length)
+        if crc != record.crc32c:
+            file = record.extents[0].file if record.extents else "(none)"
+            raise self._corrupt(
+                key, file, f"holds extents whose combined crc32c {crc:#010x} differs from the value's {record.crc32c:#010x}"
+            )
+
+
+def located(record: TensorRecord, data_dirs: Sequence[str]) -> TensorRecord:
+    """``record`` with each extent's file named ``<its data directory>/<file>``."""
+    extents = tuple(
+        Extent(f"{data_dirs[e.dir]}/{e.file}", e.offset, e.length, e.crc32c) for e in record.extents
+    )
+    return dataclasses.replace(record, extents=extents)
+
+
+async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointReader:
+    storage = storage_of(settings)
+    folder, stem = storage.split(path)
+    backend = await storage.open(folder)
+    index = index_name(stem)
+    data = await read_index(backend, index)
+    if data is None:
+        raise NotFoundError(
+            f"Failed to find any matching files for {path}: the checkpoint index {backend.describe(index)} "
+            "does not exist"
+        )
+    manifest = parse_manifest(data, source=backend.describe(index))
+    for data_dir in manifest.all_data_dirs:
+        await backend.check_data_dir(data_dir)
+    return CheckpointReader(os.fspath(path), manifest, backend, settings, runtime)
+
+
+def open_reader(path, settings: ReadSettings | None = None) -> CheckpointReader:
+    """Open the committed checkpoint at ``path``.
+
+    Raises
+    ------
+    NotFoundError
+        ``path.index`` does not exist (also a ``FileNotFoundError``).
+    CorruptCheckpointError
+        The manifest fails validation (``UnsupportedFormatError`` for an unknown version).
+    """
+    settings = check_read_settings(settings)
+    runtime = runtime_of(settings)
+    return runtime.run(_open(path, settings, runtime))
+
+
+async def aopen_reader(path, settings: ReadSettings | None = None) -> CheckpointReader:
+    """The ``async`` twin of :func:`open_reader`, usable from any event loop."""
+    settings = check_read_settings(settings)
+    runtime = runtime_of(settings)
+    if running_loop() is runtime.loop:
+        return await _open(path, settings, runtime)
+    return await asyncio.wrap_future(runtime.submit(_open(path, settings, runtime)))
+

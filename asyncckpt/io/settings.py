@@ -1,0 +1,208 @@
+"""Knobs and figures of the I/O side: what a write or a read may use, and what it did."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+
+from asyncckpt._runtime import Runtime, get_runtime
+from asyncckpt.io.coordination import MultiWorker
+from asyncckpt.io.storage import Storage, default_storage
+
+logger = logging.getLogger("asyncckpt")
+
+
+MiB = 1 << 20
+
+
+def require_positive_int(owner: str, name: str, value: Any) -> None:
+    if type(value) is not int or value <= 0:
+        raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """Knobs of one write.
+
+    Parameters
+    ----------
+    staging_budget_bytes:
+        Most bytes copied by mutation hooks (values changed while the write runs) and not yet
+        durable at any time, and the most page-locked host memory that values on a GPU are copied
+        through (see :mod:`asyncckpt.io.snapshot` for the full memory bound). Must be at least
+        ``chunk_bytes`` and ``pack_bytes``.
+    chunk_bytes:
+        Largest data file a big array is split into.
+    pack_bytes:
+        Target size of a file of packed small arrays.
+    small_array_bytes:
+        Arrays smaller than this are packed; at most ``pack_bytes``.
+    max_concurrent_writes:
+        Data files in flight at once.
+    storage:
+        Where to write (default: :func:`~asyncckpt.io.storage.default_storage`, the filesystem).
+    runtime:
+        The loop to run on (default: the process-wide runtime).
+    device_backend:
+        The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays are captured on the device at
+        ``start_write`` (default: CUDA arrays, through CuPy).
+    multi_worker:
+        A :class:`~asyncckpt.io.coordination.MultiWorker`: this write is one worker's part of a
+        save by several workers to a shared filesystem (each writes its share of the bytes; the
+        chief merges and commits). ``None`` or ``count == 1``: a single writer.
+    """
+
+    staging_budget_bytes: int = 256 * MiB
+    chunk_bytes: int = 64 * MiB
+    pack_bytes: int = 16 * MiB
+    small_array_bytes: int = 1 * MiB
+    max_concurrent_writes: int = 4
+    storage: Storage | None = None
+    runtime: Runtime | None = None
+    device_backend: Any = None
+    multi_worker: MultiWorker | None = None
+
+    def __post_init__(self) -> None:
+        if self.multi_worker is not None and not isinstance(self.multi_worker, MultiWorker):
+            raise TypeError(
+                f"WriteSettings.multi_worker must be an asyncckpt.MultiWorker or None, got {self.multi_worker!r}"
+            )
+        for name in ("staging_budget_bytes", "chunk_bytes", "pack_bytes", "small_array_bytes", "max_concurrent_writes"):
+            require_positive_int("WriteSettings", name, getattr(self, name))
+        if self.staging_budget_bytes < max(self.chunk_bytes, self.pack_bytes):
+            raise ValueError(
+                f"WriteSettings.staging_budget_bytes ({self.staging_budget_bytes}) must be at least "
+                f"chunk_bytes ({self.chunk_bytes}) and pack_bytes ({self.pack_bytes}): one data file "
+                "must fit in the budget"
+            )
+        if self.small_array_bytes > self.pack_bytes:
+            raise ValueError(
+                f"WriteSettings.small_array_bytes ({self.small_array_bytes}) must not exceed "
+                f"pack_bytes ({self.pack_bytes})"
+            )
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """Knobs of reads.
+
+    Parameters
+    ----------
+    max_concurrent_reads:
+        Byte-range reads in flight at once.
+    coalesce_gap_bytes:
+        Extents of one file at most this far apart are fetched by one read.
+    max_read_bytes:
+        Upper bound of a coalesced read (a single larger extent is still read whole).
+    storage, runtime:
+        As in :class:`WriteSettings`.
+    """
+
+    max_concurrent_reads: int = 8
+    coalesce_gap_bytes: int = 1 * MiB
+    max_read_bytes: int = 64 * MiB
+    storage: Storage | None = None
+    runtime: Runtime | None = None
+
+    def __post_init__(self) -> None:
+        require_positive_int("ReadSettings", "max_concurrent_reads", self.max_concurrent_reads)
+        require_positive_int("ReadSettings", "max_read_bytes", self.max_read_bytes)
+        if type(self.coalesce_gap_bytes) is not int or self.coalesce_gap_bytes < 0:
+            raise ValueError(f"ReadSettings.coalesce_gap_bytes must be a non-negative int, got {self.coalesce_gap_bytes!r}")
+
+
+@dataclass
+class WriteMetrics:
+    """What one write did, filled in as it runs. Seconds are wall-clock.
+
+    ``snapshot_seconds`` is the time ``start_write`` took (the caller's stall); ``staging_seconds``
+    and the ``*_staged_by_hooks`` counts cover copies mutation hooks made of values about to change.
+    """
+
+    bytes_written: int = 0
+    files_written: int = 0
+    files_staged_by_hooks: int = 0
+    bytes_staged_by_hooks: int = 0
+    snapshot_seconds: float = 0.0
+    staging_seconds: float = 0.0
+    writing_seconds: float = 0.0
+    commit_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """What one finished write did, per stage: handed to ``start_write(on_stats=...)``.
+
+    Attributes
+    ----------
+    path:
+        The checkpoint path.
+    tensors, bytes_written, files_written:
+        Values saved, data bytes written and data files written.
+    bytes_staged_by_hooks:
+        Bytes copied because their value was changed while the write ran.
+    snapshot_seconds:
+        The ``start_write`` call: validation, layout and guards (how long the caller stalled).
+    write_seconds:
+        From the first data file's write starting to the last one durable.
+    commit_seconds:
+        Writing and publishing ``P.index`` durably.
+    total_seconds:
+        From ``start_write`` being called to the write ending.
+    error:
+        The exception that failed the write, or ``None`` if it committed.
+    """
+
+    path: str
+    tensors: int
+    bytes_written: int
+    files_written: int
+    bytes_staged_by_hooks: int
+    snapshot_seconds: float
+    write_seconds: float
+    commit_seconds: float
+    total_seconds: float
+    error: Exception | None = None
+
+    @property
+    def write_bandwidth(self) -> float:
+        """Data bytes per second of :attr:`write_seconds` (0 when nothing was written)."""
+        return self.bytes_written / self.write_seconds if self.write_seconds > 0 else 0.0
+
+def storage_of(settings) -> Storage:
+    return settings.storage if settings.storage is not None else default_storage()
+
+
+def runtime_of(settings) -> Runtime:
+    return settings.runtime if settings.runtime is not None else get_runtime()
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The part of :class:`WriteSettings` that decides the layout of data files (see ``plan``)."""
+
+    small_array_bytes: int
+    pack_bytes: int
+    chunk_bytes: int
+
+    @classmethod
+    def of(cls, settings: WriteSettings) -> PlanSettings:
+        return cls(settings.small_array_bytes, settings.pack_bytes, settings.chunk_bytes)
+
+
+def check_write_settings(settings: WriteSettings | None) -> WriteSettings:
+    settings = settings if settings is not None else WriteSettings()
+    if not isinstance(settings, WriteSettings):
+        raise TypeError(f"settings must be a WriteSettings, got {type(settings).__name__}")
+    return settings
+
+
+def check_read_settings(settings: ReadSettings | None) -> ReadSettings:
+    settings = settings if settings is not None else ReadSettings()
+    if not isinstance(settings, ReadSettings):
+        raise TypeError(f"settings must be a ReadSettings, got {type(settings).__name__}")
+    return settings
+

@@ -1,0 +1,547 @@
+"""The write executor: snapshot -> data files -> commit, one :class:`WriteHandle` per ``start_write``.
+
+::
+
+    start_write (caller's thread)      validate entries and plan files (or take a PreparedWrite),
+                                       copy bytes/plain arrays, guard live sources, capture device
+                                       values on the caller's current stream    -> returns at once
+    background (runtime loop)
+      open      open the folder's backend, create + lock  P.data-<nonce>/, clean debris (commit)
+      write     up to max_concurrent_writes files in flight; each file streams from the sources'
+                memory (snapshot.FileContent), CRC-32C computed per piece as the bytes go out;
+                a mutation hook first copies its holder's unwritten bytes (staging budget)
+      commit    wait for the previous in-process write to the same path (FIFO), then publish
+                P.index atomically (commit), then delete the replaced data directory; a worker of
+                a multi-worker save publishes a section instead, merged by the chief (coordination)
+      callbacks on_commit callbacks in order, in a worker thread
+      report    on_stats (WriteStats), in a worker thread
+      resolve   the handle: the path, or the first exception of any step
+
+Nothing is committed unless every data file was written; an uncommitted data directory is
+removed (best effort) or left as debris that the next write into the folder removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
+from asyncckpt.format import (
+    Extent,
+    Manifest,
+    Section,
+    TensorRecord,
+    crc32c_combine,
+    data_dir_name,
+    index_name,
+    index_tmp_name,
+    parse_manifest,
+    parse_section,
+)
+from asyncckpt.io import coordination
+from asyncckpt.io.coordination import MultiWorker
+from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
+from asyncckpt.io.snapshot import ByteBudget, GuardLayout, SaveEntry, Snapshot, Source, prepare_source, prepare_sources
+from asyncckpt.io.storage import Backend, Storage
+
+from asyncckpt.io.commit import clean_debris, claimed, create_data_dir, held, index_token, missing_bytes, read_index, referenced_data_dirs
+from asyncckpt.io.pending import WriteHandle, pending_writes, quietly_wait
+from asyncckpt.io.settings import WriteSettings, WriteStats, PlanSettings, check_write_settings, runtime_of, storage_of
+from asyncckpt.io.tasks import first_error
+
+logger = logging.getLogger("asyncckpt")
+
+
+
+@dataclass(frozen=True)
+class PreparedWrite:
+    """Validated entries, their file layout and their guard layout: a write minus its values' bytes.
+
+    Built by :func:`prepare_write`; :meth:`with_values` swaps in new values for some entries and
+    keeps the layout when their sizes did not change, so a program that saves the same objects
+    again and again pays for validation and planning once. Pass it to :func:`start_write` in place
+    of the entries.
+    """
+
+    sources: tuple[Source, ...]
+    plan: WritePlan
+    layout: GuardLayout
+    object_graph: dict
+    plan_settings: PlanSettings
+    array_items: tuple[int, ...]  # sources that are owned copies (copied again for every write)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(source.key for source in self.sources)
+
+    def with_values(self, values: Mapping[int, Any]) -> PreparedWrite:
+        """A copy whose entries ``index`` take ``values[index]`` (taken now, like ``start_write``).
+
+        Keys stay; layout and guards are rebuilt only when a size or a snapshot source changed.
+        """
+        sources = list(self.sources)
+        resized = regarded = False
+        arrays = set(self.array_items)
+        for index, value in values.items():
+            old = sources[index]
+            new = prepare_source(old.key, value)
+            resized = resized or new.nbytes != old.nbytes
+            if "holder" in (old.kind, new.kind) and (old.kind != new.kind or old.value is not new.value):
+                regarded = True
+            if new.kind == "array":
+                arrays.add(index)
+            else:
+                arrays.discard(index)
+            sources[index] = new
+        plan = _plan(sources, self.plan_settings) if resized else self.plan
+        layout = GuardLayout(sources, plan) if resized or regarded else self.layout
+        return PreparedWrite(tuple(sources), plan, layout, self.object_graph, self.plan_settings,
+                             tuple(sorted(arrays)))
+
+
+
+def _plan(sources: Sequence[Source], settings: PlanSettings) -> WritePlan:
+    return plan_write(
+        [PlanItem(source.key, source.nbytes) for source in sources],
+        small_array_bytes=settings.small_array_bytes,
+        pack_bytes=settings.pack_bytes,
+        chunk_bytes=settings.chunk_bytes,
+    )
+
+
+def prepare_write(
+    entries: Sequence[SaveEntry], object_graph: dict, *, settings: WriteSettings | None = None
+) -> PreparedWrite:
+    """Validate ``entries`` and ``object_graph`` and lay the entries out into data files.
+
+    ``bytes`` values are taken and plain arrays copied now; snapshot sources are only inspected.
+    Raises ``ValueError``/``TypeError`` as :func:`start_write` does.
+    """
+    settings = check_write_settings(settings)
+    if not isinstance(object_graph, dict):
+        raise TypeError(f"object_graph must be a dict, got {type(object_graph).__name__}")
+    try:
+        json.dumps(object_graph, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"object_graph is not JSON-serialisable: {exc}") from None
+    sources = prepare_sources(entries)
+    layout_settings = PlanSettings.of(settings)
+    plan = _plan(sources, layout_settings)
+    arrays = tuple(index for index, source in enumerate(sources) if source.kind == "array")
+    return PreparedWrite(tuple(sources), plan, GuardLayout(sources, plan), object_graph, layout_settings, arrays)
+
+
+def start_write(
+    prefix,
+    entries: Sequence[SaveEntry] | PreparedWrite,
+    object_graph: dict | None = None,
+    *,
+    settings: WriteSettings | None = None,
+    on_commit: Sequence[Callable[[], None]] = (),
+    on_stats: Callable[[WriteStats], None] | None = None,
+) -> WriteHandle:
+    """Start writing a checkpoint at ``prefix``; return once its contents are fixed.
+
+    Parameters
+    ----------
+    prefix:
+        The checkpoint path ``P`` (``str`` or ``os.PathLike``). Data goes to ``P.data-<nonce>/``;
+        ``P.index`` is written last and is the commit marker. An existing checkpoint at ``P`` stays
+        readable until the new one is committed, then its data directory is deleted.
+    entries:
+        One :class:`SaveEntry` per key, or a :class:`PreparedWrite` (which holds its object graph).
+    object_graph:
+        A JSON-serialisable dict stored in the manifest (``None`` with a :class:`PreparedWrite`).
+    settings:
+        :class:`WriteSettings`.
+    on_commit:
+        Callables run in order, in a worker thread, after ``P.index`` is durable. An exception
+        from one of them fails the handle (the checkpoint stays committed).
+    on_stats:
+        Called once the write has ended (committed and called back, or failed), in a worker
+        thread, with its :class:`WriteStats`. Its exceptions are logged, never raised.
+
+    Returns
+    -------
+    WriteHandle
+        Whose ``result()`` is the path once committed and called back.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad entries (duplicate or reserved key, unsupported value or dtype), a non-JSON object
+        graph, a path naming a folder. Errors of the background write surface through the handle.
+    """
+    started = time.perf_counter()
+    settings = check_write_settings(settings)
+    storage = storage_of(settings)
+    folder, stem = storage.split(prefix)
+    if isinstance(entries, PreparedWrite):
+        if object_graph is not None:
+            raise TypeError("pass object_graph to prepare_write, not with a PreparedWrite")
+        prepared = entries
+        if prepared.plan_settings != PlanSettings.of(settings):
+            prepared = prepare_write([SaveEntry(s.key, s.value) for s in prepared.sources], prepared.object_graph,
+                                     settings=settings)
+    else:
+        prepared = prepare_write(entries, object_graph, settings=settings)
+    team = None
+    worker = settings.multi_worker
+    if worker is not None and worker.count > 1:
+        team, prepared = _share_of(prepared, worker, stem)
+    callbacks = tuple(on_commit)
+    for callback in callbacks:
+        if not callable(callback):
+            raise TypeError(f"on_commit callbacks must be callable, got {callback!r}")
+    if on_stats is not None and not callable(on_stats):
+        raise TypeError(f"on_stats must be callable, got {on_stats!r}")
+    sources = prepared.sources
+    if prepared.array_items:  # owned copies are dropped as they are written: give this write its own
+        sources = list(sources)
+        for index in prepared.array_items:
+            sources[index] = dataclasses.replace(sources[index])
+    runtime = runtime_of(settings)
+    handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
+    job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
+    job.team = team
+    if team is not None:
+        handle._worker = pending_writes().thread_worker.index = team.worker.index
+    try:
+        job.snapshot.capture_device_values(settings.staging_budget_bytes)
+        job.snapshot.install_guards()
+    except BaseException:
+        job.snapshot.close()
+        raise
+    previous = pending_writes().add(handle)
+    job.snapshot_seconds = time.perf_counter() - started
+    try:
+        future = runtime.submit(job.run(previous, started))
+    except BaseException as exc:
+        job.snapshot.close()
+        handle._future.set_exception(exc)
+        raise
+    _chain(future, handle._future)
+    return handle
+
+
+@dataclass(frozen=True)
+class _Team:
+    """What one worker of a multi-worker save knows about the whole save."""
+
+    worker: MultiWorker
+    order: tuple[str, ...]  # every key, in the save's order
+    owners: Mapping[str, int]  # key -> worker writing it
+    specs: Mapping[str, TensorRecord]  # key -> dtype, shape and size (no extents)
+
+    def share(self, worker: int) -> dict[str, TensorRecord]:
+        return {key: self.specs[key] for key in self.order if self.owners[key] == worker}
+
+    def spec_items(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        return [(key, self.specs[key].dtype, self.specs[key].shape, self.specs[key].nbytes) for key in self.order]
+
+
+def _share_of(prepared: PreparedWrite, worker: MultiWorker, stem: str) -> tuple[_Team, PreparedWrite]:
+    """The save as a whole, and the part of it this worker writes (its sources, laid out alone)."""
+    sources = prepared.sources
+    owners = coordination.assign([(source.key, source.nbytes) for source in sources], worker.count)
+    specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in sources}
+    team = _Team(worker, prepared.keys, owners, specs)
+    mine = [index for index, source in enumerate(sources) if owners[source.key] == worker.index]
+    own = tuple(sources[index] for index in mine)
+    plan = _plan(own, prepared.plan_settings)
+    arrays = set(prepared.array_items)
+    own_arrays = tuple(position for position, index in enumerate(mine) if index in arrays)
+    return team, PreparedWrite(own, plan, GuardLayout(own, plan), prepared.object_graph, prepared.plan_settings,
+                               own_arrays)
+
+
+def _chain(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
+    def copy(done: concurrent.futures.Future) -> None:
+        if done.cancelled():
+            target.set_exception(concurrent.futures.CancelledError("the write was cancelled"))
+        elif done.exception() is not None:
+            target.set_exception(done.exception())
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
+
+
+
+class _WriteJob:
+    """The background half of one ``start_write``."""
+
+    def __init__(self, handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, loop):
+        self.handle = handle
+        self.storage: Storage = storage
+        self.folder = folder
+        self.stem = stem
+        self.sources = sources
+        self.plan: WritePlan = prepared.plan
+        self.object_graph = prepared.object_graph
+        self.callbacks = callbacks
+        self.on_stats = on_stats
+        self.settings: WriteSettings = settings
+        self.budget = ByteBudget(settings.staging_budget_bytes)
+        self.snapshot = Snapshot(sources, prepared.plan, self.budget, loop, prepared.layout,
+                                 device_backend=settings.device_backend)
+        self.snapshot_seconds = 0.0
+        self._write_span = [float("inf"), 0.0]
+        self.team: _Team | None = None
+        self.save_id = ""
+        self.claims: list[str] = []  # sections this chief renamed to its own claim names
+
+    async def run(self, previous: list[WriteHandle], started: float) -> str:
+        metrics = self.handle.metrics
+        error: BaseException | None = None
+        try:
+            if self.snapshot.captures_device_values:
+                await asyncio.to_thread(self.snapshot.start_device_copies)
+            backend = await self.storage.open(self.folder)
+            await backend.prepare()
+            nonce, lock = await create_data_dir(backend, self.stem)
+            data_dir = data_dir_name(self.stem, nonce)
+            committed = False
+            try:
+                if backend.cleans_debris:
+                    await clean_debris(backend, exclude=data_dir)
+                await self._write_files(backend, data_dir)
+                manifest = self._manifest(data_dir)
+                for earlier in previous:
+                    await quietly_wait(earlier)
+                if self.team is not None:
+                    self.save_id = coordination.save_id(self.stem, self.team.worker.count, self.team.spec_items(),
+                                                        await index_token(backend, self.stem))
+                if self.team is not None and not self.team.worker.is_chief:
+                    # Once published, the section may be merged at any moment: from here on the
+                    # data directory is left to the chief's commit or, failing that, to cleanup.
+                    committed = True
+                    await self._publish_and_wait(backend, data_dir, nonce, manifest)
+                else:
+                    if self.team is not None:
+                        manifest = await self._gather(backend, nonce, manifest)
+                    replaced = await referenced_data_dirs(backend, self.stem)
+                    commit_started = time.perf_counter()
+                    await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
+                    committed = True
+                    metrics.commit_seconds = time.perf_counter() - commit_started
+                    for old in replaced:
+                        if old in manifest.all_data_dirs:
+                            continue
+                        try:
+                            await backend.delete_tree(old)
+                        except OSError as exc:
+                            logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
+            except BaseException:
+                self.snapshot.close()
+                with contextlib.suppress(Exception):
+                    # A commit can fail after its rename (e.g. the directory fsync): then P.index
+                    # already names the new data, which must stay.
+                    if not committed and data_dir not in await referenced_data_dirs(backend, self.stem):
+                        await backend.delete_tree(data_dir)
+                raise
+            finally:
+                for claim in self.claims:  # the commit (or its failure) settles them: drop before unlocking
+                    with contextlib.suppress(Exception):
+                        await backend.delete(claim)
+                with contextlib.suppress(Exception):
+                    await lock.release()
+            for callback in self.callbacks:
+                await asyncio.to_thread(self._call_back, callback)
+            return self.handle.path
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.snapshot.close()
+            metrics.staging_seconds = self.snapshot.staging_seconds
+            metrics.files_staged_by_hooks = self.snapshot.files_staged_by_hooks
+            metrics.bytes_staged_by_hooks = self.snapshot.bytes_staged_by_hooks
+            metrics.snapshot_seconds = self.snapshot_seconds
+            if metrics.files_written:
+                metrics.writing_seconds = self._write_span[1] - self._write_span[0]
+            metrics.total_seconds = time.perf_counter() - started
+            if self.on_stats is not None:
+                await self._report(error)
+
+    async def _gather(self, backend: Backend, nonce: str, own: Manifest) -> Manifest:
+        """The chief's part: claim every other worker's section of this save, check, merge, verify."""
+        team = self.team
+        count = team.worker.count
+        found: dict[int, Section] = {}
+        replaced = await referenced_data_dirs(backend, self.stem)
+
+        async def look() -> bool | None:
+            names = await backend.list_names()
+            for name in sorted(names):
+                parsed = coordination.parse_section_name(name)
+                if parsed is None or parsed[0] != self.stem or parsed[2] != count:
+                    continue
+                if not 0 < parsed[1] < count or parsed[1] in found:
+                    continue
+                section = await self._claim(backend, nonce, name, parsed, own, replaced, found)
+                if section is not None:
+                    found[parsed[1]] = section
+            return True if len(found) == count - 1 else None
+
+        if await coordination.poll(look, team.worker.timeout_seconds) is None:
+            missing = [worker for worker in range(1, count) if worker not in found]
+            names = ", ".join(
+                f"worker {w} ({backend.describe(coordination.section_name(self.stem, w, count, '<nonce>'))})"
+                for w in missing
+            )
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.handle.path} was not committed: after {team.worker.timeout_seconds:g} s "
+                f"the section(s) of {len(missing)} of {count - 1} other worker(s) had not been published: {names}"
+            )
+        merged = coordination.merge(own, [found[worker] for worker in range(1, count)], team.order)
+        # What is about to be committed must read back, and every byte it names must be there.
+        parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
+        problem = await missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())
+        if problem is not None:
+            raise CorruptCheckpointError(f"checkpoint {self.handle.path} was not committed: {problem}")
+        return merged
+
+    async def _claim(self, backend, nonce, name, parsed, own, replaced, found) -> Section | None:
+        """Worker ``parsed[1]``'s section ``name``, checked and claimed; ``None`` to wait past it.
+
+        A section of another save (another ``save_id``) or one whose writer no longer holds its
+        data directory's lock is an earlier save's leftover: not merged, waited past. A section
+        that passes is renamed to this chief's claim name (at most one renamer wins it: a worker
+        withdrawing it, a cleaner deleting it, or this chief); only then are its bytes checked, and
+        from then on cleanup leaves its data directory alone while this chief holds its lock.
+        """
+        team = self.team
+        _, worker, count, section_nonce = parsed
+        data = await read_index(backend, name)
+        if data is None:
+            return None
+        source = backend.describe(name)
+        section = parse_section(data, source=source)
+        if section.save_id != self.save_id or section.count != count:
+            return None
+        taken = {own.data_dir, *replaced, *(other.data_dir for other in found.values())}
+        coordination.check_section(section, source=source, worker=worker, stem=self.stem,
+                                   expected=team.share(worker), nonce=section_nonce, taken=taken)
+        if backend.cleans_debris and not await held(backend, section.data_dir):
+            return None
+        await backend.check_data_dir(section.data_dir)
+        claim = coordination.claim_name(self.stem, nonce, section_nonce)
+        if not await backend.rename(name, claim):
+            return None
+        self.claims.append(claim)
+        if await missing_bytes(backend, (section.data_dir,), section.tensors.values()) is not None:
+            self.claims.remove(claim)
+            await backend.delete(claim)  # its writer is gone and so are its bytes: wait for another
+            return None
+        return section
+
+    async def _publish_and_wait(self, backend: Backend, data_dir: str, nonce: str, own: Manifest) -> None:
+        """A non-chief's part: publish the section, then wait until ``P.index`` references it."""
+        team = self.team
+        worker = team.worker
+        name = coordination.section_name(self.stem, worker.index, worker.count, nonce)
+        section = Section(worker.index, worker.count, self.save_id, data_dir, own.tensors)
+        await backend.commit(name, index_tmp_name(self.stem, nonce), section.to_json())
+
+        async def committed() -> bool | None:
+            return True if data_dir in await referenced_data_dirs(backend, self.stem) else None
+
+        async def settled() -> bool | None:  # committed, or no live chief holds a claim on it any more
+            if await committed():
+                return True
+            return None if await claimed(backend, self.stem, nonce) else True
+
+        done = await coordination.poll(committed, worker.timeout_seconds)
+        if done is None:
+            # Withdraw the section; if a chief claimed it first, that chief decides: wait for it.
+            withdrawn = await backend.rename(name, index_tmp_name(self.stem, nonce))
+            if withdrawn:
+                with contextlib.suppress(Exception):
+                    await backend.delete(index_tmp_name(self.stem, nonce))
+            else:
+                await coordination.poll(settled, worker.timeout_seconds)
+        if done is None and await committed() is None:  # the chief may have committed just now
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.handle.path} was not committed: worker {worker.index} of {worker.count} "
+                f"published its section, but after {worker.timeout_seconds:g} s the chief (worker 0) had "
+                f"not committed {backend.describe(index_name(self.stem))} referencing {data_dir}"
+            )
+
+    async def _report(self, error: BaseException | None) -> None:
+        metrics = self.handle.metrics
+        stats = WriteStats(
+            path=self.handle.path,
+            tensors=len(self.sources),
+            bytes_written=metrics.bytes_written,
+            files_written=metrics.files_written,
+            bytes_staged_by_hooks=metrics.bytes_staged_by_hooks,
+            snapshot_seconds=metrics.snapshot_seconds,
+            write_seconds=metrics.writing_seconds,
+            commit_seconds=metrics.commit_seconds,
+            total_seconds=metrics.total_seconds,
+            error=error if isinstance(error, Exception) else None,
+        )
+        try:
+            await asyncio.to_thread(self.on_stats, stats)
+        except Exception:  # noqa: BLE001 - observing a write must never change its outcome
+            logger.exception("the write-statistics callback for %s failed", self.handle.path)
+
+    def _call_back(self, callback: Callable[[], None]) -> None:
+        with pending_writes().calling_back(self.handle):
+            callback()
+
+    async def _write_files(self, backend: Backend, data_dir: str) -> None:
+        semaphore = asyncio.Semaphore(self.settings.max_concurrent_writes)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index in range(len(self.plan.files)):
+                    await semaphore.acquire()
+                    group.create_task(self._write_one(backend, data_dir, index, semaphore))
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        if self.snapshot.error is not None:  # a hook could not copy a value about to change
+            raise self.snapshot.error
+
+    async def _write_one(self, backend: Backend, data_dir: str, index: int, semaphore) -> None:
+        file = self.plan.files[index]
+        try:
+            started = time.perf_counter()
+            self._write_span[0] = min(self._write_span[0], started)
+            await backend.write(f"{data_dir}/{file.name}", self.snapshot.content(index))
+            self._write_span[1] = max(self._write_span[1], time.perf_counter())
+            self.handle.metrics.bytes_written += file.size
+            self.handle.metrics.files_written += 1
+        finally:
+            self.snapshot.file_written(index)
+            semaphore.release()
+
+    def _manifest(self, data_dir: str) -> Manifest:
+        files = self.plan.files
+        crcs = [self.snapshot.crcs(index) for index in range(len(files))]
+        tensors = {}
+        for item, source in enumerate(self.sources):
+            runs = self.plan.extents[item]
+            extents = []
+            crc = 0  # CRC-32C of no bytes
+            for file_index, piece_index in runs:
+                file = files[file_index]
+                piece = file.pieces[piece_index]
+                piece_crc = crcs[file_index][piece_index]
+                extents.append(Extent(file.name, piece.file_offset, piece.length, piece_crc))
+                # Combining with the CRC of nothing is the identity: skip the work for one extent.
+                crc = piece_crc if len(runs) == 1 else crc32c_combine(crc, piece_crc, piece.length)
+            tensors[source.key] = TensorRecord(source.dtype, source.shape, source.nbytes, crc, tuple(extents))
+        return Manifest(data_dir, self.object_graph, tensors)
+

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import crc32c
 import numpy as np
@@ -61,6 +61,12 @@ __all__ = [
     "parse_section",
     "object_graph_bytes",
     "crc32c_combine",
+    "SectionName",
+    "ClaimName",
+    "section_name",
+    "parse_section_name",
+    "claim_name",
+    "parse_claim_name",
 ]
 
 FORMAT_NAME = "asyncckpt"
@@ -651,3 +657,59 @@ def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
         length_b >>= 1
         bit += 1
     return crc_a ^ crc_b
+
+
+# Files of a multi-worker save (docs/format.md section 11)
+
+_NONCE = r"[0-9a-f]{16}"
+_SECTION_RE = re.compile(
+    rf"^(?P<stem>.+)\.index\.section-(?P<worker>[0-9]{{5,}})-of-(?P<count>[0-9]{{5,}})-(?P<nonce>{_NONCE})$", re.DOTALL
+)
+_CLAIM_RE = re.compile(rf"^(?P<stem>.+)\.index\.claim-(?P<chief>{_NONCE})-(?P<worker>{_NONCE})$", re.DOTALL)
+
+
+def section_name(stem: str, worker: int, count: int, nonce: str) -> str:
+    """Basename of the section worker ``worker`` publishes for data directory ``stem.data-<nonce>``.
+
+    ``<stem>.index.section-i-of-n-<nonce>``: the writer's nonce makes the name its own, so no two
+    writers ever publish under one name and cleanup can tell whose lock guards which section.
+    """
+    return f"{stem}.index.section-{worker:05d}-of-{count:05d}-{nonce}"
+
+
+class SectionName(NamedTuple):
+    """The parts of a section file's name (see :func:`section_name`)."""
+
+    stem: str
+    worker: int
+    count: int
+    nonce: str
+
+
+class ClaimName(NamedTuple):
+    """The parts of a claim file's name (see :func:`claim_name`)."""
+
+    stem: str
+    chief_nonce: str
+    worker_nonce: str
+
+
+def parse_section_name(name: str) -> SectionName | None:
+    """The parts of ``name`` if it is a section file name, else ``None``."""
+    match = _SECTION_RE.match(name)
+    return SectionName(match["stem"], int(match["worker"]), int(match["count"]), match["nonce"]) if match else None
+
+
+def claim_name(stem: str, chief_nonce: str, worker_nonce: str) -> str:
+    """Basename a chief renames an accepted section to: ``<stem>.index.claim-<chief>-<worker>``.
+
+    While the chief holds the lock of ``stem.data-<chief_nonce>``, the claim keeps data directory
+    ``stem.data-<worker_nonce>`` from cleanup, whatever happens to the worker that wrote it.
+    """
+    return f"{stem}.index.claim-{chief_nonce}-{worker_nonce}"
+
+
+def parse_claim_name(name: str) -> ClaimName | None:
+    """The parts of ``name`` if it is a claim file name, else ``None``."""
+    match = _CLAIM_RE.match(name)
+    return ClaimName(match["stem"], match["chief"], match["worker"]) if match else None

@@ -12,6 +12,9 @@ from typing import Any
 from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import (
+    Manifest,
+    parse_claim_name,
+    parse_section_name,
     MAX_INDEX_BYTES,
     data_dir_name,
     index_name,
@@ -22,7 +25,6 @@ from asyncckpt.format import (
     parse_lock_name,
     read_data_dirs,
 )
-from asyncckpt.io import coordination
 from asyncckpt.io.storage import Backend, Storage, default_storage
 
 
@@ -43,6 +45,25 @@ async def create_data_dir(backend: Backend, stem: str):
             raise
         return nonce, lock
     raise RuntimeError(f"could not lock a new data directory for {backend.describe(stem)}")
+
+
+async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest) -> None:
+    """Commit ``manifest`` as ``stem.index`` (atomically), then delete the data it replaced.
+
+    The manifest is first written under this write's temporary name (``index_tmp_name``), then
+    renamed over ``stem.index``: readers see the old checkpoint or the new one, never a mix. A
+    data directory the old manifest named and the new one does not is deleted afterwards; failing
+    to delete it leaves debris for a later write, never a failed save.
+    """
+    replaced = await referenced_data_dirs(backend, stem)
+    await backend.commit(index_name(stem), index_tmp_name(stem, nonce), manifest.to_json())
+    for old in replaced:
+        if old in manifest.all_data_dirs:
+            continue
+        try:
+            await backend.delete_tree(old)
+        except OSError as exc:
+            logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
 
 
 async def read_index(backend: Backend, name: str) -> bytes | None:
@@ -93,9 +114,9 @@ async def missing_bytes(backend: Backend, data_dirs, records) -> str | None:
 async def claimed(backend: Backend, stem: str, nonce: str) -> bool:
     """Whether a chief still holding its lock has claimed the section of ``stem.data-<nonce>``."""
     for name in sorted(await backend.list_names()):
-        parsed = coordination.parse_claim_name(name)
-        if parsed is not None and parsed[0] == stem and parsed[2] == nonce:
-            if await held(backend, data_dir_name(stem, parsed[1])):
+        parsed = parse_claim_name(name)
+        if parsed is not None and parsed.stem == stem and parsed.worker_nonce == nonce:
+            if await held(backend, data_dir_name(stem, parsed.chief_nonce)):
                 return True
     return False
 
@@ -132,13 +153,13 @@ async def clean_debris(backend: Backend, *, exclude: str) -> None:
         sections: dict[tuple[str, str], str] = {}
         claims = []
         for name in names:
-            section = coordination.parse_section_name(name)
+            section = parse_section_name(name)
             if section is not None:
-                key = (section[0], section[3])
+                key = (section.stem, section.nonce)
                 groups.setdefault(key, set()).add("section")
                 sections[key] = name
                 continue
-            claim = coordination.parse_claim_name(name)
+            claim = parse_claim_name(name)
             if claim is not None:
                 claims.append((name, claim))
                 continue
@@ -198,7 +219,8 @@ async def clean_debris(backend: Backend, *, exclude: str) -> None:
                 if lock is not _NO_LOCK:
                     await lock.release()
 
-        for name, (stem, chief, _) in sorted(claims):
+        for name, claim in sorted(claims):
+            stem, chief = claim.stem, claim.chief_nonce
             if data_dir_name(stem, chief) != exclude and not await held(backend, data_dir_name(stem, chief)):
                 await backend.delete(name)
     except Exception as exc:  # cleanup is best effort: the write itself must not fail for it

@@ -8,41 +8,49 @@ the same save, validates them as untrusted input, *claims* each (renames it to
 ``P.index.claim-<chief nonce>-<nonce_i>``, which keeps its data directory from cleanup while the
 chief holds its own lock), checks that every byte is there, merges them into one manifest naming
 several data directories and commits ``P.index`` as a single writer would. Non-chief workers keep
-their data directory locked until ``P.index`` references it. The pipeline runs the protocol; this module holds its pure
-parts (the assignment, the names, the save identifier, the checks on a section, the merge) and the
-polling loop, so the pipeline stays one executor.
+their data directory locked until ``P.index`` references it. The whole protocol is here: the
+assignment, the save identifier, the checks on a section, the merge, the polling loop and
+:class:`TeamWrite`, which the write executor hands over to once this worker's own data is written.
+File names are in :mod:`asyncckpt.format`; the format in docs/format.md section 11.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from asyncckpt.errors import CorruptCheckpointError
+from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
 from asyncckpt.format import (
     MAX_DATA_DIRS,
     Extent,
     Manifest,
     Section,
     TensorRecord,
+    claim_name,
     data_dir_name,
+    index_name,
+    index_tmp_name,
     parse_data_dir_name,
+    parse_manifest,
+    parse_section,
+    parse_section_name,
+    section_name,
 )
+from asyncckpt.io.commit import claimed, held, index_token, missing_bytes, read_index, referenced_data_dirs
+from asyncckpt.io.storage import Backend
 
 __all__ = [
+    "Team",
+    "TeamWrite",
     "MultiWorker",
     "assign",
-    "section_name",
-    "parse_section_name",
-    "claim_name",
-    "parse_claim_name",
     "save_id",
     "check_section",
     "merge",
@@ -105,43 +113,6 @@ def assign(sizes: Iterable[tuple[str, int]], count: int) -> dict[str, int]:
         owners[key] = worker
         heapq.heappush(loads, (load + nbytes, worker))
     return owners
-
-
-_NONCE = r"[0-9a-f]{16}"
-_SECTION_RE = re.compile(
-    rf"^(?P<stem>.+)\.index\.section-(?P<worker>[0-9]{{5,}})-of-(?P<count>[0-9]{{5,}})-(?P<nonce>{_NONCE})$", re.DOTALL
-)
-_CLAIM_RE = re.compile(rf"^(?P<stem>.+)\.index\.claim-(?P<chief>{_NONCE})-(?P<worker>{_NONCE})$", re.DOTALL)
-
-
-def section_name(stem: str, worker: int, count: int, nonce: str) -> str:
-    """Basename of the section worker ``worker`` publishes for data directory ``stem.data-<nonce>``.
-
-    ``<stem>.index.section-i-of-n-<nonce>``: the writer's nonce makes the name its own, so no two
-    writers ever publish under one name and cleanup can tell whose lock guards which section.
-    """
-    return f"{stem}.index.section-{worker:05d}-of-{count:05d}-{nonce}"
-
-
-def parse_section_name(name: str) -> tuple[str, int, int, str] | None:
-    """``(stem, worker, count, nonce)`` if ``name`` is a section file name, else ``None``."""
-    match = _SECTION_RE.match(name)
-    return (match["stem"], int(match["worker"]), int(match["count"]), match["nonce"]) if match else None
-
-
-def claim_name(stem: str, chief_nonce: str, worker_nonce: str) -> str:
-    """Basename a chief renames an accepted section to: ``<stem>.index.claim-<chief>-<worker>``.
-
-    While the chief holds the lock of ``stem.data-<chief_nonce>``, the claim keeps data directory
-    ``stem.data-<worker_nonce>`` from cleanup, whatever happens to the worker that wrote it.
-    """
-    return f"{stem}.index.claim-{chief_nonce}-{worker_nonce}"
-
-
-def parse_claim_name(name: str) -> tuple[str, str, str] | None:
-    """``(stem, chief_nonce, worker_nonce)`` if ``name`` is a claim file name, else ``None``."""
-    match = _CLAIM_RE.match(name)
-    return (match["stem"], match["chief"], match["worker"]) if match else None
 
 
 def save_id(stem: str, count: int, specs: Iterable[tuple[str, str, tuple[int, ...], int]], token: str = "") -> str:
@@ -256,3 +227,151 @@ async def poll(
             return None
         await asyncio.sleep(min(delay, left))
         delay = min(delay * 1.5, most_delay)
+
+
+@dataclass(frozen=True)
+class Team:
+    """What one worker of a multi-worker save knows about the whole save."""
+
+    worker: MultiWorker
+    order: tuple[str, ...]  # every key, in the save's order
+    owners: Mapping[str, int]  # key -> worker writing it
+    specs: Mapping[str, TensorRecord]  # key -> dtype, shape and size (no extents)
+
+    def share(self, worker: int) -> dict[str, TensorRecord]:
+        return {key: self.specs[key] for key in self.order if self.owners[key] == worker}
+
+    def spec_items(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        return [(key, self.specs[key].dtype, self.specs[key].shape, self.specs[key].nbytes) for key in self.order]
+
+
+class TeamWrite:
+    """One worker's part of one multi-worker write: the protocol around its own data.
+
+    The write executor writes this worker's share like any write, then hands over here: a
+    non-chief publishes its section and waits for the chief's commit (:meth:`publish_and_wait`);
+    the chief claims, checks and merges every other section (:meth:`gather`) before it commits,
+    and drops its claims once the commit is settled (:meth:`drop_claims`).
+    """
+
+    def __init__(self, team: Team, stem: str, path: str) -> None:
+        self.team = team
+        self.stem = stem
+        self.path = path
+        self.save_id = ""
+        self.claims: list[str] = []  # sections this chief renamed to its own claim names
+
+    async def start(self, backend: Backend) -> None:
+        """Fix this save's identifier (after this process's previous write to the path ended)."""
+        self.save_id = save_id(self.stem, self.team.worker.count, self.team.spec_items(),
+                               await index_token(backend, self.stem))
+
+    async def drop_claims(self, backend: Backend) -> None:
+        """Delete the claims: the commit (or its failure) settled them. Before unlocking."""
+        for claim in self.claims:
+            with contextlib.suppress(Exception):
+                await backend.delete(claim)
+
+    async def gather(self, backend: Backend, nonce: str, own: Manifest) -> Manifest:
+        """The chief's part: claim every other worker's section of this save, check, merge, verify."""
+        team = self.team
+        count = team.worker.count
+        found: dict[int, Section] = {}
+        replaced = await referenced_data_dirs(backend, self.stem)
+
+        async def look() -> bool | None:
+            names = await backend.list_names()
+            for name in sorted(names):
+                parsed = parse_section_name(name)
+                if parsed is None or parsed.stem != self.stem or parsed.count != count:
+                    continue
+                if not 0 < parsed.worker < count or parsed.worker in found:
+                    continue
+                section = await self._claim(backend, nonce, name, parsed, own, replaced, found)
+                if section is not None:
+                    found[parsed.worker] = section
+            return True if len(found) == count - 1 else None
+
+        if await poll(look, team.worker.timeout_seconds) is None:
+            missing = [worker for worker in range(1, count) if worker not in found]
+            names = ", ".join(
+                f"worker {w} ({backend.describe(section_name(self.stem, w, count, '<nonce>'))})"
+                for w in missing
+            )
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.path} was not committed: after {team.worker.timeout_seconds:g} s "
+                f"the section(s) of {len(missing)} of {count - 1} other worker(s) had not been published: {names}"
+            )
+        merged = merge(own, [found[worker] for worker in range(1, count)], team.order)
+        # What is about to be committed must read back, and every byte it names must be there.
+        parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
+        problem = await missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())
+        if problem is not None:
+            raise CorruptCheckpointError(f"checkpoint {self.path} was not committed: {problem}")
+        return merged
+
+    async def _claim(self, backend, nonce, name, parsed, own, replaced, found) -> Section | None:
+        """Worker ``parsed.worker``'s section ``name``, checked and claimed; ``None`` to wait past it.
+
+        A section of another save (another ``save_id``) or one whose writer no longer holds its
+        data directory's lock is an earlier save's leftover: not merged, waited past. A section
+        that passes is renamed to this chief's claim name (at most one renamer wins it: a worker
+        withdrawing it, a cleaner deleting it, or this chief); only then are its bytes checked, and
+        from then on cleanup leaves its data directory alone while this chief holds its lock.
+        """
+        team = self.team
+        worker, count, section_nonce = parsed.worker, parsed.count, parsed.nonce
+        data = await read_index(backend, name)
+        if data is None:
+            return None
+        source = backend.describe(name)
+        section = parse_section(data, source=source)
+        if section.save_id != self.save_id or section.count != count:
+            return None
+        taken = {own.data_dir, *replaced, *(other.data_dir for other in found.values())}
+        check_section(section, source=source, worker=worker, stem=self.stem,
+                                   expected=team.share(worker), nonce=section_nonce, taken=taken)
+        if backend.cleans_debris and not await held(backend, section.data_dir):
+            return None
+        await backend.check_data_dir(section.data_dir)
+        claim = claim_name(self.stem, nonce, section_nonce)
+        if not await backend.rename(name, claim):
+            return None
+        self.claims.append(claim)
+        if await missing_bytes(backend, (section.data_dir,), section.tensors.values()) is not None:
+            self.claims.remove(claim)
+            await backend.delete(claim)  # its writer is gone and so are its bytes: wait for another
+            return None
+        return section
+
+    async def publish_and_wait(self, backend: Backend, data_dir: str, nonce: str, own: Manifest) -> None:
+        """A non-chief's part: publish the section, then wait until ``P.index`` references it."""
+        team = self.team
+        worker = team.worker
+        name = section_name(self.stem, worker.index, worker.count, nonce)
+        section = Section(worker.index, worker.count, self.save_id, data_dir, own.tensors)
+        await backend.commit(name, index_tmp_name(self.stem, nonce), section.to_json())
+
+        async def committed() -> bool | None:
+            return True if data_dir in await referenced_data_dirs(backend, self.stem) else None
+
+        async def settled() -> bool | None:  # committed, or no live chief holds a claim on it any more
+            if await committed():
+                return True
+            return None if await claimed(backend, self.stem, nonce) else True
+
+        done = await poll(committed, worker.timeout_seconds)
+        if done is None:
+            # Withdraw the section; if a chief claimed it first, that chief decides: wait for it.
+            withdrawn = await backend.rename(name, index_tmp_name(self.stem, nonce))
+            if withdrawn:
+                with contextlib.suppress(Exception):
+                    await backend.delete(index_tmp_name(self.stem, nonce))
+            else:
+                await poll(settled, worker.timeout_seconds)
+        if done is None and await committed() is None:  # the chief may have committed just now
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.path} was not committed: worker {worker.index} of {worker.count} "
+                f"published its section, but after {worker.timeout_seconds:g} s the chief (worker 0) had "
+                f"not committed {backend.describe(index_name(self.stem))} referencing {data_dir}"
+            )

@@ -36,18 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
 from asyncckpt.format import (
     Extent,
     Manifest,
-    Section,
     TensorRecord,
     crc32c_combine,
     data_dir_name,
-    index_name,
-    index_tmp_name,
-    parse_manifest,
-    parse_section,
 )
 from asyncckpt.io import coordination
 from asyncckpt.io.coordination import MultiWorker
@@ -55,7 +49,7 @@ from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
 from asyncckpt.io.snapshot import ByteBudget, GuardLayout, SaveEntry, Snapshot, Source, prepare_source, prepare_sources
 from asyncckpt.io.storage import Backend, Storage
 
-from asyncckpt.io.commit import clean_debris, claimed, create_data_dir, held, index_token, missing_bytes, read_index, referenced_data_dirs
+from asyncckpt.io.commit import clean_debris, create_data_dir, publish, referenced_data_dirs
 from asyncckpt.io.pending import WriteHandle, pending_writes, quietly_wait
 from asyncckpt.io.settings import WriteSettings, WriteStats, PlanSettings, check_write_settings, runtime_of, storage_of
 from asyncckpt.io.tasks import first_error
@@ -199,7 +193,7 @@ def start_write(
     team = None
     worker = settings.multi_worker
     if worker is not None and worker.count > 1:
-        team, prepared = _share_of(prepared, worker, stem)
+        team, prepared = _share_of(prepared, worker)
     callbacks = tuple(on_commit)
     for callback in callbacks:
         if not callable(callback):
@@ -214,8 +208,8 @@ def start_write(
     runtime = runtime_of(settings)
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
-    job.team = team
     if team is not None:
+        job.team = coordination.TeamWrite(team, stem, handle.path)
         handle._worker = pending_writes().thread_worker.index = team.worker.index
     try:
         job.snapshot.capture_device_values(settings.staging_budget_bytes)
@@ -235,28 +229,12 @@ def start_write(
     return handle
 
 
-@dataclass(frozen=True)
-class _Team:
-    """What one worker of a multi-worker save knows about the whole save."""
-
-    worker: MultiWorker
-    order: tuple[str, ...]  # every key, in the save's order
-    owners: Mapping[str, int]  # key -> worker writing it
-    specs: Mapping[str, TensorRecord]  # key -> dtype, shape and size (no extents)
-
-    def share(self, worker: int) -> dict[str, TensorRecord]:
-        return {key: self.specs[key] for key in self.order if self.owners[key] == worker}
-
-    def spec_items(self) -> list[tuple[str, str, tuple[int, ...], int]]:
-        return [(key, self.specs[key].dtype, self.specs[key].shape, self.specs[key].nbytes) for key in self.order]
-
-
-def _share_of(prepared: PreparedWrite, worker: MultiWorker, stem: str) -> tuple[_Team, PreparedWrite]:
+def _share_of(prepared: PreparedWrite, worker: MultiWorker) -> tuple[coordination.Team, PreparedWrite]:
     """The save as a whole, and the part of it this worker writes (its sources, laid out alone)."""
     sources = prepared.sources
     owners = coordination.assign([(source.key, source.nbytes) for source in sources], worker.count)
     specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in sources}
-    team = _Team(worker, prepared.keys, owners, specs)
+    team = coordination.Team(worker, prepared.keys, owners, specs)
     mine = [index for index, source in enumerate(sources) if owners[source.key] == worker.index]
     own = tuple(sources[index] for index in mine)
     plan = _plan(own, prepared.plan_settings)
@@ -298,9 +276,7 @@ class _WriteJob:
                                  device_backend=settings.device_backend)
         self.snapshot_seconds = 0.0
         self._write_span = [float("inf"), 0.0]
-        self.team: _Team | None = None
-        self.save_id = ""
-        self.claims: list[str] = []  # sections this chief renamed to its own claim names
+        self.team: coordination.TeamWrite | None = None  # set for one worker of a multi-worker save
 
     async def run(self, previous: list[WriteHandle], started: float) -> str:
         metrics = self.handle.metrics
@@ -320,29 +296,21 @@ class _WriteJob:
                 manifest = self._manifest(data_dir)
                 for earlier in previous:
                     await quietly_wait(earlier)
-                if self.team is not None:
-                    self.save_id = coordination.save_id(self.stem, self.team.worker.count, self.team.spec_items(),
-                                                        await index_token(backend, self.stem))
-                if self.team is not None and not self.team.worker.is_chief:
+                team = self.team
+                if team is not None:
+                    await team.start(backend)
+                if team is not None and not team.team.worker.is_chief:
                     # Once published, the section may be merged at any moment: from here on the
                     # data directory is left to the chief's commit or, failing that, to cleanup.
                     committed = True
-                    await self._publish_and_wait(backend, data_dir, nonce, manifest)
+                    await team.publish_and_wait(backend, data_dir, nonce, manifest)
                 else:
-                    if self.team is not None:
-                        manifest = await self._gather(backend, nonce, manifest)
-                    replaced = await referenced_data_dirs(backend, self.stem)
+                    if team is not None:
+                        manifest = await team.gather(backend, nonce, manifest)
                     commit_started = time.perf_counter()
-                    await backend.commit(index_name(self.stem), index_tmp_name(self.stem, nonce), manifest.to_json())
+                    await publish(backend, self.stem, nonce, manifest)
                     committed = True
                     metrics.commit_seconds = time.perf_counter() - commit_started
-                    for old in replaced:
-                        if old in manifest.all_data_dirs:
-                            continue
-                        try:
-                            await backend.delete_tree(old)
-                        except OSError as exc:
-                            logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
             except BaseException:
                 self.snapshot.close()
                 with contextlib.suppress(Exception):
@@ -352,9 +320,8 @@ class _WriteJob:
                         await backend.delete_tree(data_dir)
                 raise
             finally:
-                for claim in self.claims:  # the commit (or its failure) settles them: drop before unlocking
-                    with contextlib.suppress(Exception):
-                        await backend.delete(claim)
+                if self.team is not None:
+                    await self.team.drop_claims(backend)
                 with contextlib.suppress(Exception):
                     await lock.release()
             for callback in self.callbacks:
@@ -374,110 +341,6 @@ class _WriteJob:
             metrics.total_seconds = time.perf_counter() - started
             if self.on_stats is not None:
                 await self._report(error)
-
-    async def _gather(self, backend: Backend, nonce: str, own: Manifest) -> Manifest:
-        """The chief's part: claim every other worker's section of this save, check, merge, verify."""
-        team = self.team
-        count = team.worker.count
-        found: dict[int, Section] = {}
-        replaced = await referenced_data_dirs(backend, self.stem)
-
-        async def look() -> bool | None:
-            names = await backend.list_names()
-            for name in sorted(names):
-                parsed = coordination.parse_section_name(name)
-                if parsed is None or parsed[0] != self.stem or parsed[2] != count:
-                    continue
-                if not 0 < parsed[1] < count or parsed[1] in found:
-                    continue
-                section = await self._claim(backend, nonce, name, parsed, own, replaced, found)
-                if section is not None:
-                    found[parsed[1]] = section
-            return True if len(found) == count - 1 else None
-
-        if await coordination.poll(look, team.worker.timeout_seconds) is None:
-            missing = [worker for worker in range(1, count) if worker not in found]
-            names = ", ".join(
-                f"worker {w} ({backend.describe(coordination.section_name(self.stem, w, count, '<nonce>'))})"
-                for w in missing
-            )
-            raise CheckpointTimeoutError(
-                f"checkpoint {self.handle.path} was not committed: after {team.worker.timeout_seconds:g} s "
-                f"the section(s) of {len(missing)} of {count - 1} other worker(s) had not been published: {names}"
-            )
-        merged = coordination.merge(own, [found[worker] for worker in range(1, count)], team.order)
-        # What is about to be committed must read back, and every byte it names must be there.
-        parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
-        problem = await missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())
-        if problem is not None:
-            raise CorruptCheckpointError(f"checkpoint {self.handle.path} was not committed: {problem}")
-        return merged
-
-    async def _claim(self, backend, nonce, name, parsed, own, replaced, found) -> Section | None:
-        """Worker ``parsed[1]``'s section ``name``, checked and claimed; ``None`` to wait past it.
-
-        A section of another save (another ``save_id``) or one whose writer no longer holds its
-        data directory's lock is an earlier save's leftover: not merged, waited past. A section
-        that passes is renamed to this chief's claim name (at most one renamer wins it: a worker
-        withdrawing it, a cleaner deleting it, or this chief); only then are its bytes checked, and
-        from then on cleanup leaves its data directory alone while this chief holds its lock.
-        """
-        team = self.team
-        _, worker, count, section_nonce = parsed
-        data = await read_index(backend, name)
-        if data is None:
-            return None
-        source = backend.describe(name)
-        section = parse_section(data, source=source)
-        if section.save_id != self.save_id or section.count != count:
-            return None
-        taken = {own.data_dir, *replaced, *(other.data_dir for other in found.values())}
-        coordination.check_section(section, source=source, worker=worker, stem=self.stem,
-                                   expected=team.share(worker), nonce=section_nonce, taken=taken)
-        if backend.cleans_debris and not await held(backend, section.data_dir):
-            return None
-        await backend.check_data_dir(section.data_dir)
-        claim = coordination.claim_name(self.stem, nonce, section_nonce)
-        if not await backend.rename(name, claim):
-            return None
-        self.claims.append(claim)
-        if await missing_bytes(backend, (section.data_dir,), section.tensors.values()) is not None:
-            self.claims.remove(claim)
-            await backend.delete(claim)  # its writer is gone and so are its bytes: wait for another
-            return None
-        return section
-
-    async def _publish_and_wait(self, backend: Backend, data_dir: str, nonce: str, own: Manifest) -> None:
-        """A non-chief's part: publish the section, then wait until ``P.index`` references it."""
-        team = self.team
-        worker = team.worker
-        name = coordination.section_name(self.stem, worker.index, worker.count, nonce)
-        section = Section(worker.index, worker.count, self.save_id, data_dir, own.tensors)
-        await backend.commit(name, index_tmp_name(self.stem, nonce), section.to_json())
-
-        async def committed() -> bool | None:
-            return True if data_dir in await referenced_data_dirs(backend, self.stem) else None
-
-        async def settled() -> bool | None:  # committed, or no live chief holds a claim on it any more
-            if await committed():
-                return True
-            return None if await claimed(backend, self.stem, nonce) else True
-
-        done = await coordination.poll(committed, worker.timeout_seconds)
-        if done is None:
-            # Withdraw the section; if a chief claimed it first, that chief decides: wait for it.
-            withdrawn = await backend.rename(name, index_tmp_name(self.stem, nonce))
-            if withdrawn:
-                with contextlib.suppress(Exception):
-                    await backend.delete(index_tmp_name(self.stem, nonce))
-            else:
-                await coordination.poll(settled, worker.timeout_seconds)
-        if done is None and await committed() is None:  # the chief may have committed just now
-            raise CheckpointTimeoutError(
-                f"checkpoint {self.handle.path} was not committed: worker {worker.index} of {worker.count} "
-                f"published its section, but after {worker.timeout_seconds:g} s the chief (worker 0) had "
-                f"not committed {backend.describe(index_name(self.stem))} referencing {data_dir}"
-            )
 
     async def _report(self, error: BaseException | None) -> None:
         metrics = self.handle.metrics

@@ -1,8 +1,7 @@
-"""Unit tests of the byte budget, source preparation, host byte views, streamed contents and the guard."""
+"""The snapshot: streamed file contents, the copy-on-write guard, staging through the pool."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import crc32c
@@ -11,174 +10,10 @@ import pytest
 from _fakes import FakeVariable
 
 from asyncckpt._runtime import Runtime
-from asyncckpt.format import OBJECT_GRAPH_KEY
 from asyncckpt.io.plan import PlanItem, plan_write
-from asyncckpt.io.snapshot import (
-    SEGMENT_BYTES,
-    STAGING_BLOCK_BYTES,
-    BudgetClosedError,
-    ByteBudget,
-    SaveEntry,
-    Snapshot,
-    StagingPool,
-    WriteAbortedError,
-    host_bytes,
-    prepare_sources,
-)
-
-# ---------------------------------------------------------------------------------------------
-# ByteBudget
-
-
-def test_budget_grants_in_arrival_order_and_blocks_when_exhausted():
-    async def main():
-        budget = ByteBudget(10)
-        await budget.acquire(6)
-        order = []
-
-        async def take(name, nbytes):
-            await budget.acquire(nbytes)
-            order.append(name)
-
-        big = asyncio.create_task(take("big", 8))
-        small = asyncio.create_task(take("small", 1))  # fits now, but must not overtake "big"
-        await asyncio.sleep(0.01)
-        assert order == [] and budget.in_use == 6
-        budget.release(6)
-        await asyncio.gather(big, small)
-        assert order == ["big", "small"]
-        assert budget.in_use == 9
-
-    asyncio.run(main())
-
-
-def test_budget_cancelled_waiter_does_not_leak_or_block_others():
-    async def main():
-        budget = ByteBudget(10)
-        await budget.acquire(10)
-        waiter = asyncio.create_task(budget.acquire(10))
-        behind = asyncio.create_task(budget.acquire(2))
-        await asyncio.sleep(0.01)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        budget.release(10)
-        await behind
-        assert budget.in_use == 2
-
-    asyncio.run(main())
-
-
-def test_budget_close_fails_waiters_and_later_acquires():
-    async def main():
-        budget = ByteBudget(4)
-        await budget.acquire(4)
-        waiter = asyncio.create_task(budget.acquire(1))
-        await asyncio.sleep(0.01)
-        budget.close()
-        with pytest.raises(BudgetClosedError):
-            await waiter
-        with pytest.raises(BudgetClosedError):
-            await budget.acquire(1)
-
-    asyncio.run(main())
-
-
-def test_budget_reserve_context_manager_and_oversized_request():
-    async def main():
-        budget = ByteBudget(8)
-        async with budget.reserve(5):
-            assert budget.in_use == 5
-        assert budget.in_use == 0
-        with pytest.raises(ValueError, match="cannot reserve 9"):
-            await budget.acquire(9)
-
-    asyncio.run(main())
-
-
-def test_budget_acquire_from_thread_waits_for_release_on_the_loop():
-    runtime = Runtime()
-    try:
-        budget = ByteBudget(4)
-        runtime.run(budget.acquire(4))
-        got = threading.Event()
-        thread = threading.Thread(target=lambda: (budget.acquire_from_thread(3, runtime.loop), got.set()))
-        thread.start()
-        assert not got.wait(0.1)
-        runtime.call_soon(budget.release, 4)
-        thread.join(10)
-        assert got.is_set()
-        assert runtime.run(_in_use(budget)) == 3
-    finally:
-        runtime.close()
-
-
-async def _in_use(budget):
-    return budget.in_use
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources and host bytes
-
-
-def test_prepare_sources_freezes_bytes_and_arrays_but_not_holders():
-    array = np.arange(4, dtype=np.int16)
-    variable = FakeVariable(np.zeros((2, 3), dtype=np.float32))
-    data = bytearray(b"abc")
-    sources = prepare_sources([SaveEntry("a", array), SaveEntry("v", variable), SaveEntry("b", data)])
-    assert [(s.key, s.kind, s.dtype, s.shape, s.nbytes) for s in sources] == [
-        ("a", "array", "<i2", (4,), 8),
-        ("v", "holder", "<f4", (2, 3), 24),
-        ("b", "bytes", "bytes", (), 3),
-    ]
-    array[0] = 99
-    data[0] = ord("z")
-    assert sources[0].value[0] == 0 and sources[2].value == b"abc"
-    assert sources[1].value is variable
-
-
-@pytest.mark.parametrize(
-    ("entries", "error", "pattern"),
-    [
-        ([SaveEntry("k", np.ones(1)), SaveEntry("k", b"")], ValueError, "duplicate"),
-        ([SaveEntry(OBJECT_GRAPH_KEY, b"")], ValueError, "reserved"),
-        ([SaveEntry(3, b"")], ValueError, "non-empty strings"),
-        ([("k", b"")], TypeError, "SaveEntry"),
-        ([SaveEntry("k", "str")], TypeError, "encode"),
-        ([SaveEntry("k", np.array(["x"]))], TypeError, "'k'"),
-        ([SaveEntry("k", FakeVariable(np.array(["x"])))], TypeError, "'k'"),
-    ],
-)
-def test_prepare_sources_rejects_bad_entries(entries, error, pattern):
-    with pytest.raises(error, match=pattern):
-        prepare_sources(entries)
-
-
-@pytest.mark.parametrize(
-    "array",
-    [
-        np.arange(24, dtype=np.float32).reshape(4, 6),
-        np.arange(24, dtype=np.float32).reshape(4, 6)[::2, ::-1],
-        np.asfortranarray(np.arange(24, dtype=np.int64).reshape(4, 6)),
-        np.arange(24, dtype=">u4"),
-        np.array(3.5, dtype=">f8"),
-        np.array([True, False, True]),
-    ],
-    ids=["contiguous", "strided", "fortran", "big-endian", "0-d-big-endian", "bool"],
-)
-def test_host_bytes_matches_c_order_little_endian_bytes_for_any_range(array):
-    expected = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    for start, stop in [(0, len(expected)), (1, len(expected) - 1), (3, 7), (5, 5)]:
-        stop = min(stop, len(expected))
-        assert bytes(host_bytes(array, start, stop)) == expected[start:stop]
-
-
-def test_host_bytes_is_a_view_for_contiguous_little_endian_arrays():
-    array = np.arange(8, dtype="<i4")
-    view = host_bytes(array, 0, 32)
-    array[0] = 7
-    assert bytes(view[:4]) == np.int32(7).tobytes()
-
+from asyncckpt.io.snapshot import SEGMENT_BYTES, Snapshot, WriteAbortedError
+from asyncckpt.io.sources import SaveEntry, prepare_sources
+from asyncckpt.io.staging import ByteBudget
 
 # ---------------------------------------------------------------------------------------------
 # Snapshot: streamed file contents and the copy-on-write guard
@@ -191,6 +26,15 @@ def _snapshot(sources, runtime, capacity, *, segment_bytes=SEGMENT_BYTES, file_b
     budget = ByteBudget(capacity)
     snapshot = Snapshot(sources, plan, budget, runtime.loop, segment_bytes=segment_bytes)
     return snapshot, plan, budget
+
+
+async def _in_use(budget):
+    return budget.in_use
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The staging pool
 
 
 def _in_use_now(runtime, budget):
@@ -412,60 +256,6 @@ def test_a_hook_that_cannot_copy_fails_the_contents_not_the_mutation():
         with pytest.raises(RuntimeError, match="device lost"):
             snapshot.content(0).to_bytearray()
         assert _in_use_now(runtime, budget) == 0
-    finally:
-        runtime.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# The staging pool
-
-
-def test_staging_blocks_are_reused_capped_and_released_when_idle():
-    pool = StagingPool(retain_bytes=2 * STAGING_BLOCK_BYTES, idle_seconds=0.0)
-    first = pool.take(STAGING_BLOCK_BYTES)
-    partial = pool.take(STAGING_BLOCK_BYTES // 2)  # a block, sliced
-    small = pool.take(100)  # too small to be worth a block
-    assert partial.nbytes == STAGING_BLOCK_BYTES // 2 and partial.base.nbytes == STAGING_BLOCK_BYTES
-    pool.give(first)
-    pool.give(partial)
-    pool.give(small)
-    assert pool.kept_bytes == 2 * STAGING_BLOCK_BYTES
-    pool.give(np.empty(STAGING_BLOCK_BYTES, np.uint8))  # over the cap: not kept
-    assert pool.kept_bytes == 2 * STAGING_BLOCK_BYTES
-    again = {id(pool.take(STAGING_BLOCK_BYTES).base), id(pool.take(10 + STAGING_BLOCK_BYTES // 2).base)}
-    assert again == {id(first.base), id(partial.base)}
-    with pytest.raises(ValueError):
-        pool.take(STAGING_BLOCK_BYTES + 1)
-    runtime = Runtime()
-    try:
-        pool.give(first, runtime.loop)
-        assert pool.kept_bytes == STAGING_BLOCK_BYTES
-
-        async def pause():
-            await asyncio.sleep(0.05)
-
-        runtime.run(pause())  # the idle release ran (idle_seconds=0)
-        assert pool.kept_bytes == 0
-    finally:
-        runtime.close()
-
-
-def test_a_hook_copies_a_large_value_into_blocks_that_go_back_to_the_pool():
-    runtime = Runtime()
-    try:
-        pool = StagingPool()
-        size = 2 * STAGING_BLOCK_BYTES + 1000
-        big = FakeVariable(np.arange(size // 8, dtype=np.int64))
-        sources = prepare_sources([SaveEntry("big", big)])
-        plan = plan_write([PlanItem("big", size)], small_array_bytes=1, pack_bytes=size, chunk_bytes=size)
-        budget = ByteBudget(size)
-        snapshot = Snapshot(sources, plan, budget, runtime.loop, pool=pool)
-        snapshot.install_guards()
-        big.assign(-1)
-        assert snapshot.bytes_staged_by_hooks == size
-        assert bytes(snapshot.content(0)) == np.arange(size // 8, dtype="<i8").tobytes()
-        snapshot.file_written(0)
-        assert pool.kept_bytes == 2 * STAGING_BLOCK_BYTES  # the 1000-byte tail was not worth keeping
     finally:
         runtime.close()
 

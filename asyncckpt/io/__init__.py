@@ -17,7 +17,7 @@ from asyncckpt.io.coordination import MultiWorker
 from asyncckpt.io.pending import WriteHandle, await_pending_writes, has_pending_writes, wait_for_pending_writes
 from asyncckpt.io.read import CheckpointReader, VerifyReport, aopen_reader, open_reader
 from asyncckpt.io.settings import ReadSettings, WriteMetrics, WriteSettings, WriteStats
-from asyncckpt.io.snapshot import SaveEntry
+from asyncckpt.io.sources import SaveEntry
 from asyncckpt.io.write import PreparedWrite, prepare_write, start_write
 
 __all__ = [

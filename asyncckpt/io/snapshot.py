@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import operator
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,405 +51,17 @@ import numpy as np
 
 from asyncckpt import _arrays, _cuda
 from asyncckpt._runtime import running_loop
-from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
 from asyncckpt.io.plan import WritePlan
+from asyncckpt.io.sources import Source, SourceKind
+from asyncckpt.io.staging import STAGING_BLOCK_BYTES, BudgetClosedError, ByteBudget, StagingPool, copy_bytes, staging_pool
 from asyncckpt.io.storage import StreamedValue
 
-__all__ = [
-    "SaveEntry",
-    "BudgetClosedError",
-    "ByteBudget",
-    "Source",
-    "prepare_sources",
-    "host_bytes",
-    "GuardLayout",
-    "FileContent",
-    "Snapshot",
-    "SEGMENT_BYTES",
-    "STAGING_BLOCK_BYTES",
-    "StagingPool",
-    "staging_pool",
-    "copy_bytes",
-    "WriteAbortedError",
-    "prepare_source",
-]
+__all__ = ["FileContent", "GuardLayout", "SEGMENT_BYTES", "Snapshot", "WriteAbortedError"]
 
 #: Most bytes one batch of a :class:`FileContent` holds. A mutation of a value whose bytes are in
 #: the batch being written waits for that one batch (a few milliseconds), never for a whole file.
 SEGMENT_BYTES = 4 << 20
 _BATCH_BUFFERS = 1024  # buffers per batch: Linux's IOV_MAX for one writev
-
-
-@dataclass(frozen=True)
-class SaveEntry:
-    """One checkpoint key and where its value comes from.
-
-    ``source`` is a snapshot source (has ``_snapshot_array``, ``_add_mutation_hook`` and
-    ``_remove_mutation_hook``), a NumPy or device array, or ``bytes``.
-    """
-
-    key: str
-    source: Any
-
-
-# ---------------------------------------------------------------------------------------------
-# The byte budget
-
-
-class BudgetClosedError(RuntimeError):
-    """The write owning a budget has ended; nothing more will be staged for it."""
-
-
-class ByteBudget:
-    """An asyncio byte semaphore with FIFO fairness, confined to one event loop.
-
-    The background copier ``await``\\ s :meth:`acquire` before copying a file; the writer calls
-    :meth:`release` once the file is durable. Threads other than the loop's use
-    :meth:`acquire_from_thread`. :meth:`reserve` is the context-manager form for code that
-    acquires and releases in one place.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError(f"budget capacity must be positive, got {capacity}")
-        self.capacity = capacity
-        self._available = capacity
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
-        self._error: BaseException | None = None
-
-    @property
-    def in_use(self) -> int:
-        """Bytes currently reserved."""
-        return self.capacity - self._available
-
-    async def acquire(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` are free (and every earlier waiter is served), then take them."""
-        if nbytes > self.capacity:
-            raise ValueError(f"cannot reserve {nbytes} bytes from a budget of {self.capacity}")
-        if self._error is not None:
-            raise BudgetClosedError("the byte budget is closed") from self._error
-        if not self._waiters and self._available >= nbytes:
-            self._available -= nbytes
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        entry = (nbytes, waiter)
-        self._waiters.append(entry)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.release(nbytes)  # granted just as we were cancelled: give it back
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(entry)
-                self._wake()
-            raise
-
-    def force_acquire(self, nbytes: int) -> None:
-        """Take ``nbytes`` now even if that overdraws the budget (for callers that cannot wait)."""
-        self._available -= nbytes
-
-    def release(self, nbytes: int) -> None:
-        """Return ``nbytes`` and wake the waiters that now fit, in arrival order."""
-        self._available += nbytes
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters:
-            nbytes, waiter = self._waiters[0]
-            if waiter.done():
-                self._waiters.popleft()
-                continue
-            if nbytes > self._available:
-                return
-            self._waiters.popleft()
-            self._available -= nbytes
-            waiter.set_result(None)
-
-    def close(self, error: BaseException | None = None) -> None:
-        """Fail every current and future waiter; used when the owning write ends."""
-        self._error = error if error is not None else BudgetClosedError("the byte budget is closed")
-        while self._waiters:
-            _, waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(BudgetClosedError("the byte budget is closed"))
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, nbytes: int):
-        """``async with budget.reserve(n):`` holds ``n`` bytes for the body."""
-        await self.acquire(nbytes)
-        try:
-            yield
-        finally:
-            self.release(nbytes)
-
-    def acquire_from_thread(self, nbytes: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Block the calling (non-loop) thread until ``nbytes`` are taken on ``loop``.
-
-        Raises :class:`BudgetClosedError` when the budget is closed or the loop is gone.
-        """
-        try:
-            future = asyncio.run_coroutine_threadsafe(self.acquire(nbytes), loop)
-        except RuntimeError as exc:  # loop closed
-            raise BudgetClosedError("the event loop owning the budget has stopped") from exc
-        try:
-            future.result()
-        except BudgetClosedError:
-            raise
-        except BaseException as exc:  # cancelled by a runtime shutdown
-            raise BudgetClosedError("the budget wait was cancelled") from exc
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-
-@dataclass
-class Source:
-    """A prepared :class:`SaveEntry`: what the manifest records and where to take bytes from.
-
-    ``kind`` is ``"bytes"``, ``"array"`` (an owned host copy) or ``"holder"`` (a snapshot source,
-    read live until its bytes are written or copied). ``off_host`` marks a holder whose array was
-    not a NumPy array when prepared: a device array, captured on the device at each write.
-    """
-
-    key: str
-    kind: str
-    value: Any
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    off_host: bool = False
-
-    def live_array(self) -> Any:
-        """The array to take bytes from now; for a holder, checked against the recorded layout."""
-        if self.kind != "holder":
-            return self.value
-        array = self.value._snapshot_array()
-        if _encode(array.dtype) != self.dtype or tuple(array.shape) != self.shape:
-            raise ValueError(
-                f"the value of {self.key!r} changed from {self.dtype}{list(self.shape)} to "
-                f"{_encode(array.dtype)}{list(array.shape)} during the write without calling its "
-                "mutation hooks first"
-            )
-        return array
-
-    def flat_view(self) -> memoryview | None:
-        """All bytes of the value as one flat view, or ``None`` when only copies of ranges exist."""
-        if self.kind == "bytes":
-            return memoryview(self.value)
-        array = self.live_array()
-        if _arrays.is_device_array(array) or not isinstance(array, np.ndarray):
-            return None
-        if not array.flags.c_contiguous or array.dtype.str != self.dtype:
-            return None
-        return memoryview(array.reshape(-1).view(np.uint8))
-
-    def byte_view(self, start: int, stop: int) -> memoryview:
-        """Bytes ``[start, stop)`` of the value as a flat ``'B'`` memoryview (a view when possible)."""
-        if self.kind == "bytes":
-            return memoryview(self.value)[start:stop]
-        return host_bytes(self.live_array(), start, stop)
-
-
-_dtype_strings: dict[Any, str] = {}
-
-
-def _encode(dtype: Any) -> str:
-    """:func:`~asyncckpt.format.encode_dtype`, memoised per dtype object (it is on every save's path)."""
-    try:
-        return _dtype_strings[dtype]
-    except (KeyError, TypeError):
-        pass
-    text = encode_dtype(dtype)
-    with contextlib.suppress(TypeError):
-        _dtype_strings[dtype] = text
-    return text
-
-
-_SOURCE_METHODS = ("_snapshot_array", "_add_mutation_hook", "_remove_mutation_hook")
-_source_types: dict[type, bool] = {}
-
-
-def _is_snapshot_source(value: Any) -> bool:
-    kind = type(value)
-    known = _source_types.get(kind)
-    if known is None:
-        known = all(callable(getattr(kind, name, None)) for name in _SOURCE_METHODS)
-        if known or not any(hasattr(value, name) for name in _SOURCE_METHODS):
-            _source_types[kind] = known  # decided by the type alone: remember it
-        else:  # instance attributes may provide the protocol: decide per object
-            return all(callable(getattr(value, name, None)) for name in _SOURCE_METHODS)
-    return known
-
-
-def _owned_copy(key: str, value: Any) -> np.ndarray:
-    if _arrays.is_device_array(value):
-        value = _arrays.to_numpy(value)
-    elif not isinstance(value, (np.ndarray, np.generic)):
-        raise TypeError(
-            f"the value of {key!r} is a {type(value).__name__}; expected a NumPy or device array, "
-            "bytes, or an object with the snapshot-source protocol"
-        )
-    try:
-        little = np.dtype(_encode(value.dtype))
-    except TypeError as exc:
-        raise TypeError(f"cannot save {key!r}: {exc}") from None
-    return np.array(value, dtype=little, order="C", copy=True)
-
-
-def _check_key(key: Any) -> None:
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"checkpoint keys must be non-empty strings, got {key!r}")
-    if key == OBJECT_GRAPH_KEY:
-        raise ValueError(f"{OBJECT_GRAPH_KEY!r} is reserved for the object graph")
-
-
-def prepare_source(key: str, value: Any) -> Source:
-    """One :class:`Source` for ``value`` (the key is not checked here; see :func:`prepare_sources`)."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-        return Source(key, "bytes", data, BYTES_DTYPE, (), len(data))
-    if isinstance(value, str):
-        raise TypeError(f"the value of {key!r} is a str; encode it to bytes first")
-    if _is_snapshot_source(value):
-        live = value._snapshot_array()
-        try:
-            dtype = _encode(live.dtype)
-        except TypeError as exc:
-            raise TypeError(f"cannot save {key!r}: {exc}") from None
-        shape = tuple(int(dim) for dim in live.shape)
-        nbytes = math.prod(shape) * live.dtype.itemsize
-        return Source(key, "holder", value, dtype, shape, nbytes, off_host=not isinstance(live, np.ndarray))
-    array = _owned_copy(key, value)
-    return Source(key, "array", array, array.dtype.str, tuple(array.shape), array.nbytes)
-
-
-def prepare_sources(entries: Sequence[SaveEntry]) -> list[Source]:
-    """Validate ``entries`` and freeze what can be frozen now.
-
-    ``bytes`` are taken as they are and arrays are copied; snapshot sources are only inspected
-    (dtype and shape of their live array). Raises ``ValueError`` for a duplicate, empty or
-    reserved key and ``TypeError`` for an unsupported value or dtype, naming the key.
-    """
-    sources: list[Source] = []
-    seen: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, SaveEntry):
-            raise TypeError(f"expected SaveEntry objects, got {type(entry).__name__}")
-        key = entry.key
-        _check_key(key)
-        if key in seen:
-            raise ValueError(f"duplicate checkpoint key {key!r}")
-        seen.add(key)
-        sources.append(prepare_source(key, entry.source))
-    return sources
-
-
-def host_bytes(array: Any, start: int, stop: int) -> memoryview:
-    """Bytes ``[start, stop)`` of ``array``'s C-order little-endian representation.
-
-    A view for C-contiguous little-endian host arrays; otherwise only the elements covering the
-    range are copied (device arrays: only that range crosses to the host).
-    """
-    if _arrays.is_device_array(array):
-        cupy = _arrays.cupy_module()
-        flat = cupy.ascontiguousarray(array).reshape(-1).view(cupy.uint8)
-        return memoryview(cupy.asnumpy(flat[start:stop]))
-    array = np.asarray(array)
-    little = np.dtype(_encode(array.dtype))
-    if array.flags.c_contiguous and array.dtype == little:
-        return memoryview(array.reshape(-1).view(np.uint8))[start:stop]
-    itemsize = array.dtype.itemsize
-    first, last = start // itemsize, -(-stop // itemsize)
-    elements = array.reshape(-1)[first:last] if array.flags.c_contiguous else array.flat[first:last]
-    part = np.ascontiguousarray(elements, dtype=little).view(np.uint8)
-    base = first * itemsize
-    return memoryview(part)[start - base : stop - base]
-
-
-# ---------------------------------------------------------------------------------------------
-# Staging buffers
-
-
-class StagingPool:
-    """Staging blocks kept from one write to the next.
-
-    A fresh buffer costs a page fault per 4 KiB on first touch -- measured at 0.4-1.7 GB/s on a
-    virtual machine, ten times slower than copying into memory already mapped -- and a mutation
-    hook copies in the training thread, so training that changes its variables while a save runs
-    would pay it at every save. Hooks therefore copy into blocks of :data:`STAGING_BLOCK_BYTES`,
-    one size for all so that any freed block serves any copy; blocks come back here once their
-    file is durable, are kept up to ``retain_bytes`` in all, and are released after
-    ``idle_seconds`` without use (so a program that stops saving gets its memory back).
-    """
-
-    def __init__(self, retain_bytes: int = 256 << 20, idle_seconds: float = 30.0) -> None:
-        self.retain_bytes = retain_bytes
-        self.idle_seconds = idle_seconds
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-        self._uses = 0
-
-    @property
-    def kept_bytes(self) -> int:
-        """Bytes held for reuse right now."""
-        return len(self._free) * STAGING_BLOCK_BYTES
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A writable ``uint8`` array of ``nbytes`` (at most one block), from a kept block if any."""
-        if nbytes > STAGING_BLOCK_BYTES:
-            raise ValueError(f"a staging block holds at most {STAGING_BLOCK_BYTES} bytes, not {nbytes}")
-        if nbytes < STAGING_BLOCK_BYTES // 4:
-            return np.empty(nbytes, dtype=np.uint8)  # small: cheap to allocate, not worth a block
-        with self._lock:
-            self._uses += 1
-            block = self._free.pop() if self._free else None
-        if block is None:
-            block = np.empty(STAGING_BLOCK_BYTES, dtype=np.uint8)
-        return block[:nbytes]
-
-    def give(self, array: np.ndarray, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Return an array from :meth:`take`; ``loop`` schedules the idle release."""
-        block = array.base if array.base is not None else array
-        if not isinstance(block, np.ndarray) or block.nbytes != STAGING_BLOCK_BYTES:
-            return
-        with self._lock:
-            if (len(self._free) + 1) * STAGING_BLOCK_BYTES > self.retain_bytes:
-                return  # let it go
-            self._free.append(block)
-            uses = self._uses
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing will trim, fine
-                loop.call_soon_threadsafe(loop.call_later, self.idle_seconds, self._trim_if_idle, uses)
-
-    def _trim_if_idle(self, uses: int) -> None:
-        with self._lock:
-            if self._uses == uses:
-                self._free.clear()
-
-    def clear(self) -> None:
-        """Release every kept block now."""
-        with self._lock:
-            self._free.clear()
-
-
-#: The size of a staging block (and the most a hook copies into one buffer).
-STAGING_BLOCK_BYTES = 4 << 20
-
-#: The process-wide pool every :class:`Snapshot` stages into by default.
-staging_pool = StagingPool()
-
-
-def copy_bytes(destination: Any, source: Any) -> None:
-    """Copy one flat byte buffer into another of the same length, releasing the GIL for large ones.
-
-    (``memoryview`` slice assignment holds the GIL for the whole copy; NumPy's does not.)
-    """
-    if len(source) >= 1 << 16:
-        np.copyto(np.frombuffer(destination, dtype=np.uint8), np.frombuffer(source, dtype=np.uint8))
-    else:
-        destination[:] = source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +96,7 @@ class GuardLayout:
         holders: list[Any] = []
         item_holder = [-1] * len(sources)
         for item, source in enumerate(sources):
-            if source.kind == "holder":
+            if source.kind is SourceKind.HOLDER:
                 index = holder_index.get(id(source.value))
                 if index is None:
                     index = holder_index[id(source.value)] = len(holders)
@@ -619,7 +229,7 @@ class Snapshot:
     segment_bytes:
         Most bytes per batch of a file's content (:data:`SEGMENT_BYTES`).
     pool:
-        Where staging buffers come from (:data:`staging_pool`).
+        Where staging buffers come from (:func:`~asyncckpt.io.staging.staging_pool`).
     device_backend:
         The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays :meth:`capture_device_values`
         captures (default: CUDA arrays through CuPy).
@@ -640,7 +250,7 @@ class Snapshot:
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
         self._segment_bytes = segment_bytes
-        self._pool = pool if pool is not None else staging_pool
+        self._pool = pool if pool is not None else staging_pool()
         self._sources = sources
         self._plan = plan
         self._budget = budget
@@ -1058,7 +668,7 @@ class Snapshot:
         for p in done:
             item = pieces[p].item
             source = self._sources[item]
-            if source.kind != "array":
+            if source.kind is not SourceKind.ARRAY:
                 continue
             with self._count_lock:
                 left = self._array_pieces.get(item, len(self._plan.extents[item])) - 1

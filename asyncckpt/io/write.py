@@ -46,7 +46,9 @@ from asyncckpt.format import (
 from asyncckpt.io import coordination
 from asyncckpt.io.coordination import MultiWorker
 from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
-from asyncckpt.io.snapshot import ByteBudget, GuardLayout, SaveEntry, Snapshot, Source, prepare_source, prepare_sources
+from asyncckpt.io.snapshot import GuardLayout, Snapshot
+from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source, prepare_sources
+from asyncckpt.io.staging import ByteBudget
 from asyncckpt.io.storage import Backend, Storage
 
 from asyncckpt.io.commit import clean_debris, create_data_dir, publish, referenced_data_dirs
@@ -91,9 +93,9 @@ class PreparedWrite:
             old = sources[index]
             new = prepare_source(old.key, value)
             resized = resized or new.nbytes != old.nbytes
-            if "holder" in (old.kind, new.kind) and (old.kind != new.kind or old.value is not new.value):
+            if SourceKind.HOLDER in (old.kind, new.kind) and (old.kind != new.kind or old.value is not new.value):
                 regarded = True
-            if new.kind == "array":
+            if new.kind is SourceKind.ARRAY:
                 arrays.add(index)
             else:
                 arrays.discard(index)
@@ -132,7 +134,7 @@ def prepare_write(
     sources = prepare_sources(entries)
     layout_settings = PlanSettings.of(settings)
     plan = _plan(sources, layout_settings)
-    arrays = tuple(index for index, source in enumerate(sources) if source.kind == "array")
+    arrays = tuple(index for index, source in enumerate(sources) if source.kind is SourceKind.ARRAY)
     return PreparedWrite(tuple(sources), plan, GuardLayout(sources, plan), object_graph, layout_settings, arrays)
 
 

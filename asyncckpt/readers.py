@@ -20,7 +20,6 @@ from asyncckpt.checkpoint_management import latest_checkpoint
 from asyncckpt.errors import NotFoundError
 
 __all__ = [
-    "CheckpointReader",
     "load_checkpoint",
     "load_variable",
     "list_variables",
@@ -56,78 +55,7 @@ def resolve_checkpoint_path(ckpt_dir_or_file: Any) -> str:
     return path
 
 
-class CheckpointReader:
-    """Random access to the saved values of one checkpoint (``tf.train.CheckpointReader``).
-
-    Obtain one with `load_checkpoint`. Keys are the checkpoint keys of section A of the
-    specification (``model/kernel/.ATTRIBUTES/VARIABLE_VALUE``), plus the reserved
-    ``_CHECKPOINTABLE_OBJECT_GRAPH`` holding the object graph as bytes.
-    """
-
-    def __init__(self, path: str, reader: Any):
-        self._path = path
-        self._reader = reader
-        self._keys = list(reader.keys())
-        self._key_set = frozenset(self._keys)
-
-    @property
-    def path(self) -> str:
-        """The checkpoint prefix this reader reads."""
-        return self._path
-
-    def _require(self, key: Any) -> str:
-        if not isinstance(key, str):
-            raise TypeError(f"checkpoint keys are str, got {type(key).__name__}")
-        if key not in self._key_set:
-            raise KeyError(f"Key {key!r} not found in checkpoint {self._path}")
-        return key
-
-    def has_tensor(self, key: str) -> bool:
-        """True when ``key`` is saved in this checkpoint."""
-        return isinstance(key, str) and key in self._key_set
-
-    def get_tensor(self, key: str) -> np.ndarray | bytes:
-        """The saved value of ``key``: a NumPy array, or ``bytes`` for string values.
-
-        Raises
-        ------
-        KeyError
-            Naming the key and the checkpoint, when the key is not saved.
-        asyncckpt.CorruptCheckpointError
-            When the stored bytes do not match their checksum.
-        """
-        return self._reader.read(self._require(key))
-
-    def get_variable_to_shape_map(self) -> dict[str, list[int]]:
-        """``{key: shape as a list of ints}`` for every saved key (``[]`` for scalars and bytes)."""
-        return {key: list(self._reader.spec(key).shape) for key in self._keys}
-
-    def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
-        """``{key: NumPy dtype}``; string values (such as the object graph) map to ``object``.
-
-        ``object`` is what ``tf.string.as_numpy_dtype`` gives, so ported code comparing dtypes
-        keeps working.
-        """
-        return {key: _numpy_dtype(self._reader.spec(key).dtype) for key in self._keys}
-
-    def keys(self) -> list[str]:
-        """Every saved key, sorted bytewise."""
-        return list(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._key_set
-
-    def __repr__(self) -> str:
-        return f"CheckpointReader({self._path!r}, {len(self._keys)} keys)"
-
-
-def _numpy_dtype(dtype: Any) -> np.dtype:
-    if isinstance(dtype, str) and dtype == _format.BYTES_DTYPE:
-        return np.dtype(object)
-    return np.dtype(dtype)
-
-
-def load_checkpoint(ckpt_dir_or_file) -> CheckpointReader:
+def load_checkpoint(ckpt_dir_or_file) -> ckio.CheckpointReader:
     """Open a checkpoint for reading (``tf.train.load_checkpoint``).
 
     Parameters
@@ -137,7 +65,7 @@ def load_checkpoint(ckpt_dir_or_file) -> CheckpointReader:
 
     Returns
     -------
-    CheckpointReader
+    asyncckpt.io.CheckpointReader
 
     Raises
     ------
@@ -145,7 +73,7 @@ def load_checkpoint(ckpt_dir_or_file) -> CheckpointReader:
         When no committed checkpoint exists there.
     """
     path = resolve_checkpoint_path(ckpt_dir_or_file)
-    return CheckpointReader(path, ckio.open_reader(path))
+    return ckio.open_reader(path)
 
 
 def load_variable(ckpt_dir_or_file, name: str) -> np.ndarray | bytes:

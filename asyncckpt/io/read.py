@@ -57,7 +57,12 @@ class VerifyReport:
 
 
 class CheckpointReader(DeviceReads):
-    """Read access to one committed checkpoint. Obtain it from :func:`open_reader`."""
+    """Read access to one committed checkpoint: its keys, specs and verified values.
+
+    Obtain it from :func:`open_reader` (or ``asyncckpt.load_checkpoint``). Besides the batched
+    :meth:`read_many`/:meth:`aread_many`, it offers ``tf.train.CheckpointReader``'s names
+    (:meth:`get_tensor`, :meth:`has_tensor`, the shape and dtype maps), so ported code runs.
+    """
 
     def __init__(self, path: str, manifest: Manifest, backend: Backend, settings: ReadSettings, runtime: Runtime):
         self.path = path
@@ -109,6 +114,41 @@ class CheckpointReader(DeviceReads):
             return self._tensors[key]
         except (KeyError, TypeError):
             raise KeyError(f"key {key!r} not found in checkpoint {self.path}") from None
+
+    def has_tensor(self, key: str) -> bool:
+        """True when ``key`` is saved in this checkpoint (``tf.train.CheckpointReader``'s name)."""
+        return isinstance(key, str) and key in self
+
+    def get_tensor(self, key: str) -> np.ndarray | bytes:
+        """The saved value of ``key``: a NumPy array, or ``bytes`` for string values.
+
+        Raises
+        ------
+        TypeError
+            When ``key`` is not a ``str``.
+        KeyError
+            Naming the key and the checkpoint, when the key is not saved.
+        asyncckpt.CorruptCheckpointError
+            When the stored bytes do not match their checksum.
+        """
+        if not isinstance(key, str):
+            raise TypeError(f"checkpoint keys are str, got {type(key).__name__}")
+        return self.read(key)
+
+    def get_variable_to_shape_map(self) -> dict[str, list[int]]:
+        """``{key: shape as a list of ints}`` for every saved key (``[]`` for scalars and bytes)."""
+        return {key: list(self.spec(key).shape) for key in self.keys()}
+
+    def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
+        """``{key: NumPy dtype}``; string values (such as the object graph) map to ``object``.
+
+        ``object`` is what ``tf.string.as_numpy_dtype`` gives, so ported code comparing dtypes
+        keeps working.
+        """
+        return {key: _numpy_dtype(self.spec(key).dtype) for key in self.keys()}
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self.path!r}, {len(self._tensors) + 1} keys)"
 
     def read(self, key: str):
         """The value of ``key``: a writable NumPy array, or ``bytes``. Checksums are verified."""
@@ -419,3 +459,6 @@ async def aopen_reader(path, settings: ReadSettings | None = None) -> Checkpoint
         return await _open(path, settings, runtime)
     return await asyncio.wrap_future(runtime.submit(_open(path, settings, runtime)))
 
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(object) if dtype == BYTES_DTYPE else np.dtype(dtype)

@@ -1,16 +1,19 @@
 """``Checkpoint``: group trackables, save them as one object graph, restore them by matching edges.
 
-``save``/``write`` walk the object graph, hand the values to the write pipeline (which snapshots
-them and writes in the background) and either wait for the commit (default) or return at once with
-``CheckpointOptions(enable_async=True)``. At most one write per ``Checkpoint`` is in flight: a new
-save first waits for the previous one and re-raises its error, as do ``sync()`` and ``restore()``'s
-wait. ``asave``/``arestore`` serve asyncio programs without blocking their loop.
+Where the object model meets the I/O side. A save walks the object graph and starts a write on the
+caller's thread -- the snapshot is taken there, so device values are captured on the caller's
+current CUDA stream -- and the write itself is a coroutine on the owned loop (``asyncckpt.io``):
+``save`` waits for it (unless ``CheckpointOptions(enable_async=True)``), ``asave`` awaits it from
+the caller's own event loop with no thread hop. A restore is the restore engine's steps
+(``restore.restore_steps``) driven by blocking reads (``restore``) or awaited ones (``arestore``),
+the matching always on the caller's thread.
+
+At most one write per ``Checkpoint`` is in flight: a new save first waits for the previous one
+and re-raises its error, as do ``sync()`` and ``restore()``'s wait.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import contextlib
 import copy
 import dataclasses
@@ -24,11 +27,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asyncckpt import io as ckio
+from asyncckpt._runtime import process_state
 from asyncckpt.io.settings import PlanSettings
 from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.errors import NotFoundError
 from asyncckpt.graph import GraphCache, GraphView
 from asyncckpt.restore import (
+    run_async,
+    run_blocking,
     CheckpointLoadStatus,
     CheckpointPosition,
     InitializationOnlyStatus,
@@ -43,27 +49,45 @@ __all__ = ["Checkpoint", "CheckpointOptions", "add_variable", "is_chief"]
 
 logger = logging.getLogger("asyncckpt")
 
-# Asynchronous writes nobody has waited for yet (at most one per Checkpoint); checked at exit. Held
-# strongly: a temporary Checkpoint's failed write must still be reported.
-_unsynced_writes: set = set()
-_unsynced_lock = threading.Lock()
+class UnsyncedWrites:
+    """Asynchronous writes nobody has waited for yet (at most one per ``Checkpoint``).
+
+    Owned by the process state. Held strongly: a temporary ``Checkpoint``'s failed write must
+    still be reported. At exit they are waited for and a failure nobody saw is logged and
+    re-raised (TensorFlow re-raises it too).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: set[ckio.WriteHandle] = set()
+
+    def add(self, handle: ckio.WriteHandle) -> None:
+        with self._lock:
+            self._handles.add(handle)
+
+    def discard(self, handle: ckio.WriteHandle) -> None:
+        with self._lock:
+            self._handles.discard(handle)
+
+    def at_exit(self, final: bool) -> None:
+        if not final:
+            return
+        with self._lock:
+            handles = list(self._handles)
+            self._handles.clear()
+        first_error = None
+        for handle in handles:
+            try:
+                handle.result()
+            except Exception as error:  # noqa: BLE001 - every failure is reported
+                logger.error("An asynchronous checkpoint write to %s failed and was never synced: %r", handle.path, error)
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
 
 
-@atexit.register
-def _raise_unreported_write_errors() -> None:
-    """At exit, wait for unsynced writes and re-raise a failure nobody saw (TF re-raises it too)."""
-    with _unsynced_lock:
-        handles = list(_unsynced_writes)
-        _unsynced_writes.clear()
-    first_error = None
-    for handle in handles:
-        try:
-            handle.result()
-        except Exception as error:  # noqa: BLE001 - every failure is reported
-            logger.error("An asynchronous checkpoint write to %s failed and was never synced: %r", handle.path, error)
-            first_error = first_error or error
-    if first_error is not None:
-        raise first_error
+def _unsynced_writes() -> UnsyncedWrites:
+    return process_state().owned(UnsyncedWrites)
 
 
 @dataclasses.dataclass
@@ -343,8 +367,7 @@ class Checkpoint(AutoTrackable):
         handle = self._start_write(path, options, extra_callbacks)
         if options.enable_async:
             object.__setattr__(self, "_self_pending", handle)
-            with _unsynced_lock:
-                _unsynced_writes.add(handle)
+            _unsynced_writes().add(handle)
         else:
             handle.result()
         return path
@@ -382,8 +405,7 @@ class Checkpoint(AutoTrackable):
         if handle is None:
             return
         object.__setattr__(self, "_self_pending", None)
-        with _unsynced_lock:
-            _unsynced_writes.discard(handle)
+        _unsynced_writes().discard(handle)
         handle.result()
 
     def sync(self) -> None:
@@ -392,36 +414,62 @@ class Checkpoint(AutoTrackable):
             self._wait_for_pending_write()
 
     async def asave(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None) -> str:
-        """``save`` for asyncio programs: the snapshot is taken now; awaiting resolves when durable."""
+        """``save`` for asyncio programs: the snapshot is taken now, on this thread; resolves when durable.
+
+        The previous write of this checkpoint is awaited first, then the graph is walked and the
+        values captured here (device values on this thread's current stream), then the write is
+        awaited from this event loop: no worker thread, and the loop never blocks on I/O.
+        """
         options = copy.copy(options) if options is not None else CheckpointOptions()
         options.enable_async = True
-        path = await asyncio.to_thread(self.save, file_prefix, options)
-        await self._await_pending()
+        await self._await_pending_write()
+        path = self.save(file_prefix, options)
+        await self._await_pending_write()
         return path
 
     async def awrite(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None) -> str:
-        """``write`` for asyncio programs."""
+        """``write`` for asyncio programs (see :meth:`asave`)."""
         options = copy.copy(options) if options is not None else CheckpointOptions()
         options.enable_async = True
-        path = await asyncio.to_thread(self.write, file_prefix, options)
-        await self._await_pending()
+        await self._await_pending_write()
+        path = self.write(file_prefix, options)
+        await self._await_pending_write()
         return path
 
-    async def _await_pending(self) -> None:
+    async def async_sync(self) -> None:
+        """``sync`` for asyncio programs: await pending writes; re-raise the first background error."""
+        await self._await_pending_write()
+
+    async def _await_pending_write(self) -> None:
         handle = self._self_pending
         if handle is not None:
             with contextlib.suppress(Exception):
-                await handle.wait()  # wait without blocking the loop; sync() reports the outcome once
+                await handle.wait()  # without blocking the loop; sync() then reports the outcome once
             self.sync()
 
     # ------------------------------------------------------------------ restoring
     def restore(self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None):
         """Restore from ``save_path`` (``read`` plus the ``save_counter``); ``None`` restores nothing."""
+        return run_blocking(self._restore_steps(save_path, options))
+
+    async def arestore(self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None):
+        """``restore`` for asyncio programs: the same matching on this thread, every read awaited."""
+        return await run_async(self._restore_steps(save_path, options))
+
+    def read(self, save_path: str | os.PathLike, options: CheckpointOptions | None = None) -> CheckpointLoadStatus:
+        """Restore values of objects that exist (or are queued for creation); ``save_counter`` is left alone."""
+        return run_blocking(self._read_steps(save_path, options))
+
+    async def aread(self, save_path: str | os.PathLike, options: CheckpointOptions | None = None):
+        """``read`` for asyncio programs."""
+        return await run_async(self._read_steps(save_path, options))
+
+    def _restore_steps(self, save_path, options: CheckpointOptions | None):
         if save_path is None:
             self._maybe_create_save_counter()
             return InitializationOnlyStatus(self._graph_view())
         try:
-            status = self.read(save_path, options)
+            status = yield from self._read_steps(save_path, options)
         except NotFoundError as error:
             raise NotFoundError(
                 f"Error when restoring from checkpoint or SavedModel at {os.fspath(save_path)}: {error}\n"
@@ -431,24 +479,24 @@ class Checkpoint(AutoTrackable):
         self._maybe_create_save_counter()
         return status
 
-    def read(self, save_path: str | os.PathLike, options: CheckpointOptions | None = None) -> CheckpointLoadStatus:
-        """Restore values of objects that exist (or are queued for creation); ``save_counter`` is left alone."""
+    def _read_steps(self, save_path, options: CheckpointOptions | None):
+        """The one restore path: wait for this process's writes there, open, match, read in batches."""
         options = options or CheckpointOptions()
         path = os.fspath(save_path)
         read_settings = options.read_settings or ckio.ReadSettings()
-        ckio.wait_for_pending_writes(path, storage=read_settings.storage)
-        reader = ckio.open_reader(path, settings=read_settings)
+        yield _WaitForWrites(path, read_settings.storage)
+        reader = yield _OpenReader(path, read_settings)
         coordinator = RestoreCoordinator(
             reader.object_graph, reader, skip_slot_variables=options.experimental_skip_slot_variables
         )
         view = self._graph_view()
         root = view.root_object
-        CheckpointPosition(coordinator, 0).restore(root)
-        self._restore_attached(coordinator, root)
+        yield from CheckpointPosition(coordinator, 0).restore_steps(root)
+        yield from self._restore_attached(coordinator, root)
         return CheckpointLoadStatus(coordinator, view)
 
-    def _restore_attached(self, coordinator: RestoreCoordinator, root: Trackable) -> None:
-        """Match kwargs attached to an explicit root against the saved root's children."""
+    def _restore_attached(self, coordinator: RestoreCoordinator, root: Trackable):
+        """Match kwargs attached to an explicit root against the saved root's children (steps)."""
         if self._self_attached is None:
             return
         saved_children = {child["local_name"]: child["node_id"] for child in coordinator.nodes[0]["children"]}
@@ -464,15 +512,7 @@ class Checkpoint(AutoTrackable):
             if node_id in coordinator.object_by_proto_id:
                 continue
             target = ref.ref() if isinstance(ref.ref, weakref.ref) else ref.ref
-            CheckpointPosition(coordinator, node_id).restore(target)
-
-    async def arestore(self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None):
-        """``restore`` for asyncio programs: reads run off the event loop."""
-        return await asyncio.to_thread(self.restore, save_path, options)
-
-    async def aread(self, save_path: str | os.PathLike, options: CheckpointOptions | None = None):
-        """``read`` for asyncio programs."""
-        return await asyncio.to_thread(self.read, save_path, options)
+            yield from CheckpointPosition(coordinator, node_id).restore_steps(target)
 
     # ------------------------------------------------------------------ copying
     def __deepcopy__(self, memo):
@@ -495,3 +535,31 @@ class Checkpoint(AutoTrackable):
                 value = copy.deepcopy(value, memo)
             object.__setattr__(copied, name, value)
         return copied
+
+
+@dataclasses.dataclass(frozen=True)
+class _WaitForWrites:
+    """A restore step: wait for this process's writes to ``path`` (their errors are not ours)."""
+
+    path: str
+    storage: Any
+
+    def run(self) -> None:
+        ckio.wait_for_pending_writes(self.path, storage=self.storage)
+
+    async def arun(self) -> None:
+        await ckio.await_pending_writes(self.path, storage=self.storage)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpenReader:
+    """A restore step: open the committed checkpoint at ``path``."""
+
+    path: str
+    settings: ckio.ReadSettings
+
+    def run(self) -> ckio.CheckpointReader:
+        return ckio.open_reader(self.path, settings=self.settings)
+
+    async def arun(self) -> ckio.CheckpointReader:
+        return await ckio.aopen_reader(self.path, settings=self.settings)

@@ -6,6 +6,12 @@ object binds the two, applies the node's values and walks its children breadth-f
 live object does not have yet is queued on the parent (``_deferred_dependencies``) and restored when
 it is tracked, or used as the initial value when it is created (restore-on-create).
 
+The engine does no I/O itself: restoring a position is a generator (:meth:`CheckpointPosition.restore_steps`)
+that yields a :class:`ReadRequest` for each batch of values it needs and is sent the values back.
+:func:`run_blocking` serves the requests with blocking reads, :func:`run_async` by awaiting them,
+so the blocking and the ``async`` restore run the same matching code on the caller's thread (whose
+CUDA stream orders uploads into device variables).
+
 Every restore has an increasing uid; an object is only assigned by a restore newer than the last one
 it received, so the last ``restore()`` call wins whatever order objects are attached in.
 
@@ -20,6 +26,8 @@ import itertools
 import logging
 import threading
 import weakref
+from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from asyncckpt.model.data_structures import TrackableDataStructure
@@ -29,6 +37,10 @@ from asyncckpt.model.trackable import Trackable
 from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable
 
 __all__ = [
+    "ReadRequest",
+    "RestoreSteps",
+    "run_async",
+    "run_blocking",
     "RestoreCoordinator",
     "CheckpointPosition",
     "CheckpointLoadStatus",
@@ -39,6 +51,61 @@ __all__ = [
 ]
 
 logger = logging.getLogger("asyncckpt")
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Values the engine needs next: ``keys`` of ``reader``, read into ``destinations`` where given.
+
+    Served by :meth:`run` (blocking) or :meth:`arun` (awaited); either returns ``{key: value}``.
+    """
+
+    reader: Any
+    keys: list[str]
+    destinations: dict[str, Any]
+
+    def run(self) -> dict[str, Any]:
+        return self.reader.read_many(self.keys, out=self.destinations or None)
+
+    async def arun(self) -> dict[str, Any]:
+        return await self.reader.aread_many(self.keys, out=self.destinations or None)
+
+
+#: A restore in steps: yields requests (anything with ``run``/``arun``), is sent their results.
+RestoreSteps = Generator[Any, Any, Any]
+
+
+def run_blocking(steps: RestoreSteps) -> Any:
+    """Drive ``steps`` to the end, serving each request with its blocking ``run()``.
+
+    A request's error is thrown back into the steps at the ``yield`` that made it.
+    """
+    outcome: tuple[bool, Any] = (True, None)
+    while True:
+        try:
+            request = steps.send(outcome[1]) if outcome[0] else steps.throw(outcome[1])
+        except StopIteration as done:
+            return done.value
+        try:
+            outcome = (True, request.run())
+        except Exception as error:  # noqa: BLE001 - handed back to the steps, which decide
+            outcome = (False, error)
+
+
+async def run_async(steps: RestoreSteps) -> Any:
+    """Drive ``steps`` to the end, awaiting each request's ``arun()``: the event loop never blocks on I/O."""
+    outcome: tuple[bool, Any] = (True, None)
+    while True:
+        try:
+            request = steps.send(outcome[1]) if outcome[0] else steps.throw(outcome[1])
+        except StopIteration as done:
+            return done.value
+        try:
+            outcome = (True, await request.arun())
+        except Exception as error:  # noqa: BLE001 - handed back to the steps, which decide
+            outcome = (False, error)
+
+
 _restore_uids = itertools.count(1)
 _uid_lock = threading.Lock()
 
@@ -202,13 +269,9 @@ class RestoreCoordinator:
     def python_objects(self) -> list[Any]:
         return [obj for obj in (ref() for ref in self.all_python_objects.values()) if obj is not None]
 
-    def read_values(self, keys: Sequence[str], destinations: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Values of ``keys``; those in ``destinations`` are read into the given arrays."""
-        if not keys:
-            return {}
-        if destinations:
-            return self.reader.read_many(list(keys), out=destinations)
-        return self.reader.read_many(list(keys))
+    def read_request(self, keys: Sequence[str], destinations: dict[str, Any] | None = None) -> ReadRequest:
+        """A request for ``keys``; those in ``destinations`` are read into the given arrays."""
+        return ReadRequest(self.reader, list(keys), dict(destinations or {}))
 
 
 class CheckpointPosition:
@@ -250,7 +313,7 @@ class CheckpointPosition:
     def value(self) -> Any:
         """The value of a simple variable (read now, checksum verified)."""
         key = self.object_proto["attributes"][0]["checkpoint_key"]
-        return self.checkpoint.read_values([key])[key]
+        return self.checkpoint.read_request([key]).run()[key]
 
     def value_shape(self) -> tuple[int, ...]:
         key = self.object_proto["attributes"][0]["checkpoint_key"]
@@ -278,11 +341,15 @@ class CheckpointPosition:
         return False
 
     def restore(self, trackable: Any) -> None:
-        """Bind to ``trackable``, and if that is new, restore it and everything below it."""
-        if self.bind_object(trackable):
-            self._restore_descendants()
+        """Bind to ``trackable``, and if that is new, restore it and everything below it (blocking)."""
+        run_blocking(self.restore_steps(trackable))
 
-    def _restore_descendants(self) -> None:
+    def restore_steps(self, trackable: Any) -> RestoreSteps:
+        """:meth:`restore` as steps: yields the one :class:`ReadRequest` of the batch, if any."""
+        if self.bind_object(trackable):
+            yield from self._restore_descendants()
+
+    def _restore_descendants(self) -> RestoreSteps:
         """Breadth-first over newly bound descendants; all their values are read in one batch."""
         checkpoint = self.checkpoint
         visit = collections.deque([self])
@@ -300,7 +367,7 @@ class CheckpointPosition:
             position._queue_children(visit)
             position._queue_slot_variables(visit)
         keys = [key for _, attributes in pending for key in attributes.values()]
-        values = checkpoint.read_values(keys, self._destinations(pending))
+        values = (yield checkpoint.read_request(keys, self._destinations(pending))) if keys else {}
         for obj, attributes in pending:
             obj._restore_from_tensors({name: values[key] for name, key in attributes.items()})
 

@@ -67,6 +67,32 @@ def test_kernel_running_at_save_and_mutations_right_after_are_handled(cp, prefix
     assert bool((variable.array == 4.0).all())
 
 
+def test_asave_captures_after_a_kernel_on_the_callers_non_default_stream(cp, prefix, spin):
+    """asave takes its snapshot on the awaiting thread: the capture is ordered after the kernel
+    still writing the variable on that thread's current (non-default) stream, and kernels
+    enqueued there after asave returned its awaitable do not reach the checkpoint."""
+    import asyncio
+
+    variable = ac.Variable(cp.zeros(1 << 18, dtype=cp.float64))
+    checkpoint = ac.Checkpoint(v=variable)
+    stream = cp.cuda.Stream(non_blocking=True)
+
+    async def train_and_save() -> str:
+        with stream:
+            spin(variable.array, 7.0, milliseconds=300)  # still running when asave is called
+            saving = asyncio.ensure_future(checkpoint.asave(prefix))
+            await asyncio.sleep(0)  # asave has taken its snapshot: it ran up to its first await
+            cp.add(variable.array, 100.0, out=variable.array)  # a later kernel on the same stream
+            return await saving
+
+    path = asyncio.run(train_and_save())
+    stream.synchronize()
+    restored = ac.Variable(cp.zeros(1 << 18, dtype=cp.float64))
+    ac.Checkpoint(v=restored).restore(path).assert_consumed()
+    assert bool((restored.array == 7.0).all())
+    assert bool((variable.array == 107.0).all())
+
+
 @pytest.mark.parametrize("options", [ac.CheckpointOptions(), ASYNC], ids=["sync", "async"])
 def test_in_place_kernels_after_save_are_not_captured_without_any_mutation_hook(cp, prefix, spin, options):
     """Training kernels write the arrays directly (no Variable method, so no hook): the capture

@@ -210,6 +210,50 @@ def test_asave_and_arestore_do_not_block_the_event_loop(tmp_path):
     np.testing.assert_array_equal(restored.numpy(), variable.numpy())
 
 
+class _ThreadRecordingState(ac.PythonState):
+    """Records the thread that serialises (the snapshot) and deserialises (the restore) it."""
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__()
+        self.text = text
+        self.threads: list[tuple[str, threading.Thread]] = []
+
+    def serialize(self) -> str:
+        self.threads.append(("serialize", threading.current_thread()))
+        return self.text
+
+    def deserialize(self, string_value: bytes) -> None:
+        self.threads.append(("deserialize", threading.current_thread()))
+        self.text = string_value.decode()
+
+
+def test_asave_snapshots_and_arestore_matches_on_the_awaiting_thread_with_no_worker_thread(tmp_path):
+    """The async API is the core, not a thread hop around the blocking one: the snapshot (where a
+    device capture is ordered on the current stream) and the restore matching run on the thread
+    awaiting them."""
+    saved = _ThreadRecordingState("step 7")
+    restored = _ThreadRecordingState()
+
+    async def main():
+        path = await ac.Checkpoint(state=saved).asave(tmp_path / "ckpt")
+        status = await ac.Checkpoint(state=restored).arestore(path)
+        return status
+
+    asyncio.run(main()).assert_consumed()
+    main_thread = threading.current_thread()
+    assert saved.threads == [("serialize", main_thread)]
+    assert restored.threads == [("deserialize", main_thread)]
+    assert restored.text == "step 7"
+
+
+def test_arestore_of_a_missing_checkpoint_raises_not_found_naming_it(tmp_path):
+    async def main():
+        await ac.Checkpoint(v=ac.Variable(1.0)).arestore(str(tmp_path / "absent-3"))
+
+    with pytest.raises(ac.NotFoundError, match="absent-3"):
+        asyncio.run(main())
+
+
 def test_asave_reports_background_errors(tmp_path):
     failing = FailingStorage(FileStorage(), fail_on=1)
     options = ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=failing))

@@ -83,7 +83,7 @@ def test_every_module_is_placed_in_a_layer():
     [
         ("errors", "import asyncckpt.model.variable", "The package's layers"),
         ("format", "import cupy", "Only asyncckpt._arrays and asyncckpt._cuda import cupy"),
-        ("model/variable", "import tensorstore", "Only asyncckpt.io.storage imports tensorstore"),
+        ("model/variable", "import tensorstore", "Only asyncckpt.io.storage.kvstore imports tensorstore"),
     ],
     ids=["layer-inversion", "cupy-outside-seam", "tensorstore-outside-seam"],
 )

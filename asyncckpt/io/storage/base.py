@@ -190,7 +190,7 @@ class Backend(abc.ABC):
         allocating room for it. This default probes the last byte through :meth:`read`.
         """
         if end <= 0:
-            return await self.read(key, 0, 0) is not None
+            return True if await self.read(key, 0, 0) is not None else None
         try:
             return await self.read(key, end - 1, end) is not None or None
         except TruncatedError:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from asyncckpt._runtime import Runtime
 from asyncckpt.io.storage import Backend, BackendWrapper, Storage, StreamedValue
+from asyncckpt.io.storage.base import CAPABILITIES
 
 __all__ = ["BatchedValue", "FailingStorage", "GatedStorage", "WrappingStorage"]
 
@@ -29,11 +30,15 @@ class WrappingStorage(Storage):
     wrapper:
         Called with each backend ``inner`` opens; returns the backend to use instead, typically a
         :class:`~asyncckpt.io.storage.BackendWrapper` subclass overriding a few operations.
+
+    The capability flags are those of ``inner``.
     """
 
     def __init__(self, inner: Storage, wrapper: Callable[[Backend], Backend]) -> None:
         self.inner = inner
         self.wrapper = wrapper
+        for capability in CAPABILITIES:
+            setattr(self, capability, getattr(inner, capability))
 
     def split(self, path):
         return self.inner.split(path)

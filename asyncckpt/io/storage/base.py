@@ -23,6 +23,7 @@ __all__ = [
     "Backend",
     "BackendWrapper",
     "Storage",
+    "CAPABILITIES",
     "byte_views",
     "from_os_error",
     "storage_error",
@@ -311,8 +312,28 @@ class BackendWrapper(Backend):
         await self.inner.check_data_dir(name)
 
 
+#: The names of the capability flags of :class:`Storage`.
+CAPABILITIES = ("durable", "hierarchical", "keeps_empty_folders", "locks_across_processes")
+
+
 class Storage(abc.ABC):
-    """Maps checkpoint paths to backends. Injected through the read/write settings."""
+    """Maps checkpoint paths to backends. Injected through the read/write settings.
+
+    Every storage keeps the promises of :class:`Backend`. The capability flags say which further
+    promises it makes, where storages legitimately differ; each is ``False`` unless a storage
+    claims it, and the backend contract suite (``asyncckpt.testing.storage_contract``) checks
+    what is claimed.
+    """
+
+    #: What is written outlives the process: a storage made afresh over the same location sees it.
+    durable: bool = False
+    #: Names are paths in a directory tree: a value's name cannot also be a folder, and writing
+    #: below it fails with a :class:`StorageError`.
+    hierarchical: bool = False
+    #: ``create_data_dir`` makes a real directory, listed while still empty.
+    keeps_empty_folders: bool = False
+    #: Write locks exclude writers in other processes, not only in this one.
+    locks_across_processes: bool = False
 
     @abc.abstractmethod
     def split(self, path: str) -> tuple[str, str]:

@@ -497,6 +497,11 @@ class FileStorage(Storage):
         in the page cache (reading them back at once is then faster).
     """
 
+    durable = True
+    hierarchical = True
+    keeps_empty_folders = True
+    locks_across_processes = True  # flock
+
     def __init__(self, *, sync: bool = True, direct_io: bool = True) -> None:
         self._sync = bool(sync)
         self._direct = bool(direct_io) and bool(_O_DIRECT)

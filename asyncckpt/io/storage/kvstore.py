@@ -19,7 +19,15 @@ from typing import Any
 
 import tensorstore as ts
 
-from asyncckpt.io.storage.base import Backend, Lock, Storage, StorageError, StreamedValue, TruncatedError, storage_error
+from asyncckpt.io.storage.base import (
+    Backend,
+    Lock,
+    Storage,
+    StorageError,
+    StreamedValue,
+    TruncatedError,
+    storage_error,
+)
 
 __all__ = ["KvStoreStorage"]
 
@@ -201,6 +209,8 @@ class KvStoreStorage(Storage):
         Whether writes delete data left by crashed writes. Write locks of this storage are
         in-process only, so this is safe only when no other process writes into the same
         folders; it defaults to ``True`` for the ``memory`` driver and ``False`` otherwise.
+
+    The capability flags follow the driver: durable unless it is ``memory``, hierarchical for ``file``.
     """
 
     def __init__(self, spec: dict, *, context: ts.Context | None = None, clean_debris: bool | None = None) -> None:
@@ -210,6 +220,8 @@ class KvStoreStorage(Storage):
         self._context = context if context is not None else ts.Context()
         self._clean_debris = spec["driver"] == "memory" if clean_debris is None else clean_debris
         self._locks = _LockTable()
+        self.durable = spec["driver"] != "memory"  # the memory driver's data lives in the context
+        self.hierarchical = spec["driver"] == "file"
 
     def split(self, path: str) -> tuple[str, str]:
         path = os.fspath(path)

@@ -1,12 +1,11 @@
-"""Test doubles for the I/O side: a snapshot source and storage wrappers that gate or fail writes.
+"""Test doubles used only by this test suite: a snapshot source, a reader, a copy gate, manifest edits.
 
-They are injected through ``WriteSettings(storage=...)``; nothing is monkeypatched.
+The storage doubles ship with the package (:mod:`asyncckpt.testing.storage`); they are importable
+from here too.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import json
 import shutil
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from asyncckpt.format import index_path, seal_manifest
-from asyncckpt.io.storage import Backend, BackendWrapper, Storage
+from asyncckpt.testing.storage import FailingStorage, GatedStorage, WrappingStorage
 
 __all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor", "json_paths"]
 
@@ -55,73 +54,6 @@ class FakeVariable:
 
     def numpy(self) -> np.ndarray:
         return self._array.copy()
-
-
-class WrappingStorage(Storage):
-    """A storage whose backends are ``wrapper(inner_backend)``."""
-
-    def __init__(self, inner: Storage, wrapper) -> None:
-        self.inner = inner
-        self.wrapper = wrapper
-
-    def split(self, path):
-        return self.inner.split(path)
-
-    def canonical(self, path):
-        return self.inner.canonical(path)
-
-    async def open(self, folder) -> Backend:
-        return self.wrapper(await self.inner.open(folder))
-
-
-class GatedStorage(WrappingStorage):
-    """Every data-file write waits until :meth:`open_gate` (an ``asyncio.Event`` on the runtime loop).
-
-    ``writes_waiting`` counts writes that reached the gate, so a test can tell the writer is stuck.
-    """
-
-    def __init__(self, inner: Storage, runtime) -> None:
-        super().__init__(inner, self._wrap)
-        self.runtime = runtime
-        self.gate = asyncio.Event()  # bound to the runtime loop on first wait
-        self.writes_waiting = 0
-        self.reached = threading.Event()
-
-    def _wrap(self, backend: Backend) -> Backend:
-        storage = self
-
-        class Gated(BackendWrapper):
-            async def write(self, key, value):
-                storage.writes_waiting += 1
-                storage.reached.set()
-                await storage.gate.wait()
-                await super().write(key, value)
-
-        return Gated(backend)
-
-    def open_gate(self) -> None:
-        self.runtime.call_soon(self.gate.set)
-
-
-class FailingStorage(WrappingStorage):
-    """The ``fail_on``-th data-file write (1-based, counted over the storage's life) raises ENOSPC."""
-
-    def __init__(self, inner: Storage, fail_on: int) -> None:
-        super().__init__(inner, self._wrap)
-        self.fail_on = fail_on
-        self.writes = 0
-
-    def _wrap(self, backend: Backend) -> Backend:
-        storage = self
-
-        class Failing(BackendWrapper):
-            async def write(self, key, value):
-                storage.writes += 1
-                if storage.writes == storage.fail_on:
-                    raise OSError(errno.ENOSPC, "No space left on device (injected)", key)
-                await super().write(key, value)
-
-        return Failing(backend)
 
 
 class MemoryReader:

@@ -1,4 +1,4 @@
-"""Fixtures shared by the behaviour suites (``tests/test_behaviours_*.py``)."""
+"""Fixtures shared by the behaviour suites (``tests/test_behaviours_*.py``); assert rewriting for contracts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import logging
 
 import pytest
 
-import asyncckpt as ac
+# The backend contract's asserts live in the package; have pytest explain their failures too.
+pytest.register_assert_rewrite("asyncckpt.testing.storage_contract")
+
+import asyncckpt as ac  # noqa: E402
 
 
 @pytest.fixture

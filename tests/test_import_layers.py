@@ -83,9 +83,10 @@ def test_every_module_is_placed_in_a_layer():
     [
         ("errors", "import asyncckpt.model.variable", "The package's layers"),
         ("format", "import cupy", "Only asyncckpt._arrays and asyncckpt._cuda import cupy"),
-        ("model/variable", "import tensorstore", "Only asyncckpt.io.storage imports tensorstore"),
+        ("model/variable", "import tensorstore", "Only asyncckpt.io.storage.kvstore imports tensorstore"),
+        ("io/storage/file", "import asyncckpt.io.storage.kvstore", "The storages build on the storage interface"),
     ],
-    ids=["layer-inversion", "cupy-outside-seam", "tensorstore-outside-seam"],
+    ids=["layer-inversion", "cupy-outside-seam", "tensorstore-outside-seam", "storage-on-storage"],
 )
 def test_contracts_catch_a_violation(tmp_path, module, bad_import, broken_contract):
     shutil.copytree(PACKAGE, tmp_path / "asyncckpt", ignore=shutil.ignore_patterns("__pycache__"))

@@ -17,8 +17,7 @@ from asyncckpt import io as ckio
 from asyncckpt._runtime import get_runtime
 from asyncckpt.format import OBJECT_GRAPH_KEY, index_path
 from asyncckpt.io.storage import default_storage
-
-from _fakes import GatedStorage
+from asyncckpt.testing.storage import GatedStorage
 
 A_KEY = "a/.ATTRIBUTES/VARIABLE_VALUE"
 B_KEY = "b/.ATTRIBUTES/VARIABLE_VALUE"

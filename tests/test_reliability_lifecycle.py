@@ -26,8 +26,7 @@ import pytest
 import asyncckpt as ac
 from asyncckpt import io as ckio
 from asyncckpt.io.storage import BackendWrapper, FileStorage
-
-from _fakes import WrappingStorage
+from asyncckpt.testing.storage import WrappingStorage
 
 TESTS = str(Path(__file__).parent)
 
@@ -43,8 +42,8 @@ PROGRAM = textwrap.dedent(
     import asyncio, os, signal
     import numpy as np
     import asyncckpt as ac
-    from _fakes import WrappingStorage
     from asyncckpt.io.storage import BackendWrapper, FileStorage
+    from asyncckpt.testing.storage import WrappingStorage
 
     class Slow(BackendWrapper):
         async def write(self, key, value):

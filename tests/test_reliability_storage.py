@@ -26,8 +26,7 @@ import asyncckpt as ac
 from asyncckpt import io as ckio
 from asyncckpt.format import index_path, parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 from asyncckpt.io.storage import BackendWrapper, FileStorage
-
-from _fakes import WrappingStorage
+from asyncckpt.testing.storage import WrappingStorage
 
 SETTINGS = dict(chunk_bytes=64 << 10, pack_bytes=16 << 10, small_array_bytes=4 << 10, staging_budget_bytes=256 << 10)
 

@@ -37,9 +37,7 @@ import numpy as np
 
 import asyncckpt as ac
 from asyncckpt.io.storage import BackendWrapper, FileStorage
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _fakes import WrappingStorage  # noqa: E402
+from asyncckpt.testing.storage import WrappingStorage
 
 __all__ = ["KILL_POINTS", "Notes", "build_model", "expected_values", "main"]
 

@@ -4,9 +4,7 @@ The public surface is exactly ``__all__``.
 """
 
 from asyncckpt import optimizers
-from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.checkpoint import Checkpoint, CheckpointOptions, add_variable
-from asyncckpt.io.coordination import MultiWorker
 from asyncckpt.checkpoint_management import (
     CheckpointManager,
     CheckpointState,
@@ -22,12 +20,13 @@ from asyncckpt.errors import (
     NotFoundError,
     UnsupportedFormatError,
 )
+from asyncckpt.io.settings import MultiWorker, ReadSettings, WriteSettings
+from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.model.module import Module
-from asyncckpt.io import ReadSettings, WriteSettings
 from asyncckpt.model.python_state import PythonState
-from asyncckpt.readers import list_variables, load_checkpoint, load_variable, object_metadata
 from asyncckpt.model.trackable import NoDependency, Trackable
 from asyncckpt.model.variable import Variable
+from asyncckpt.readers import list_variables, load_checkpoint, load_variable, object_metadata
 
 __all__ = [
     "AutoTrackable",

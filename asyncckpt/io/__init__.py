@@ -13,7 +13,7 @@ contract the object model uses (docs/architecture.md).
 
 from asyncckpt.format import TensorSpec
 from asyncckpt.io.commit import checkpoint_exists, delete_checkpoint
-from asyncckpt.io.coordination import MultiWorker
+from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.pending import WriteHandle, await_pending_writes, has_pending_writes, wait_for_pending_writes
 from asyncckpt.io.read import CheckpointReader, VerifyReport, aopen_reader, open_reader
 from asyncckpt.io.settings import ReadSettings, WriteMetrics, WriteSettings, WriteStats

@@ -28,7 +28,6 @@ from typing import Any
 
 from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
 from asyncckpt.format import (
-    MAX_DATA_DIRS,
     Extent,
     Manifest,
     Section,
@@ -44,59 +43,18 @@ from asyncckpt.format import (
     section_name,
 )
 from asyncckpt.io.commit import claimed, held, index_token, missing_bytes, read_index, referenced_data_dirs
+from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.storage import Backend
 
 __all__ = [
     "Team",
     "TeamWrite",
-    "MultiWorker",
     "assign",
     "save_id",
     "check_section",
     "merge",
     "poll",
 ]
-
-
-@dataclass(frozen=True)
-class MultiWorker:
-    """This process's place in a multi-worker save: worker ``index`` of ``count``.
-
-    Every worker runs the same program (same objects, same values, same saves) and saves to the
-    same path on a filesystem all of them see. Worker 0 is the chief: it writes the object graph,
-    merges the sections and commits the checkpoint, and only its ``checkpoint`` state file and
-    deletions of old checkpoints happen. ``count == 1`` is an ordinary single-writer save.
-
-    Parameters
-    ----------
-    index:
-        This worker's number, ``0 <= index < count``.
-    count:
-        How many workers save together (at least 1).
-    timeout_seconds:
-        How long the chief waits for the other workers' sections, and a non-chief for the chief's
-        commit, before the save fails with :class:`~asyncckpt.errors.CheckpointTimeoutError`.
-    """
-
-    index: int
-    count: int
-    timeout_seconds: float = 600.0
-
-    def __post_init__(self) -> None:
-        if type(self.count) is not int or not 1 <= self.count <= MAX_DATA_DIRS:
-            raise ValueError(f"MultiWorker.count must be an int in [1, {MAX_DATA_DIRS}], got {self.count!r}")
-        if type(self.index) is not int or not 0 <= self.index < self.count:
-            raise ValueError(
-                f"MultiWorker.index must be an int with 0 <= index < count ({self.count}), got {self.index!r}"
-            )
-        timeout = self.timeout_seconds
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-            raise ValueError(f"MultiWorker.timeout_seconds must be a positive finite number, got {timeout!r}")
-
-    @property
-    def is_chief(self) -> bool:
-        """Whether this worker merges and commits (worker 0)."""
-        return self.index == 0
 
 
 def assign(sizes: Iterable[tuple[str, int]], count: int) -> dict[str, int]:

@@ -8,7 +8,7 @@ from typing import Any
 
 
 from asyncckpt._runtime import Runtime, get_runtime
-from asyncckpt.io.coordination import MultiWorker
+from asyncckpt.format import MAX_DATA_DIRS
 from asyncckpt.io.storage import Storage, default_storage
 
 logger = logging.getLogger("asyncckpt")
@@ -20,6 +20,48 @@ MiB = 1 << 20
 def require_positive_int(owner: str, name: str, value: Any) -> None:
     if type(value) is not int or value <= 0:
         raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MultiWorker:
+    """This process's place in a multi-worker save: worker ``index`` of ``count``.
+
+    Every worker runs the same program (same objects, same values, same saves) and saves to the
+    same path on a filesystem all of them see. Worker 0 is the chief: it writes the object graph,
+    merges the sections and commits the checkpoint, and only its ``checkpoint`` state file and
+    deletions of old checkpoints happen. ``count == 1`` is an ordinary single-writer save.
+
+    Parameters
+    ----------
+    index:
+        This worker's number, ``0 <= index < count``.
+    count:
+        How many workers save together (at least 1).
+    timeout_seconds:
+        How long the chief waits for the other workers' sections, and a non-chief for the chief's
+        commit, before the save fails with :class:`~asyncckpt.errors.CheckpointTimeoutError`.
+    """
+
+    index: int
+    count: int
+    timeout_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        if type(self.count) is not int or not 1 <= self.count <= MAX_DATA_DIRS:
+            raise ValueError(f"MultiWorker.count must be an int in [1, {MAX_DATA_DIRS}], got {self.count!r}")
+        if type(self.index) is not int or not 0 <= self.index < self.count:
+            raise ValueError(
+                f"MultiWorker.index must be an int with 0 <= index < count ({self.count}), got {self.index!r}"
+            )
+        timeout = self.timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"MultiWorker.timeout_seconds must be a positive finite number, got {timeout!r}")
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this worker merges and commits (worker 0)."""
+        return self.index == 0
+
 
 
 @dataclass(frozen=True)
@@ -49,7 +91,7 @@ class WriteSettings:
         The :class:`~asyncckpt._cuda.DeviceBackend` whose arrays are captured on the device at
         ``start_write`` (default: CUDA arrays, through CuPy).
     multi_worker:
-        A :class:`~asyncckpt.io.coordination.MultiWorker`: this write is one worker's part of a
+        A :class:`MultiWorker`: this write is one worker's part of a
         save by several workers to a shared filesystem (each writes its share of the bytes; the
         chief merges and commits). ``None`` or ``count == 1``: a single writer.
     """

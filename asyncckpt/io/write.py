@@ -44,7 +44,7 @@ from asyncckpt.format import (
     data_dir_name,
 )
 from asyncckpt.io import coordination
-from asyncckpt.io.coordination import MultiWorker
+from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
 from asyncckpt.io.snapshot import GuardLayout, Snapshot
 from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source, prepare_sources

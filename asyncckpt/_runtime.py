@@ -7,8 +7,10 @@ pending writes, the staging pool, the direct-I/O bounce buffers, the default sto
 stagers, the asynchronous writes nobody has synced yet. Components ask for theirs with
 ``process_state().owned(Factory)``; nothing else in the package keeps module-global state.
 
-There is one fork reset (a forked child starts with an empty state: it has the parent's objects
-but not the threads serving them) and one exit sequence: components with an ``at_exit(final)``
+Increasing number series (the object graphs' structure version, restore uids, variable ids) are
+kept here too, with :meth:`ProcessState.next_number`. There is one fork reset (a forked child
+starts with an empty state: it has the parent's objects but not the threads serving them; only
+the number series carry over, so no number repeats) and one exit sequence: components with an ``at_exit(final)``
 method are called in the order they were created, once before the interpreter joins non-daemon
 threads (``final=False``) and once after (``final=True``), so a write such a thread started while
 the program ended is still finished.
@@ -32,6 +34,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import importlib
+import itertools
 import os
 import queue
 import threading
@@ -222,10 +225,25 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
 class ProcessState:
     """What asyncckpt keeps for the life of one process; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, series: dict[str, list] | None = None) -> None:
         self._lock = threading.RLock()
         self._runtime: Runtime | None = None
         self._owned: dict[Callable[[], Any], Any] = {}
+        # Increasing series of numbers (identities, versions): carried into a forked child, so a
+        # number is never handed out twice in a process tree's objects.
+        self._series: dict[str, list] = series if series is not None else {}
+
+    def next_number(self, series: str) -> int:
+        """The next number of the increasing ``series`` (1, 2, ...), unique across forks too."""
+        with self._lock:
+            entry = self._series.setdefault(series, [itertools.count(1), 0])
+            entry[1] = number = next(entry[0])
+            return number
+
+    def last_number(self, series: str) -> int:
+        """The number :meth:`next_number` last gave for ``series`` (0 before the first)."""
+        entry = self._series.get(series)
+        return 0 if entry is None else entry[1]
 
     @property
     def runtime(self) -> Runtime:
@@ -280,9 +298,10 @@ def get_runtime() -> Runtime:
 
 
 def _reset_after_fork() -> None:
-    # The child has the parent's objects but not the threads serving them: start afresh on next use.
+    # The child has the parent's objects but not the threads serving them: start afresh on next use,
+    # keeping only the number series (a cached version or a restore uid must never repeat).
     global _state
-    _state = ProcessState()
+    _state = ProcessState(series=_state._series)
 
 
 def _before_threads_join() -> None:

@@ -22,14 +22,13 @@ everything; when it is freed without ``expect_partial()``, unrestored values are
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-import threading
 import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from asyncckpt._runtime import process_state
 from asyncckpt.model.data_structures import TrackableDataStructure
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.graph import GraphView, list_objects, pretty_node_names
@@ -106,13 +105,9 @@ async def run_async(steps: RestoreSteps) -> Any:
             outcome = (False, error)
 
 
-_restore_uids = itertools.count(1)
-_uid_lock = threading.Lock()
-
-
 def next_restore_uid() -> int:
-    with _uid_lock:
-        return next(_restore_uids)
+    """A uid larger than every earlier restore's: the last restore of an object wins."""
+    return process_state().next_number("restore")
 
 
 def validate_object_graph(graph: Any, keys: Sequence[str]) -> list[dict]:

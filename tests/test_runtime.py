@@ -145,3 +145,53 @@ def test_blocking_calls_need_no_new_thread_once_the_loop_runs():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_forked_child_starts_with_fresh_components_but_continues_every_number_series():
+    """One fork reset: components (pools, registries) are new in the child, while numbers that
+    identify versions and restores never repeat (a graph cached under a version must stay stale)."""
+    script = textwrap.dedent(
+        """
+        import os
+        from asyncckpt._runtime import process_state
+
+        class Component:
+            pass
+
+        parent = process_state().owned(Component)
+        last = process_state().next_number("series")
+        child = os.fork()
+        if child == 0:
+            fresh = process_state().owned(Component)
+            ok = fresh is not parent and process_state().next_number("series") == last + 1
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(child, 0)
+        assert process_state().owned(Component) is parent
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_at_exit_calls_every_component_in_creation_order_and_re_raises_the_first_error():
+    from asyncckpt._runtime import ProcessState
+
+    calls = []
+
+    class First:
+        def at_exit(self, final):
+            calls.append(("first", final))
+            raise ValueError("first failed")
+
+    class Second:
+        def at_exit(self, final):
+            calls.append(("second", final))
+
+    state = ProcessState()
+    state.owned(First)
+    state.owned(Second)
+    with pytest.raises(ValueError, match="first failed"):
+        state.at_exit(final=True)
+    assert calls == [("first", True), ("second", True)]
+    assert state.owned(First) is state.owned(First)

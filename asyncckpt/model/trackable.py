@@ -16,21 +16,18 @@ the graph walk (see :class:`asyncckpt.graph.GraphCache`).
 
 from __future__ import annotations
 
-import itertools
 import logging
-from typing import Any, Iterable
+from typing import Any
+
+from asyncckpt._runtime import process_state
 
 __all__ = ["Trackable", "NoDependency", "TrackableReference", "structure_version", "structure_changed"]
 
 logger = logging.getLogger("asyncckpt")
 
-_versions = itertools.count(1)
-_structure_version = 0
-
-
 def structure_version() -> int:
     """A number that changes whenever any trackable's dependencies (or slots) change, in any object."""
-    return _structure_version
+    return process_state().last_number("structure version")
 
 
 def structure_changed() -> None:
@@ -39,8 +36,7 @@ def structure_changed() -> None:
     Each call takes a fresh number from an atomic counter, so a graph cached under a version
     can never see that version again after a concurrent change.
     """
-    global _structure_version
-    _structure_version = next(_versions)
+    process_state().next_number("structure version")
 
 
 class TrackableReference:

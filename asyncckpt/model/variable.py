@@ -18,41 +18,60 @@ from typing import Any, Callable
 import numpy as np
 
 from asyncckpt import _arrays
+from asyncckpt._runtime import process_state
 from asyncckpt.model.trackable import Trackable
 
 __all__ = ["Variable", "VARIABLE_VALUE_KEY"]
 
 VARIABLE_VALUE_KEY = "VARIABLE_VALUE"
-_unique_ids = itertools.count()
-
-# Guards registered in bulk: ``(table, hook)`` pairs where ``table`` maps ``id(variable)`` to the
-# token ``hook`` is called with. Replaced as a whole (never mutated), so readers need no lock.
-_bulk_hooks: tuple[tuple[Mapping[int, Any], Callable[[Any], None]], ...] = ()
-_bulk_hooks_lock = threading.Lock()
-
-# Mutations in progress: thread id -> sequence number of its outermost mutation. A guard being
-# installed waits for the mutations that may have looked for hooks before it existed (see
-# _wait_for_mutations_in_flight); plain dict stores keep the cost of a mutation at a few
-# hundred nanoseconds.
-_in_flight: dict[int, int] = {}
-_mutation_sequence = itertools.count()
 
 
-def _wait_for_mutations_in_flight() -> None:
-    """Wait until every mutation that started before this call has finished.
+class MutationGuards:
+    """The process's mutation-hook state shared by every ``Variable`` (owned by the process state).
 
-    Called right after a hook is published: a mutation that started earlier may have read the
-    hooks before the new one was there, and must not still be changing its array when the
-    snapshot that installed the hook starts reading it. Later mutations see the hook. The calling
-    thread's own mutation (a hook that saves) is not waited for.
+    ``bulk`` holds guards registered in bulk: ``(table, hook)`` pairs where ``table`` maps
+    ``id(variable)`` to the token ``hook`` is called with; it is replaced as a whole (never
+    mutated), so readers need no lock. ``in_flight`` maps a thread id to the sequence number of
+    its outermost mutation in progress: a guard being installed waits for the mutations that may
+    have looked for hooks before it existed (:meth:`wait_for_mutations_in_flight`); plain dict
+    stores keep the cost of a mutation at a few hundred nanoseconds. A forked child starts with
+    none of the parent's guards (their snapshots do not exist there).
     """
-    pending = dict(_in_flight)
-    pending.pop(threading.get_ident(), None)
-    delay = 1e-5
-    while pending:
-        time.sleep(delay)
-        delay = min(delay * 2, 1e-3)
-        pending = {thread: sequence for thread, sequence in pending.items() if _in_flight.get(thread) == sequence}
+
+    def __init__(self) -> None:
+        self.bulk: tuple[tuple[Mapping[int, Any], Callable[[Any], None]], ...] = ()
+        self.in_flight: dict[int, int] = {}
+        self.sequence = itertools.count()
+        self._lock = threading.Lock()
+
+    def add_bulk(self, entry: tuple[Mapping[int, Any], Callable[[Any], None]]) -> None:
+        with self._lock:
+            self.bulk = (*self.bulk, entry)
+
+    def remove_bulk(self, entry: tuple[Mapping[int, Any], Callable[[Any], None]]) -> None:
+        with self._lock:
+            self.bulk = tuple(other for other in self.bulk if other is not entry)
+
+    def wait_for_mutations_in_flight(self) -> None:
+        """Wait until every mutation that started before this call has finished.
+
+        Called right after a hook is published: a mutation that started earlier may have read the
+        hooks before the new one was there, and must not still be changing its array when the
+        snapshot that installed the hook starts reading it. Later mutations see the hook. The
+        calling thread's own mutation (a hook that saves) is not waited for.
+        """
+        in_flight = self.in_flight
+        pending = dict(in_flight)
+        pending.pop(threading.get_ident(), None)
+        delay = 1e-5
+        while pending:
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+            pending = {thread: sequence for thread, sequence in pending.items() if in_flight.get(thread) == sequence}
+
+
+def _guards() -> MutationGuards:
+    return process_state().owned(MutationGuards)
 
 
 class Variable(Trackable):
@@ -116,7 +135,7 @@ class Variable(Trackable):
         self._array = array
         self._name = name if name is not None else "Variable"
         self._trainable = bool(trainable)
-        self._unique_id = next(_unique_ids)
+        self._unique_id = process_state().next_number("variable")
         self._mutation_hooks: list[Callable[["Variable"], None]] = []
         self._hooks_lock = threading.Lock()
 
@@ -171,16 +190,18 @@ class Variable(Trackable):
     # ------------------------------------------------------------------ mutation
     def _mutate(self, update: Callable[[Any], Any]) -> "Variable":
         """Run mutation hooks, then ``update(live_array)`` in place."""
+        guards = _guards()
+        in_flight = guards.in_flight
         thread = threading.get_ident()
-        outermost = thread not in _in_flight
+        outermost = thread not in in_flight
         if outermost:
-            _in_flight[thread] = next(_mutation_sequence)
+            in_flight[thread] = next(guards.sequence)
         try:
-            self._run_mutation_hooks()
+            self._run_mutation_hooks(guards)
             update(self._array)
         finally:
             if outermost:
-                del _in_flight[thread]
+                del in_flight[thread]
         return self
 
     def _coerce(self, value: Any, what: str):
@@ -252,7 +273,7 @@ class Variable(Trackable):
         """Call ``hook(self)`` before every in-place change; returns once no change is half-done."""
         with self._hooks_lock:
             self._mutation_hooks.append(hook)
-        _wait_for_mutations_in_flight()
+        _guards().wait_for_mutations_in_flight()
 
     @classmethod
     def _add_mutation_hooks(cls, table: Mapping[int, Any], hook: Callable[[Any], None]) -> Callable[[], None]:
@@ -262,18 +283,11 @@ class Variable(Trackable):
         the guard is installed. Costs the same for one variable or 10,000 (a snapshot guards every
         variable it writes this way). Returns a function that removes the guard.
         """
-        global _bulk_hooks
+        guards = _guards()
         entry = (table, hook)
-        with _bulk_hooks_lock:
-            _bulk_hooks = (*_bulk_hooks, entry)
-        _wait_for_mutations_in_flight()
-
-        def remove() -> None:
-            global _bulk_hooks
-            with _bulk_hooks_lock:
-                _bulk_hooks = tuple(other for other in _bulk_hooks if other is not entry)
-
-        return remove
+        guards.add_bulk(entry)
+        guards.wait_for_mutations_in_flight()
+        return lambda: guards.remove_bulk(entry)
 
     def _remove_mutation_hook(self, hook: Callable[["Variable"], None]) -> None:
         with self._hooks_lock:
@@ -282,8 +296,8 @@ class Variable(Trackable):
             except ValueError:
                 pass
 
-    def _run_mutation_hooks(self) -> None:
-        tables = _bulk_hooks
+    def _run_mutation_hooks(self, guards: MutationGuards | None = None) -> None:
+        tables = (guards or _guards()).bulk
         if tables:
             key = id(self)
             for table, hook in tables:

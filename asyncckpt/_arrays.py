@@ -6,9 +6,10 @@ lazily, so the package imports and works on machines without CuPy or without a G
 Host-to-device copies (creating a device variable from a checkpoint value, copying a host value
 into one) go through :func:`asyncckpt._cuda.upload`: pinned buffers and asynchronous copies ordered
 on the current stream. A restore into an existing device variable reads from storage straight into
-pinned buffers and uploads them (:func:`device_target` gives the reader the backend and array). Functions take an optional ``backend`` (a :class:`~asyncckpt._cuda.DeviceBackend`);
-by default device arrays are CuPy arrays or foreign GPU arrays (PyTorch, JAX, Numba) adopted
-without a copy. Tests pass a :class:`~asyncckpt._cuda.FakeDeviceBackend`, whose arrays count as
+pinned buffers and uploads them (:func:`device_target` gives the reader the backend and array).
+Functions take an optional ``backend`` (a :class:`~asyncckpt._cuda.DeviceBackend`); by default
+device arrays are CuPy arrays or foreign GPU arrays (PyTorch, JAX, Numba) adopted without a copy.
+Tests pass a :class:`~asyncckpt.testing.fake_device.FakeDeviceBackend`, whose arrays count as
 device arrays only where that backend is passed.
 """
 

@@ -21,10 +21,10 @@ from asyncckpt._cuda import (
     STREAM_WAIT,
     DeviceBackend,
     DeviceCopyError,
-    FakeDeviceBackend,
     HostSyncError,
     Stager,
 )
+from asyncckpt.testing.fake_device import FakeDeviceBackend
 
 from _fakes import CopyGate  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Writes of values that live on a GPU, on the CPU fake device: captured at ``start_write``, streamed
 from pinned buffers, never guarded by mutation hooks.
 
-The fake device (``asyncckpt._cuda.FakeDeviceBackend``) runs each stream on a worker thread, so a
-kernel "still running" at save time is a kernel blocked on a test gate, and ordering is checked with
-gates and events, never with sleeps.
+The simulated device (``asyncckpt.testing.fake_device.FakeDeviceBackend``) runs each stream on a
+worker thread, so a kernel "still running" at save time is a kernel blocked on a test gate, and
+ordering is checked with gates and events, never with sleeps.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 
 from asyncckpt import _arrays
 from asyncckpt.io import pipeline
-from asyncckpt._cuda import DeviceCopyError, FakeDeviceBackend, Stager
+from asyncckpt._cuda import DeviceCopyError, Stager
+from asyncckpt.testing.fake_device import FakeDeviceBackend
 from asyncckpt.io.pipeline import SaveEntry, WriteSettings
 
 from _fakes import CopyGate

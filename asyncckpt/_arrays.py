@@ -1,7 +1,7 @@
 """The NumPy/CuPy seam: every array operation that depends on where an array lives goes here.
 
-This module and :mod:`asyncckpt._cuda` (its copy engine) are the only importers of ``cupy``, both
-lazily, so the package imports and works on machines without CuPy or without a GPU.
+This module and :mod:`asyncckpt._cuda.cupy` (the copy engine's CuPy backend) are the only importers
+of ``cupy``, both lazily, so the package imports and works on machines without CuPy or without a GPU.
 
 Host-to-device copies (creating a device variable from a checkpoint value, copying a host value
 into one) go through :func:`asyncckpt._cuda.upload`: pinned buffers and asynchronous copies ordered

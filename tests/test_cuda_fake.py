@@ -800,12 +800,12 @@ def test_a_pinned_buffer_dropped_while_a_copy_uses_it_is_kept_until_the_copy_end
         buffer = stager.take_upload_buffer(CHUNK)
         stager.upload_window(buffer, [(0, CHUNK, target, 0)])  # back in the pool, its copy held
         stager.set_pinned_bytes(CHUNK // 2)  # a smaller budget: a new pool, the old one retired
-        graveyard = [memory for pool in (stager.pool, *stager._old_pools) for _, memory in pool.graveyard]
+        graveyard = [memory for pool in (stager.pool, *stager.staging.old_pools) for _, memory in pool.graveyard]
         assert any(memory is buffer.array for memory in graveyard)
         uploads.set()
         held.synchronize()
         stager.collect()
-        assert not [entry for pool in (stager.pool, *stager._old_pools) for entry in pool.graveyard]
+        assert not [entry for pool in (stager.pool, *stager.staging.old_pools) for entry in pool.graveyard]
     finally:
         uploads.set()
         held.close()
@@ -831,7 +831,7 @@ def test_the_prefetch_record_stays_bounded_over_many_saves(backend):
         (capture,) = stager.stage([array])
         read_all(capture)
         capture.close()
-    assert len(stager._prefetched) <= 2 * stager.pool.max_buffers + 16
+    assert len(stager.capturer.reader._prefetched) <= 2 * stager.pool.max_buffers + 16
 
 
 def test_packed_arrays_start_on_eight_byte_boundaries_and_read_back_whole(backend, gate):

@@ -1,20 +1,25 @@
 """Page-locked host buffers, pooled: allocating pinned memory is slow, so saves and restores reuse it.
 
 Copies between the device and pinned memory run asynchronously at full bandwidth; from pageable
-memory they are staged by the driver and may block. The pool bounds how much pinned memory is held
-and hands buffers out without ever waiting for one.
+memory they are staged by the driver and may block. A :class:`PinnedPool` bounds how much pinned
+memory is held and hands buffers out without ever waiting for one. A :class:`StagingArea` is one
+device's pool as its capturer and its uploader share it: the lock, the pool's resizing, and the
+memory that must outlive the copies still reading it.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from asyncckpt._cuda.backend import DeviceBackend
 
-__all__ = ["PinnedBuffer", "PinnedPool"]
+__all__ = ["PinnedBuffer", "PinnedPool", "StagingArea"]
 
 
 class PinnedBuffer:
@@ -130,3 +135,110 @@ class PinnedPool:
         if self.graveyard:
             self.graveyard = [(event, memory) for event, memory in self.graveyard if not self._backend.event_done(event)]
 
+
+
+class StagingArea:
+    """One device's pinned memory, shared by its capturer (saving) and its uploader (restoring).
+
+    Both directions draw buffers from the same pool -- an upload may even take back a buffer that
+    holds a prefetched, unread capture chunk -- so the pool, the lock guarding it, the memory kept
+    until the copies reading it are done and the counters of both directions live here.
+
+    Parameters
+    ----------
+    backend:
+        The device.
+    pinned_bytes:
+        Most page-locked host memory held at once (the pool's capacity).
+    chunk_bytes:
+        Size of one pinned buffer and of one copy.
+    """
+
+    def __init__(self, backend: DeviceBackend, *, pinned_bytes: int, chunk_bytes: int) -> None:
+        if type(chunk_bytes) is not int or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        if type(pinned_bytes) is not int or pinned_bytes <= 0:
+            raise ValueError(f"pinned_bytes must be a positive int, got {pinned_bytes!r}")
+        self.backend = backend
+        #: Guards the pool and every capture's chunks; reentrant, as capture reads nest.
+        self.lock = threading.RLock()
+        self._configured_chunk_bytes = chunk_bytes
+        self.chunk_bytes = min(chunk_bytes, pinned_bytes)
+        self.pool = PinnedPool(backend, buffer_bytes=self.chunk_bytes, capacity_bytes=pinned_bytes)
+        #: Pools replaced when the chunks shrank, until their last busy buffer has come back.
+        self.old_pools: list[PinnedPool] = []
+        self._graveyard: list[tuple[Any, Any]] = []  # (event, memory a copy before it may still use)
+        self.closed = False
+        #: What each direction did: device_copies, stream_waits, host_copies, packed_arrays,
+        #: prefetched, evictions, direct_reads, uploaded_chunks, direct_uploads.
+        self.stats: collections.Counter = collections.Counter()
+
+    def check_open(self) -> None:
+        """Refuse new copies once :meth:`close` has run."""
+        if self.closed:
+            raise RuntimeError("the stager is closed")
+
+    def set_pinned_bytes(self, nbytes: int) -> None:
+        """Change the pool's capacity (buffers above it are freed as they come back).
+
+        Below one chunk, chunks shrink to ``nbytes`` so that the pool stays within it (a new pool
+        replaces the old one, whose buffers are freed as they come back).
+        """
+        if type(nbytes) is not int or nbytes <= 0:
+            raise ValueError(f"pinned_bytes must be a positive int, got {nbytes!r}")
+        with self.lock:
+            chunk_bytes = min(self._configured_chunk_bytes, nbytes)
+            if chunk_bytes == self.chunk_bytes:
+                self.pool.capacity_bytes = nbytes
+                return
+            self.pool.retire()
+            self.old_pools.append(self.pool)  # busy buffers come back to it and are freed then
+            self.chunk_bytes = chunk_bytes
+            self.pool = PinnedPool(self.backend, buffer_bytes=chunk_bytes, capacity_bytes=nbytes)
+
+    def warm_up(self) -> None:
+        """Allocate the whole pinned pool now, so the first save does not pay for it."""
+        with self.lock:
+            buffers = self.pool.try_reserve(self.pool.free_buffers) or []
+            for buffer in buffers:
+                buffer.owner.release(buffer, buffer.pending)
+
+    def buffer_for(self, nbytes: int, reclaim: Callable[[], PinnedBuffer | None] | None = None) -> PinnedBuffer | None:
+        """A pinned buffer of at least ``nbytes`` available now, else ``None``. Caller holds the lock.
+
+        ``reclaim``, when the pool has none free, takes one back from a lower-priority user.
+        """
+        buffer = self.pool.try_acquire() or (reclaim() if reclaim is not None else None)
+        if buffer is not None and buffer.array.nbytes < nbytes:  # from a pool shrunk since
+            buffer.owner.release(buffer, buffer.pending)
+            return None
+        return buffer
+
+    def keep_until(self, event: Any, memory: Any) -> None:
+        """Hold ``memory`` (a device copy, a private host buffer) until ``event``, a copy using it, is done.
+
+        Caller holds the lock.
+        """
+        self._graveyard.append((event, memory))
+
+    def collect(self) -> None:
+        """Free held memory and dropped pinned buffers whose last copy has finished."""
+        with self.lock:
+            backend = self.backend
+            if self._graveyard:
+                self._graveyard = [(event, obj) for event, obj in self._graveyard if not backend.event_done(event)]
+            for pool in [self.pool, *self.old_pools]:
+                pool.collect()
+            self.old_pools = [pool for pool in self.old_pools if pool.graveyard or pool.allocated_bytes > 0]
+
+    def close(self) -> None:
+        """Refuse new copies, wait for those still using held memory, then let it all go."""
+        with self.lock:
+            self.closed = True
+            graveyard, self._graveyard = self._graveyard, []
+            for pool in [self.pool, *self.old_pools]:
+                graveyard.extend(pool.graveyard)
+                pool.graveyard = []
+        for event, _ in graveyard:
+            with contextlib.suppress(Exception):
+                self.backend.synchronize_event(event)

@@ -42,6 +42,12 @@ def test_cupy_backend_satisfies_the_protocol(backend):
     assert 0 < free <= total
 
 
+def test_each_device_has_one_backend_and_one_stager(cp, backend):
+    assert _cuda.cupy_backend(backend.device_id) is backend
+    assert _cuda.backend_for(cp.zeros(4)) is backend
+    assert _cuda.stager_for(backend) is _cuda.stager_for(backend)
+
+
 @pytest.mark.parametrize("policy", [_cuda.DEVICE_COPY, _cuda.STREAM_WAIT])
 def test_capture_waits_for_the_running_kernel_without_synchronising_and_ignores_later_work(cp, backend, spin, policy):
     x = cp.zeros(3 * MiB, dtype=cp.float64)  # 24 MiB: six chunks

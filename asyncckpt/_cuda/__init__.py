@@ -110,10 +110,19 @@ from asyncckpt._cuda.backend import (
 )
 from asyncckpt._cuda.capture import DeviceCapturer, PackPlan
 from asyncckpt._cuda.capture_plan import CapturePlan
-from asyncckpt._cuda.cupy import CupyBackend, backend_for, cupy_backend
+from asyncckpt._cuda.cupy import CupyBackend, CupyBackends, backend_for, cupy_backend
 from asyncckpt._cuda.pinned import PinnedBuffer, PinnedPool, StagingArea
 from asyncckpt._cuda.readback import CaptureReader, DeviceCapture
-from asyncckpt._cuda.stager import Stager, download, snapshot_device_arrays, stage_device_arrays, stager_for, upload
+from asyncckpt._cuda.stager import (
+    Stager,
+    Stagers,
+    download,
+    snapshot_device_arrays,
+    stage_device_arrays,
+    stager_for,
+    stagers,
+    upload,
+)
 from asyncckpt._cuda.upload import DeviceUploader
 
 __all__ = [
@@ -129,6 +138,7 @@ __all__ = [
     "HostSyncError",
     "is_cuda_array",
     "CupyBackend",
+    "CupyBackends",
     "cupy_backend",
     "backend_for",
     "PinnedBuffer",
@@ -141,6 +151,8 @@ __all__ = [
     "CapturePlan",
     "DeviceUploader",
     "Stager",
+    "Stagers",
+    "stagers",
     "stager_for",
     "stage_device_arrays",
     "snapshot_device_arrays",

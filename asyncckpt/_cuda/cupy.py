@@ -7,20 +7,37 @@ compiles: the gather that packs many small arrays into one buffer with a single 
 
 from __future__ import annotations
 
-import functools
+import threading
 from typing import Any
 
 import numpy as np
 
 from asyncckpt._cuda.backend import is_cuda_array
+from asyncckpt._runtime import process_state
 
-__all__ = ["CupyBackend", "cupy_backend", "backend_for"]
+__all__ = ["CupyBackend", "CupyBackends", "cupy_backend", "backend_for"]
 
 
-@functools.lru_cache(maxsize=None)
+class CupyBackends:
+    """The process's CuPy backend of each device: one per device, so each device has one stager."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_device: dict[int, CupyBackend] = {}
+
+    def for_device(self, device_id: int) -> "CupyBackend":
+        """The backend of device ``device_id``, created on first use."""
+        device_id = int(device_id)
+        with self._lock:
+            backend = self._by_device.get(device_id)
+            if backend is None:
+                backend = self._by_device[device_id] = CupyBackend(device_id)
+            return backend
+
+
 def cupy_backend(device_id: int) -> "CupyBackend":
     """The :class:`CupyBackend` of device ``device_id`` (one per device per process)."""
-    return CupyBackend(device_id)
+    return process_state().owned(CupyBackends).for_device(device_id)
 
 
 def backend_for(array: Any) -> "CupyBackend":
@@ -52,14 +69,6 @@ extern "C" __global__ void gather_bytes(const unsigned long long* table, long lo
 """
 
 
-@functools.lru_cache(maxsize=None)
-def _gather_kernel():
-    """The packing kernel (compiled on first use; CuPy caches the binary on disk)."""
-    import cupy  # noqa: PLC0415
-
-    return cupy.RawKernel(_GATHER_SOURCE, "gather_bytes")
-
-
 class CupyBackend:
     """A :class:`DeviceBackend` for one CUDA device, through CuPy.
 
@@ -75,6 +84,7 @@ class CupyBackend:
         self.device_id = cupy.cuda.Device().id if device_id is None else int(device_id)
         self._device = cupy.cuda.Device(self.device_id)
         self._tables: list[tuple[Any, Any]] = []  # gather tables kept alive until their copy ran
+        self._gather_kernel: Any = None  # compiled on first use (CuPy caches the binary on disk)
 
     def __repr__(self) -> str:
         return f"<CupyBackend cuda:{self.device_id}>"
@@ -166,8 +176,14 @@ class CupyBackend:
         with self._device:
             packed = self._cupy.empty(nbytes, dtype=self._cupy.uint8)
             with stream:
-                _gather_kernel()((count,), (256,), (device_table, self._cupy.int64(count), packed))
+                self._gather()((count,), (256,), (device_table, self._cupy.int64(count), packed))
         return packed
+
+    def _gather(self):
+        """The packing kernel: block i copies array i of a gather table."""
+        if self._gather_kernel is None:
+            self._gather_kernel = self._cupy.RawKernel(_GATHER_SOURCE, "gather_bytes")
+        return self._gather_kernel
 
     def empty(self, shape, dtype):
         with self._device:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -38,13 +39,14 @@ class PinnedPool:
 
     Buffers are handed out oldest-released first, so a buffer whose copy is still running is
     reused last. A buffer comes back with ``pending`` set to the event of the copy that last used
-    it: device-side users make their stream wait on it, host-side users wait for it.
+    it: device-side users make their stream wait on it, host-side users wait for it. Like the
+    stager it belongs to, the pool refers to its backend weakly.
     """
 
     def __init__(self, backend: DeviceBackend, *, buffer_bytes: int, capacity_bytes: int) -> None:
         if type(buffer_bytes) is not int or buffer_bytes <= 0:
             raise ValueError(f"buffer_bytes must be a positive int, got {buffer_bytes!r}")
-        self._backend = backend
+        self._backend_ref = weakref.ref(backend)
         self.buffer_bytes = buffer_bytes
         self.allocated_bytes = 0
         self._free: collections.deque[PinnedBuffer] = collections.deque()
@@ -53,6 +55,10 @@ class PinnedPool:
         #: ``(event, memory)`` of dropped buffers a copy may still use: kept until the event is done.
         self.graveyard: list[tuple[Any, Any]] = []
         self.capacity_bytes = capacity_bytes
+
+    @property
+    def _backend(self) -> DeviceBackend:
+        return _alive(self._backend_ref)
 
     @property
     def capacity_bytes(self) -> int:
@@ -159,7 +165,7 @@ class StagingArea:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         if type(pinned_bytes) is not int or pinned_bytes <= 0:
             raise ValueError(f"pinned_bytes must be a positive int, got {pinned_bytes!r}")
-        self.backend = backend
+        self._backend_ref = weakref.ref(backend)
         #: Guards the pool and every capture's chunks; reentrant, as capture reads nest.
         self.lock = threading.RLock()
         self._configured_chunk_bytes = chunk_bytes
@@ -172,6 +178,11 @@ class StagingArea:
         #: What each direction did: device_copies, stream_waits, host_copies, packed_arrays,
         #: prefetched, evictions, direct_reads, uploaded_chunks, direct_uploads.
         self.stats: collections.Counter = collections.Counter()
+
+    @property
+    def backend(self) -> DeviceBackend:
+        """The device (referred to weakly: the process's registry of stagers must not keep it alive)."""
+        return _alive(self._backend_ref)
 
     def check_open(self) -> None:
         """Refuse new copies once :meth:`close` has run."""
@@ -242,3 +253,10 @@ class StagingArea:
         for event, _ in graveyard:
             with contextlib.suppress(Exception):
                 self.backend.synchronize_event(event)
+
+
+def _alive(reference: weakref.ref) -> DeviceBackend:
+    backend = reference()
+    if backend is None:
+        raise ReferenceError("the device backend of this stager no longer exists")
+    return backend

@@ -108,7 +108,8 @@ class DeviceCapture:
         self._label = label
         self._read = 0
         state.users += 1
-        self._finalizer = weakref.finalize(self, reader.close_state, state)
+        # The finalizer holds the backend: a capture keeps its device alive until it is closed.
+        self._finalizer = weakref.finalize(self, _close_capture, reader, state, reader.backend)
 
     label = property(lambda self: self._label if self._label is not None else self._state.label)
     policy = property(lambda self: self._state.policy)
@@ -237,6 +238,10 @@ class DeviceCapture:
     def close(self) -> None:
         """Give back pinned buffers and device memory now (unread bytes are dropped)."""
         self._finalizer()
+
+
+def _close_capture(reader: "CaptureReader", state: CaptureState, backend: Any) -> None:
+    reader.close_state(state)
 
 
 class CaptureReader:

@@ -2,12 +2,15 @@
 
 :class:`Stager` is what callers hold per device: its capturer (saving) and its uploader (restoring)
 share one pinned pool, so it composes the two over one :class:`~asyncckpt._cuda.pinned.StagingArea`
-and offers both sides' calls. :func:`stager_for` gives each backend its one stager.
+and offers both sides' calls. :func:`stager_for` gives each backend its one stager, from the
+process's :class:`Stagers`; the module functions below are the entry points the rest of the
+package calls.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,17 +28,30 @@ from asyncckpt._cuda.cupy import CupyBackend, backend_for
 from asyncckpt._cuda.pinned import PinnedBuffer, PinnedPool, StagingArea
 from asyncckpt._cuda.readback import DeviceCapture
 from asyncckpt._cuda.upload import DeviceUploader
+from asyncckpt._runtime import process_state
 
-__all__ = ["Stager", "stager_for", "stage_device_arrays", "snapshot_device_arrays", "upload", "download"]
+__all__ = [
+    "Stager",
+    "Stagers",
+    "stagers",
+    "stager_for",
+    "stage_device_arrays",
+    "snapshot_device_arrays",
+    "upload",
+    "download",
+]
 
 
 class Stager:
     """One device's copy engine: its capturer and its uploader, sharing one pinned pool.
 
+    A stager refers to its backend weakly, as the process's :class:`Stagers` hold one per backend
+    for as long as the backend lives; its captures keep the backend alive until they are closed.
+
     Parameters
     ----------
     backend:
-        The device.
+        The device; keep it alive while the stager is used.
     pinned_bytes:
         Most page-locked host memory held at once (the pool's capacity). Saves pass their staging
         budget through :meth:`set_pinned_bytes`.
@@ -172,22 +188,51 @@ class Stager:
         self.uploader.end_uploads(stream)
 
 
-# =============================================================================================
-# Entry points
+class Stagers:
+    """The stager of each device backend of this process, created on first use.
 
-_stagers_lock = threading.Lock()
+    Owned by the process state (:func:`asyncckpt._runtime.process_state`), so a forked child starts
+    with none. Keyed weakly: a backend's stager, with its pinned pool, goes when the backend does
+    (CuPy backends live as long as the process, simulated ones as long as a test). That works
+    because a stager refers to its backend weakly; otherwise each entry would keep its own key alive.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_backend: weakref.WeakKeyDictionary[DeviceBackend, Stager] = weakref.WeakKeyDictionary()
+
+    def __len__(self) -> int:
+        return len(self._by_backend)
+
+    def for_backend(self, backend: DeviceBackend) -> Stager:
+        """The stager of ``backend``, created with the default sizes on first use."""
+        stager = self._by_backend.get(backend)
+        if stager is None:
+            with self._lock:
+                stager = self._by_backend.get(backend)
+                if stager is None:
+                    stager = self._by_backend[backend] = Stager(backend)
+        return stager
+
+    def configure(self, backend: DeviceBackend, **settings: Any) -> Stager:
+        """Give ``backend`` a new stager made with ``settings`` (:class:`Stager`'s keywords).
+
+        Captures the old stager made keep it until they are read or closed.
+        """
+        stager = Stager(backend, **settings)
+        with self._lock:
+            self._by_backend[backend] = stager
+        return stager
+
+
+def stagers() -> Stagers:
+    """The process's :class:`Stagers`."""
+    return process_state().owned(Stagers)
 
 
 def stager_for(backend: DeviceBackend) -> Stager:
-    """The stager owned by ``backend`` (created on first use with the default sizes)."""
-    stager = getattr(backend, "_asyncckpt_stager", None)
-    if stager is None:
-        with _stagers_lock:
-            stager = getattr(backend, "_asyncckpt_stager", None)
-            if stager is None:
-                stager = Stager(backend)
-                backend._asyncckpt_stager = stager
-    return stager
+    """The stager of ``backend`` (created on first use with the default sizes)."""
+    return stagers().for_backend(backend)
 
 
 def stage_device_arrays(

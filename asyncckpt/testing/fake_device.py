@@ -106,26 +106,35 @@ class FakeStream:
             if entry is None:
                 return
             operation, always = entry
-            if self.error is not None and not always:
-                continue
+            del entry  # an idle worker keeps nothing alive (a copy refers to its backend)
             try:
-                operation()
+                if self.error is None or always:
+                    operation()
             except BaseException as exc:  # kept, like a sticky CUDA error
                 self.error = exc
+            finally:
+                del operation
 
 
 class FakeDeviceArray:
     """An array in the fake device's memory. Only the backend's streams read or write its bytes.
 
-    It deliberately has no ``__array__``: host code that bypasses the backend fails loudly.
+    It deliberately has no ``__array__``: host code that bypasses the backend fails loudly. It
+    refers to its backend weakly, like a CUDA pointer to its context: a dropped backend is collected
+    even while arrays of it wait in a stager for their last copy.
     """
 
-    __slots__ = ("_data", "backend", "_owner", "__weakref__")
+    __slots__ = ("_data", "_backend", "_owner", "__weakref__")
 
     def __init__(self, data: np.ndarray, backend: "FakeDeviceBackend", owner: "FakeDeviceArray | None" = None):
         self._data = data
-        self.backend = backend
+        self._backend = weakref.ref(backend)
         self._owner = owner
+
+    @property
+    def backend(self) -> "FakeDeviceBackend | None":
+        """The backend whose memory this is (``None`` once it was collected)."""
+        return self._backend()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -199,6 +208,7 @@ class FakeDeviceBackend:
         self.copies: collections.Counter = collections.Counter()
         self.default_stream = FakeStream("default")
         self._streams = [self.default_stream]
+        weakref.finalize(self, _stop_streams, self._streams)  # collected unclosed: stop the workers too
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -259,8 +269,7 @@ class FakeDeviceBackend:
 
     def close(self) -> None:
         """Stop the stream workers once their queues drain."""
-        for stream in self._streams:
-            stream._stop()
+        _stop_streams(self._streams)
 
     # ------------------------------------------------------------------ memory
     def _allocate(self, shape, dtype) -> FakeDeviceArray:
@@ -273,7 +282,7 @@ class FakeDeviceBackend:
                 )
             self.allocated_bytes += nbytes
         array = FakeDeviceArray(np.empty(shape, dtype=dtype), self)
-        weakref.finalize(array, self._free, nbytes)
+        weakref.finalize(array, _call_if_alive, weakref.WeakMethod(self._free), nbytes)
         return array
 
     def _free(self, nbytes: int) -> None:
@@ -362,7 +371,7 @@ class FakeDeviceBackend:
             self.pinned_live_bytes += nbytes
             self.pinned_peak_bytes = max(self.pinned_peak_bytes, self.pinned_live_bytes)
             self.pinned_allocations += 1
-        weakref.finalize(buffer, self._free_pinned, nbytes)
+        weakref.finalize(buffer, _call_if_alive, weakref.WeakMethod(self._free_pinned), nbytes)
         return buffer
 
     def d2h_async(self, source: FakeDeviceArray, offset: int, destination: np.ndarray, stream: FakeStream) -> None:
@@ -385,3 +394,14 @@ class FakeDeviceBackend:
         with self._lock:
             return self.memory_bytes - self.allocated_bytes, self.memory_bytes
 
+
+def _stop_streams(streams: list[FakeStream]) -> None:
+    for stream in streams:
+        stream._stop()
+
+
+def _call_if_alive(method: weakref.WeakMethod, *args: Any) -> None:
+    """Run a finalizer's bookkeeping on its backend, unless the backend is gone (so it is not kept alive)."""
+    bound = method()
+    if bound is not None:
+        bound(*args)

@@ -7,6 +7,7 @@ simulation the tests use. The errors and constants here are the engine's vocabul
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_PINNED_BYTES",
     "DEFAULT_SAFETY_FACTOR",
     "DEFAULT_PACK_BYTES",
+    "CapturePolicy",
     "DEVICE_COPY",
     "STREAM_WAIT",
     "HOST_COPY",
@@ -33,9 +35,27 @@ DEFAULT_PINNED_BYTES = 256 * MiB
 DEFAULT_SAFETY_FACTOR = 2.0
 DEFAULT_PACK_BYTES = 1 << 20
 
-DEVICE_COPY = "device_copy"
-STREAM_WAIT = "stream_wait"
-HOST_COPY = "host_copy"
+
+class CapturePolicy(str, enum.Enum):
+    """How a device array is captured at save time; docs/gpu.md weighs the costs of each.
+
+    A ``str`` too, so a policy compares equal to its name and prints as it (``"device_copy"``).
+    """
+
+    #: A device-to-device copy on the training stream, read back to the host in the background.
+    DEVICE_COPY = "device_copy"
+    #: Copies into reserved pinned buffers that later training work waits for, on the device.
+    STREAM_WAIT = "stream_wait"
+    #: A copy to pageable host memory that the save waits for: the last resort.
+    HOST_COPY = "host_copy"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+DEVICE_COPY = CapturePolicy.DEVICE_COPY
+STREAM_WAIT = CapturePolicy.STREAM_WAIT
+HOST_COPY = CapturePolicy.HOST_COPY
 
 # DLPack device types whose memory is GPU memory (kDLCUDA, kDLCUDAManaged). kDLCUDAHost (3) is
 # pinned *host* memory, readable by NumPy.

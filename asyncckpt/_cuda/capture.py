@@ -23,6 +23,7 @@ from asyncckpt._cuda.backend import (
     DEVICE_COPY,
     HOST_COPY,
     STREAM_WAIT,
+    CapturePolicy,
     DeviceBackend,
     DeviceCopyError,
 )
@@ -129,7 +130,7 @@ class DeviceCapturer:
             total = sum(int(array.nbytes) for array in arrays)
             free = backend.mem_info()[0] if total else 0
             copied = 0
-            plans: list[tuple[str, Any, list[PinnedBuffer] | None]] = []
+            plans: list[tuple[CapturePolicy | str, Any, list[PinnedBuffer] | None]] = []
             packed_state, offsets = self._pack(arrays, stream, free)
             if packed_state is not None:
                 copied += packed_state.nbytes

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncckpt._cuda.backend import HOST_COPY, DeviceCopyError
+from asyncckpt._cuda.backend import HOST_COPY, CapturePolicy, DeviceCopyError
 from asyncckpt._cuda.pinned import PinnedBuffer, StagingArea
 
 __all__ = ["DeviceCapture", "CaptureReader", "CaptureState"]
@@ -53,7 +53,7 @@ class CaptureState:
     It outlives the :class:`DeviceCapture` objects reading it, which may be collected unread.
     """
 
-    def __init__(self, label: str, policy: str, source: Any, nbytes: int, chunk_bytes: int) -> None:
+    def __init__(self, label: str, policy: CapturePolicy, source: Any, nbytes: int, chunk_bytes: int) -> None:
         self.label = label
         self.policy = policy
         self.source = source  # device_copy: the copy; stream_wait: the original; host_copy: host bytes
@@ -80,12 +80,12 @@ class DeviceCapture:
     """The value of one device array at save time, on its way to the host.
 
     Obtained from :meth:`Stager.stage`. ``dtype``, ``shape`` and ``nbytes`` describe the array;
-    ``policy`` says how it was captured (``device_copy``, ``stream_wait`` or ``host_copy``).
-    Read the bytes with :meth:`read_into` (copies into your buffer), :meth:`acquire` /
-    :meth:`release` or :meth:`chunks` (zero-copy views of the pinned buffers). Each byte can be
-    read once; resources go back as bytes are read, or with :meth:`close` (also run when the
-    capture is garbage collected). Small arrays of one save share a packed device copy: their
-    captures are windows ``[base, base + nbytes)`` of one staged buffer.
+    ``policy`` (a :class:`CapturePolicy`) says how it was captured. Read the bytes with
+    :meth:`read_into` (copies into your buffer), :meth:`acquire` / :meth:`release` or
+    :meth:`chunks` (zero-copy views of the pinned buffers). Each byte can be read once; resources
+    go back as bytes are read, or with :meth:`close` (also run when the capture is garbage
+    collected). Small arrays of one save share a packed device copy: their captures are windows
+    ``[base, base + nbytes)`` of one staged buffer.
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """The device staging engine (asyncckpt._cuda) on a real GPU through CuPy.
 
-The same properties tests/test_cuda_fake.py checks on the CPU simulation: captures ordered after the
+The same properties tests/test_cuda_*.py check on the CPU simulation: captures ordered after the
 kernel running at save time and unaffected by later work, no host synchronisation in save except
 the host_copy fallback, pinned pool bounded and reused, uploads ordered on the current stream.
 """

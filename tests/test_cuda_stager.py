@@ -1,4 +1,4 @@
-"""One stager per device backend, owned by the process state: shared, replaceable, never leaked."""
+"""A device's stager (asyncckpt._cuda.stager): settings, entry points, one per backend per process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from asyncckpt import _cuda
+from asyncckpt._cuda import DEVICE_COPY, Stager
 from asyncckpt.testing.fake_device import FakeDeviceBackend
+
+from _device import CHUNK, read_all, stager_for_policy
 
 
 @pytest.fixture
@@ -20,6 +23,42 @@ def backend():
     device = FakeDeviceBackend(memory_bytes=1 << 20)
     yield device
     device.close()
+
+
+def test_module_entry_points_share_one_stager_per_backend(backend):
+    x = backend.array(np.arange(30, dtype=np.int32))
+    (capture,) = _cuda.stage_device_arrays(backend, [x], labels=["x"], pinned_bytes=4 * CHUNK)
+    assert _cuda.stager_for(backend) is _cuda.stager_for(backend)
+    assert _cuda.stager_for(backend).pool.capacity_bytes == 4 * CHUNK
+    np.testing.assert_array_equal(read_all(capture), np.arange(30))
+    target = backend.empty((30,), np.int32)
+    _cuda.upload(backend, np.arange(30)[::-1], target)
+    np.testing.assert_array_equal(backend.peek(target), np.arange(30)[::-1])
+
+
+def test_stager_rejects_bad_settings_and_inputs(backend):
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        Stager(backend, chunk_bytes=0)
+    with pytest.raises(ValueError, match="pinned_bytes"):
+        Stager(backend, pinned_bytes=-1)
+    with pytest.raises(ValueError, match="safety_factor"):
+        Stager(backend, safety_factor=0.5)
+    with pytest.raises(ValueError, match="pack_bytes"):
+        Stager(backend, pack_bytes=-1)
+    stager = stager_for_policy(backend, DEVICE_COPY)
+    with pytest.raises(ValueError, match="2 labels for 1 arrays"):
+        stager.stage([backend.array([1])], labels=["a", "b"])
+    with pytest.raises(TypeError, match="ndarray is not an array of"):
+        stager.stage([np.zeros(3)])
+    other = FakeDeviceBackend()
+    try:
+        with pytest.raises(TypeError, match="FakeDeviceArray is not an array of"):
+            stager.stage([other.array([1.0])])
+    finally:
+        other.close()
+    stager.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        stager.stage([backend.array([1])])
 
 
 def test_each_backend_has_one_stager_made_on_first_use(backend):

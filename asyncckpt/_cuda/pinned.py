@@ -214,7 +214,9 @@ class StagingArea:
             for buffer in buffers:
                 buffer.owner.release(buffer, buffer.pending)
 
-    def buffer_for(self, nbytes: int, reclaim: Callable[[], PinnedBuffer | None] | None = None) -> PinnedBuffer | None:
+    def buffer_for(
+        self, nbytes: int, reclaim: Callable[[], PinnedBuffer | None] | None = None
+    ) -> PinnedBuffer | None:
         """A pinned buffer of at least ``nbytes`` available now, else ``None``. Caller holds the lock.
 
         ``reclaim``, when the pool has none free, takes one back from a lower-priority user.

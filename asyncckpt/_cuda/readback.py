@@ -1,13 +1,14 @@
 """Bringing captured bytes to the host: chunk by chunk, through the pinned pool, as they are read.
 
-A capture (:class:`DeviceCapture`) is the value of one device array at save time, held on the device
-(a device copy or the array itself) or already on the host. Its bytes are cut in chunks of the pool's
-buffer size; each chunk copy records its own event, so a reader gets the first chunk while later ones
-are still in flight. :class:`CaptureReader` prefetches ``device_copy`` chunks in capture order into
-free buffers, fetches a chunk on demand when a read gets ahead, evicts the latest unread prefetch
-when the pool is full, and copies through a private buffer as a last resort: no read ever waits for
-a buffer, so readers cannot deadlock on the pool whatever order they read in. A chunk's buffer goes
-back once all of its bytes have been read; a capture's device memory once it is all read or closed.
+A capture (:class:`DeviceCapture`) is the value of one device array at save time, held on the
+device (a device copy or the array itself) or already on the host. Its bytes are cut in chunks of
+the pool's buffer size; each chunk copy records its own event, so a reader gets the first chunk
+while later ones are still in flight. :class:`CaptureReader` prefetches ``device_copy`` chunks in
+capture order into free buffers, fetches a chunk on demand when a read gets ahead, evicts the
+latest unread prefetch when the pool is full, and copies through a private buffer as a last
+resort: no read ever waits for a buffer, so readers cannot deadlock on the pool whatever order they
+read in. A chunk's buffer goes back once all its bytes are read; a capture's device memory once
+it is all read or closed.
 """
 
 from __future__ import annotations
@@ -241,14 +242,15 @@ class DeviceCapture:
 
 
 def _close_capture(reader: "CaptureReader", state: CaptureState, backend: Any) -> None:
+    """A capture's finalizer; it is given ``backend`` only to hold it while the capture lives."""
     reader.close_state(state)
 
 
 class CaptureReader:
-    """One device's copies of captured chunks to the host, on a copy stream of their own.
+    """One device's copies of captured chunks to the host, on a copy stream of its own.
 
-    Captures share it with the device's uploader through the :class:`StagingArea`: its lock
-    guards every chunk, and :meth:`evict` lends the uploader buffers held by unread prefetches.
+    It shares the device's :class:`StagingArea` with the uploader: the area's lock guards every
+    chunk, and :meth:`evict` lends the uploader a buffer held by an unread prefetch.
     """
 
     def __init__(self, staging: StagingArea) -> None:

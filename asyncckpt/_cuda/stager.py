@@ -164,11 +164,11 @@ class Stager:
         return self.uploader.download(array)
 
     def begin_uploads(self) -> Any:
-        """Order later uploads after the current stream's pending work; see :meth:`DeviceUploader.begin_uploads`."""
+        """Order later uploads after the current stream's pending work (:meth:`DeviceUploader.begin_uploads`)."""
         return self.uploader.begin_uploads()
 
     def take_upload_buffer(self, min_bytes: int = 1) -> PinnedBuffer | None:
-        """A pinned buffer for one window, now, or ``None``; see :meth:`DeviceUploader.take_upload_buffer`."""
+        """A pinned buffer for one window now, or ``None`` (:meth:`DeviceUploader.take_upload_buffer`)."""
         return self.uploader.take_upload_buffer(min_bytes)
 
     def buffer_idle(self, buffer: PinnedBuffer) -> bool:
@@ -180,7 +180,7 @@ class Stager:
         self.uploader.wait_for_buffer(buffer)
 
     def upload_window(self, source: PinnedBuffer | np.ndarray, pieces: Sequence[tuple[int, int, Any, int]]) -> None:
-        """Enqueue one window's uploads and let go of its buffer; see :meth:`DeviceUploader.upload_window`."""
+        """Enqueue one window's uploads, letting go of its buffer (:meth:`DeviceUploader.upload_window`)."""
         self.uploader.upload_window(source, pieces)
 
     def end_uploads(self, stream: Any) -> None:

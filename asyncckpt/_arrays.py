@@ -1,14 +1,15 @@
 """The NumPy/CuPy seam: every array operation that depends on where an array lives goes here.
 
-This module and :mod:`asyncckpt._cuda` (its copy engine) are the only importers of ``cupy``, both
-lazily, so the package imports and works on machines without CuPy or without a GPU.
+This module and :mod:`asyncckpt._cuda.cupy` (the copy engine's CuPy backend) are the only importers
+of ``cupy``, both lazily, so the package imports and works on machines without CuPy or without a GPU.
 
 Host-to-device copies (creating a device variable from a checkpoint value, copying a host value
 into one) go through :func:`asyncckpt._cuda.upload`: pinned buffers and asynchronous copies ordered
 on the current stream. A restore into an existing device variable reads from storage straight into
-pinned buffers and uploads them (:func:`device_target` gives the reader the backend and array). Functions take an optional ``backend`` (a :class:`~asyncckpt._cuda.DeviceBackend`);
-by default device arrays are CuPy arrays or foreign GPU arrays (PyTorch, JAX, Numba) adopted
-without a copy. Tests pass a :class:`~asyncckpt._cuda.FakeDeviceBackend`, whose arrays count as
+pinned buffers and uploads them (:func:`device_target` gives the reader the backend and array).
+Functions take an optional ``backend`` (a :class:`~asyncckpt._cuda.DeviceBackend`); by default
+device arrays are CuPy arrays or foreign GPU arrays (PyTorch, JAX, Numba) adopted without a copy.
+Tests pass a :class:`~asyncckpt.testing.fake_device.FakeDeviceBackend`, whose arrays count as
 device arrays only where that backend is passed.
 """
 

@@ -1,6 +1,6 @@
 """The device staging engine (asyncckpt._cuda) on a real GPU through CuPy.
 
-The same properties tests/test_cuda_fake.py checks on the CPU simulation: captures ordered after the
+The same properties tests/test_cuda_*.py check on the CPU simulation: captures ordered after the
 kernel running at save time and unaffected by later work, no host synchronisation in save except
 the host_copy fallback, pinned pool bounded and reused, uploads ordered on the current stream.
 """
@@ -40,6 +40,12 @@ def test_cupy_backend_satisfies_the_protocol(backend):
     assert isinstance(backend, _cuda.DeviceBackend)
     free, total = backend.mem_info()
     assert 0 < free <= total
+
+
+def test_each_device_has_one_backend_and_one_stager(cp, backend):
+    assert _cuda.cupy_backend(backend.device_id) is backend
+    assert _cuda.backend_for(cp.zeros(4)) is backend
+    assert _cuda.stager_for(backend) is _cuda.stager_for(backend)
 
 
 @pytest.mark.parametrize("policy", [_cuda.DEVICE_COPY, _cuda.STREAM_WAIT])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from asyncckpt import _arrays, _cuda
-from asyncckpt._cuda import FakeDeviceBackend
+from asyncckpt.testing.fake_device import FakeDeviceArray, FakeDeviceBackend
 
 NO_CUPY = _arrays.cupy_module() is None
 
@@ -155,7 +155,7 @@ def test_adopting_host_values_returns_them_unchanged():
 
 def test_host_value_to_device_goes_through_a_pinned_upload(fake):
     array = _arrays.as_array(np.arange(6, dtype=">f8").reshape(2, 3), device="cuda", backend=fake)
-    assert isinstance(array, _cuda.FakeDeviceArray)
+    assert isinstance(array, FakeDeviceArray)
     assert array.dtype == np.float64 and array.shape == (2, 3)
     np.testing.assert_array_equal(fake.peek(array), np.arange(6.0).reshape(2, 3))
     assert fake.copies["h2d"] == 1

@@ -20,7 +20,8 @@ import pytest
 
 from asyncckpt import _cuda
 from asyncckpt import io as ckio
-from asyncckpt._cuda import FakeDeviceBackend, Stager
+from asyncckpt._cuda import Stager
+from asyncckpt.testing.fake_device import FakeDeviceBackend
 from asyncckpt._runtime import get_runtime
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import seal_manifest

@@ -82,7 +82,7 @@ def test_every_module_is_placed_in_a_layer():
     "module, bad_import, broken_contract",
     [
         ("errors", "import asyncckpt.model.variable", "The package's layers"),
-        ("format", "import cupy", "Only asyncckpt._arrays and asyncckpt._cuda import cupy"),
+        ("format", "import cupy", "Only asyncckpt._arrays and asyncckpt._cuda.cupy import cupy"),
         ("model/variable", "import tensorstore", "Only asyncckpt.io.storage.kvstore imports tensorstore"),
         ("io/storage/file", "import asyncckpt.io.storage.kvstore", "The storages build on the storage interface"),
     ],

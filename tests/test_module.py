@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.model.module import Module

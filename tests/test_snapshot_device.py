@@ -1,9 +1,9 @@
 """Writes of values that live on a GPU, on the CPU fake device: captured at ``start_write``, streamed
 from pinned buffers, never guarded by mutation hooks.
 
-The fake device (``asyncckpt._cuda.FakeDeviceBackend``) runs each stream on a worker thread, so a
-kernel "still running" at save time is a kernel blocked on a test gate, and ordering is checked with
-gates and events, never with sleeps.
+The simulated device (``asyncckpt.testing.fake_device.FakeDeviceBackend``) runs each stream on a
+worker thread, so a kernel "still running" at save time is a kernel blocked on a test gate, and
+ordering is checked with gates and events, never with sleeps.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import threading
 import numpy as np
 import pytest
 
-from asyncckpt import _arrays
+from asyncckpt import _arrays, _cuda
 from asyncckpt import io as ckio
-from asyncckpt._cuda import DeviceCopyError, FakeDeviceBackend, Stager
+from asyncckpt._cuda import DeviceCopyError
 from asyncckpt.io import SaveEntry, WriteSettings
+from asyncckpt.testing.fake_device import FakeDeviceBackend
 
 from _fakes import CopyGate
 
@@ -55,7 +56,7 @@ def hook():
 @pytest.fixture
 def device(hook):
     backend = FakeDeviceBackend(memory_bytes=1 << 24, copy_hook=hook)
-    backend._asyncckpt_stager = Stager(backend, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK)
+    _cuda.stagers().configure(backend, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK)
     yield backend
     hook.opened.set()
     backend.close()
@@ -86,7 +87,7 @@ def read_back(path, keys) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("pack_bytes", [0, 4096], ids=["one-copy-each", "small-ones-packed"])
 def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, device, pack_bytes):
-    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=pack_bytes)
+    _cuda.stagers().configure(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=pack_bytes)
     expected = values()
     holders = {key: DeviceHolder(device.array(value)) for key, value in expected.items()}
     handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry(k, h) for k, h in holders.items()], {},
@@ -96,7 +97,7 @@ def test_device_values_round_trip_bit_exact_through_pinned_chunks(tmp_path, devi
     for key, value in expected.items():
         assert out[key].dtype == value.dtype and out[key].shape == value.shape
         np.testing.assert_array_equal(out[key], value)
-    stager = device._asyncckpt_stager
+    stager = _cuda.stager_for(device)
     if pack_bytes:  # all but "big" (5,600 bytes) gathered by one launch; big copied on its own
         assert (stager.stats["device_copies"], stager.stats["packed_arrays"]) == (2, 4)
     else:  # every non-empty value, captured on the device
@@ -141,7 +142,7 @@ def test_every_capture_policy_writes_the_value_at_save_time(tmp_path, hook, poli
     device = FakeDeviceBackend(memory_bytes=1 << 24, copy_hook=hook)
     factor = 2.0 if policy_stager == "device_copy" else math.inf
     pinned = 8 * CHUNK if policy_stager != "host_copy" else CHUNK  # host_copy: the pool cannot take it
-    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=pinned, safety_factor=factor)
+    _cuda.stagers().configure(device, chunk_bytes=CHUNK, pinned_bytes=pinned, safety_factor=factor)
     try:
         value = np.arange(150, dtype=np.float64)  # 1,200 bytes: 5 chunks
         array = device.array(value)
@@ -150,18 +151,18 @@ def test_every_capture_policy_writes_the_value_at_save_time(tmp_path, hook, poli
         device.launch(device.default_stream, lambda data: data.__imul__(-1), array)
         handle.result(30)
         np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["x"])["x"], value)
-        assert device._asyncckpt_stager.stats[{"device_copy": "device_copies", "stream_wait": "stream_waits",
-                                               "host_copy": "host_copies"}[policy_stager]] == 1
+        counter = {"device_copy": "device_copies", "stream_wait": "stream_waits", "host_copy": "host_copies"}
+        assert _cuda.stager_for(device).stats[counter[policy_stager]] == 1
     finally:
         device.close()
 
 
 def test_the_staging_budget_caps_the_pinned_pool(tmp_path, device):
-    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=1 << 20)
+    _cuda.stagers().configure(device, chunk_bytes=CHUNK, pinned_bytes=1 << 20)
     holder = DeviceHolder(device.array(np.arange(2000.0)))  # 16,000 bytes, far above the budget
     ckio.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {},
                          settings=settings(device, staging_budget_bytes=2048)).result(30)
-    assert device._asyncckpt_stager.pool.capacity_bytes == 2048
+    assert _cuda.stager_for(device).pool.capacity_bytes == 2048
     assert device.pinned_peak_bytes <= 2048
     np.testing.assert_array_equal(read_back(tmp_path / "ckpt", ["x"])["x"], np.arange(2000.0))
 
@@ -176,7 +177,7 @@ def test_a_failed_device_copy_fails_the_write_naming_the_key_and_keeps_the_last_
     with pytest.raises(DeviceCopyError, match="weights"):
         handle.result(30)
     np.testing.assert_array_equal(read_back(path, ["weights"])["weights"], np.ones(500))
-    stager = device._asyncckpt_stager
+    stager = _cuda.stager_for(device)
     assert stager.pool.free_buffers == stager.pool.max_buffers  # nothing leaked by the failed write
 
 
@@ -186,7 +187,7 @@ def test_a_write_failing_in_storage_returns_every_pinned_buffer(tmp_path, device
     handle = ckio.start_write(tmp_path / "ckpt", [SaveEntry("x", holder)], {}, settings=settings(device))
     with pytest.raises(Exception):
         handle.result(30)
-    stager = device._asyncckpt_stager
+    stager = _cuda.stager_for(device)
     device.synchronize()
     assert stager.pool.free_buffers == stager.pool.max_buffers
 
@@ -227,7 +228,7 @@ class CountingBackend(FakeDeviceBackend):
 
 def test_repeat_saves_of_one_structure_reuse_the_capture_plan_and_write_each_saves_values(tmp_path, hook):
     device = CountingBackend(memory_bytes=1 << 24, copy_hook=hook)
-    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
+    _cuda.stagers().configure(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
     try:
         holders = [DeviceHolder(device.array(np.full(40, i, np.float32))) for i in range(30)]
         holders.append(DeviceHolder(device.array(np.arange(400.0))))  # 3,200 bytes: staged on its own
@@ -238,7 +239,7 @@ def test_repeat_saves_of_one_structure_reuse_the_capture_plan_and_write_each_sav
             for holder in holders:  # a training step between saves, on the device only
                 device.launch(device.default_stream, lambda data: data.__iadd__(100), holder.array)
         assert device.tables == 1
-        assert device._asyncckpt_stager.stats["packed_arrays"] == 90
+        assert _cuda.stager_for(device).stats["packed_arrays"] == 90
         for step in range(3):
             out = read_back(tmp_path / f"ckpt-{step}", [f"v{i}" for i in range(31)])
             for i in range(30):
@@ -262,13 +263,13 @@ def test_a_holder_given_a_new_array_gets_a_new_plan(tmp_path, device):
 
 def test_without_memory_for_the_pack_the_values_are_staged_one_by_one_and_still_correct(tmp_path, hook):
     device = FakeDeviceBackend(memory_bytes=3000, copy_hook=hook)
-    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=16 * CHUNK)
+    _cuda.stagers().configure(device, chunk_bytes=CHUNK, pinned_bytes=16 * CHUNK)
     try:
         values = [np.arange(60, dtype=np.int32) * (i + 1) for i in range(6)]  # 1,440 of 3,000 bytes
         holders = [DeviceHolder(device.array(v)) for v in values]
         ckio.start_write(tmp_path / "ckpt", [SaveEntry(f"v{i}", h) for i, h in enumerate(holders)], {},
                              settings=settings(device)).result(30)
-        stats = device._asyncckpt_stager.stats
+        stats = _cuda.stager_for(device).stats
         assert stats["packed_arrays"] == 0 and stats["stream_waits"] + stats["device_copies"] == 6
         out = read_back(tmp_path / "ckpt", [f"v{i}" for i in range(6)])
         for i, value in enumerate(values):
@@ -307,7 +308,7 @@ def test_a_host_value_changing_while_device_bytes_of_its_file_are_awaited_does_n
 
 def test_a_failed_copy_of_a_packed_chunk_names_the_key_being_written(tmp_path, hook):
     device = FakeDeviceBackend(memory_bytes=1 << 24, copy_hook=hook)
-    device._asyncckpt_stager = Stager(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
+    _cuda.stagers().configure(device, chunk_bytes=CHUNK, pinned_bytes=8 * CHUNK, pack_bytes=1024)
     try:
         hook.fail_at = 4  # the fourth chunk of the pack: values v6 and v7 (128 bytes each)
         holders = [DeviceHolder(device.array(np.full(16, i, np.float64))) for i in range(10)]

@@ -41,7 +41,6 @@ from asyncckpt.io.storage import Backend, TruncatedError
 from asyncckpt.io.commit import read_index
 from asyncckpt.io.read_device import DeviceReads, DeviceTarget
 from asyncckpt.io.plan import ordered, scatter
-from asyncckpt.io.read_device import DeviceTarget
 from asyncckpt.io.settings import MiB, ReadSettings, check_read_settings, runtime_of, storage_of
 from asyncckpt.io.tasks import first_error
 

@@ -309,8 +309,34 @@ def _before_threads_join() -> None:
         _state.at_exit(final=False)
 
 
+#: The exit status of a process whose components failed at exit (a write that failed and was
+#: never synced): a job scheduler must not believe the run succeeded.
+FAILED_AT_EXIT_STATUS = 1
+
+
 def _at_exit() -> None:
-    _state.at_exit(final=True)
+    try:
+        _state.at_exit(final=True)
+    except BaseException as error:  # noqa: BLE001 - the process must not end with status 0
+        _exit_failed(error)
+
+
+def _exit_failed(error: BaseException) -> None:
+    """End the process with :data:`FAILED_AT_EXIT_STATUS`, saying why on stderr.
+
+    An exception raised by an exit hook is printed but leaves the exit status alone, so the only
+    way to fail the process from here is ``os._exit``: flush what Python would flush, then go.
+    Exit hooks registered before asyncckpt was imported do not run after this.
+    """
+    import logging  # noqa: PLC0415 - only on this path
+    import sys  # noqa: PLC0415
+
+    with contextlib.suppress(BaseException):
+        sys.stderr.write(f"asyncckpt: exiting with status {FAILED_AT_EXIT_STATUS}: {type(error).__name__}: {error}\n")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(FAILED_AT_EXIT_STATUS)
 
 
 # The thread pool registers its own exit hook when its module is first imported; import it now so

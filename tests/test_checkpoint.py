@@ -312,7 +312,7 @@ def test_optimizer_state_survives_a_round_trip(tmp_path):
     np.testing.assert_allclose(model2.w.numpy(), model.w.numpy())
 
 
-def test_unsynced_background_error_is_reported_at_interpreter_exit(tmp_path):
+def test_unsynced_background_error_is_reported_at_interpreter_exit_and_fails_the_process(tmp_path):
     import subprocess
     import textwrap
 
@@ -332,6 +332,9 @@ def test_unsynced_background_error_is_reported_at_interpreter_exit(tmp_path):
     assert "failed and was never synced" in result.stderr
     assert "No space left on device" in result.stderr
     assert not ac.checkpoint_exists(str(tmp_path / "ckpt-1"))
+    # A scheduler must see the failure: the process does not end with status 0, and says why.
+    assert result.returncode == 1, result.stderr
+    assert "asyncckpt: exiting with status 1" in result.stderr
 
 
 def test_round_trip_through_tensorstore_file_kvstore(tmp_path):

@@ -61,6 +61,7 @@ import numpy as np
 
 from asyncckpt import state_file
 from asyncckpt import io as ckio
+from asyncckpt.errors import CheckpointError, CorruptCheckpointError, NotFoundError
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions, is_chief
 from asyncckpt.format import lock_name
@@ -73,6 +74,7 @@ from asyncckpt.state_file import (
     _load_pending_deletions,
     _load_state,
     _recorded_checkpoint_exists,
+    newest_committed,
     _remove_pending_deletions,
     _state_file_lock,
     _write_pending_deletions,
@@ -240,6 +242,12 @@ class CheckpointManager:
         # Paths in the state file this manager must not carry forward: the ones it found but did
         # not adopt (preserved or unmanaged), and the ones it preserved or deleted itself.
         self._released: set[str] = set()
+        # Checkpoints found in the directory at construction, and whether this run resumed from
+        # one: a run that started from scratch does not expire them (see _keep_found_checkpoints).
+        self._found_at_start: frozenset[str] = frozenset()
+        self._resumed: bool | None = None  # decided at the first save
+        self._fell_back = False  # the recorded latest checkpoint was missing at construction
+        self._warned_keeping = False
 
         recovered = get_checkpoint_state(self._directory)
         now = self._clock()
@@ -248,7 +256,13 @@ class CheckpointManager:
             # A second before now, so a manager re-created right away does not preserve on clock ties.
             self._last_preserved_timestamp = now - 1.0
             return
+        # As latest_checkpoint(directory) answers, a missing latest falls back to an older committed
+        # one; with none committed the recorded path is kept unchecked (TensorFlow's behaviour).
         self._latest_checkpoint = recovered.model_checkpoint_path
+        if recovered.model_checkpoint_path and not _recorded_checkpoint_exists(recovered.model_checkpoint_path):
+            fallback = newest_committed(recovered, _recorded_checkpoint_exists)
+            self._fell_back = fallback is not None
+            self._latest_checkpoint = fallback or self._latest_checkpoint
         self._last_preserved_timestamp = recovered.last_preserved_timestamp
         if math.isnan(self._last_preserved_timestamp):
             # Only a hand-edited file says nan; treat it like a clock reset (keeps everything).
@@ -275,6 +289,7 @@ class CheckpointManager:
                 self._maybe_delete.pop(path, None)
                 self._maybe_delete[path] = timestamp
         self._released.update(p for p in paths if p not in self._maybe_delete)
+        self._found_at_start = frozenset(self._maybe_delete)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -347,9 +362,22 @@ class CheckpointManager:
                         return None
                 self._last_checkpoint_step = current_step
             save_counter = self._checkpoint.save_counter
+            if self._resumed is None:
+                # A counter above 0: restored from a checkpoint, or going on. Explicit numbers: the
+                # program numbers its checkpoints itself, and so decides what replaces what.
+                self._resumed = int(save_counter) > 0 or checkpoint_number is not None
             save_counter.assign_add(1)
             number = _as_integer(save_counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
             prefix = f"{self._checkpoint_prefix}-{number}"
+            if (not self._resumed and self._canonical(prefix) in self._found_at_start
+                    and _recorded_checkpoint_exists(prefix)):
+                save_counter.assign_sub(1)
+                raise CheckpointError(
+                    f"refusing to overwrite checkpoint {prefix}: it was in {self._directory} before this run, "
+                    "which did not resume from it (save_counter was 0 at its first save). Restore the latest "
+                    "checkpoint first (restore_or_initialize()), save under other numbers "
+                    "(checkpoint_number=...), or delete the old checkpoints to start over"
+                )
             pending = _PendingSave(prefix, _CheckpointIo.of(options))
             self._pending.append(pending)
 
@@ -562,8 +590,10 @@ class CheckpointManager:
         last_preserved = self._last_preserved_timestamp
         if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
             return [], [], last_preserved  # with no max_to_keep everything stays active, nothing is preserved
+        kept = self._keep_found_checkpoints()
+        excess = len(self._maybe_delete) - self._max_to_keep
         expiring, doomed = [], []
-        for path, timestamp in list(self._maybe_delete.items())[: len(self._maybe_delete) - self._max_to_keep]:
+        for path, timestamp in [(p, t) for p, t in self._maybe_delete.items() if p not in kept][:excess]:
             expiring.append(path)
             if self._keep_checkpoint_every_n_hours and (
                 timestamp - self._keep_checkpoint_every_n_hours * 3600.0 >= last_preserved
@@ -573,6 +603,26 @@ class CheckpointManager:
             else:
                 doomed.append(path)
         return expiring, doomed, last_preserved
+
+    def _keep_found_checkpoints(self) -> frozenset[str]:
+        """Checkpoints found at construction that a run started from scratch must not expire.
+
+        A run whose ``save_counter`` was 0 at its first save (numbered automatically) resumed from nothing; if the directory
+        held committed checkpoints, expiring them in favour of this run would delete the last good
+        state of the run before it (for example after its newest checkpoint was lost). They stay,
+        listed and on disk, until a run resumes from one or they are deleted by hand.
+        """
+        if self._resumed is not False or not self._fell_back or not self._found_at_start:
+            return frozenset()
+        kept = frozenset(path for path in self._found_at_start if path in self._maybe_delete)
+        if kept and not self._warned_keeping:
+            self._warned_keeping = True
+            logger.warning(
+                "Not expiring %d checkpoint(s) found in %s (%s): this run did not resume from them "
+                "(save_counter was 0 at its first save). Restore one first (restore_or_initialize()), or "
+                "delete them to start over.", len(kept), self._directory, ", ".join(sorted(kept)),
+            )
+        return kept
 
     def _delete(self, doomed: list[str], expiring: list[str], io: _CheckpointIo, *, pending_file: bool) -> None:
         """Delete ``doomed`` (through ``io``), then the pending-deletions file naming them.
@@ -636,13 +686,41 @@ class CheckpointManager:
         if latest is not None:
             with self._lock:
                 io = self._latest_io
-            self._checkpoint.restore(latest, options=io.read_options())
-            if self._checkpoint_interval is not None:
-                with self._lock:
-                    self._last_checkpoint_step = _read_step(self._step_counter)
-            return latest
+                older = [path for path in reversed(self._maybe_delete) if path != latest]
+            restored = self._restore_newest_verified([latest, *older], io)
+            if restored is not None:
+                if self._checkpoint_interval is not None:
+                    with self._lock:
+                        self._last_checkpoint_step = _read_step(self._step_counter)
+                return restored
         if self._init_fn is not None:
             self._init_fn()
+        return None
+
+    def _restore_newest_verified(self, candidates: list[str], io: _CheckpointIo) -> str | None:
+        """Restore the first of ``candidates`` (newest first) whose every checksum verifies.
+
+        Each is verified before anything is restored from it, so a corrupt checkpoint leaves no
+        variable half-restored; a fallback is logged at WARNING naming the one used, and one that
+        fails names why. ``None`` (logged at ERROR) when none verifies.
+        """
+        read_settings = (io.read_options() or CheckpointOptions()).read_settings or ckio.ReadSettings()
+        for path in candidates:
+            if not io.exists(path):
+                continue
+            try:
+                ckio.open_reader(path, settings=read_settings).verify()
+            except (CorruptCheckpointError, NotFoundError) as error:
+                logger.warning("Checkpoint %s failed verification, trying an older one: %s", path, error)
+                continue
+            self._checkpoint.restore(path, options=io.read_options())
+            if path != candidates[0]:
+                logger.warning("Restored %s, the newest checkpoint that verified (not %s)", path, candidates[0])
+            with self._lock:
+                self._latest_checkpoint, self._latest_io = path, io
+            return path
+        logger.error("No checkpoint in %s passed verification (%s); initializing instead",
+                     self._directory, ", ".join(candidates))
         return None
 
 

@@ -58,7 +58,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime
@@ -440,8 +440,9 @@ def latest_checkpoint(checkpoint_dir, latest_filename: str | None = None) -> str
     Returns
     -------
     str or None
-        The joined ``model_checkpoint_path``, or ``None`` when there is no (readable) state file
-        or the checkpoint it names is gone (logged at ERROR).
+        The joined ``model_checkpoint_path``; if that checkpoint is gone, the newest older one the
+        state file lists that is committed (WARNING); ``None`` when there is no (readable) state
+        file or none of the checkpoints it lists exists (logged at ERROR).
 
     Raises
     ------
@@ -451,8 +452,26 @@ def latest_checkpoint(checkpoint_dir, latest_filename: str | None = None) -> str
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
     if state is None or not state.model_checkpoint_path:
         return None
-    if _recorded_checkpoint_exists(state.model_checkpoint_path):
-        return state.model_checkpoint_path
+    return newest_committed(state, _recorded_checkpoint_exists)
+
+
+def newest_committed(state: CheckpointState, exists: Callable[[str], bool]) -> str | None:
+    """The newest checkpoint ``state`` records that ``exists``: the latest, else older ones.
+
+    A latest checkpoint that is gone (its ``P.index`` deleted, a disk that lost it) must not make a
+    run start from scratch while older committed checkpoints are listed: this falls back to the
+    newest of those, with a WARNING naming both. ``None`` (logged at ERROR) when none exists.
+    """
+    candidates = [state.model_checkpoint_path]
+    candidates += [path for path in reversed(state.all_model_checkpoint_paths) if path not in candidates]
+    for path in candidates:
+        if exists(path):
+            if path != state.model_checkpoint_path:
+                logger.warning(
+                    "The latest checkpoint %s recorded in the state file is missing; falling back to %s, the "
+                    "newest recorded checkpoint that is committed", state.model_checkpoint_path, path,
+                )
+            return path
     logger.error("Couldn't match files for checkpoint %s", state.model_checkpoint_path)
     return None
 

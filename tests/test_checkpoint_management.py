@@ -318,11 +318,13 @@ def test_a_manager_manages_only_checkpoints_it_could_have_written(tmp_path, capl
     write_state_file(directory, entry, "sub/ckpt-1", "ckpt-1")
     with caplog.at_level(logging.WARNING, logger="asyncckpt"):
         manager = cm.CheckpointManager(checkpoint, directory, max_to_keep=1)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and reason in warnings[0] and "Not managing" in warnings[0], warnings
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "Not managing" in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0], warnings
     assert manager.checkpoints == [inside, str(directory / "ckpt-1")]
-    manager.save()
-    manager.save()
+    # Numbered explicitly: the recorded latest (ckpt-1) is missing, and a run numbered from 0
+    # after that would keep what it found (see the fallback tests below).
+    manager.save(checkpoint_number=1)
+    manager.save(checkpoint_number=2)
     assert ac.checkpoint_exists(victim) and not ac.checkpoint_exists(inside)
     assert cm.latest_checkpoint(directory) == manager.latest_checkpoint == str(directory / "ckpt-2")
 

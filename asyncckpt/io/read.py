@@ -286,8 +286,12 @@ class CheckpointReader(DeviceReads):
         crcs = {key: [None] * len(record.extents) for key, record in records.items()}
         semaphore = asyncio.Semaphore(self._settings.max_concurrent_reads)
 
+        destined = set(out)
+        touched: set[str] = set()  # keys whose destination a read has started to fill
+
         async def fetch(read_range: ReadRange) -> None:
             async with semaphore:
+                touched.update(target.key for target in read_range.targets if target.key in destined)
                 checked = await self._fetch_range(read_range, views, devices)
             for target, crc in zip(read_range.targets, checked):
                 crcs[target.key][target.extent_index] = crc
@@ -300,9 +304,14 @@ class CheckpointReader(DeviceReads):
                     for read_range in ranges:
                         group.create_task(fetch(read_range))
         except BaseExceptionGroup as group:
-            raise first_error(group) from None
+            raise _naming_modified(first_error(group), touched) from None
+        except CorruptCheckpointError as error:
+            raise _naming_modified(error, touched) from None
         for key, record in records.items():
-            self._check_whole(key, record, crcs[key])
+            try:
+                self._check_whole(key, record, crcs[key])
+            except CorruptCheckpointError as error:
+                raise _naming_modified(error, touched) from None
             if assemble:
                 value = values[key]
                 results[key] = bytes(value) if isinstance(value, bytearray) else value
@@ -461,3 +470,19 @@ async def aopen_reader(path, settings: ReadSettings | None = None) -> Checkpoint
 
 def _numpy_dtype(dtype: Any) -> np.dtype:
     return np.dtype(object) if dtype == BYTES_DTYPE else np.dtype(dtype)
+
+
+def _naming_modified(error: BaseException, touched: set[str]) -> BaseException:
+    """``error``, which a read into caller-given destinations met, naming what it may have changed.
+
+    A failed read leaves the destinations it started to fill with unverified bytes; the error
+    says exactly which (``modified_keys``; every other destination is untouched).
+    """
+    if not isinstance(error, CorruptCheckpointError) or not touched or hasattr(error, "modified_keys"):
+        return error
+    keys = sorted(touched)
+    shown = ", ".join(repr(key) for key in keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+    wrapped = type(error)(f"{error}; the destinations of {len(keys)} key(s) were modified and hold unverified "
+                          f"bytes: {shown}")
+    wrapped.modified_keys = tuple(keys)
+    return wrapped

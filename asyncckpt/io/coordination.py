@@ -219,6 +219,10 @@ class TeamWrite:
         self.save_id = ""
         self.claims: list[str] = []  # sections this chief renamed to its own claim names
 
+    @property
+    def is_chief(self) -> bool:
+        return self.team.worker.is_chief
+
     async def start(self, backend: Backend) -> None:
         """Fix this save's identifier (after this process's previous write to the path ended)."""
         self.save_id = save_id(self.stem, self.team.worker.count, self.team.spec_items(),

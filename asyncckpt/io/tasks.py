@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
-
-
-logger = logging.getLogger("asyncckpt")
+__all__ = ["finish_even_if_cancelled", "first_error"]
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a task group's failure: the one the caller is told about."""
     first = group.exceptions[0]
     return first_error(first) if isinstance(first, BaseExceptionGroup) else first
 

@@ -301,7 +301,7 @@ class _WriteJob:
                 team = self.team
                 if team is not None:
                     await team.start(backend)
-                if team is not None and not team.team.worker.is_chief:
+                if team is not None and not team.is_chief:
                     # Once published, the section may be merged at any moment: from here on the
                     # data directory is left to the chief's commit or, failing that, to cleanup.
                     committed = True

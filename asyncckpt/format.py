@@ -352,6 +352,14 @@ def _reject_constant(name: str):
     raise _Invalid(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a double (``1e400``) is refused, not made infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Invalid(f"the number {text} is out of range for a double")
+    return value
+
+
 def _unique_object(pairs: list) -> dict:
     result = {}
     for key, value in pairs:
@@ -364,7 +372,9 @@ def _unique_object(pairs: list) -> dict:
 def _load_json(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+        return json.loads(
+            text, object_pairs_hook=_unique_object, parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except _Invalid:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -409,6 +419,23 @@ def _parse_extent(raw: Any, index: int, dirs: int = 1) -> Extent:
     return Extent(raw["file"], offset, length, _require_int(raw["crc32c"], f"{what} crc32c", 2**32 - 1), directory)
 
 
+def _require_allocatable(shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a shape no array can have, even an empty one.
+
+    A zero dimension makes ``nbytes`` 0 whatever the others say, yet NumPy still refuses a shape
+    whose non-zero dimensions multiply past its address space (``[0, 2**53, 2**53]``): bounding
+    their product by ``MAX_BYTES`` keeps every accepted shape allocatable.
+    """
+    product = itemsize
+    for dim in shape:
+        if dim:
+            product *= dim
+            if product > MAX_BYTES:
+                raise _Invalid(
+                    f"shape {list(shape)} is too large: its non-zero dimensions hold more than {MAX_BYTES} bytes"
+                )
+
+
 def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     raw = _require_dict(raw, "the record", {"dtype", "shape", "nbytes", "crc32c", "extents"})
     try:
@@ -419,6 +446,7 @@ def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise _Invalid(f"shape must be a list of at most {MAX_NDIM} integers, got {shape!r}")
     shape = tuple(_require_int(dim, "a shape dimension") for dim in shape)
+    _require_allocatable(shape, 1 if dtype == BYTES_DTYPE else dtype.itemsize)
     nbytes = _require_int(raw["nbytes"], "nbytes")
     if dtype == BYTES_DTYPE:
         if shape != ():

@@ -20,6 +20,7 @@ import shutil
 import tokenize
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -131,7 +132,7 @@ HOSTILE = [
     ("unknown-dtype", _set("tensors", W, "dtype", "<U4"), "unknown dtype"),
     ("object-dtype", _set("tensors", W, "dtype", "|O"), "unknown dtype"),
     ("big-endian", _set("tensors", W, "dtype", ">f4"), "unknown dtype"),
-    ("absurd-shape", _set("tensors", W, "shape", [2**31, 2**31, 2**31]), "does not match shape"),
+    ("absurd-shape", _set("tensors", W, "shape", [2**31, 2**31, 2**31]), "is too large"),
     ("too-many-dims", _set("tensors", W, "shape", [1] * 65), "at most 64"),
     ("negative-dim", _set("tensors", W, "shape", [-3, -4]), "shape dimension"),
     ("beyond-2^53", _set("tensors", W, "nbytes", 2**60), "nbytes"),
@@ -177,6 +178,41 @@ def test_a_consistent_but_absurd_size_fails_as_corrupt_without_allocating_it(hos
         with pytest.raises(CorruptCheckpointError, match="truncated") as raised:
             action()
         assert repr(W) in str(raised.value)
+
+
+def _resealed(sealed: bytes, old: bytes, new: bytes) -> bytes:
+    """``sealed`` with ``old`` replaced by ``new`` and a valid checksum again (JSON no encoder writes)."""
+    body = sealed.split(b",", 1)[1].replace(old, new)
+    return b'{"manifest_crc32c":%d,%s' % (crc32c.crc32c(body), body)
+
+
+def test_a_number_beyond_a_double_is_refused_as_corrupt(hostile):
+    """``1e400`` reads as infinity in plain JSON: the NaN/Infinity ban must cover it too."""
+    write, _ = hostile
+    prefix = write(_set("object_graph", "nodes", 0, "x", 12345.5))
+    index = Path(index_path(prefix))
+    index.write_bytes(_resealed(index.read_bytes(), b"12345.5", b"1e400"))
+    with pytest.raises(CorruptCheckpointError, match="1e400 is out of range") as raised:
+        _model(fill=False)[2].restore(prefix)
+    assert index_path(prefix) in str(raised.value)
+    with pytest.raises(CorruptCheckpointError, match="out of range"):
+        ckio.open_reader(prefix)
+
+
+def test_an_empty_shape_with_absurd_dimensions_is_refused_as_corrupt(hostile, capsys):
+    """``[0, 2**53, 2**53]`` holds no bytes, yet NumPy cannot make it: refused when the manifest is read."""
+    write, _ = hostile
+
+    def edit(document):
+        document["tensors"][W] = {"dtype": "<f4", "shape": [0, 2**53, 2**53], "nbytes": 0, "crc32c": 0,
+                                  "extents": []}
+
+    prefix = write(edit)
+    with pytest.raises(CorruptCheckpointError, match="is too large") as raised:
+        ckio.open_reader(prefix).read(W)
+    assert repr(W) in str(raised.value) and index_path(prefix) in str(raised.value)
+    assert cli.main(["verify", prefix]) == 1
+    assert "is too large" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

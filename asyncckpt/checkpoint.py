@@ -41,7 +41,7 @@ from asyncckpt.restore import (
     RestoreCoordinator,
     preload_simple_restoration,
 )
-from asyncckpt.state_file import update_checkpoint_state
+from asyncckpt.state_file import _tensorflow_checkpoints_in, update_checkpoint_state
 from asyncckpt.model.trackable import Trackable, TrackableReference
 from asyncckpt.model.variable import Variable
 
@@ -264,6 +264,23 @@ def _initial_value(name: str, shape: tuple[int, ...] | None, dtype: Any, initial
     return value
 
 
+def _record_in_state_file(directory: str, path: str) -> None:
+    """Name ``path`` in the state file of ``directory``, unless that file is TensorFlow's record.
+
+    TensorFlow keeps the same ``checkpoint`` file; rewriting it would drop its checkpoints from it,
+    so a save beside TensorFlow checkpoints leaves the file alone and says so.
+    """
+    found = _tensorflow_checkpoints_in(directory)
+    if found:
+        logger.warning(
+            "Not recording %s in the state file of %s: it lists TensorFlow checkpoints (%s), and asyncckpt "
+            "does not rewrite files it did not write. latest_checkpoint() will not name this checkpoint.",
+            path, directory, ", ".join(found),
+        )
+        return
+    update_checkpoint_state(directory, path)
+
+
 class Checkpoint(AutoTrackable):
     """Groups trackable objects, saving and restoring them.
 
@@ -352,7 +369,7 @@ class Checkpoint(AutoTrackable):
             counter.assign_add(1)
             path = f"{prefix}-{int(counter)}"
             directory = os.path.dirname(path) or "."
-            state_updater = lambda: update_checkpoint_state(directory, path)  # noqa: E731
+            state_updater = lambda: _record_in_state_file(directory, path)  # noqa: E731
             # Of several workers saving together, only the chief records the checkpoint.
             return self._write(path, options, extra_callbacks=[state_updater] if is_chief(options) else [])
 

@@ -63,6 +63,7 @@ from asyncckpt import state_file
 from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions, is_chief
+from asyncckpt.errors import UnsupportedFormatError
 from asyncckpt.format import lock_name
 from asyncckpt.state_file import (
     MAX_STATE_FILE_BYTES,
@@ -70,6 +71,7 @@ from asyncckpt.state_file import (
     CheckpointStateParseError,
     _build_state,
     _fspath,
+    _listed_tensorflow_checkpoints,
     _load_pending_deletions,
     _load_state,
     _recorded_checkpoint_exists,
@@ -131,7 +133,10 @@ class CheckpointManager:
     never managed or deleted; neither are recorded paths outside ``directory`` or names no
     checkpoint can have (an empty entry, a name too long for the file system), which are
     logged at WARNING. Paths are normalised, so ``./ckpt-2`` in the state file and a save of
-    ``ckpt-2`` are the same checkpoint.
+    ``ckpt-2`` are the same checkpoint. A directory whose state file lists TensorFlow checkpoints
+    (TensorFlow keeps the same state file) is refused at construction, so that none of them is
+    ever adopted, renumbered over or deleted; the manager never deletes a ``P.index`` it did not
+    write either (`asyncckpt.io.delete_checkpoint` leaves it, with a WARNING).
 
     Bookkeeping happens only after a checkpoint is durable (as the last write callback), so with
     ``CheckpointOptions(enable_async=True)`` the state file, `latest_checkpoint` and deletions
@@ -179,6 +184,8 @@ class CheckpointManager:
         given without ``step_counter``, or if a number argument is negative.
     TypeError
         If ``checkpoint`` is not a checkpoint or ``init_fn`` is not callable.
+    UnsupportedFormatError
+        If the state file of ``directory`` lists TensorFlow checkpoints.
     """
 
     def __init__(
@@ -248,6 +255,7 @@ class CheckpointManager:
             # A second before now, so a manager re-created right away does not preserve on clock ties.
             self._last_preserved_timestamp = now - 1.0
             return
+        _refuse_tensorflow_checkpoints(self._directory, recovered)
         self._latest_checkpoint = recovered.model_checkpoint_path
         self._last_preserved_timestamp = recovered.last_preserved_timestamp
         if math.isnan(self._last_preserved_timestamp):
@@ -691,6 +699,22 @@ class _PendingSave:
         self.path = path
         self.io = io
         self.started = False
+
+
+def _refuse_tensorflow_checkpoints(directory: str, state: CheckpointState) -> None:
+    """Raise ``UnsupportedFormatError`` if the state file of ``directory`` lists TensorFlow checkpoints.
+
+    TensorFlow's ``CheckpointManager`` keeps the same state file: adopting its entries would make
+    this manager delete TensorFlow checkpoints, drop them from the file and number its own
+    checkpoints over theirs. Refusing at construction leaves every file as it is.
+    """
+    found = _listed_tensorflow_checkpoints(state)
+    if found:
+        raise UnsupportedFormatError(
+            f"{directory} holds TensorFlow checkpoints ({', '.join(map(repr, found))} in its state file "
+            "are TensorFlow TensorBundle checkpoints): asyncckpt cannot read or manage them and leaves "
+            "them as they are; give the CheckpointManager another directory"
+        )
 
 
 def _strictly_inside(path_abs: str, directory_abs: str) -> bool:

@@ -53,6 +53,10 @@ __all__ = [
     "decode_dtype",
     "is_plain_name",
     "parse_manifest",
+    "TENSORFLOW_TABLE_MAGIC",
+    "is_tensorflow_index",
+    "is_own_manifest",
+    "OWN_MANIFEST_HEAD_BYTES",
     "read_data_dir",
     "read_data_dirs",
     "MAX_DATA_DIRS",
@@ -93,6 +97,12 @@ INDEX_SUFFIX = ".index"
 MANIFEST_CRC_FIELD = "manifest_crc32c"
 _MANIFEST_HEADER = f'{{"{MANIFEST_CRC_FIELD}":'.encode("ascii")
 _MANIFEST_HEADER_RE = re.compile(re.escape(_MANIFEST_HEADER) + rb"(0|[1-9][0-9]{0,9}),")
+#: How many leading bytes of a ``P.index`` :func:`is_own_manifest` needs to recognise one of ours.
+OWN_MANIFEST_HEAD_BYTES = len(_MANIFEST_HEADER)
+#: The last 8 bytes of a TensorFlow ``P.index`` (a LevelDB-style table: its footer's magic number).
+TENSORFLOW_TABLE_MAGIC = 0xDB4775248B80FB57
+_TENSORFLOW_MAGIC_BYTES = TENSORFLOW_TABLE_MAGIC.to_bytes(8, "little")
+_TENSORFLOW_FOOTER_BYTES = 48
 _NONCE = r"[0-9a-f]{16}"
 _DATA_DIR_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})$", re.DOTALL)
 _LOCK_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})\.lock$", re.DOTALL)
@@ -167,6 +177,44 @@ def is_plain_name(name: Any) -> bool:
         and name not in (".", "..")
         and not any(ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Telling our files from others'
+
+
+def is_tensorflow_index(data: bytes) -> bool:
+    """Whether ``data`` is a TensorFlow TensorBundle index: a table ending in its footer's magic number.
+
+    TensorFlow names its index ``P.index`` as asyncckpt does, so the two meet in one directory;
+    the magic lets every reader say what the file is instead of failing to parse it.
+    """
+    return len(data) >= _TENSORFLOW_FOOTER_BYTES and data[-8:] == _TENSORFLOW_MAGIC_BYTES
+
+
+def is_own_manifest(data: bytes) -> bool:
+    """Whether ``data`` (a whole ``P.index``, or its first ``OWN_MANIFEST_HEAD_BYTES``) is ours.
+
+    Every manifest asyncckpt writes begins with its checksum member, so even a damaged or
+    truncated one is recognised by its first bytes; an unsealed JSON document that says
+    ``"format": "asyncckpt"`` counts too. Anything else at a checkpoint path belongs to someone
+    else, and asyncckpt neither replaces nor deletes it.
+    """
+    if data.startswith(_MANIFEST_HEADER):
+        return True
+    try:
+        document = _load_json(data)
+    except _Invalid:
+        return False
+    return isinstance(document, dict) and document.get("format") == FORMAT_NAME
+
+
+def _refuse_tensorflow_index(data: bytes, source: str) -> None:
+    if is_tensorflow_index(data):
+        raise UnsupportedFormatError(
+            f"{source} is a TensorFlow checkpoint (a TensorBundle index, written by tf.train.Checkpoint), "
+            "not an asyncckpt checkpoint: asyncckpt cannot read TensorFlow checkpoints"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,13 +522,15 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
     Raises
     ------
     UnsupportedFormatError
-        The manifest is an asyncckpt manifest of a ``format_version`` this release cannot read.
+        The manifest is an asyncckpt manifest of a ``format_version`` this release cannot read, or
+        the file is a TensorFlow checkpoint index (recognised by its table magic number).
     CorruptCheckpointError
         Anything else is wrong: bytes that fail the manifest's own checksum (``manifest_crc32c``,
         checked before anything else), not JSON, missing or mistyped fields, unknown dtype, a shape that
         does not match ``nbytes``, extents that do not tile the tensor, file names that could
         escape the data directory. The message names ``source`` and, where known, the key.
     """
+    _refuse_tensorflow_index(data, source)
     try:
         header = _MANIFEST_HEADER_RE.match(data)
         if header is not None:

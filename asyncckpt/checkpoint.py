@@ -225,23 +225,38 @@ def add_variable(
     declared_shape = tuple(shape) if shape is not None else None
     position = preload_simple_restoration(trackable, name)
     if position is not None:
-        value = position.value()
-        if declared_shape is not None and tuple(value.shape) != declared_shape:
-            raise ValueError(
-                f"In the creation of variable {name!r}, the checkpoint value's shape {tuple(value.shape)} is "
-                f"not compatible with the explicitly supplied `shape` argument {declared_shape}."
-            )
-        if dtype is not None and np.dtype(value.dtype) != np.dtype(dtype):
-            raise ValueError(
-                f"In the creation of variable {name!r}, the checkpoint value's dtype {value.dtype} does not "
-                f"match the requested dtype {np.dtype(dtype)}."
-            )
-        variable = Variable(value, name=name, trainable=trainable, device=device)
+        _check_initial_checkpoint_value(position, name, declared_shape, dtype)
+        variable = Variable(position.value(), name=name, trainable=trainable, device=device)
         variable._update_uid = position.restore_uid
     else:
         variable = Variable(_initial_value(name, declared_shape, dtype, initializer), dtype=dtype, name=name,
                             trainable=trainable, device=device)
     return trackable._track_trackable(variable, name)
+
+
+def _check_initial_checkpoint_value(position: CheckpointPosition, name: str, shape: tuple[int, ...] | None,
+                                    dtype: Any) -> None:
+    """Refuse a checkpoint value that cannot be variable ``name``'s initial value, before reading it.
+
+    ``save_counter``, an optimizer's ``iter`` and its hyperparameters declare their shape ``()``,
+    so a saved value of another shape fails here, naming its key and checkpoint, rather than at
+    first use.
+    """
+    spec = position.value_spec()
+    source = position.value_source()
+    if isinstance(spec.dtype, str):
+        raise ValueError(f"In the creation of variable {name!r}, the checkpoint value ({source}) is a byte "
+                         "string, not an array.")
+    if shape is not None and tuple(spec.shape) != shape:
+        raise ValueError(
+            f"In the creation of variable {name!r}, the checkpoint value's shape {tuple(spec.shape)} is not "
+            f"compatible with the explicitly supplied `shape` argument {shape}. The value is {source}."
+        )
+    if dtype is not None and np.dtype(spec.dtype) != np.dtype(dtype):
+        raise ValueError(
+            f"In the creation of variable {name!r}, the checkpoint value's dtype {np.dtype(spec.dtype)} does not "
+            f"match the requested dtype {np.dtype(dtype)}. The value is {source}."
+        )
 
 
 def _initial_value(name: str, shape: tuple[int, ...] | None, dtype: Any, initializer: Any):
@@ -349,7 +364,7 @@ class Checkpoint(AutoTrackable):
     def _maybe_create_save_counter(self) -> None:
         if self._self_save_counter is not None:
             return
-        counter = add_variable(self, "save_counter", initializer=0, dtype=np.int64, trainable=False)
+        counter = add_variable(self, "save_counter", shape=(), initializer=0, dtype=np.int64, trainable=False)
         object.__setattr__(self, "_self_save_counter", counter)
         if self._self_attached is not None:
             self._self_attached.append(TrackableReference("save_counter", counter))

@@ -216,6 +216,83 @@ def test_an_empty_shape_with_absurd_dimensions_is_refused_as_corrupt(hostile, ca
 
 
 # ---------------------------------------------------------------------------------------------
+# Values restored on creation must fit what they become
+
+
+def _adam_with_slot_m(slot_value) -> ac.Checkpoint:
+    """A checkpoint of a (4,) float32 variable whose Adam slot ``m`` is ``slot_value`` instead."""
+    v = ac.Variable(np.zeros(4, np.float32))
+    optimizer = ac.optimizers.Adam(0.1)
+    optimizer.apply_gradients([(np.ones(4, np.float32), v)])
+    optimizer._self_slots[v._unique_id]["m"] = ac.Variable(slot_value)
+    return ac.Checkpoint(v=v, optimizer=optimizer)
+
+
+SLOT_M = "v/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+@pytest.mark.parametrize(("slot_value", "message"), [
+    (np.zeros(1000, np.float32), r"incompatible tensor with shape \(1000,\) when attempting to restore variable "
+                                 r"with shape \(4,\)"),
+    (np.zeros(4, np.float64), "with dtype float64 from .* of dtype float32"),
+], ids=["shape", "dtype"])
+def test_a_slot_created_from_the_checkpoint_must_fit_its_variable(tmp_path, slot_value, message):
+    """A (1000,) slot for a (4,) variable used to restore, and fail later with a broadcast error."""
+    path = _adam_with_slot_m(slot_value).save(str(tmp_path / "ckpt"))
+    v = ac.Variable(np.zeros(4, np.float32))
+    optimizer = ac.optimizers.Adam(0.1)
+    with pytest.raises(ValueError, match=message) as raised:
+        ac.Checkpoint(v=v, optimizer=optimizer).restore(path)
+    assert f"checkpoint key {SLOT_M!r} of {path}" in str(raised.value)
+    assert optimizer.get_slot(v, "m") is None
+
+
+def test_a_hyperparameter_created_from_the_checkpoint_must_be_a_scalar(tmp_path):
+    impostor = ac.AutoTrackable()
+    impostor.learning_rate = ac.Variable(np.full(3, 0.1, np.float32))
+    path = ac.Checkpoint(optimizer=impostor).save(str(tmp_path / "ckpt"))
+    v = ac.Variable(np.zeros(4, np.float32))
+    optimizer = ac.optimizers.Adam(0.1)
+    ac.Checkpoint(optimizer=optimizer).restore(path).expect_partial()
+    with pytest.raises(ValueError, match=r"shape \(3,\) is not compatible with the explicitly supplied `shape` "
+                                         r"argument \(\)") as raised:
+        optimizer.apply_gradients([(np.ones(4, np.float32), v)])
+    assert f"checkpoint key 'optimizer/learning_rate/.ATTRIBUTES/VARIABLE_VALUE' of {path}" in str(raised.value)
+    np.testing.assert_array_equal(v.numpy(), np.zeros(4, np.float32))  # nothing changed
+
+
+def test_a_save_counter_restored_on_creation_must_be_a_scalar(tmp_path):
+    impostor = ac.AutoTrackable()
+    impostor.save_counter = ac.Variable(np.zeros(3, np.int64))
+    path = str(tmp_path / "ckpt")
+    ac.Checkpoint(root=impostor).write(path)
+    with pytest.raises(ValueError, match=r"shape \(3,\) is not compatible") as raised:
+        ac.Checkpoint(v=ac.Variable(1.0)).restore(path)
+    assert f"checkpoint key 'save_counter/.ATTRIBUTES/VARIABLE_VALUE' of {path}" in str(raised.value)
+
+
+def test_restore_on_create_names_the_key_and_the_checkpoint(tmp_path):
+    saved = ac.AutoTrackable()
+    saved.w = ac.Variable(np.zeros(5, np.float32))
+    path = ac.Checkpoint(model=saved).save(str(tmp_path / "ckpt"))
+    model = ac.AutoTrackable()
+    ac.Checkpoint(model=model).restore(path)
+    with pytest.raises(ValueError, match="explicitly supplied `shape` argument") as raised:
+        ac.add_variable(model, "w", shape=(4,))
+    assert f"checkpoint key 'model/w/.ATTRIBUTES/VARIABLE_VALUE' of {path}" in str(raised.value)
+
+
+def test_a_mismatched_restore_names_the_key_and_the_checkpoint(tmp_path):
+    path = ac.Checkpoint(v=ac.Variable(np.zeros(2, np.float32))).save(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError) as raised:
+        ac.Checkpoint(v=ac.Variable(np.zeros(1, np.float32))).restore(path)
+    assert str(raised.value) == (
+        "Received incompatible tensor with shape (2,) when attempting to restore variable with shape (1,) and name "
+        f"Variable. The value is checkpoint key 'v/.ATTRIBUTES/VARIABLE_VALUE' of {path}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Symbolic links out of the folder
 
 

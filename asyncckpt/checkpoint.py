@@ -196,8 +196,8 @@ def _assert_trackable(obj: Any, name: str) -> None:
     if not isinstance(obj, Trackable):
         raise ValueError(
             f"`Checkpoint` was expecting {name} to be a trackable object (an object derived from "
-            f"`Trackable`), got {obj}. If you believe this object should be trackable (i.e. it is part "
-            "of the TensorFlow Python API and manages state), please open an issue."
+            f"`Trackable`), got {obj}. Wrap an array in asyncckpt.Variable, and keep other Python state in a "
+            "PythonState subclass."
         )
 
 
@@ -506,7 +506,8 @@ class Checkpoint(AutoTrackable):
             raise NotFoundError(
                 f"Error when restoring from checkpoint or SavedModel at {os.fspath(save_path)}: {error}\n"
                 "Please double-check that the path is correct. You may be missing the checkpoint suffix "
-                "(e.g. the '-1' in 'path/to/ckpt-1')."
+                "(e.g. the '-1' in 'path/to/ckpt-1'). asyncckpt reads asyncckpt checkpoints only, not "
+                "SavedModel directories."
             ) from error
         self._maybe_create_save_counter()
         return status

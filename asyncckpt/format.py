@@ -511,7 +511,7 @@ def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     extents = tuple(_parse_extent(extent, i, dirs) for i, extent in enumerate(extents_raw))
     covered = sum(extent.length for extent in extents)
     if covered != nbytes:
-        raise _Invalid(f"extents cover {covered} bytes but the tensor has {nbytes}")
+        raise _Invalid(f"extents cover {covered} bytes but the value has {nbytes}")
     crc = _require_int(raw["crc32c"], "crc32c", 2**32 - 1)
     return TensorRecord(raw["dtype"], shape, nbytes, crc, extents)
 

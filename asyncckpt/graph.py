@@ -156,6 +156,17 @@ class _Reuse:
     computed_values: list = dataclasses.field(default_factory=list)  # (object, names, entry indices)
 
 
+def _children_at(view: GraphView, obj: Trackable, object_path: str) -> list[tuple[str, Trackable]]:
+    """``obj``'s edges; an object that refuses to be saved (a list changed behind its wrapper) is named by path."""
+    try:
+        return view.children_edges(obj)
+    except ValueError as error:
+        if type(error) is not ValueError:
+            raise  # a more specific error keeps its type and its message
+        where = f"checkpoint path {object_path!r}" if object_path else "the root of the checkpoint"
+        raise ValueError(f"{error} The object is at {where}.") from error
+
+
 def serialize_graph(view: GraphView, *, skip_slots: bool = False) -> SerializedGraph:
     """Walk the live objects and return the object-graph document and the values to save."""
     return _serialize(view, skip_slots=skip_slots)[0]
@@ -204,7 +215,7 @@ def _serialize(view: GraphView, *, skip_slots: bool = False, known_values: dict 
     while index < len(order):  # breadth first: `order` is the queue
         obj = order[index]
         object_path = path_of[index]
-        obj_edges = view.children_edges(obj)
+        obj_edges = _children_at(view, obj, object_path)
         if type(obj)._trackable_children is not _DECLARED_CHILDREN:
             reuse.computed_children.append((obj, tuple(obj_edges) if obj is not root else None))
         children = []
@@ -463,7 +474,10 @@ class GraphCache:
         if _attached_identities(view) != self._attached:
             return None
         for obj, cached in reuse.computed_children:
-            current = view.children_edges(obj)  # may raise: exactly as a fresh walk would
+            try:
+                current = view.children_edges(obj)
+            except ValueError:
+                return None  # the fresh walk raises it again, naming where the object is
             if cached is not None and (
                 len(current) != len(cached)
                 or any(name != old_name or child is not old_child

@@ -458,11 +458,11 @@ def test_restore_refuses_shape_mismatch():
 
 def test_restore_refuses_dtype_cast_and_names_key():
     v = Variable(np.zeros(2, np.float32), name="k")
-    with pytest.raises(ValueError, match="with dtype float64 when attempting to restore variable 'k' of dtype "
+    with pytest.raises(ValueError, match="of dtype float64 when attempting to restore variable 'k' of dtype "
                                          "float32: expected dtype float32 does not equal original dtype float64"):
         v._restore_from_tensors({VARIABLE_VALUE_KEY: np.zeros(2, np.float64)})
     source = "checkpoint key 'a/.ATTRIBUTES/VARIABLE_VALUE' of /tmp/ckpt-1"
-    with pytest.raises(ValueError, match=re.escape(f"with dtype int32 from {source} when")):
+    with pytest.raises(ValueError, match=re.escape(f"of dtype int32 from {source} when")):
         v._check_restorable(np.zeros(2, np.int32), source)
 
 
@@ -471,7 +471,7 @@ def test_restore_messages_name_an_unnamed_variable_by_its_key():
     source = "checkpoint key 'v/.ATTRIBUTES/VARIABLE_VALUE' of /tmp/ckpt-1"
     with pytest.raises(ValueError) as info:
         v._check_restorable(np.zeros(2, np.float64), source)
-    assert str(info.value).startswith(f"Received tensor with dtype float64 from {source} when attempting to restore "
+    assert str(info.value).startswith(f"Received a value of dtype float64 from {source} when attempting to restore "
                                       "a variable of dtype float32")
     with pytest.raises(ValueError) as info:
         v._check_restorable(np.zeros(3, np.float32), source)

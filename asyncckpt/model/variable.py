@@ -459,7 +459,7 @@ def check_restorable(value: Any, shape: tuple[int, ...], dtype: np.dtype, name: 
         )
     if np.dtype(value.dtype) != dtype:
         raise ValueError(
-            f"Received tensor with dtype {np.dtype(value.dtype)}{origin} when attempting to restore {label} of "
+            f"Received a value of dtype {np.dtype(value.dtype)}{origin} when attempting to restore {label} of "
             f"dtype {dtype}: expected dtype {dtype} does not equal original dtype {np.dtype(value.dtype)}."
         )
 

@@ -41,7 +41,7 @@ from asyncckpt.restore import (
     RestoreCoordinator,
     preload_simple_restoration,
 )
-from asyncckpt.state_file import update_checkpoint_state
+from asyncckpt.state_file import _tensorflow_checkpoints_in, update_checkpoint_state
 from asyncckpt.model.trackable import Trackable, TrackableReference
 from asyncckpt.model.variable import Variable
 
@@ -196,8 +196,8 @@ def _assert_trackable(obj: Any, name: str) -> None:
     if not isinstance(obj, Trackable):
         raise ValueError(
             f"`Checkpoint` was expecting {name} to be a trackable object (an object derived from "
-            f"`Trackable`), got {obj}. If you believe this object should be trackable (i.e. it is part "
-            "of the TensorFlow Python API and manages state), please open an issue."
+            f"`Trackable`), got {obj}. Wrap an array in asyncckpt.Variable, and keep other Python state in a "
+            "PythonState subclass."
         )
 
 
@@ -225,23 +225,38 @@ def add_variable(
     declared_shape = tuple(shape) if shape is not None else None
     position = preload_simple_restoration(trackable, name)
     if position is not None:
-        value = position.value()
-        if declared_shape is not None and tuple(value.shape) != declared_shape:
-            raise ValueError(
-                f"In the creation of variable {name!r}, the checkpoint value's shape {tuple(value.shape)} is "
-                f"not compatible with the explicitly supplied `shape` argument {declared_shape}."
-            )
-        if dtype is not None and np.dtype(value.dtype) != np.dtype(dtype):
-            raise ValueError(
-                f"In the creation of variable {name!r}, the checkpoint value's dtype {value.dtype} does not "
-                f"match the requested dtype {np.dtype(dtype)}."
-            )
-        variable = Variable(value, name=name, trainable=trainable, device=device)
+        _check_initial_checkpoint_value(position, name, declared_shape, dtype)
+        variable = Variable(position.value(), name=name, trainable=trainable, device=device)
         variable._update_uid = position.restore_uid
     else:
         variable = Variable(_initial_value(name, declared_shape, dtype, initializer), dtype=dtype, name=name,
                             trainable=trainable, device=device)
     return trackable._track_trackable(variable, name)
+
+
+def _check_initial_checkpoint_value(position: CheckpointPosition, name: str, shape: tuple[int, ...] | None,
+                                    dtype: Any) -> None:
+    """Refuse a checkpoint value that cannot be variable ``name``'s initial value, before reading it.
+
+    ``save_counter``, an optimizer's ``iter`` and its hyperparameters declare their shape ``()``,
+    so a saved value of another shape fails here, naming its key and checkpoint, rather than at
+    first use.
+    """
+    spec = position.value_spec()
+    source = position.value_source()
+    if isinstance(spec.dtype, str):
+        raise ValueError(f"In the creation of variable {name!r}, the checkpoint value ({source}) is a byte "
+                         "string, not an array.")
+    if shape is not None and tuple(spec.shape) != shape:
+        raise ValueError(
+            f"In the creation of variable {name!r}, the checkpoint value's shape {tuple(spec.shape)} is not "
+            f"compatible with the explicitly supplied `shape` argument {shape}. The value is {source}."
+        )
+    if dtype is not None and np.dtype(spec.dtype) != np.dtype(dtype):
+        raise ValueError(
+            f"In the creation of variable {name!r}, the checkpoint value's dtype {np.dtype(spec.dtype)} does not "
+            f"match the requested dtype {np.dtype(dtype)}. The value is {source}."
+        )
 
 
 def _initial_value(name: str, shape: tuple[int, ...] | None, dtype: Any, initializer: Any):
@@ -262,6 +277,23 @@ def _initial_value(name: str, shape: tuple[int, ...] | None, dtype: Any, initial
             f"the explicitly supplied `shape` argument {shape}"
         )
     return value
+
+
+def _record_in_state_file(directory: str, path: str) -> None:
+    """Name ``path`` in the state file of ``directory``, unless that file is TensorFlow's record.
+
+    TensorFlow keeps the same ``checkpoint`` file; rewriting it would drop its checkpoints from it,
+    so a save beside TensorFlow checkpoints leaves the file alone and says so.
+    """
+    found = _tensorflow_checkpoints_in(directory)
+    if found:
+        logger.warning(
+            "Not recording %s in the state file of %s: it lists TensorFlow checkpoints (%s), and asyncckpt "
+            "does not rewrite files it did not write. latest_checkpoint() will not name this checkpoint.",
+            path, directory, ", ".join(found),
+        )
+        return
+    update_checkpoint_state(directory, path)
 
 
 class Checkpoint(AutoTrackable):
@@ -332,7 +364,7 @@ class Checkpoint(AutoTrackable):
     def _maybe_create_save_counter(self) -> None:
         if self._self_save_counter is not None:
             return
-        counter = add_variable(self, "save_counter", initializer=0, dtype=np.int64, trainable=False)
+        counter = add_variable(self, "save_counter", shape=(), initializer=0, dtype=np.int64, trainable=False)
         object.__setattr__(self, "_self_save_counter", counter)
         if self._self_attached is not None:
             self._self_attached.append(TrackableReference("save_counter", counter))
@@ -352,7 +384,7 @@ class Checkpoint(AutoTrackable):
             counter.assign_add(1)
             path = f"{prefix}-{int(counter)}"
             directory = os.path.dirname(path) or "."
-            state_updater = lambda: update_checkpoint_state(directory, path)  # noqa: E731
+            state_updater = lambda: _record_in_state_file(directory, path)  # noqa: E731
             # Of several workers saving together, only the chief records the checkpoint.
             return self._write(path, options, extra_callbacks=[state_updater] if is_chief(options) else [])
 
@@ -474,7 +506,8 @@ class Checkpoint(AutoTrackable):
             raise NotFoundError(
                 f"Error when restoring from checkpoint or SavedModel at {os.fspath(save_path)}: {error}\n"
                 "Please double-check that the path is correct. You may be missing the checkpoint suffix "
-                "(e.g. the '-1' in 'path/to/ckpt-1')."
+                "(e.g. the '-1' in 'path/to/ckpt-1'). asyncckpt reads asyncckpt checkpoints only, not "
+                "SavedModel directories."
             ) from error
         self._maybe_create_save_counter()
         return status

@@ -61,7 +61,7 @@ import numpy as np
 
 from asyncckpt import state_file
 from asyncckpt import io as ckio
-from asyncckpt.errors import CheckpointError, CorruptCheckpointError, NotFoundError
+from asyncckpt.errors import CheckpointError, CorruptCheckpointError, NotFoundError, UnsupportedFormatError
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions, is_chief
 from asyncckpt.format import lock_name
@@ -71,6 +71,7 @@ from asyncckpt.state_file import (
     CheckpointStateParseError,
     _build_state,
     _fspath,
+    _listed_tensorflow_checkpoints,
     _load_pending_deletions,
     _load_state,
     _recorded_checkpoint_exists,
@@ -133,7 +134,10 @@ class CheckpointManager:
     never managed or deleted; neither are recorded paths outside ``directory`` or names no
     checkpoint can have (an empty entry, a name too long for the file system), which are
     logged at WARNING. Paths are normalised, so ``./ckpt-2`` in the state file and a save of
-    ``ckpt-2`` are the same checkpoint.
+    ``ckpt-2`` are the same checkpoint. A directory whose state file lists TensorFlow checkpoints
+    (TensorFlow keeps the same state file) is refused at construction, so that none of them is
+    ever adopted, renumbered over or deleted; the manager never deletes a ``P.index`` it did not
+    write either (`asyncckpt.io.delete_checkpoint` leaves it, with a WARNING).
 
     Bookkeeping happens only after a checkpoint is durable (as the last write callback), so with
     ``CheckpointOptions(enable_async=True)`` the state file, `latest_checkpoint` and deletions
@@ -181,6 +185,8 @@ class CheckpointManager:
         given without ``step_counter``, or if a number argument is negative.
     TypeError
         If ``checkpoint`` is not a checkpoint or ``init_fn`` is not callable.
+    UnsupportedFormatError
+        If the state file of ``directory`` lists TensorFlow checkpoints.
     """
 
     def __init__(
@@ -256,6 +262,7 @@ class CheckpointManager:
             # A second before now, so a manager re-created right away does not preserve on clock ties.
             self._last_preserved_timestamp = now - 1.0
             return
+        _refuse_tensorflow_checkpoints(self._directory, recovered)
         # As latest_checkpoint(directory) answers, a missing latest falls back to an older committed
         # one; with none committed the recorded path is kept unchecked (TensorFlow's behaviour).
         self._latest_checkpoint = recovered.model_checkpoint_path
@@ -369,13 +376,14 @@ class CheckpointManager:
             save_counter.assign_add(1)
             number = _as_integer(save_counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
             prefix = f"{self._checkpoint_prefix}-{number}"
-            if (not self._resumed and self._canonical(prefix) in self._found_at_start
+            if (self._fell_back and not self._resumed and self._canonical(prefix) in self._found_at_start
                     and _recorded_checkpoint_exists(prefix)):
                 save_counter.assign_sub(1)
                 raise CheckpointError(
                     f"refusing to overwrite checkpoint {prefix}: it was in {self._directory} before this run, "
-                    "which did not resume from it (save_counter was 0 at its first save). Restore the latest "
-                    "checkpoint first (restore_or_initialize()), save under other numbers "
+                    "whose latest checkpoint was missing, and this run did not resume from it (save_counter "
+                    "was 0 at its first save). Restore the latest checkpoint first (restore_or_initialize()), "
+                    "save under other numbers "
                     "(checkpoint_number=...), or delete the old checkpoints to start over"
                 )
             pending = _PendingSave(prefix, _CheckpointIo.of(options))
@@ -769,6 +777,22 @@ class _PendingSave:
         self.path = path
         self.io = io
         self.started = False
+
+
+def _refuse_tensorflow_checkpoints(directory: str, state: CheckpointState) -> None:
+    """Raise ``UnsupportedFormatError`` if the state file of ``directory`` lists TensorFlow checkpoints.
+
+    TensorFlow's ``CheckpointManager`` keeps the same state file: adopting its entries would make
+    this manager delete TensorFlow checkpoints, drop them from the file and number its own
+    checkpoints over theirs. Refusing at construction leaves every file as it is.
+    """
+    found = _listed_tensorflow_checkpoints(state)
+    if found:
+        raise UnsupportedFormatError(
+            f"{directory} holds TensorFlow checkpoints ({', '.join(map(repr, found))} in its state file "
+            "are TensorFlow TensorBundle checkpoints): asyncckpt cannot read or manage them and leaves "
+            "them as they are; give the CheckpointManager another directory"
+        )
 
 
 def _strictly_inside(path_abs: str, directory_abs: str) -> bool:

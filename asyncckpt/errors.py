@@ -6,7 +6,7 @@ Error tree::
     ├── NotFoundError (also FileNotFoundError)      no committed checkpoint at a path
     ├── CheckpointTimeoutError (also TimeoutError)  a multi-worker save waited too long for a worker
     └── CorruptCheckpointError (also ValueError)    manifest, state or data failed validation
-        └── UnsupportedFormatError                  written by an unknown format version
+        └── UnsupportedFormatError                  another format (TensorFlow's) or an unknown version
 
 Mismatches between a checkpoint and live objects (dtype, shape) raise plain ``ValueError``
 naming the key, as TensorFlow users expect; failed status assertions raise ``AssertionError``.
@@ -40,4 +40,9 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 
 class UnsupportedFormatError(CorruptCheckpointError):
-    """The checkpoint was written by a format version this release cannot read."""
+    """A file at a checkpoint path is in a format this release cannot read, or of a version it cannot.
+
+    Raised for a TensorFlow checkpoint (recognised by its index), for a file asyncckpt did not
+    write where it would commit a checkpoint (left as it is: asyncckpt never replaces or deletes
+    files it did not write), and for an asyncckpt manifest of an unknown ``format_version``.
+    """

@@ -53,6 +53,10 @@ __all__ = [
     "decode_dtype",
     "is_plain_name",
     "parse_manifest",
+    "TENSORFLOW_TABLE_MAGIC",
+    "is_tensorflow_index",
+    "is_own_manifest",
+    "OWN_MANIFEST_HEAD_BYTES",
     "read_data_dir",
     "read_data_dirs",
     "MAX_DATA_DIRS",
@@ -93,6 +97,12 @@ INDEX_SUFFIX = ".index"
 MANIFEST_CRC_FIELD = "manifest_crc32c"
 _MANIFEST_HEADER = f'{{"{MANIFEST_CRC_FIELD}":'.encode("ascii")
 _MANIFEST_HEADER_RE = re.compile(re.escape(_MANIFEST_HEADER) + rb"(0|[1-9][0-9]{0,9}),")
+#: How many leading bytes of a ``P.index`` :func:`is_own_manifest` needs to recognise one of ours.
+OWN_MANIFEST_HEAD_BYTES = len(_MANIFEST_HEADER)
+#: The last 8 bytes of a TensorFlow ``P.index`` (a LevelDB-style table: its footer's magic number).
+TENSORFLOW_TABLE_MAGIC = 0xDB4775248B80FB57
+_TENSORFLOW_MAGIC_BYTES = TENSORFLOW_TABLE_MAGIC.to_bytes(8, "little")
+_TENSORFLOW_FOOTER_BYTES = 48
 _NONCE = r"[0-9a-f]{16}"
 _DATA_DIR_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})$", re.DOTALL)
 _LOCK_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})\.lock$", re.DOTALL)
@@ -167,6 +177,44 @@ def is_plain_name(name: Any) -> bool:
         and name not in (".", "..")
         and not any(ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Telling our files from others'
+
+
+def is_tensorflow_index(data: bytes) -> bool:
+    """Whether ``data`` is a TensorFlow TensorBundle index: a table ending in its footer's magic number.
+
+    TensorFlow names its index ``P.index`` as asyncckpt does, so the two meet in one directory;
+    the magic lets every reader say what the file is instead of failing to parse it.
+    """
+    return len(data) >= _TENSORFLOW_FOOTER_BYTES and data[-8:] == _TENSORFLOW_MAGIC_BYTES
+
+
+def is_own_manifest(data: bytes) -> bool:
+    """Whether ``data`` (a whole ``P.index``, or its first ``OWN_MANIFEST_HEAD_BYTES``) is ours.
+
+    Every manifest asyncckpt writes begins with its checksum member, so even a damaged or
+    truncated one is recognised by its first bytes; an unsealed JSON document that says
+    ``"format": "asyncckpt"`` counts too. Anything else at a checkpoint path belongs to someone
+    else, and asyncckpt neither replaces nor deletes it.
+    """
+    if data.startswith(_MANIFEST_HEADER):
+        return True
+    try:
+        document = _load_json(data)
+    except _Invalid:
+        return False
+    return isinstance(document, dict) and document.get("format") == FORMAT_NAME
+
+
+def _refuse_tensorflow_index(data: bytes, source: str) -> None:
+    if is_tensorflow_index(data):
+        raise UnsupportedFormatError(
+            f"{source} is a TensorFlow checkpoint (a TensorBundle index, written by tf.train.Checkpoint), "
+            "not an asyncckpt checkpoint: asyncckpt cannot read TensorFlow checkpoints"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +400,14 @@ def _reject_constant(name: str):
     raise _Invalid(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a double (``1e400``) is refused, not made infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Invalid(f"the number {text} is out of range for a double")
+    return value
+
+
 def _unique_object(pairs: list) -> dict:
     result = {}
     for key, value in pairs:
@@ -364,7 +420,9 @@ def _unique_object(pairs: list) -> dict:
 def _load_json(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+        return json.loads(
+            text, object_pairs_hook=_unique_object, parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except _Invalid:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -409,6 +467,23 @@ def _parse_extent(raw: Any, index: int, dirs: int = 1) -> Extent:
     return Extent(raw["file"], offset, length, _require_int(raw["crc32c"], f"{what} crc32c", 2**32 - 1), directory)
 
 
+def _require_allocatable(shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a shape no array can have, even an empty one.
+
+    A zero dimension makes ``nbytes`` 0 whatever the others say, yet NumPy still refuses a shape
+    whose non-zero dimensions multiply past its address space (``[0, 2**53, 2**53]``): bounding
+    their product by ``MAX_BYTES`` keeps every accepted shape allocatable.
+    """
+    product = itemsize
+    for dim in shape:
+        if dim:
+            product *= dim
+            if product > MAX_BYTES:
+                raise _Invalid(
+                    f"shape {list(shape)} is too large: its non-zero dimensions hold more than {MAX_BYTES} bytes"
+                )
+
+
 def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     raw = _require_dict(raw, "the record", {"dtype", "shape", "nbytes", "crc32c", "extents"})
     try:
@@ -419,6 +494,7 @@ def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise _Invalid(f"shape must be a list of at most {MAX_NDIM} integers, got {shape!r}")
     shape = tuple(_require_int(dim, "a shape dimension") for dim in shape)
+    _require_allocatable(shape, 1 if dtype == BYTES_DTYPE else dtype.itemsize)
     nbytes = _require_int(raw["nbytes"], "nbytes")
     if dtype == BYTES_DTYPE:
         if shape != ():
@@ -435,7 +511,7 @@ def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     extents = tuple(_parse_extent(extent, i, dirs) for i, extent in enumerate(extents_raw))
     covered = sum(extent.length for extent in extents)
     if covered != nbytes:
-        raise _Invalid(f"extents cover {covered} bytes but the tensor has {nbytes}")
+        raise _Invalid(f"extents cover {covered} bytes but the value has {nbytes}")
     crc = _require_int(raw["crc32c"], "crc32c", 2**32 - 1)
     return TensorRecord(raw["dtype"], shape, nbytes, crc, extents)
 
@@ -446,13 +522,15 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
     Raises
     ------
     UnsupportedFormatError
-        The manifest is an asyncckpt manifest of a ``format_version`` this release cannot read.
+        The manifest is an asyncckpt manifest of a ``format_version`` this release cannot read, or
+        the file is a TensorFlow checkpoint index (recognised by its table magic number).
     CorruptCheckpointError
         Anything else is wrong: bytes that fail the manifest's own checksum (``manifest_crc32c``,
         checked before anything else), not JSON, missing or mistyped fields, unknown dtype, a shape that
         does not match ``nbytes``, extents that do not tile the tensor, file names that could
         escape the data directory. The message names ``source`` and, where known, the key.
     """
+    _refuse_tensorflow_index(data, source)
     try:
         header = _MANIFEST_HEADER_RE.match(data)
         if header is not None:

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from asyncckpt.model.data_structures import TrackableDataStructure
+import numpy as np
+
+from asyncckpt import _arrays
+from asyncckpt.model.autotrackable import AutoTrackable, untracked_names
+from asyncckpt.model.data_structures import DictWrapper, ListWrapper, TrackableDataStructure, TupleWrapper
 from asyncckpt.model.trackable import Trackable, TrackableReference, structure_version
 from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable
 
@@ -31,6 +36,8 @@ __all__ = [
     "pretty_node_names",
     "has_checkpoint_values",
 ]
+
+logger = logging.getLogger("asyncckpt")
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _ATTRIBUTES = ".ATTRIBUTES"
@@ -149,6 +156,17 @@ class _Reuse:
     computed_values: list = dataclasses.field(default_factory=list)  # (object, names, entry indices)
 
 
+def _children_at(view: GraphView, obj: Trackable, object_path: str) -> list[tuple[str, Trackable]]:
+    """``obj``'s edges; an object that refuses to be saved (a list changed behind its wrapper) is named by path."""
+    try:
+        return view.children_edges(obj)
+    except ValueError as error:
+        if type(error) is not ValueError:
+            raise  # a more specific error keeps its type and its message
+        where = f"checkpoint path {object_path!r}" if object_path else "the root of the checkpoint"
+        raise ValueError(f"{error} The object is at {where}.") from error
+
+
 def serialize_graph(view: GraphView, *, skip_slots: bool = False) -> SerializedGraph:
     """Walk the live objects and return the object-graph document and the values to save."""
     return _serialize(view, skip_slots=skip_slots)[0]
@@ -197,7 +215,7 @@ def _serialize(view: GraphView, *, skip_slots: bool = False, known_values: dict 
     while index < len(order):  # breadth first: `order` is the queue
         obj = order[index]
         object_path = path_of[index]
-        obj_edges = view.children_edges(obj)
+        obj_edges = _children_at(view, obj, object_path)
         if type(obj)._trackable_children is not _DECLARED_CHILDREN:
             reuse.computed_children.append((obj, tuple(obj_edges) if obj is not root else None))
         children = []
@@ -264,6 +282,87 @@ def _serialize(view: GraphView, *, skip_slots: bool = False, known_values: dict 
         node["has_checkpoint_values"] = value
     graph = SerializedGraph(object_graph={"nodes": nodes}, entries=tuple(entries), objects=tuple(order))
     return graph, reuse
+
+
+# ---------------------------------------------------------------------------------------------
+# State that is not saved
+
+
+_WARNED = "_self_unsaved_warned"
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or _arrays.is_device_array(value)
+
+
+def _holds_arrays(value: Any) -> bool:
+    """A plain list, tuple or dict with an array among its elements (one level deep)."""
+    if isinstance(value, Trackable):
+        return False  # a container wrapper: a node of its own, looked at as such
+    if isinstance(value, (list, tuple)):
+        return any(_is_array(element) for element in value)
+    if isinstance(value, dict):
+        return any(_is_array(element) for element in value.values())
+    return False
+
+
+def _container_elements(obj: TrackableDataStructure) -> Iterator[tuple[Any, Any]]:
+    if isinstance(obj, DictWrapper):
+        return iter(obj._storage.items())
+    if isinstance(obj, ListWrapper):
+        return enumerate(obj._storage)
+    if isinstance(obj, TupleWrapper):
+        return enumerate(tuple.__iter__(obj))
+    return iter(())
+
+
+def _unsaved_values(obj: Any) -> Iterator[tuple[str, str]]:
+    """``(suffix, what)`` for each array ``obj`` holds that no checkpoint saves.
+
+    Only attribute-tracking objects and containers are looked at, and only those saving no
+    values of their own (a custom ``_serialize_to_tensors`` may save its arrays itself).
+    """
+    if type(obj)._serialize_to_tensors is not _NO_VALUES:
+        return
+    if isinstance(obj, TrackableDataStructure):
+        for key, value in _container_elements(obj):
+            if _is_array(value):
+                yield f"[{key!r}]", "a NumPy array"
+    elif isinstance(obj, AutoTrackable):
+        silenced = untracked_names(obj)
+        for name, value in list(vars(obj).items()):
+            if name.startswith("_self_") or name in silenced:
+                continue
+            if _is_array(value):
+                yield f".{name}", "a NumPy array"
+            elif _holds_arrays(value):
+                yield f".{name}", f"a {type(value).__name__} of NumPy arrays"
+
+
+def warn_unsaved_state(graph: SerializedGraph) -> None:
+    """Log, once per attribute of each object, arrays in the saved graph that are not saved.
+
+    TensorFlow's rule stands -- only trackables are saved -- but an array assigned to an
+    attribute is dropped without a word, so a save names it and what to wrap it in. Runs when a
+    graph is built, never for a cached one, so repeat saves pay nothing.
+    """
+    names = None
+    for node_id, obj in enumerate(graph.objects):
+        found = list(_unsaved_values(obj))
+        if not found:
+            continue
+        warned = obj.__dict__.setdefault(_WARNED, set())
+        for suffix, what in found:
+            if suffix in warned:
+                continue
+            warned.add(suffix)
+            names = names or pretty_node_names(graph.object_graph["nodes"])
+            logger.warning(
+                "%s%s holds %s, which checkpoints do not save (only trackable objects are saved). Wrap it in "
+                "asyncckpt.Variable to save it, or assign it as asyncckpt.NoDependency(value) (or keep it in "
+                "a PythonState) to silence this warning.",
+                names[node_id], suffix, what,
+            )
 
 
 def _attached_targets(view: GraphView) -> tuple:
@@ -346,6 +445,7 @@ class GraphCache:
         known = self._known
         self._known = None
         graph, reuse = _serialize(view, known_values=known)
+        warn_unsaved_state(graph)
         graph = dataclasses.replace(graph, objects=())  # the node list would hold the root strongly
         self.clear()
         if reuse.cacheable and not self._holds(root, graph, reuse):
@@ -374,7 +474,10 @@ class GraphCache:
         if _attached_identities(view) != self._attached:
             return None
         for obj, cached in reuse.computed_children:
-            current = view.children_edges(obj)  # may raise: exactly as a fresh walk would
+            try:
+                current = view.children_edges(obj)
+            except ValueError:
+                return None  # the fresh walk raises it again, naming where the object is
             if cached is not None and (
                 len(current) != len(cached)
                 or any(name != old_name or child is not old_child

@@ -45,14 +45,15 @@ class Optimizer(AutoTrackable):
     def iterations(self) -> Variable:
         """The number of ``apply_gradients`` calls (checkpoint key ``.../iter``)."""
         if self._self_iterations is None:
-            iterations = add_variable(self, "iter", initializer=0, dtype=np.int64, trainable=False)
+            iterations = add_variable(self, "iter", shape=(), initializer=0, dtype=np.int64, trainable=False)
             object.__setattr__(self, "_self_iterations", iterations)
         return self._self_iterations
 
     def _hyper(self, name: str) -> Variable:
         if name not in self._self_hyper:
             value = self._self_hyper_values[name]
-            self._self_hyper[name] = add_variable(self, name, initializer=value, dtype=np.float32, trainable=False)
+            self._self_hyper[name] = add_variable(self, name, shape=(), initializer=value, dtype=np.float32,
+                                                  trainable=False)
         return self._self_hyper[name]
 
     def _hyper_value(self, name: str) -> float:
@@ -74,7 +75,8 @@ class Optimizer(AutoTrackable):
         queued = self._self_deferred_slot_restorations.get(slot_name, {}).get(var._unique_id, [])
         newest = max(queued, key=lambda p: p.restore_uid) if queued else None
         if newest is not None and newest.is_simple_variable():
-            slot = variable_from_position(newest, name=f"{var.name}/{slot_name}", trainable=False, device=var.device)
+            slot = variable_from_position(newest, name=f"{var.name}/{slot_name}", trainable=False, device=var.device,
+                                          like=var)
         else:
             module = _arrays.array_module(var._snapshot_array())
             slot = Variable(module.zeros(var.shape, dtype=var.dtype), name=f"{var.name}/{slot_name}", trainable=False,
@@ -95,7 +97,8 @@ class Optimizer(AutoTrackable):
         slot = self.get_slot(variable, slot_name)
         if slot is None and slot_variable_position.is_simple_variable() and isinstance(variable, Variable):
             slot = variable_from_position(
-                slot_variable_position, name=f"{variable.name}/{slot_name}", trainable=False, device=variable.device
+                slot_variable_position, name=f"{variable.name}/{slot_name}", trainable=False, device=variable.device,
+                like=variable,
             )
             self._self_slots.setdefault(variable._unique_id, {})[slot_name] = slot
             structure_changed()

@@ -33,7 +33,7 @@ from asyncckpt.model.data_structures import TrackableDataStructure
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.graph import GraphView, list_objects, pretty_node_names
 from asyncckpt.model.trackable import Trackable
-from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable
+from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable, check_restorable
 
 __all__ = [
     "ReadRequest",
@@ -264,6 +264,10 @@ class RestoreCoordinator:
     def python_objects(self) -> list[Any]:
         return [obj for obj in (ref() for ref in self.all_python_objects.values()) if obj is not None]
 
+    def describe_key(self, key: str) -> str:
+        """``checkpoint key 'k' of P``: what messages about one value name."""
+        return f"checkpoint key {key!r} of {getattr(self.reader, 'path', 'the checkpoint')}"
+
     def read_request(self, keys: Sequence[str], destinations: dict[str, Any] | None = None) -> ReadRequest:
         """A request for ``keys``; those in ``destinations`` are read into the given arrays."""
         return ReadRequest(self.reader, list(keys), dict(destinations or {}))
@@ -310,9 +314,16 @@ class CheckpointPosition:
         key = self.object_proto["attributes"][0]["checkpoint_key"]
         return self.checkpoint.read_request([key]).run()[key]
 
+    def value_spec(self) -> Any:
+        """dtype and shape of a simple variable's value, known before anything is read."""
+        return self.checkpoint.reader.spec(self.object_proto["attributes"][0]["checkpoint_key"])
+
     def value_shape(self) -> tuple[int, ...]:
-        key = self.object_proto["attributes"][0]["checkpoint_key"]
-        return tuple(self.checkpoint.reader.spec(key).shape)
+        return tuple(self.value_spec().shape)
+
+    def value_source(self) -> str:
+        """Where a simple variable's value comes from, for messages: its key and checkpoint."""
+        return self.checkpoint.describe_key(self.object_proto["attributes"][0]["checkpoint_key"])
 
     # ------------------------------------------------------------------ binding
     def bind_object(self, trackable: Any) -> bool:
@@ -379,7 +390,10 @@ class CheckpointPosition:
             if provide is None:
                 continue
             for name, key in attributes.items():
-                destination = provide(name, reader.spec(key))
+                spec = reader.spec(key)
+                if isinstance(obj, Variable) and name == VARIABLE_VALUE_KEY:
+                    obj._check_restorable(spec, self.checkpoint.describe_key(key))  # a message naming the key
+                destination = provide(name, spec)
                 if destination is not None:
                     destinations[key] = destination
         return destinations
@@ -435,12 +449,17 @@ def _create_or_restore_slot(optimizer: Any, position: CheckpointPosition, slot_n
 
 
 def variable_from_position(position: CheckpointPosition, *, name: str | None = None, trainable: bool = True,
-                           device: str | None = None) -> Variable:
+                           device: str | None = None, like: Variable | None = None) -> Variable:
     """Create a variable whose initial value is a saved simple variable (restore-on-create).
 
-    The new variable is marked as already holding this restore's value, so binding it afterwards
-    (``position.restore(variable)`` or tracking it) does not read and assign the value again.
+    With ``like`` (the variable an optimizer slot serves), the saved value must have its shape and
+    dtype, checked before anything is read: a mismatched slot would otherwise restore and fail
+    only at the next update. The new variable is marked as already holding this restore's value,
+    so binding it afterwards (``position.restore(variable)`` or tracking it) does not read and
+    assign the value again.
     """
+    if like is not None:
+        check_restorable(position.value_spec(), like.shape, like.dtype, name or like.name, position.value_source())
     variable = Variable(position.value(), name=name, trainable=trainable, device=device)
     variable._update_uid = position.restore_uid
     return variable

@@ -68,6 +68,7 @@ from asyncckpt._state_text import (
     format_checkpoint_state,
     parse_checkpoint_state,
 )
+from asyncckpt.format import index_path, is_tensorflow_index
 from asyncckpt.io.storage import Storage
 
 try:  # POSIX only; see the module docstring.
@@ -487,3 +488,40 @@ def _recorded_checkpoint_exists(prefix: str, *, storage: Storage | None = None, 
     except OSError as exc:
         logger.warning("cannot look up checkpoint %r recorded in the state file: %s", prefix, exc)
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow's checkpoints in the same file
+# ---------------------------------------------------------------------------------------------
+
+#: The bytes at the end of a TensorFlow index that identify it (its table footer).
+_TENSORFLOW_FOOTER_BYTES = 48
+
+
+def _listed_tensorflow_checkpoints(state: CheckpointState) -> list[str]:
+    """The checkpoints ``state`` lists that are TensorFlow's (their local ``P.index`` says so).
+
+    TensorFlow keeps the same state file; its entries must be neither adopted nor dropped.
+    """
+    paths = dict.fromkeys([*state.all_model_checkpoint_paths, state.model_checkpoint_path])
+    return [path for path in paths if path and _is_tensorflow_checkpoint(path)]
+
+
+def _is_tensorflow_checkpoint(prefix: str) -> bool:
+    """Whether ``prefix.index`` on the local file system is a TensorFlow index (by its footer's magic)."""
+    try:
+        with open(index_path(prefix), "rb") as index:
+            size = index.seek(0, os.SEEK_END)
+            index.seek(max(size - _TENSORFLOW_FOOTER_BYTES, 0))
+            return is_tensorflow_index(index.read(_TENSORFLOW_FOOTER_BYTES))
+    except (OSError, ValueError):
+        return False
+
+
+def _tensorflow_checkpoints_in(directory: str) -> list[str]:
+    """TensorFlow checkpoints the state file of ``directory`` lists; [] when it is missing or unreadable."""
+    try:
+        state = _read_state(_state_filename(directory, None))
+    except (OSError, CheckpointStateParseError):
+        return []
+    return [] if state is None else _listed_tensorflow_checkpoints(_join_with_directory(state, directory))

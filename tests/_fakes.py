@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import numpy as np
 from asyncckpt.format import index_path, seal_manifest
 from asyncckpt.testing.storage import FailingStorage, GatedStorage, WrappingStorage
 
-__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor", "json_paths"]
+__all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor", "json_paths",
+           "tensorflow_index_bytes", "write_tensorflow_checkpoints", "files_in"]
 
 
 class FakeVariable:
@@ -140,3 +142,49 @@ def json_paths(node, prefix=()):
     elif isinstance(node, list):
         for index, value in enumerate(node):
             yield from json_paths(value, (*prefix, index))
+
+
+_TENSORFLOW_TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
+
+
+def tensorflow_index_bytes(seed: int = 0) -> bytes:
+    """Bytes laid out like a TensorFlow ``P.index``: a data block, its trailer, the 48-byte table footer.
+
+    Only the shape matters here (no reader of them exists in this project): a block of one
+    entry with non-UTF-8 bytes, a 5-byte trailer, then two block handles zero-padded to 40 bytes
+    and the table's magic number, little-endian.
+    """
+    block = b"\x00\x08\x10" + bytes([seed]) * 8 + b"\xff\xfe" * 8 + b"\x00\x00\x00\x00\x01\x00\x00\x00"
+    trailer = b"\x00\x12\x34\x56\x78"
+    footer = bytes([len(block) + 5, 0, 0, len(block)]).ljust(40, b"\x00") + _TENSORFLOW_TABLE_MAGIC
+    return block + trailer + footer
+
+
+def write_tensorflow_checkpoints(directory, numbers=(1, 2, 3), name: str = "ckpt") -> dict[str, bytes]:
+    """Make ``directory`` look as ``tf.train.CheckpointManager`` leaves it; return :func:`files_in` of it.
+
+    Each ``<name>-<n>`` gets an index (:func:`tensorflow_index_bytes`) and a data file
+    ``<name>-<n>.data-00000-of-00001``; the ``checkpoint`` state file lists them with recent
+    timestamps, as a manager recording them would.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    lines = [f'model_checkpoint_path: "{name}-{numbers[-1]}"']
+    for number in numbers:
+        (directory / f"{name}-{number}.index").write_bytes(tensorflow_index_bytes(number))
+        (directory / f"{name}-{number}.data-00000-of-00001").write_bytes(bytes(range(number, number + 64)))
+        lines.append(f'all_model_checkpoint_paths: "{name}-{number}"')
+    lines += [f"all_model_checkpoint_timestamps: {now - 60 + i!r}" for i in range(len(numbers))]
+    lines.append(f"last_preserved_timestamp: {now - 3600!r}")
+    (directory / "checkpoint").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files_in(directory)
+
+
+def files_in(directory) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative name -> bytes), directories as ``b"<dir>"``."""
+    directory = Path(directory)
+    return {
+        str(path.relative_to(directory)): b"<dir>" if path.is_dir() else path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+    }

@@ -353,3 +353,24 @@ def test_round_trip_through_tensorstore_file_kvstore(tmp_path):
     ac.Checkpoint(big=big, small=small2).read(path, options=read).assert_consumed()
     np.testing.assert_array_equal(big.numpy(), saved)
     np.testing.assert_array_equal(small2.numpy(), small.numpy())
+
+
+def test_a_non_trackable_argument_is_refused_with_asyncckpt_advice():
+    with pytest.raises(ValueError) as info:
+        ac.Checkpoint(step=5)
+    message = str(info.value)
+    assert message.startswith(
+        "`Checkpoint` was expecting step to be a trackable object (an object derived from `Trackable`), got 5."
+    )
+    assert "asyncckpt.Variable" in message and "PythonState" in message
+    assert "TensorFlow" not in message
+
+
+def test_a_missing_checkpoint_names_its_index_and_says_savedmodels_are_not_read(tmp_path):
+    missing = str(tmp_path / "nothing-1")
+    with pytest.raises(ac.NotFoundError) as info:
+        ac.Checkpoint(v=ac.Variable(1.0)).restore(missing)
+    message = str(info.value)
+    assert message.startswith(f"Error when restoring from checkpoint or SavedModel at {missing}: ")
+    assert f"{missing}.index does not exist" in message
+    assert message.endswith("asyncckpt reads asyncckpt checkpoints only, not SavedModel directories.")

@@ -550,3 +550,20 @@ def test_namedtuple_wrapper_deepcopy_keeps_fields():
     deep = copy.deepcopy(TupleWrapper(Point(x=var(1.0), y=2)))
     assert isinstance(deep, Point)
     assert float(deep.x) == 1.0
+
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh-graph", "cached-graph"])
+def test_a_container_that_cannot_be_saved_is_named_by_its_checkpoint_path(tmp_path, cached):
+    import asyncckpt as ac
+
+    model = ac.Module()
+    original = [ac.Variable(1.0)]
+    model.layers = original
+    checkpoint = ac.Checkpoint(model=model)
+    if cached:
+        checkpoint.save(str(tmp_path / "ckpt"))  # the next save checks the cached graph's containers
+    original.append(ac.Variable(2.0))  # behind the wrapper's back: the list can no longer be saved
+    with pytest.raises(ValueError, match=LIST_OUTSIDE) as info:
+        checkpoint.save(str(tmp_path / "ckpt"))
+    assert str(info.value).endswith("The object is at checkpoint path 'model/layers'.")

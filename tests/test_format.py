@@ -126,7 +126,7 @@ V = "v/.ATTRIBUTES/VARIABLE_VALUE"
         (("tensors", V, "shape"), [2, 3.0], "shape dimension"),
         (("tensors", V, "shape"), [True, 3], "shape dimension"),
         (("tensors", V, "shape"), [1] * 65, "at most 64"),
-        (("tensors", V, "shape"), [2**40, 2**40], "does not match shape"),
+        (("tensors", V, "shape"), [2**40, 2**40], "is too large"),
         (("tensors", V, "nbytes"), 25, "does not match shape"),
         (("tensors", V, "nbytes"), MAX_BYTES + 1, "nbytes"),
         (("tensors", V, "crc32c"), 2**32, "crc32c"),

@@ -20,6 +20,7 @@ import shutil
 import tokenize
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -131,7 +132,7 @@ HOSTILE = [
     ("unknown-dtype", _set("tensors", W, "dtype", "<U4"), "unknown dtype"),
     ("object-dtype", _set("tensors", W, "dtype", "|O"), "unknown dtype"),
     ("big-endian", _set("tensors", W, "dtype", ">f4"), "unknown dtype"),
-    ("absurd-shape", _set("tensors", W, "shape", [2**31, 2**31, 2**31]), "does not match shape"),
+    ("absurd-shape", _set("tensors", W, "shape", [2**31, 2**31, 2**31]), "is too large"),
     ("too-many-dims", _set("tensors", W, "shape", [1] * 65), "at most 64"),
     ("negative-dim", _set("tensors", W, "shape", [-3, -4]), "shape dimension"),
     ("beyond-2^53", _set("tensors", W, "nbytes", 2**60), "nbytes"),
@@ -177,6 +178,118 @@ def test_a_consistent_but_absurd_size_fails_as_corrupt_without_allocating_it(hos
         with pytest.raises(CorruptCheckpointError, match="truncated") as raised:
             action()
         assert repr(W) in str(raised.value)
+
+
+def _resealed(sealed: bytes, old: bytes, new: bytes) -> bytes:
+    """``sealed`` with ``old`` replaced by ``new`` and a valid checksum again (JSON no encoder writes)."""
+    body = sealed.split(b",", 1)[1].replace(old, new)
+    return b'{"manifest_crc32c":%d,%s' % (crc32c.crc32c(body), body)
+
+
+def test_a_number_beyond_a_double_is_refused_as_corrupt(hostile):
+    """``1e400`` reads as infinity in plain JSON: the NaN/Infinity ban must cover it too."""
+    write, _ = hostile
+    prefix = write(_set("object_graph", "nodes", 0, "x", 12345.5))
+    index = Path(index_path(prefix))
+    index.write_bytes(_resealed(index.read_bytes(), b"12345.5", b"1e400"))
+    with pytest.raises(CorruptCheckpointError, match="1e400 is out of range") as raised:
+        _model(fill=False)[2].restore(prefix)
+    assert index_path(prefix) in str(raised.value)
+    with pytest.raises(CorruptCheckpointError, match="out of range"):
+        ckio.open_reader(prefix)
+
+
+def test_an_empty_shape_with_absurd_dimensions_is_refused_as_corrupt(hostile, capsys):
+    """``[0, 2**53, 2**53]`` holds no bytes, yet NumPy cannot make it: refused when the manifest is read."""
+    write, _ = hostile
+
+    def edit(document):
+        document["tensors"][W] = {"dtype": "<f4", "shape": [0, 2**53, 2**53], "nbytes": 0, "crc32c": 0,
+                                  "extents": []}
+
+    prefix = write(edit)
+    with pytest.raises(CorruptCheckpointError, match="is too large") as raised:
+        ckio.open_reader(prefix).read(W)
+    assert repr(W) in str(raised.value) and index_path(prefix) in str(raised.value)
+    assert cli.main(["verify", prefix]) == 1
+    assert "is too large" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Values restored on creation must fit what they become
+
+
+def _adam_with_slot_m(slot_value) -> ac.Checkpoint:
+    """A checkpoint of a (4,) float32 variable whose Adam slot ``m`` is ``slot_value`` instead."""
+    v = ac.Variable(np.zeros(4, np.float32))
+    optimizer = ac.optimizers.Adam(0.1)
+    optimizer.apply_gradients([(np.ones(4, np.float32), v)])
+    optimizer._self_slots[v._unique_id]["m"] = ac.Variable(slot_value)
+    return ac.Checkpoint(v=v, optimizer=optimizer)
+
+
+SLOT_M = "v/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+@pytest.mark.parametrize(("slot_value", "message"), [
+    (np.zeros(1000, np.float32), r"incompatible tensor with shape \(1000,\) when attempting to restore variable "
+                                 r"with shape \(4,\)"),
+    (np.zeros(4, np.float64), "of dtype float64 from .* of dtype float32"),
+], ids=["shape", "dtype"])
+def test_a_slot_created_from_the_checkpoint_must_fit_its_variable(tmp_path, slot_value, message):
+    """A (1000,) slot for a (4,) variable used to restore, and fail later with a broadcast error."""
+    path = _adam_with_slot_m(slot_value).save(str(tmp_path / "ckpt"))
+    v = ac.Variable(np.zeros(4, np.float32))
+    optimizer = ac.optimizers.Adam(0.1)
+    with pytest.raises(ValueError, match=message) as raised:
+        ac.Checkpoint(v=v, optimizer=optimizer).restore(path)
+    assert f"checkpoint key {SLOT_M!r} of {path}" in str(raised.value)
+    assert optimizer.get_slot(v, "m") is None
+
+
+def test_a_hyperparameter_created_from_the_checkpoint_must_be_a_scalar(tmp_path):
+    impostor = ac.AutoTrackable()
+    impostor.learning_rate = ac.Variable(np.full(3, 0.1, np.float32))
+    path = ac.Checkpoint(optimizer=impostor).save(str(tmp_path / "ckpt"))
+    v = ac.Variable(np.zeros(4, np.float32))
+    optimizer = ac.optimizers.Adam(0.1)
+    ac.Checkpoint(optimizer=optimizer).restore(path).expect_partial()
+    with pytest.raises(ValueError, match=r"shape \(3,\) is not compatible with the explicitly supplied `shape` "
+                                         r"argument \(\)") as raised:
+        optimizer.apply_gradients([(np.ones(4, np.float32), v)])
+    assert f"checkpoint key 'optimizer/learning_rate/.ATTRIBUTES/VARIABLE_VALUE' of {path}" in str(raised.value)
+    np.testing.assert_array_equal(v.numpy(), np.zeros(4, np.float32))  # nothing changed
+
+
+def test_a_save_counter_restored_on_creation_must_be_a_scalar(tmp_path):
+    impostor = ac.AutoTrackable()
+    impostor.save_counter = ac.Variable(np.zeros(3, np.int64))
+    path = str(tmp_path / "ckpt")
+    ac.Checkpoint(root=impostor).write(path)
+    with pytest.raises(ValueError, match=r"shape \(3,\) is not compatible") as raised:
+        ac.Checkpoint(v=ac.Variable(1.0)).restore(path)
+    assert f"checkpoint key 'save_counter/.ATTRIBUTES/VARIABLE_VALUE' of {path}" in str(raised.value)
+
+
+def test_restore_on_create_names_the_key_and_the_checkpoint(tmp_path):
+    saved = ac.AutoTrackable()
+    saved.w = ac.Variable(np.zeros(5, np.float32))
+    path = ac.Checkpoint(model=saved).save(str(tmp_path / "ckpt"))
+    model = ac.AutoTrackable()
+    ac.Checkpoint(model=model).restore(path)
+    with pytest.raises(ValueError, match="explicitly supplied `shape` argument") as raised:
+        ac.add_variable(model, "w", shape=(4,))
+    assert f"checkpoint key 'model/w/.ATTRIBUTES/VARIABLE_VALUE' of {path}" in str(raised.value)
+
+
+def test_a_mismatched_restore_names_the_key_and_the_checkpoint(tmp_path):
+    path = ac.Checkpoint(v=ac.Variable(np.zeros(2, np.float32))).save(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError) as raised:
+        ac.Checkpoint(v=ac.Variable(np.zeros(1, np.float32))).restore(path)
+    assert str(raised.value) == (
+        "Received incompatible tensor with shape (2,) when attempting to restore variable with shape (1,) and name "
+        f"Variable. The value is checkpoint key 'v/.ATTRIBUTES/VARIABLE_VALUE' of {path}."
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import threading
 
 import numpy as np
@@ -457,11 +458,24 @@ def test_restore_refuses_shape_mismatch():
 
 def test_restore_refuses_dtype_cast_and_names_key():
     v = Variable(np.zeros(2, np.float32), name="k")
-    with pytest.raises(ValueError, match="with dtype float64 when attempting to restore variable k with dtype "
-                                         "float32"):
+    with pytest.raises(ValueError, match="of dtype float64 when attempting to restore variable 'k' of dtype "
+                                         "float32: expected dtype float32 does not equal original dtype float64"):
         v._restore_from_tensors({VARIABLE_VALUE_KEY: np.zeros(2, np.float64)})
-    with pytest.raises(ValueError, match="from key a/.ATTRIBUTES/VARIABLE_VALUE with dtype int32"):
-        v._check_restorable(np.zeros(2, np.int32), key="a/.ATTRIBUTES/VARIABLE_VALUE")
+    source = "checkpoint key 'a/.ATTRIBUTES/VARIABLE_VALUE' of /tmp/ckpt-1"
+    with pytest.raises(ValueError, match=re.escape(f"of dtype int32 from {source} when")):
+        v._check_restorable(np.zeros(2, np.int32), source)
+
+
+def test_restore_messages_name_an_unnamed_variable_by_its_key():
+    v = Variable(np.zeros(2, np.float32))
+    source = "checkpoint key 'v/.ATTRIBUTES/VARIABLE_VALUE' of /tmp/ckpt-1"
+    with pytest.raises(ValueError) as info:
+        v._check_restorable(np.zeros(2, np.float64), source)
+    assert str(info.value).startswith(f"Received a value of dtype float64 from {source} when attempting to restore "
+                                      "a variable of dtype float32")
+    with pytest.raises(ValueError) as info:
+        v._check_restorable(np.zeros(3, np.float32), source)
+    assert str(info.value).endswith(f"and name Variable. The value is {source}.")
     np.testing.assert_array_equal(v.numpy(), [0.0, 0.0])
 
 

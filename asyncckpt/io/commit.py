@@ -10,9 +10,12 @@ from typing import Any
 
 
 from asyncckpt._runtime import Runtime, get_runtime
-from asyncckpt.errors import CorruptCheckpointError
+from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.format import (
+    OWN_MANIFEST_HEAD_BYTES,
     Manifest,
+    is_own_manifest,
+    is_tensorflow_index,
     parse_claim_name,
     parse_section_name,
     MAX_INDEX_BYTES,
@@ -54,7 +57,11 @@ async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest) -
     renamed over ``stem.index``: readers see the old checkpoint or the new one, never a mix. A
     data directory the old manifest named and the new one does not is deleted afterwards; failing
     to delete it leaves debris for a later write, never a failed save.
+
+    An existing ``stem.index`` that asyncckpt did not write (a TensorFlow checkpoint, say) is
+    never replaced: ``UnsupportedFormatError`` is raised before anything is committed.
     """
+    await refuse_foreign_index(backend, index_name(stem))
     replaced = await referenced_data_dirs(backend, stem)
     await backend.commit(index_name(stem), index_tmp_name(stem, nonce), manifest.to_json())
     for old in replaced:
@@ -64,6 +71,40 @@ async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest) -
             await backend.delete_tree(old)
         except OSError as exc:
             logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
+
+
+async def foreign_index(backend: Backend, name: str) -> str | None:
+    """What the file ``name`` is when asyncckpt did not write it; ``None`` when it did, or there is none.
+
+    The first bytes tell one of ours (``format.is_own_manifest``), so a huge or damaged manifest
+    of ours is recognised without reading it. An empty or zero-filled file -- all a crash can
+    leave of an unsynced write -- holds nothing to lose and counts as ours.
+    """
+    long_enough = await backend.holds(name, OWN_MANIFEST_HEAD_BYTES)
+    if long_enough is None:
+        return None
+    head = await backend.read(name, 0, OWN_MANIFEST_HEAD_BYTES if long_enough else None)
+    if head is None or is_own_manifest(head):
+        return None
+    try:
+        data = await read_index(backend, name)
+    except CorruptCheckpointError:
+        return "a file larger than any manifest asyncckpt writes"
+    if data is None or is_own_manifest(data) or not data.strip(b"\0"):
+        return None
+    if is_tensorflow_index(data):
+        return "a TensorFlow checkpoint (a TensorBundle index)"
+    return "not a manifest asyncckpt wrote"
+
+
+async def refuse_foreign_index(backend: Backend, name: str) -> None:
+    """Raise ``UnsupportedFormatError`` if ``name`` exists and asyncckpt did not write it."""
+    what = await foreign_index(backend, name)
+    if what is not None:
+        raise UnsupportedFormatError(
+            f"refusing to commit a checkpoint over {backend.describe(name)}: it is {what}, and asyncckpt "
+            "never replaces files it did not write; save to another path, or move that file away"
+        )
 
 
 async def read_index(backend: Backend, name: str) -> bytes | None:
@@ -268,16 +309,32 @@ def checkpoint_exists(prefix, *, storage: Storage | None = None, runtime: Runtim
     return (runtime or get_runtime()).run(exists())
 
 
+async def _left_as_foreign(backend: Backend, name: str) -> bool:
+    """Whether ``name`` is a file asyncckpt did not write, which a deletion must leave (logged)."""
+    try:
+        what = await foreign_index(backend, name)
+    except CorruptCheckpointError:
+        return False  # not a regular file: the deletion judges it as before
+    if what is not None:
+        logger.warning("Not deleting %s: it is %s, and asyncckpt deletes only files it wrote.",
+                       backend.describe(name), what)
+    return what is not None
+
+
 def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtime | None = None) -> None:
     """Delete the checkpoint at ``prefix``: un-commit it (remove ``P.index``), then its data.
 
-    Missing pieces are not an error. Does not wait for pending writes to ``prefix``.
+    Missing pieces are not an error. A ``P.index`` asyncckpt did not write (a TensorFlow
+    checkpoint, say) is left, with everything beside it, and a WARNING is logged.
+    Does not wait for pending writes to ``prefix``.
     """
     storage = storage or default_storage()
     folder, stem = storage.split(prefix)
 
     async def delete() -> None:
         backend = await storage.open(folder)
+        if await _left_as_foreign(backend, index_name(stem)):
+            return
         try:
             data = await read_index(backend, index_name(stem))
         except CorruptCheckpointError:

@@ -21,9 +21,10 @@ from asyncckpt import _arrays
 from asyncckpt._runtime import process_state
 from asyncckpt.model.trackable import Trackable
 
-__all__ = ["Variable", "VARIABLE_VALUE_KEY"]
+__all__ = ["Variable", "VARIABLE_VALUE_KEY", "check_restorable"]
 
 VARIABLE_VALUE_KEY = "VARIABLE_VALUE"
+_DEFAULT_NAME = "Variable"
 
 
 class MutationGuards:
@@ -133,7 +134,7 @@ class Variable(Trackable):
 
     def _init_fields(self, array: Any, name: str | None, trainable: bool) -> None:
         self._array = array
-        self._name = name if name is not None else "Variable"
+        self._name = name if name is not None else _DEFAULT_NAME
         self._trainable = bool(trainable)
         self._unique_id = process_state().next_number("variable")
         self._mutation_hooks: list[Callable[["Variable"], None]] = []
@@ -220,13 +221,13 @@ class Variable(Trackable):
                 limits = np.iinfo(self.dtype)
                 if host.size and (host.min() < limits.min or host.max() > limits.max):
                     raise ValueError(
-                        f"cannot {what} values outside [{limits.min}, {limits.max}] to variable "
-                        f"{self._name!r} of dtype {self.dtype}"
+                        f"cannot {what} values outside [{limits.min}, {limits.max}] to {self._label()} "
+                        f"of dtype {self.dtype}"
                     )
                 source_dtype = self.dtype
         if not np.can_cast(np.dtype(source_dtype), self.dtype, casting="same_kind"):
             raise ValueError(
-                f"cannot {what} a value of dtype {np.dtype(source_dtype)} to variable {self._name!r} "
+                f"cannot {what} a value of dtype {np.dtype(source_dtype)} to {self._label()} "
                 f"of dtype {self.dtype}"
             )
         value = module.asarray(value, dtype=self.dtype)
@@ -235,7 +236,7 @@ class Variable(Trackable):
                 value = module.broadcast_to(value, self._array.shape)
             except ValueError:
                 raise ValueError(
-                    f"cannot {what} a value of shape {tuple(value.shape)} to variable {self._name!r} "
+                    f"cannot {what} a value of shape {tuple(value.shape)} to {self._label()} "
                     f"of shape {self.shape}"
                 ) from None
         return value
@@ -346,26 +347,12 @@ class Variable(Trackable):
         self._check_restorable(value)
         self._mutate(lambda array: _arrays.copy_into(array, value))
 
-    def _check_restorable(self, value: Any, key: str | None = None) -> None:
+    def _label(self) -> str:
+        return _label(self._name)
+
+    def _check_restorable(self, value: Any, source: str | None = None) -> None:
         """Shape and dtype of a checkpoint value (or its spec) must match exactly: no reshape, no cast."""
-        if isinstance(value.dtype, str):  # the spec of a byte string
-            raise ValueError(
-                f"Received a byte string{f' from key {key}' if key else ''} when attempting to restore "
-                f"variable {self._name} with dtype {self.dtype}."
-            )
-        shape = tuple(value.shape)
-        if shape != self.shape:
-            raise ValueError(
-                f"Received incompatible tensor with shape {shape} when attempting to restore variable "
-                f"with shape {self.shape} and name {self._name}."
-            )
-        if np.dtype(value.dtype) != self.dtype:
-            where = f" from key {key}" if key else ""
-            raise ValueError(
-                f"Received tensor{where} with dtype {np.dtype(value.dtype)} when attempting to restore "
-                f"variable {self._name} with dtype {self.dtype}: expected dtype {self.dtype} does not "
-                f"equal original dtype {np.dtype(value.dtype)}."
-            )
+        check_restorable(value, self.shape, self.dtype, self._name, source)
 
     # ------------------------------------------------------------------ conversions
     def __array__(self, dtype=None, copy=None):
@@ -452,6 +439,34 @@ class Variable(Trackable):
 
     def __reduce__(self):
         raise TypeError("asyncckpt.Variable cannot be pickled; save it with a Checkpoint")
+
+
+def check_restorable(value: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, source: str | None = None) -> None:
+    """Refuse a checkpoint value (or its spec) for variable ``name`` unless shape and dtype match exactly.
+
+    ``source`` says where the value comes from for the message (``checkpoint key 'k' of P``). The
+    shape message is TensorFlow's, which ported code matches; nothing is reshaped or cast.
+    """
+    origin = f" from {source}" if source else ""
+    label = _label(name)
+    if isinstance(value, (bytes, bytearray, memoryview)) or isinstance(getattr(value, "dtype", None), str):
+        raise ValueError(f"Received a byte string{origin} when attempting to restore {label} of dtype {dtype}.")
+    value_shape = tuple(value.shape)
+    if value_shape != tuple(shape):
+        raise ValueError(
+            f"Received incompatible tensor with shape {value_shape} when attempting to restore variable "
+            f"with shape {tuple(shape)} and name {name}.{f' The value is {source}.' if source else ''}"
+        )
+    if np.dtype(value.dtype) != dtype:
+        raise ValueError(
+            f"Received a value of dtype {np.dtype(value.dtype)}{origin} when attempting to restore {label} of "
+            f"dtype {dtype}: expected dtype {dtype} does not equal original dtype {np.dtype(value.dtype)}."
+        )
+
+
+def _label(name: str) -> str:
+    """How messages name a variable: by its name, unless it kept the default one (which says nothing)."""
+    return "a variable" if name == _DEFAULT_NAME else f"variable {name!r}"
 
 
 def _unwrap(value: Any) -> Any:

@@ -25,7 +25,7 @@ from asyncckpt.format import (
     parse_lock_name,
     read_data_dirs,
 )
-from asyncckpt.io.storage import Backend, Storage, default_storage
+from asyncckpt.io.storage import Backend, NotRegularFileError, Storage, default_storage
 
 
 logger = logging.getLogger("asyncckpt")
@@ -69,14 +69,20 @@ async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest) -
 async def read_index(backend: Backend, name: str) -> bytes | None:
     """The manifest ``name``, or ``None`` if it does not exist.
 
-    Raises ``CorruptCheckpointError`` for one larger than ``MAX_INDEX_BYTES``, before reading it.
+    Raises ``CorruptCheckpointError`` for one larger than ``MAX_INDEX_BYTES``, before reading it,
+    and for one that is not a regular file (a FIFO would block the read for ever).
     """
-    if await backend.holds(name, MAX_INDEX_BYTES + 1):
+    try:
+        if await backend.holds(name, MAX_INDEX_BYTES + 1):
+            raise CorruptCheckpointError(
+                f"the checkpoint index {backend.describe(name)} is larger than {MAX_INDEX_BYTES} bytes: "
+                "not a manifest this library wrote; refusing to read it"
+            )
+        return await backend.read(name)
+    except NotRegularFileError as exc:
         raise CorruptCheckpointError(
-            f"the checkpoint index {backend.describe(name)} is larger than {MAX_INDEX_BYTES} bytes: "
-            "not a manifest this library wrote; refusing to read it"
-        )
-    return await backend.read(name)
+            f"the checkpoint index {exc.path} {exc.problem}; refusing to read it"
+        ) from None
 
 
 async def referenced_data_dirs(backend: Backend, stem: str) -> tuple[str, ...]:
@@ -134,7 +140,10 @@ async def held(backend: Backend, data_dir: str) -> bool:
     if taken is not None:
         await taken.release()
         return False
-    return await backend.holds(marker, 0) is not None
+    try:
+        return await backend.holds(marker, 0) is not None
+    except NotRegularFileError:
+        return True  # something else planted at the marker's name: cannot judge, keep it
 
 
 _UNREADABLE = object()

@@ -36,7 +36,7 @@ from asyncckpt.format import (
     parse_manifest,
 )
 from asyncckpt.io.plan import ReadRange, plan_read
-from asyncckpt.io.storage import Backend, TruncatedError
+from asyncckpt.io.storage import Backend, NotRegularFileError, TruncatedError
 
 from asyncckpt.io.commit import read_index
 from asyncckpt.io.read_device import DeviceReads, DeviceTarget
@@ -315,7 +315,10 @@ class CheckpointReader(DeviceReads):
             if read_range.file not in last or read_range.stop >= last[read_range.file].stop:
                 last[read_range.file] = read_range
         for file, read_range in last.items():
-            found = await self._backend.holds(f"{self._prefix}{file}", read_range.stop)
+            try:
+                found = await self._backend.holds(f"{self._prefix}{file}", read_range.stop)
+            except NotRegularFileError as exc:
+                raise self._corrupt(read_range.targets[0].key, file, exc.problem) from None
             if found is None:
                 raise self._corrupt(read_range.targets[0].key, file, "is missing")
             if not found:
@@ -356,6 +359,8 @@ class CheckpointReader(DeviceReads):
             )
         except TruncatedError:
             raise await self._truncation(read_range) from None
+        except NotRegularFileError as exc:  # replaced by something else since it was looked at
+            raise self._corrupt(read_range.targets[0].key, read_range.file, exc.problem) from None
         if not found:
             raise self._corrupt(read_range.targets[0].key, read_range.file, "is missing")
 
@@ -369,6 +374,8 @@ class CheckpointReader(DeviceReads):
             end = read_range.start + target.range_offset + target.length
             try:
                 await self._backend.read(key, end - 1, end)
+            except NotRegularFileError as exc:
+                return self._corrupt(target.key, read_range.file, exc.problem)
             except TruncatedError:
                 return self._corrupt(
                     target.key, read_range.file, f"is truncated: the key's bytes [{end - target.length}, {end}) are past its end"

@@ -1,0 +1,215 @@
+"""Checkpoint files on a file system that someone else also touches.
+
+* A manifest is bound to its path: one copied or renamed to another checkpoint's name is refused
+  on open, and deleting or replacing a checkpoint never deletes data another manifest names.
+* Anything that is not a regular file (FIFOs, directories, links) where a checkpoint file, the
+  state file or a lock should be gets a clear error, never a hang.
+* Verification reads in bounded windows: a sparse data file claiming gigabytes costs no memory.
+* Files this library creates are never created or opened through a planted symbolic link.
+* A full disk names the file it could not write.
+
+Every test works on real files: real FIFOs (``os.mkfifo``), sparse files, symbolic links and,
+where mounting is permitted, a real full tmpfs. Tests touching a FIFO carry a timeout: a guard
+against a hang, not a measure of speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import pytest
+
+import asyncckpt as ac
+from asyncckpt import cli
+from asyncckpt import io as ckio
+from asyncckpt._runtime import get_runtime
+from asyncckpt.errors import CorruptCheckpointError
+from asyncckpt.format import crc32c_combine, index_path, seal_manifest
+from asyncckpt.io.storage import FileStorage, StorageError
+
+MiB = 1 << 20
+V = "v/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _checkpoint(value) -> tuple[ac.Checkpoint, ac.Variable]:
+    variable = ac.Variable(np.asarray(value, dtype=np.float32))
+    return ac.Checkpoint(v=variable), variable
+
+
+def _value_at(prefix) -> np.ndarray:
+    return ckio.open_reader(prefix).read(V)
+
+
+def _manifest(prefix) -> dict:
+    return json.loads(Path(index_path(str(prefix))).read_bytes())
+
+
+def _only_data_file(prefix) -> Path:
+    data_dir = Path(prefix).parent / _manifest(prefix)["data_dir"]
+    (data_file,) = data_dir.iterdir()
+    return data_file
+
+
+def _backend(folder):
+    return get_runtime().run(FileStorage().open(str(folder)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. FIFOs and other files that are not regular files
+
+
+@pytest.fixture
+def fifo():
+    """``make(path)``: a real FIFO at ``path``. Afterwards each is opened at both ends without
+    blocking and closed, so a reader or writer a failing test left stuck on it returns."""
+    made: list[Path] = []
+
+    def make(path) -> Path:
+        os.mkfifo(path)
+        made.append(Path(path))
+        return Path(path)
+
+    yield make
+    for path in made:
+        fds = []
+        for flags in (os.O_RDONLY, os.O_WRONLY):
+            try:
+                fds.append(os.open(path, flags | os.O_NONBLOCK))
+            except OSError:
+                pass
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.timeout(30)
+def test_a_data_file_that_is_a_fifo_is_refused_by_every_reader(tmp_path, fifo, capsys):
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    prefix = checkpoint.write(str(tmp_path / "ckpt"))
+    data_file = _only_data_file(prefix)
+    data_file.unlink()
+    fifo(data_file)
+    for action in (lambda: _checkpoint([0.0, 0.0])[0].read(prefix), lambda: ckio.open_reader(prefix).verify()):
+        with pytest.raises(CorruptCheckpointError, match="FIFO") as raised:
+            action()
+        assert repr(V) in str(raised.value) and str(data_file) in str(raised.value)
+    assert cli.main(["verify", prefix]) == 1
+    assert "FIFO" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_an_index_that_is_a_fifo_is_refused(tmp_path, fifo, capsys):
+    prefix = str(tmp_path / "ckpt")
+    fifo(index_path(prefix))
+    with pytest.raises(CorruptCheckpointError, match=r"ckpt\.index is a FIFO"):
+        _checkpoint([0.0, 0.0])[0].restore(prefix)
+    assert cli.main(["verify", prefix]) == 1
+    assert "FIFO" in capsys.readouterr().err
+    assert not ckio.checkpoint_exists(prefix)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_named_like_a_manifest_stops_neither_saves_nor_cleanup(tmp_path, fifo):
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    checkpoint.write(str(tmp_path / "ckpt"))
+    debris = tmp_path / "lost.data-0123456789abcdef"  # left by a crashed write
+    debris.mkdir()
+    (debris / "pack-00000").write_bytes(b"x")
+    fifo(tmp_path / "other.index")
+    checkpoint.write(str(tmp_path / "ckpt"))  # cleanup reads every *.index
+    assert not debris.exists()
+    ckio.open_reader(tmp_path / "ckpt").verify()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Files this library writes, and planted symbolic links
+
+
+def test_a_lock_marker_planted_as_a_symbolic_link_is_never_locked(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    marker = folder / "ckpt.data-0123456789abcdef.lock"
+    marker.symlink_to(outside)
+    backend = _backend(folder)
+    lock = get_runtime().run(backend.try_lock(marker.name))
+    try:
+        with open(outside, "rb") as probe:  # another open file description: excluded by a flock on it
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        if lock is not None:
+            get_runtime().run(lock.release())
+    assert lock is None
+    assert marker.is_symlink()
+    assert get_runtime().run(backend.lock_new("ckpt.data-fedcba9876543210.lock")) is not None
+
+
+def test_a_new_lock_marker_is_never_created_through_a_planted_link(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "ckpt.data-0123456789abcdef.lock").symlink_to(tmp_path / "created")
+    assert get_runtime().run(_backend(folder).lock_new("ckpt.data-0123456789abcdef.lock")) is None
+    assert not (tmp_path / "created").exists()
+
+
+def test_a_data_file_is_never_written_through_a_planted_link(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"precious")
+    folder = tmp_path / "run"
+    (folder / "ckpt.data-0123456789abcdef").mkdir(parents=True)
+    planted = folder / "ckpt.data-0123456789abcdef" / "pack-00000"
+    planted.symlink_to(secret)
+    with pytest.raises(StorageError, match="symbolic link") as raised:
+        get_runtime().run(_backend(folder).write("ckpt.data-0123456789abcdef/pack-00000", b"overwritten"))
+    assert str(planted) in str(raised.value)
+    assert secret.read_bytes() == b"precious"
+
+
+def test_a_temporary_manifest_is_never_written_through_a_planted_link(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "ckpt.index.tmp-0123456789abcdef").symlink_to(tmp_path / "created")
+    with pytest.raises(StorageError, match=r"committing .*ckpt\.index"):
+        get_runtime().run(_backend(folder).commit("ckpt.index", "ckpt.index.tmp-0123456789abcdef", b"{}"))
+    assert not (tmp_path / "created").exists()
+    assert not (folder / "ckpt.index").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Errors name their file and key
+
+
+def test_a_data_file_that_is_a_directory_is_corrupt_naming_key_and_file(tmp_path, capsys):
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    prefix = checkpoint.write(str(tmp_path / "ckpt"))
+    data_file = _only_data_file(prefix)
+    data_file.unlink()
+    data_file.mkdir()
+    for action in (lambda: _checkpoint([0.0, 0.0])[0].read(prefix), lambda: ckio.open_reader(prefix).verify()):
+        with pytest.raises(CorruptCheckpointError, match="is a directory, not a regular file") as raised:
+            action()
+        assert repr(V) in str(raised.value) and str(data_file) in str(raised.value)
+    assert cli.main(["verify", prefix]) == 1
+    assert "corrupt checkpoint" in capsys.readouterr().err
+
+
+def test_a_data_directory_that_is_a_file_is_corrupt_naming_key_and_file(tmp_path):
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    prefix = checkpoint.write(str(tmp_path / "ckpt"))
+    data_file = _only_data_file(prefix)
+    shutil.rmtree(data_file.parent)
+    data_file.parent.write_bytes(b"")
+    with pytest.raises(CorruptCheckpointError, match="a directory on its path is a file") as raised:
+        ckio.open_reader(prefix).read(V)
+    assert repr(V) in str(raised.value) and str(data_file) in str(raised.value)

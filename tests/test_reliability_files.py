@@ -119,6 +119,22 @@ def test_an_index_that_is_a_fifo_is_refused(tmp_path, fifo, capsys):
 
 
 @pytest.mark.timeout(30)
+def test_a_state_file_that_is_a_fifo_reads_as_unreadable(tmp_path, fifo, caplog, capsys):
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    fifo(tmp_path / "checkpoint")
+    fifo(tmp_path / ".checkpoint.deleting")
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        assert ac.latest_checkpoint(tmp_path) is None
+    assert "FIFO" in caplog.text
+    assert cli.main(["verify", str(tmp_path)]) == 1
+    capsys.readouterr()
+    manager = ac.CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    assert manager.latest_checkpoint is None
+    path = manager.save()  # replaces the FIFO with a state file
+    assert ac.latest_checkpoint(tmp_path) == path
+
+
+@pytest.mark.timeout(30)
 def test_a_fifo_named_like_a_manifest_stops_neither_saves_nor_cleanup(tmp_path, fifo):
     checkpoint, _ = _checkpoint([1.0, 2.0])
     checkpoint.write(str(tmp_path / "ckpt"))
@@ -133,6 +149,24 @@ def test_a_fifo_named_like_a_manifest_stops_neither_saves_nor_cleanup(tmp_path, 
 
 # ---------------------------------------------------------------------------------------------
 # 5. Files this library writes, and planted symbolic links
+
+
+def test_a_symbolic_link_planted_as_the_state_file_lock_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".checkpoint.lock").symlink_to(outside / "created")
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    with pytest.raises(StorageError, match=r"\.checkpoint\.lock is a symbolic link.*state-file lock") as raised:
+        checkpoint.save(str(run / "ckpt"))
+    assert raised.value.errno == errno.ELOOP
+    with pytest.raises(StorageError, match="symbolic link"):
+        ac.CheckpointManager(checkpoint, run, max_to_keep=1).save()
+    assert list(outside.iterdir()) == [], "a save created a file outside its folder"
+    (run / ".checkpoint.lock").unlink()  # as the message says: the next save makes a fresh one
+    path = checkpoint.save(str(run / "ckpt"))
+    assert ac.latest_checkpoint(run) == path
 
 
 def test_a_lock_marker_planted_as_a_symbolic_link_is_never_locked(tmp_path):
@@ -213,3 +247,62 @@ def test_a_data_directory_that_is_a_file_is_corrupt_naming_key_and_file(tmp_path
     with pytest.raises(CorruptCheckpointError, match="a directory on its path is a file") as raised:
         ckio.open_reader(prefix).read(V)
     assert repr(V) in str(raised.value) and str(data_file) in str(raised.value)
+
+
+@pytest.fixture
+def small_filesystem():
+    """A 1 MiB tmpfs, mounted for the test and always unmounted; skipped where mounting is refused."""
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("no mount command on this machine")
+    directory = tempfile.mkdtemp(prefix="asyncckpt-tmpfs-")
+    result = subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", directory],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        os.rmdir(directory)
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
+    try:
+        yield Path(directory)
+    finally:
+        if subprocess.run(["umount", directory], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", directory], capture_output=True, check=False)
+        os.rmdir(directory)
+
+
+def _fill(filesystem: Path, leave: int) -> Path:
+    """A file taking all free space of ``filesystem`` but about ``leave`` bytes."""
+    stats = os.statvfs(filesystem)
+    filler = filesystem / "filler"
+    with open(filler, "wb") as handle:
+        remaining = max(0, stats.f_bavail * stats.f_frsize - leave)
+        try:
+            while remaining > 0:
+                remaining -= handle.write(b"\xa5" * min(1 << 16, remaining))
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(small_filesystem):
+    """At every fill level a failing save raises a ``StorageError`` naming the file, errno kept."""
+    folder = small_filesystem / "run"
+    checkpoint, variable = _checkpoint(np.zeros(2048))  # an 8 KiB data file
+    manager = ac.CheckpointManager(checkpoint, folder, max_to_keep=1)
+    manager.save()
+    seen = set()
+    for leave in range(0, 40 * 1024, 2048):
+        filler = _fill(small_filesystem, leave)
+        variable.assign(np.full(2048, leave, np.float32))
+        try:
+            manager.save()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+            assert isinstance(error, StorageError), f"a bare {type(error).__name__}: {error}"
+            assert str(folder) in str(error), f"names no file: {error}"
+            cause = error.__cause__
+            assert cause is None or cause.errno == errno.ENOSPC
+            text = str(error)
+            seen.add("data file" if ".data-" in text else "manifest" if ".index" in text else "state file")
+        filler.unlink()
+    manager.save()
+    assert {"manifest", "state file"} <= seen, f"ENOSPC was not hit at every stage: {sorted(seen)}"

@@ -148,6 +148,50 @@ def test_a_fifo_named_like_a_manifest_stops_neither_saves_nor_cleanup(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. Sparse files and the memory bound
+
+
+def _crc_of_zeros(nbytes: int) -> int:
+    """CRC-32C of ``nbytes`` zero bytes (a power of two times 1 MiB), without making them."""
+    crc, length = crc32c.crc32c(bytes(MiB)), MiB
+    while length < nbytes:
+        crc, length = crc32c_combine(crc, crc, length), length * 2
+    assert length == nbytes
+    return crc
+
+
+@pytest.mark.parametrize("checksum", ["matching", "wrong"])
+def test_verify_of_a_sparse_value_allocates_a_window_not_its_size(tmp_path, checksum):
+    """1 GiB claimed over a sparse file (no disk): ``verify()`` stays within a few read windows."""
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    prefix = checkpoint.write(str(tmp_path / "ckpt"))
+    document = _manifest(prefix)
+    nbytes = 1 << 30
+    with open(tmp_path / document["data_dir"] / "sparse", "wb") as sparse:
+        sparse.truncate(nbytes)
+    crc = _crc_of_zeros(nbytes) ^ (0 if checksum == "matching" else 1)
+    document["tensors"]["big"] = {
+        "dtype": "|u1", "shape": [nbytes], "nbytes": nbytes, "crc32c": crc,
+        "extents": [{"file": "sparse", "offset": 0, "length": nbytes, "crc32c": crc}],
+    }
+    Path(index_path(prefix)).write_bytes(seal_manifest(document))
+    assert os.stat(tmp_path / document["data_dir"] / "sparse").st_blocks == 0
+    reader = ckio.open_reader(prefix)
+    bound = 2 * ckio.ReadSettings().max_read_bytes
+    tracemalloc.start()
+    try:
+        if checksum == "matching":
+            assert reader.verify().bytes >= nbytes
+        else:
+            with pytest.raises(CorruptCheckpointError, match="'big'.*fails its checksum"):
+                reader.verify()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bound, f"verify allocated {peak} bytes for a value it does not keep (bound {bound})"
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. Files this library writes, and planted symbolic links
 
 

@@ -66,6 +66,87 @@ def _backend(folder):
 
 
 # ---------------------------------------------------------------------------------------------
+# 1. A manifest is bound to its path
+
+
+@pytest.fixture
+def three(tmp_path):
+    """``ckpt-1``..``ckpt-3`` saved by a manager keeping every one, valued 1, 2 and 3."""
+    checkpoint, variable = _checkpoint([0.0, 0.0])
+    manager = ac.CheckpointManager(checkpoint, tmp_path, max_to_keep=3)
+    for step in (1, 2, 3):
+        variable.assign(np.full(2, step, np.float32))
+        manager.save()
+    return tmp_path, manager, variable
+
+
+def test_a_manifest_copied_over_another_checkpoint_is_refused_naming_both_paths(three, capsys):
+    folder, _, _ = three
+    shutil.copyfile(folder / "ckpt-3.index", folder / "ckpt-1.index")
+    copied = str(folder / "ckpt-1")
+    pattern = f"manifest of checkpoint {folder / 'ckpt-3'} found at {folder / 'ckpt-1.index'}"
+    with pytest.raises(CorruptCheckpointError, match=pattern):
+        _checkpoint([0.0, 0.0])[0].restore(copied)
+    with pytest.raises(CorruptCheckpointError, match=pattern):
+        ckio.open_reader(copied).verify()
+    assert cli.main(["verify", copied]) == 1
+    assert "manifest of checkpoint" in capsys.readouterr().err
+    np.testing.assert_array_equal(_value_at(folder / "ckpt-3"), [3, 3])  # the original still reads
+
+
+def test_a_manifest_copied_to_a_new_name_is_refused_and_moving_it_back_reads(three):
+    folder, _, _ = three
+    shutil.copyfile(folder / "ckpt-3.index", folder / "best.index")
+    with pytest.raises(CorruptCheckpointError, match="Checkpoint.restore, then Checkpoint.write"):
+        ckio.open_reader(folder / "best")
+    (folder / "ckpt-3.index").unlink()
+    (folder / "best.index").rename(folder / "ckpt-3.index")
+    np.testing.assert_array_equal(_value_at(folder / "ckpt-3"), [3, 3])
+
+
+def test_a_manifest_naming_a_directory_not_named_after_its_checkpoint_is_refused(tmp_path):
+    checkpoint, _ = _checkpoint([1.0, 2.0])
+    prefix = checkpoint.write(str(tmp_path / "ckpt"))
+    document = _manifest(prefix)
+    (tmp_path / document["data_dir"]).rename(tmp_path / "moved")
+    document["data_dir"] = "moved"
+    Path(index_path(prefix)).write_bytes(seal_manifest(document))  # sealed, as someone editing it would
+    with pytest.raises(CorruptCheckpointError, match=r"'moved', which is not a data directory of checkpoint 'ckpt'"):
+        ckio.open_reader(prefix)
+
+
+def test_expiring_a_checkpoint_whose_manifest_is_a_copy_keeps_the_copied_checkpoint(three):
+    folder, manager, variable = three
+    shutil.copyfile(folder / "ckpt-3.index", folder / "ckpt-1.index")
+    variable.assign(np.full(2, 4, np.float32))
+    manager.save()  # ckpt-4: expires ckpt-1, whose manifest names ckpt-3's data
+    assert not (folder / "ckpt-1.index").exists()
+    ckio.open_reader(folder / "ckpt-3").verify()
+    np.testing.assert_array_equal(_value_at(folder / "ckpt-3"), [3, 3])
+    assert manager.checkpoints == [str(folder / f"ckpt-{n}") for n in (2, 3, 4)]
+
+
+def test_deleting_a_checkpoint_keeps_data_another_manifest_names(three):
+    folder, _, _ = three
+    shutil.copyfile(folder / "ckpt-3.index", folder / "best.index")
+    data_dir = folder / _manifest(folder / "ckpt-3")["data_dir"]
+    ckio.delete_checkpoint(folder / "ckpt-3")
+    assert not (folder / "ckpt-3.index").exists()
+    assert data_dir.is_dir(), "deleted data that best.index still names"
+    (folder / "best.index").rename(folder / "ckpt-3.index")
+    np.testing.assert_array_equal(_value_at(folder / "ckpt-3"), [3, 3])
+
+
+def test_replacing_a_checkpoint_whose_manifest_is_a_copy_keeps_the_other_data(three):
+    folder, _, _ = three
+    shutil.copyfile(folder / "ckpt-3.index", folder / "ckpt-1.index")
+    _checkpoint([7.0, 7.0])[0].write(str(folder / "ckpt-1"))  # replaces the copied manifest
+    np.testing.assert_array_equal(_value_at(folder / "ckpt-1"), [7, 7])
+    ckio.open_reader(folder / "ckpt-3").verify()
+    np.testing.assert_array_equal(_value_at(folder / "ckpt-3"), [3, 3])
+
+
+# ---------------------------------------------------------------------------------------------
 # 2. FIFOs and other files that are not regular files
 
 

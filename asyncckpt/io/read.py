@@ -38,7 +38,7 @@ from asyncckpt.format import (
 from asyncckpt.io.plan import ReadRange, plan_read
 from asyncckpt.io.storage import Backend, NotRegularFileError, TruncatedError
 
-from asyncckpt.io.commit import read_index
+from asyncckpt.io.commit import check_bound, read_index
 from asyncckpt.io.read_device import DeviceReads, DeviceTarget
 from asyncckpt.io.plan import ordered, scatter
 from asyncckpt.io.settings import MiB, ReadSettings, check_read_settings, runtime_of, storage_of
@@ -474,6 +474,7 @@ async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointRea
             "does not exist"
         )
     manifest = parse_manifest(data, source=backend.describe(index))
+    check_bound(backend, stem, manifest)
     for data_dir in manifest.all_data_dirs:
         await backend.check_data_dir(data_dir)
     return CheckpointReader(os.fspath(path), manifest, backend, settings, runtime)

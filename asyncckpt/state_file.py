@@ -69,7 +69,9 @@ from asyncckpt._state_text import (
     parse_checkpoint_state,
 )
 from asyncckpt.format import index_path, is_tensorflow_index
-from asyncckpt.io.storage import Storage
+from asyncckpt.io.storage import NotRegularFileError, Storage, StorageError
+from asyncckpt.io.storage.base import as_storage_error, from_os_error
+from asyncckpt.io.storage.file import open_regular_file
 
 try:  # POSIX only; see the module docstring.
     import fcntl
@@ -117,14 +119,19 @@ def _fspath(path: Any, what: str) -> str:
 
 
 def _read_state_text(filename: str) -> str | None:
-    """The file's text, or ``None`` when it does not exist; ``OSError``/parse error otherwise."""
+    """The file's text, or ``None`` when it does not exist; ``OSError``/parse error otherwise.
+
+    Anything but a regular file (a FIFO would block the read for ever) raises
+    ``NotRegularFileError``, an ``OSError``: the file is then unreadable, like a malformed one.
+    """
     try:
-        with open(filename, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size > MAX_STATE_FILE_BYTES:
-                raise CheckpointStateParseError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
-            data = handle.read(MAX_STATE_FILE_BYTES + 1)
+        fd = open_regular_file(filename, os.O_RDONLY, follow_links=True)
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size > MAX_STATE_FILE_BYTES:
+            raise CheckpointStateParseError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
+        data = handle.read(MAX_STATE_FILE_BYTES + 1)
     if len(data) > MAX_STATE_FILE_BYTES:  # grew while we read it
         raise CheckpointStateParseError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
     try:
@@ -230,6 +237,19 @@ def _temporary_name(filename: str) -> str:
 
 
 def _atomic_write_text(filename: str, text: str) -> None:
+    """`_replace_text`, with an ``OSError`` (a full disk) raised as a ``StorageError`` naming ``filename``.
+
+    The errno is kept and the original error chained.
+    """
+    try:
+        _replace_text(filename, text)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise from_os_error(exc, f"writing {filename}") from exc
+
+
+def _replace_text(filename: str, text: str) -> None:
     """Write, fsync and rename over ``filename``, then fsync the directory.
 
     The caller holds `_state_file_lock`, so the temporary can have a fixed name (see
@@ -264,12 +284,25 @@ def _state_file_lock(directory: str, latest_filename: str | None) -> Iterator[No
         yield
         return
     name = f".{latest_filename or _DEFAULT_STATE_FILENAME}.lock"
-    fd = os.open(os.path.join(directory or ".", name), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = _open_lock_file(os.path.join(directory or ".", name))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _open_lock_file(path: str) -> int:
+    """Open (creating) the lock file; a planted link, FIFO or directory there is refused.
+
+    ``O_NOFOLLOW``: a symbolic link at the lock's name would otherwise make the next save create
+    or open a file wherever it points.
+    """
+    try:
+        return open_regular_file(path, os.O_RDWR | os.O_CREAT)
+    except NotRegularFileError as exc:
+        raise as_storage_error(exc, "refusing to use it as the state-file lock. Remove it: the next update "
+                               "creates it afresh") from None
 
 
 def _build_state(

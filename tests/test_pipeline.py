@@ -618,10 +618,14 @@ def test_data_directory_of_a_write_in_progress_is_not_removed(tmp_path):
 
 
 def test_data_directory_named_by_a_renamed_manifest_is_kept(tmp_path):
+    """A renamed manifest is refused on open, but cleanup keeps what it names: moved back, it reads."""
     _write(tmp_path / "orig", {"v": np.arange(3)})
     (tmp_path / "orig.index").rename(tmp_path / "renamed.index")
     _write(tmp_path / "next", {"v": np.zeros(2)})
-    np.testing.assert_array_equal(ckio.open_reader(tmp_path / "renamed").read("v"), np.arange(3))
+    with pytest.raises(CorruptCheckpointError, match="manifest of checkpoint .*orig found at .*renamed.index"):
+        ckio.open_reader(tmp_path / "renamed")
+    (tmp_path / "renamed.index").rename(tmp_path / "orig.index")
+    np.testing.assert_array_equal(ckio.open_reader(tmp_path / "orig").read("v"), np.arange(3))
 
 
 def test_concurrent_in_process_write_is_not_mistaken_for_debris(tmp_path, runtime):

@@ -16,6 +16,7 @@ from asyncckpt.format import (
     Manifest,
     is_own_manifest,
     is_tensorflow_index,
+    parse_manifest,
     parse_claim_name,
     parse_section_name,
     MAX_INDEX_BYTES,
@@ -28,7 +29,7 @@ from asyncckpt.format import (
     parse_lock_name,
     read_data_dirs,
 )
-from asyncckpt.io.storage import Backend, Storage, default_storage
+from asyncckpt.io.storage import Backend, NotRegularFileError, Storage, default_storage
 
 
 logger = logging.getLogger("asyncckpt")
@@ -68,7 +69,7 @@ async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest) -
         if old in manifest.all_data_dirs:
             continue
         try:
-            await backend.delete_tree(old)
+            await delete_unreferenced(backend, (old,), index_name(stem), manifest.all_data_dirs)
         except OSError as exc:
             logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
 
@@ -110,23 +111,70 @@ async def refuse_foreign_index(backend: Backend, name: str) -> None:
 async def read_index(backend: Backend, name: str) -> bytes | None:
     """The manifest ``name``, or ``None`` if it does not exist.
 
-    Raises ``CorruptCheckpointError`` for one larger than ``MAX_INDEX_BYTES``, before reading it.
+    Raises ``CorruptCheckpointError`` for one larger than ``MAX_INDEX_BYTES``, before reading it,
+    and for one that is not a regular file (a FIFO would block the read for ever).
     """
-    if await backend.holds(name, MAX_INDEX_BYTES + 1):
+    try:
+        if await backend.holds(name, MAX_INDEX_BYTES + 1):
+            raise CorruptCheckpointError(
+                f"the checkpoint index {backend.describe(name)} is larger than {MAX_INDEX_BYTES} bytes: "
+                "not a manifest this library wrote; refusing to read it"
+            )
+        return await backend.read(name)
+    except NotRegularFileError as exc:
         raise CorruptCheckpointError(
-            f"the checkpoint index {backend.describe(name)} is larger than {MAX_INDEX_BYTES} bytes: "
-            "not a manifest this library wrote; refusing to read it"
+            f"the checkpoint index {exc.path} {exc.problem}; refusing to read it"
+        ) from None
+
+
+def named_after(data_dir: str, stem: str) -> bool:
+    """Whether ``data_dir`` is ``<stem>.data-<nonce>``, a data directory checkpoint ``stem`` wrote.
+
+    Every data directory is named after the checkpoint that wrote it, so this binds a manifest to
+    its path: a manifest copied or renamed to another stem names directories of the old one.
+    """
+    parsed = parse_data_dir_name(data_dir)
+    return parsed is not None and parsed[0] == stem
+
+
+def check_bound(backend: Backend, stem: str, manifest: Manifest) -> None:
+    """Raise ``CorruptCheckpointError`` unless ``manifest``, read at ``stem.index``, is its own.
+
+    A copied or renamed ``P.index`` would otherwise restore another checkpoint's values under
+    this path, and its deletion would delete that checkpoint's data.
+    """
+    foreign = next((name for name in manifest.all_data_dirs if not named_after(name, stem)), None)
+    if foreign is None:
+        return
+    found_at = backend.describe(index_name(stem))
+    owner = parse_data_dir_name(foreign)
+    if owner is None:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint manifest {found_at}: it names data directory {foreign!r}, which is not "
+            f"a data directory of checkpoint {stem!r} (those are named {stem}.data-<16 hex digits>); "
+            "refusing to read it"
         )
-    return await backend.read(name)
+    original = backend.describe(owner[0])
+    raise CorruptCheckpointError(
+        f"manifest of checkpoint {original} found at {found_at}: a checkpoint cannot be copied or "
+        f"renamed by copying or renaming its files. Rename it back to {index_name(owner[0])} (if no "
+        "checkpoint is there now), or, to keep the checkpoint under another path, restore it and write "
+        "it there (Checkpoint.restore, then Checkpoint.write)"
+    )
 
 
 async def referenced_data_dirs(backend: Backend, stem: str) -> tuple[str, ...]:
-    """The data directories ``stem.index`` names; () when there is none or it cannot be read."""
+    """The data directories of ``stem`` that ``stem.index`` names; () when none or unreadable.
+
+    Directories named after another checkpoint (a copied manifest) are left out: they are not
+    this checkpoint's to replace or delete.
+    """
     try:
         data = await read_index(backend, index_name(stem))
     except CorruptCheckpointError:
         return ()  # an unreadable old index: its data directories are left alone
-    return () if data is None else (read_data_dirs(data) or ())
+    names = () if data is None else (read_data_dirs(data) or ())
+    return tuple(name for name in names if named_after(name, stem))
 
 
 async def index_token(backend: Backend, stem: str) -> str:
@@ -175,10 +223,33 @@ async def held(backend: Backend, data_dir: str) -> bool:
     if taken is not None:
         await taken.release()
         return False
-    return await backend.holds(marker, 0) is not None
+    try:
+        return await backend.holds(marker, 0) is not None
+    except NotRegularFileError:
+        return True  # something else planted at the marker's name: cannot judge, keep it
 
 
 _UNREADABLE = object()
+
+
+def manifest_references(backend: Backend, known: dict[str, Any] | None = None):
+    """``async referenced_by(index)``: the data directories manifest ``index`` names, read once.
+
+    ``None`` when it does not exist, ``_UNREADABLE`` when it cannot be read as a manifest (a
+    FIFO, a damaged file, a TensorFlow index). ``known`` seeds what is known already.
+    """
+    references: dict[str, Any] = dict(known or {})
+
+    async def referenced_by(index: str) -> Any:
+        if index not in references:
+            try:
+                data = await read_index(backend, index)
+            except (OSError, CorruptCheckpointError):
+                data = b""
+            references[index] = None if data is None else (read_data_dirs(data) or _UNREADABLE)
+        return references[index]
+
+    return referenced_by
 
 
 async def clean_debris(backend: Backend, *, exclude: str) -> None:
@@ -213,16 +284,7 @@ async def clean_debris(backend: Backend, *, exclude: str) -> None:
         for (stem, _), kinds in groups.items():
             if "dir" in kinds:
                 data_dirs_per_stem[stem] = data_dirs_per_stem.get(stem, 0) + 1
-        references: dict[str, Any] = {}
-
-        async def referenced_by(index: str) -> Any:
-            if index not in references:
-                try:
-                    data = await read_index(backend, index)
-                except (OSError, CorruptCheckpointError):
-                    data = b""
-                references[index] = None if data is None else (read_data_dirs(data) or _UNREADABLE)
-            return references[index]
+        referenced_by = manifest_references(backend)
 
         for (stem, nonce), kinds in sorted(groups.items()):
             name = data_dir_name(stem, nonce)
@@ -272,10 +334,11 @@ _NO_LOCK = object()
 
 
 async def is_referenced(name: str, own_index: str, names: set[str], referenced_by) -> bool:
+    """Whether ``own_index`` (unreadable counts) or any other ``*.index`` in ``names`` names ``name``."""
     own = await referenced_by(own_index)
     if own is _UNREADABLE or (own is not None and name in own):
         return True
-    # A checkpoint renamed by hand keeps naming its data directory: look at every manifest.
+    # A manifest copied or renamed by hand names another checkpoint's data: look at every one.
     for other in sorted(names):
         if other.endswith(".index") and other != own_index:
             found = await referenced_by(other)
@@ -324,9 +387,12 @@ async def _left_as_foreign(backend: Backend, name: str) -> bool:
 def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtime | None = None) -> None:
     """Delete the checkpoint at ``prefix``: un-commit it (remove ``P.index``), then its data.
 
-    Missing pieces are not an error. A ``P.index`` asyncckpt did not write (a TensorFlow
-    checkpoint, say) is left, with everything beside it, and a WARNING is logged.
-    Does not wait for pending writes to ``prefix``.
+    Only data directories its own manifest names, checksum intact and named after ``prefix``,
+    are deleted, and none that another ``*.index`` of the folder names: a manifest copied over
+    ``P.index`` never takes another checkpoint's data with it. Whatever is left unreferenced is
+    debris for the next write into the folder. A ``P.index`` asyncckpt did not write (a
+    TensorFlow checkpoint, say) is left, with everything beside it, and a WARNING is logged.
+    Missing pieces are not an error. Does not wait for pending writes to ``prefix``.
     """
     storage = storage or default_storage()
     folder, stem = storage.split(prefix)
@@ -335,13 +401,48 @@ def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtim
         backend = await storage.open(folder)
         if await _left_as_foreign(backend, index_name(stem)):
             return
-        try:
-            data = await read_index(backend, index_name(stem))
-        except CorruptCheckpointError:
-            data = None
-        data_dirs = () if data is None else (read_data_dirs(data) or ())
+        data_dirs = await own_data_dirs(backend, stem)
         await backend.delete(index_name(stem))
-        for data_dir in data_dirs:
-            await backend.delete_tree(data_dir)
+        await delete_unreferenced(backend, data_dirs, index_name(stem))
 
     (runtime or get_runtime()).run(delete())
+
+
+async def own_data_dirs(backend: Backend, stem: str) -> tuple[str, ...]:
+    """The data directories of ``stem`` that a validated ``stem.index`` names; () when none can be trusted.
+
+    A manifest that fails validation names nothing (its data stays, as debris, for cleanup to
+    judge); one of a newer format version still names its directories (read leniently).
+    """
+    try:
+        data = await read_index(backend, index_name(stem))
+    except CorruptCheckpointError:
+        return ()
+    if data is None:
+        return ()
+    source = backend.describe(index_name(stem))
+    try:
+        names = parse_manifest(data, source=source).all_data_dirs
+    except UnsupportedFormatError:
+        names = read_data_dirs(data) or ()
+    except CorruptCheckpointError as exc:
+        logger.warning("not deleting the data a damaged manifest names: %s", exc)
+        return ()
+    return tuple(name for name in names if named_after(name, stem))
+
+
+async def delete_unreferenced(backend: Backend, data_dirs, own_index: str, own_names=None) -> None:
+    """Delete each of ``data_dirs`` that no manifest of the folder names (``own_index`` included).
+
+    ``own_names``: what ``own_index`` names, when the caller knows (it has just written it).
+    """
+    if not data_dirs:
+        return
+    names = await backend.list_names()
+    known = None if own_names is None else {own_index: tuple(own_names)}
+    referenced_by = manifest_references(backend, known)
+    for data_dir in data_dirs:
+        if await is_referenced(data_dir, own_index, names, referenced_by):
+            logger.info("kept data directory %s: a manifest of the folder still names it", backend.describe(data_dir))
+            continue
+        await backend.delete_tree(data_dir)

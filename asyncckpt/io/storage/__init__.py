@@ -15,6 +15,7 @@ from asyncckpt.io.storage.base import (
     Backend,
     BackendWrapper,
     Lock,
+    NotRegularFileError,
     Storage,
     StorageError,
     StreamedValue,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "StorageError",
     "TruncatedError",
+    "NotRegularFileError",
     "StreamedValue",
     "Lock",
     "Backend",

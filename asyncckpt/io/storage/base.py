@@ -15,17 +15,22 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from asyncckpt.errors import CorruptCheckpointError
+
 __all__ = [
     "StorageError",
     "TruncatedError",
+    "NotRegularFileError",
     "StreamedValue",
     "Lock",
     "Backend",
     "BackendWrapper",
     "Storage",
     "CAPABILITIES",
+    "as_storage_error",
     "byte_views",
     "from_os_error",
+    "not_a_regular_file",
     "storage_error",
 ]
 
@@ -36,6 +41,34 @@ class StorageError(OSError):
 
 class TruncatedError(StorageError):
     """A byte range was requested past the end of a stored value."""
+
+
+class NotRegularFileError(StorageError, CorruptCheckpointError):
+    """Where a stored value should be, something else is: a FIFO, a device, a directory, a link.
+
+    Backends raise it without reading from the thing (a FIFO would block the reader for ever).
+    No checkpoint file is ever anything but a regular file, so it is also a
+    ``CorruptCheckpointError``; readers catch it to name what they expected there (a manifest,
+    a key's data file). ``path`` is the location and ``problem`` what was found, worded to
+    follow the path.
+    """
+
+    path: str
+    problem: str
+
+
+def not_a_regular_file(path: str, problem: str, code: int | None = None) -> NotRegularFileError:
+    """A :class:`NotRegularFileError` saying ``path`` ``problem`` (e.g. "is a FIFO, not a regular file")."""
+    error = NotRegularFileError(f"{path} {problem}") if code is None else NotRegularFileError(code, f"{path} {problem}")
+    error.path = path
+    error.problem = problem
+    return error
+
+
+def as_storage_error(error: NotRegularFileError, consequence: str) -> StorageError:
+    """``error`` as a plain :class:`StorageError`, for files that are not checkpoint files (locks, writes)."""
+    message = f"{error.path} {error.problem}; {consequence}"
+    return StorageError(message) if error.errno is None else StorageError(error.errno, message)
 
 
 def storage_error(what: str, detail: str, code: int | None = None) -> StorageError:

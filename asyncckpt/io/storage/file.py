@@ -20,6 +20,7 @@ import fcntl
 import mmap
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -29,14 +30,17 @@ from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.io.storage.base import (
     Backend,
     Lock,
+    NotRegularFileError,
     Storage,
     StreamedValue,
     TruncatedError,
+    as_storage_error,
     byte_views,
     from_os_error,
+    not_a_regular_file,
 )
 
-__all__ = ["BounceBuffers", "FileStorage", "default_storage"]
+__all__ = ["BounceBuffers", "FileStorage", "default_storage", "open_regular_file"]
 
 
 def _fsync_dir(path: str) -> None:
@@ -64,6 +68,61 @@ def _makedirs_durable(path: str) -> None:
             if not os.path.isdir(directory):
                 raise
         _fsync_dir(os.path.dirname(directory) or ".")
+
+
+_LINK_PROBLEM = (
+    "is a symbolic link; checkpoint files must be regular files, not links that may point outside "
+    "the checkpoint folder"
+)
+_BELOW_A_FILE_PROBLEM = "cannot exist: a directory on its path is a file, not a directory"
+_OPEN_PROBLEMS = {
+    errno.ELOOP: _LINK_PROBLEM,
+    errno.ENOTDIR: _BELOW_A_FILE_PROBLEM,
+    errno.ENXIO: "is a FIFO or device without a reader, not a regular file",  # opened to write
+    errno.EISDIR: "is a directory, not a regular file",  # opened to write
+}
+
+
+def _what_it_is(mode: int) -> str:
+    """How a file that is not a regular one is described in messages."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def _not_regular(path: str, mode: int):
+    return not_a_regular_file(path, f"is {_what_it_is(mode)}, not a regular file")
+
+
+def open_regular_file(path: str, flags: int, mode: int = 0o644, *, follow_links: bool = False) -> int:
+    """Open ``path`` without blocking, if it is a regular file; a final symbolic link is refused.
+
+    ``O_NONBLOCK`` keeps a FIFO (or a device) from blocking the open; ``fstat`` then refuses
+    anything that is not a regular file, and the flag is cleared again for the regular file.
+    ``O_NOFOLLOW`` (unless ``follow_links``) keeps a planted link from leading the open, or a
+    file it creates, out of the folder. Raises :class:`NotRegularFileError` (links, FIFOs,
+    directories, devices, a path through a file) and ``OSError`` as ``os.open`` does otherwise.
+    """
+    nofollow = 0 if follow_links else os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        problem = _OPEN_PROBLEMS.get(exc.errno)
+        if problem is None:
+            raise
+        raise not_a_regular_file(path, problem, exc.errno) from None
+    try:
+        file_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(file_mode):
+            raise _not_regular(path, file_mode)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _remove(path: str) -> None:
@@ -103,11 +162,15 @@ def _unlink_and_close(path: str, fd: int) -> None:
 
 
 def _lock_file(path: str, create: bool) -> _FileLock | None:
-    """Open and ``flock`` ``path``; ``None`` if held elsewhere, missing, or replaced meanwhile."""
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+    """Open and ``flock`` ``path``; ``None`` if held elsewhere, missing, or replaced meanwhile.
+
+    Also ``None`` for anything but a regular file (a planted symbolic link, FIFO or directory is
+    no marker of ours): it is never followed, opened for I/O or locked.
+    """
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     try:
-        fd = os.open(path, flags, 0o644)
-    except (FileNotFoundError, FileExistsError):
+        fd = open_regular_file(path, flags)
+    except (FileNotFoundError, FileExistsError, NotRegularFileError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -277,26 +340,29 @@ def _write_file(path: str, value: Any, sync: bool, direct: bool = False) -> None
 
 
 def _open_for_writing(path: str, flags: int) -> int:
+    """Open a file to write; a symbolic link (which may lead out of the folder) or FIFO is refused.
+
+    The refusal is a plain :class:`StorageError`: what is wrong is the folder, not a checkpoint.
+    """
     try:
-        return os.open(path, flags, 0o644)
-    except FileNotFoundError:
-        _makedirs_durable(os.path.dirname(path))  # a kvstore creates missing parents: so do we
-        return os.open(path, flags, 0o644)
+        try:
+            return open_regular_file(path, flags)
+        except FileNotFoundError:
+            _makedirs_durable(os.path.dirname(path))  # a kvstore creates missing parents: so do we
+            return open_regular_file(path, flags)
+    except NotRegularFileError as exc:
+        raise as_storage_error(exc, "refusing to write it") from None
 
 
 def _open_for_reading(path: str) -> int | None:
-    """Open a checkpoint file; a symbolic link is refused, since it may point outside the folder."""
+    """Open a checkpoint file, ``None`` when missing; anything but a regular file is refused.
+
+    A symbolic link may point outside the folder, and a FIFO would block the reader for ever.
+    """
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return open_regular_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CorruptCheckpointError(
-                f"{path} is a symbolic link; checkpoint files must be regular files, not links that may "
-                "point outside the checkpoint folder"
-            ) from None
-        raise
 
 
 def _check_range(path: str, size: int, start: int, stop: int) -> None:
@@ -384,9 +450,14 @@ class _FileBackend(Backend):
 
         def holds() -> bool | None:
             try:
-                return os.stat(path).st_size >= end
+                found = os.stat(path)
             except FileNotFoundError:
                 return None
+            except NotADirectoryError:
+                raise not_a_regular_file(path, _BELOW_A_FILE_PROBLEM, errno.ENOTDIR) from None
+            if not stat.S_ISREG(found.st_mode):
+                raise _not_regular(path, found.st_mode)
+            return found.st_size >= end
 
         try:
             return await asyncio.to_thread(holds)
@@ -394,17 +465,28 @@ class _FileBackend(Backend):
             raise from_os_error(exc, f"reading {path}") from exc
 
     async def prepare(self) -> None:
-        await asyncio.to_thread(_makedirs_durable, self._folder)
+        try:
+            await asyncio.to_thread(_makedirs_durable, self._folder)
+        except OSError as exc:
+            raise from_os_error(exc, f"creating the folder {self._folder}") from exc
 
     async def create_data_dir(self, name: str) -> None:
         def create() -> None:
             os.mkdir(self.describe(name))
             _fsync_dir(self._folder)
 
-        await asyncio.to_thread(create)
+        try:
+            await asyncio.to_thread(create)
+        except OSError as exc:
+            raise from_os_error(exc, f"creating the data directory {self.describe(name)}") from exc
 
     async def commit(self, name: str, tmp_name: str, value: bytes) -> None:
-        await asyncio.to_thread(self._commit, name, tmp_name, value)
+        try:
+            await asyncio.to_thread(self._commit, name, tmp_name, value)
+        except OSError as exc:
+            raise from_os_error(
+                exc, f"committing {self.describe(name)} (through {self.describe(tmp_name)})"
+            ) from exc
 
     def _commit(self, name: str, tmp_name: str, value: bytes) -> None:
         tmp_path = self.describe(tmp_name)

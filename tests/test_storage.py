@@ -140,14 +140,14 @@ def test_file_storage_errors_carry_errno(tmp_path, runtime):
     assert info.value.errno == 20  # ENOTDIR
 
 
-def test_split_rejects_folders_and_canonicalises(tmp_path):
+def test_split_rejects_folders_and_canonicalises(tmp_path, monkeypatch):
     storage = FileStorage()
     assert storage.split(str(tmp_path / "ckpt")) == (str(tmp_path), "ckpt")
     assert storage.split(tmp_path / "x" / ".." / "ckpt") == (str(tmp_path), "ckpt")
     for bad in ["", str(tmp_path) + "/", "a\x00b"]:
         with pytest.raises(ValueError):
             storage.split(bad)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # restored afterwards: later tests keep their working directory
     assert storage.canonical("ckpt") == str(tmp_path / "ckpt")
     memory = KvStoreStorage({"driver": "memory"})
     assert memory.split("/b/run/ckpt") == ("b/run", "ckpt")

@@ -108,6 +108,7 @@ def test_sigkill_during_writes_leaves_a_complete_checkpoint(tmp_path, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a hang guard for 60 interpreter launches in a row, not a time limit
 @pytest.mark.parametrize("mode", ["same", "alternate"])
 def test_sigkill_soak(tmp_path, mode):
     _crash_rounds(tmp_path, mode, rounds=60, seed=12345)

@@ -216,6 +216,7 @@ def test_kill_points_fast(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a hang guard for 200+ interpreter launches in a row, not a time limit
 def test_kill_points_every_occurrence(tmp_path, capsys):
     rng = random.Random(7)
     counts = census(tmp_path)

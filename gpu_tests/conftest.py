@@ -37,6 +37,13 @@ def _why_no_gpu() -> str | None:
 SKIP_REASON = _why_no_gpu()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (in the project's addopts) means one process here: the tests share one GPU and
+    measure its free and pinned memory."""
+    return 0
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:

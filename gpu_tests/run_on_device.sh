@@ -31,7 +31,9 @@ except Exception as exc:
 PY
     nproc; free -g | head -2; df -h /tmp | tail -1
 } 2>&1 | tee "$out/env.txt"
-timeout "${GPU_TESTS_TIMEOUT:-180}" python3 -m pytest gpu_tests -p no:cacheprovider -q -rfEs \
+# The project's addopts without its `-n auto`: one process on one GPU, with or without pytest-xdist installed.
+timeout "${GPU_TESTS_TIMEOUT:-180}" python3 -m pytest gpu_tests -p no:cacheprovider -p no:xdist -q -rfEs \
+    -o "addopts=--strict-markers -m 'not slow'" \
     --timeout 60 --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log"
 timeout "${GPU_BENCH_TIMEOUT:-120}" python3 benchmarks/gpu_bench.py ${GPU_BENCH_ARGS:---size-mib 1024 --repeat 3} \
     2>&1 | tee "$out/gpu_bench.log"

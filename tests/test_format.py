@@ -185,14 +185,17 @@ _json_value = st.recursive(_json_leaf, lambda inner: st.one_of(
 _ALL_PATHS = [p for p in json_paths(_valid_document()) if p]
 
 
-@settings(max_examples=400, deadline=None)
-@given(
+_fuzzed_manifests = given(
     edits=st.lists(
         st.tuples(st.sampled_from(_ALL_PATHS), st.one_of(st.just(_DELETE), _json_value)), min_size=1, max_size=4
     ),
     cut=st.one_of(st.none(), st.integers(min_value=0, max_value=2000)),
     flip=st.one_of(st.none(), st.tuples(st.integers(min_value=0, max_value=2000), st.integers(1, 255))),
 )
+
+
+@settings(max_examples=50, deadline=None)  # 400 in the slow twin below
+@_fuzzed_manifests
 def test_fuzzed_manifests_only_parse_or_raise_corrupt(edits, cut, flip):
     document = _valid_document()
     for path, value in edits:
@@ -223,6 +226,13 @@ def test_fuzzed_manifests_only_parse_or_raise_corrupt(edits, cut, flip):
         assert all(is_plain_name(extent.file) for extent in record.extents)
         assert record.spec.shape == record.shape
     assert is_plain_name(manifest.data_dir)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None)
+@_fuzzed_manifests
+def test_many_fuzzed_manifests_only_parse_or_raise_corrupt(edits, cut, flip):
+    test_fuzzed_manifests_only_parse_or_raise_corrupt.hypothesis.inner_test(edits, cut, flip)
 
 
 # ---------------------------------------------------------------------------------------------

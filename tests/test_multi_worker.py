@@ -201,7 +201,7 @@ print(build().save(prefix, options=options))
 """
 
 
-@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("count", [2, pytest.param(3, marks=pytest.mark.slow)])  # one interpreter per worker
 def test_workers_as_processes_save_one_checkpoint(tmp_path, count):
     script = _WORKER_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

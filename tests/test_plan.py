@@ -52,13 +52,16 @@ def test_invalid_layout_arguments():
         _plan([-1])
 
 
-@settings(max_examples=300, deadline=None)
-@given(
+_layouts = given(
     sizes=st.lists(st.integers(min_value=0, max_value=200), max_size=30),
     small=st.integers(1, 64),
     pack=st.integers(1, 128),
     chunk=st.integers(1, 100),
 )
+
+
+@settings(max_examples=100, deadline=None)  # 300 in the slow twin below
+@_layouts
 def test_every_byte_is_placed_exactly_once(sizes, small, pack, chunk):
     plan = _plan(sizes, small, pack, chunk)
     for item, size in enumerate(sizes):
@@ -76,6 +79,13 @@ def test_every_byte_is_placed_exactly_once(sizes, small, pack, chunk):
         else:
             assert file.size <= max(pack, small - 1)
     assert len({f.name for f in plan.files}) == len(plan.files)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None)
+@_layouts
+def test_every_byte_is_placed_exactly_once_in_many_layouts(sizes, small, pack, chunk):
+    test_every_byte_is_placed_exactly_once.hypothesis.inner_test(sizes, small, pack, chunk)
 
 
 def _record(*extents):

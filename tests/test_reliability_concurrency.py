@@ -115,6 +115,10 @@ def test_two_processes_writing_one_prefix_never_tear_it(tmp_path):
         for writer in (1, 2)
     ]
     seen, retried = set(), 0
+    # Until the first commit (the writers are still starting up) there is nothing to race with: wait
+    # instead of spinning a core, then read as fast as possible.
+    while not os.path.exists(prefix + ".index") and all(child.poll() is None for child in children):
+        threading.Event().wait(0.005)
     while any(child.poll() is None for child in children):
         try:
             seen.add(_read_consistent(prefix))

@@ -5,7 +5,8 @@ once; then, for every byte of every data file and of the manifest, a copy with t
 and a copy truncated to that length are restored (``Checkpoint.restore``) and verified
 (``CheckpointReader.verify`` and ``asyncckpt verify``). Each must fail with
 ``CorruptCheckpointError`` naming the damaged file -- and, for a data file, the key whose bytes
-were hit -- never return values.
+were hit -- never return values. The default tier damages a sample of the positions (the edges of
+every key's bytes, the manifest's leading members and a stride); ``pytest -m slow`` every one.
 """
 
 from __future__ import annotations
@@ -114,14 +115,26 @@ def test_the_pristine_checkpoint_restores_and_verifies(damaged, capsys):
     assert set(_owners(manifest)) == set(files)
 
 
-def test_every_flipped_data_byte_is_detected_naming_key_and_file(damaged, capsys):
+def _key_edges(owners: dict[int, str]) -> list[int]:
+    """The first and last byte of each key's run of bytes in a file: the default tier's sample."""
+    return [p for p in sorted(owners) if owners.get(p - 1) != owners[p] or owners.get(p + 1) != owners[p]]
+
+
+# The default tier damages a sample of each data file's bytes (the edges of every key's bytes); the slow
+# tier every one.
+SWEEP = pytest.mark.parametrize("every", [False, pytest.param(True, marks=pytest.mark.slow)],
+                                ids=["sampled", "every-byte"])
+
+
+@SWEEP
+def test_every_flipped_data_byte_is_detected_naming_key_and_file(damaged, capsys, every):
     prefix, data_dir, manifest = damaged
     checked = 0
     for file, owners in sorted(_owners(manifest).items()):
         path = data_dir / file
         original = path.read_bytes()
         assert sorted(owners) == list(range(len(original))), f"{file} has bytes no key owns"
-        for position in range(len(original)):
+        for position in range(len(original)) if every else _key_edges(owners):
             damaged_bytes = bytearray(original)
             damaged_bytes[position] ^= 0xFF
             path.write_bytes(damaged_bytes)
@@ -129,15 +142,17 @@ def test_every_flipped_data_byte_is_detected_naming_key_and_file(damaged, capsys
                 assert file in message and repr(owners[position]) in message, (file, position, message)
             checked += 1
         path.write_bytes(original)
-    assert checked == sum(len(owners) for owners in _owners(manifest).values())
+    owners_by_file = _owners(manifest).values()
+    assert checked == sum(len(owners) if every else len(_key_edges(owners)) for owners in owners_by_file)
 
 
-def test_every_truncation_of_a_data_file_is_detected_naming_key_and_file(damaged, capsys):
+@SWEEP
+def test_every_truncation_of_a_data_file_is_detected_naming_key_and_file(damaged, capsys, every):
     prefix, data_dir, manifest = damaged
     for file, owners in sorted(_owners(manifest).items()):
         path = data_dir / file
         original = path.read_bytes()
-        for length in range(len(original)):
+        for length in range(len(original)) if every else _key_edges(owners):
             path.write_bytes(original[:length])
             cut = {key for position, key in owners.items() if position >= length}
             for message in _detections(prefix, capsys):
@@ -148,12 +163,18 @@ def test_every_truncation_of_a_data_file_is_detected_naming_key_and_file(damaged
         path.write_bytes(original)
 
 
-def _check_every_manifest_byte(prefix: str, capsys, cli_stride: int) -> int:
-    """Flip and cut the manifest at every byte: restore always, ``asyncckpt verify`` every ``cli_stride``-th."""
+def _manifest_sample(length: int) -> list[int]:
+    """The default tier's positions: the leading checksum and format members, the end, every 37th byte."""
+    return sorted({*range(min(64, length)), *range(max(0, length - 16), length), *range(0, length, 37)})
+
+
+def _check_every_manifest_byte(prefix: str, capsys, cli_stride: int, every: bool = True) -> int:
+    """Flip and cut the manifest at every byte (or a sample): restore always, ``asyncckpt verify``
+    every ``cli_stride``-th."""
     index = Path(index_path(prefix))
     original = index.read_bytes()
     detected = 0
-    for position in range(len(original)):
+    for position in range(len(original)) if every else _manifest_sample(len(original)):
         flipped = original[:position] + bytes([original[position] ^ 0xFF]) + original[position + 1 :]
         for damaged_bytes in (original[:position], flipped):
             index.write_bytes(damaged_bytes)
@@ -170,8 +191,11 @@ def _check_every_manifest_byte(prefix: str, capsys, cli_stride: int) -> int:
 
 
 def test_every_flipped_or_truncated_manifest_byte_is_detected(damaged, capsys):
+    """A sample of the manifest's bytes; the slow test below damages every byte."""
     prefix, _, _ = damaged
-    assert _check_every_manifest_byte(prefix, capsys, cli_stride=16) == 2 * os.path.getsize(index_path(prefix))
+    size = os.path.getsize(index_path(prefix))
+    detected = _check_every_manifest_byte(prefix, capsys, cli_stride=4, every=False)
+    assert detected == 2 * len(_manifest_sample(size))
 
 
 @pytest.mark.slow

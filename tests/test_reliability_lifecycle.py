@@ -113,7 +113,9 @@ def test_a_save_in_flight_at_exit_is_finished_and_recorded(tmp_path, mode, code)
     assert _restored_value(str(tmp_path / "ckpt-1")) == 1.0
 
 
-@pytest.mark.parametrize("mode", ["os._exit", "SIGTERM", "thread-at-exit"])
+# thread-at-exit runs the program of test_a_save_in_flight_at_exit_is_finished_and_recorded[thread-at-exit-0]
+# again, so only the slow tier repeats it here.
+@pytest.mark.parametrize("mode", ["os._exit", "SIGTERM", pytest.param("thread-at-exit", marks=pytest.mark.slow)])
 def test_a_process_ended_without_cleanup_leaves_no_partial_checkpoint(tmp_path, mode):
     result = _run(tmp_path, mode)
     assert "pending" in result.stdout, result.stderr

@@ -349,9 +349,13 @@ _json_value = st.recursive(_json_leaf, lambda inner: st.one_of(
 _DELETE = object()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(min_value=0), st.one_of(st.just(_DELETE), _json_value)), min_size=1,
-                      max_size=3))
+_fuzzed_graph_edits = given(
+    edits=st.lists(st.tuples(st.integers(min_value=0), st.one_of(st.just(_DELETE), _json_value)), min_size=1,
+                   max_size=3))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # 150: slow
+@_fuzzed_graph_edits
 def test_fuzzed_object_graphs_restore_or_raise_corrupt(saved, tmp_path, edits):
     folder, document = saved
     edited = json.loads(json.dumps(document))
@@ -383,6 +387,13 @@ def test_fuzzed_object_graphs_restore_or_raise_corrupt(saved, tmp_path, edits):
     status.expect_partial()
 
 
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@_fuzzed_graph_edits
+def test_many_fuzzed_object_graphs_restore_or_raise_corrupt(saved, tmp_path, edits):
+    test_fuzzed_object_graphs_restore_or_raise_corrupt.hypothesis.inner_test(saved, tmp_path, edits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile but parseable state files
 
@@ -399,9 +410,12 @@ def _quote(text: str) -> str:
     return '"' + "".join(f"\\{ord(c):03o}" if ord(c) < 32 or c in '"\\' else c for c in text) + '"'
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(model_path=_paths, paths=st.lists(_paths, max_size=4), stamps=st.lists(_timestamps, max_size=5),
-       preserved=_timestamps)
+_hostile_state_files = given(model_path=_paths, paths=st.lists(_paths, max_size=4),
+                             stamps=st.lists(_timestamps, max_size=5), preserved=_timestamps)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # 60: slow
+@_hostile_state_files
 def test_a_manager_on_a_hostile_state_file_saves_or_refuses_clearly(tmp_path_factory, model_path, paths, stamps,
                                                                      preserved):
     directory = tmp_path_factory.mktemp("state")
@@ -427,6 +441,15 @@ def test_a_manager_on_a_hostile_state_file_saves_or_refuses_clearly(tmp_path_fac
     state = ac.get_checkpoint_state(directory)
     assert state.model_checkpoint_path == path
     assert all(not math.isnan(t) for t in state.all_model_checkpoint_timestamps[-1:])
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@_hostile_state_files
+def test_many_managers_on_hostile_state_files_save_or_refuse_clearly(tmp_path_factory, model_path, paths, stamps,
+                                                                     preserved):
+    test_a_manager_on_a_hostile_state_file_saves_or_refuses_clearly.hypothesis.inner_test(
+        tmp_path_factory, model_path, paths, stamps, preserved)
 
 
 def test_a_manager_never_deletes_checkpoints_outside_its_directory(tmp_path):

@@ -129,14 +129,17 @@ def test_staging_blocks_are_reused_capped_and_released_when_idle():
         pool.take(STAGING_BLOCK_BYTES + 1)
     runtime = Runtime()
     try:
-        pool.give(first, runtime.loop)
-        assert pool.kept_bytes == STAGING_BLOCK_BYTES
 
-        async def pause():
+        async def give_then_pause():
+            # Given on the loop thread, the idle release (idle_seconds=0) cannot run before this
+            # coroutine yields; given from another thread, it could run before the check.
+            pool.give(first, runtime.loop)
+            kept = pool.kept_bytes
             await asyncio.sleep(0.05)
+            return kept
 
-        runtime.run(pause())  # the idle release ran (idle_seconds=0)
-        assert pool.kept_bytes == 0
+        assert runtime.run(give_then_pause()) == STAGING_BLOCK_BYTES
+        assert pool.kept_bytes == 0  # the idle release ran
     finally:
         runtime.close()
 

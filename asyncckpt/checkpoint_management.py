@@ -601,7 +601,9 @@ class CheckpointManager:
         kept = self._keep_found_checkpoints()
         excess = len(self._maybe_delete) - self._max_to_keep
         expiring, doomed = [], []
-        for path, timestamp in [(p, t) for p, t in self._maybe_delete.items() if p not in kept][:excess]:
+        # Never the checkpoint just saved, whatever is kept instead of older ones.
+        expirable = [(p, t) for p, t in self._maybe_delete.items() if p not in kept and p != self._latest_checkpoint]
+        for path, timestamp in expirable[:excess]:
             expiring.append(path)
             if self._keep_checkpoint_every_n_hours and (
                 timestamp - self._keep_checkpoint_every_n_hours * 3600.0 >= last_preserved
@@ -622,7 +624,8 @@ class CheckpointManager:
         """
         if self._resumed is not False or not self._fell_back or not self._found_at_start:
             return frozenset()
-        kept = frozenset(path for path in self._found_at_start if path in self._maybe_delete)
+        kept = frozenset(path for path in self._found_at_start
+                         if path in self._maybe_delete and _recorded_checkpoint_exists(path))
         if kept and not self._warned_keeping:
             self._warned_keeping = True
             logger.warning(

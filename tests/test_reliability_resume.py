@@ -118,3 +118,21 @@ def test_a_failed_restore_names_exactly_the_variables_it_modified(tmp_path):
     untouched = [name for name in "abc" if f"{name}/.ATTRIBUTES/VARIABLE_VALUE" not in modified]
     for name in untouched:  # every variable not named still holds its old value
         assert np.all(live[name].numpy() == -1)
+
+
+def test_after_a_fallback_the_checkpoint_just_saved_is_never_the_one_expired(tmp_path):
+    """Found entries kept from expiry (after the recorded latest was missing) never push out the
+    new save, and only committed checkpoints are kept: an entry naming nothing is expired."""
+    w = ac.Variable(np.ones(4, np.float32))
+    checkpoint = ac.Checkpoint(w=w)
+    checkpoint.write(str(tmp_path / "ckpt-1"))
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-2"\nall_model_checkpoint_paths: "ckpt-1"\nall_model_checkpoint_paths: "gone"\n'
+        "all_model_checkpoint_timestamps: 0.0\nall_model_checkpoint_timestamps: 1.0\nlast_preserved_timestamp: 0.0\n",
+        encoding="utf-8",
+    )
+    manager = ac.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=1)
+    path = manager.save()
+    assert ac.checkpoint_exists(path)
+    assert ac.latest_checkpoint(str(tmp_path)) == path == manager.latest_checkpoint
+    assert manager.checkpoints == [path]

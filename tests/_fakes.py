@@ -6,8 +6,12 @@ from here too.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import subprocess
+import tempfile
 import threading
 import time
 import types
@@ -188,3 +192,28 @@ def files_in(directory) -> dict[str, bytes]:
         str(path.relative_to(directory)): b"<dir>" if path.is_dir() else path.read_bytes()
         for path in sorted(directory.rglob("*"))
     }
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str):
+    """A tmpfs of ``size`` (``"1m"``), mounted for the block and always unmounted.
+
+    Skips the calling test where there is no mount command or mounting is refused.
+    """
+    import pytest  # noqa: PLC0415 - only tests call this
+
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("no mount command on this machine")
+    directory = tempfile.mkdtemp(prefix="asyncckpt-tmpfs-")
+    result = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", directory],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        os.rmdir(directory)
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
+    try:
+        yield Path(directory)
+    finally:
+        if subprocess.run(["umount", directory], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", directory], capture_output=True, check=False)
+        os.rmdir(directory)

@@ -21,14 +21,13 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 import tracemalloc
 from pathlib import Path
 
 import crc32c
 import numpy as np
 import pytest
+from _fakes import mounted_tmpfs
 
 import asyncckpt as ac
 from asyncckpt import cli
@@ -377,21 +376,8 @@ def test_a_data_directory_that_is_a_file_is_corrupt_naming_key_and_file(tmp_path
 @pytest.fixture
 def small_filesystem():
     """A 1 MiB tmpfs, mounted for the test and always unmounted; skipped where mounting is refused."""
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount command on this machine")
-    directory = tempfile.mkdtemp(prefix="asyncckpt-tmpfs-")
-    result = subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", directory],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        os.rmdir(directory)
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
-    try:
-        yield Path(directory)
-    finally:
-        if subprocess.run(["umount", directory], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", directory], capture_output=True, check=False)
-        os.rmdir(directory)
+    with mounted_tmpfs("1m") as directory:
+        yield directory
 
 
 def _fill(filesystem: Path, leave: int) -> Path:

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _fakes import mounted_tmpfs
 
 import asyncckpt as ac
 from asyncckpt import io as ckio
@@ -227,22 +225,8 @@ def test_a_failing_deletion_of_an_old_checkpoint_is_reported_and_keeps_the_new_o
 @pytest.fixture
 def small_filesystem():
     """A 2 MiB tmpfs, mounted for the test and always unmounted; skipped where mounting is refused."""
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount command on this machine")
-    directory = tempfile.mkdtemp(prefix="asyncckpt-tmpfs-")
-    result = subprocess.run([mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", directory],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        os.rmdir(directory)
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
-    try:
-        yield Path(directory)
-    finally:
-        unmounted = subprocess.run(["umount", directory], capture_output=True, text=True, check=False)
-        if unmounted.returncode != 0:
-            subprocess.run(["umount", "-l", directory], capture_output=True, check=False)
-        os.rmdir(directory)
+    with mounted_tmpfs("2m") as directory:
+        yield directory
 
 
 def _fill(filesystem: Path, leave: int) -> Path:

@@ -74,35 +74,41 @@ class ReadRequest:
 RestoreSteps = Generator[Any, Any, Any]
 
 
-def run_blocking(steps: RestoreSteps) -> Any:
-    """Drive ``steps`` to the end, serving each request with its blocking ``run()``.
+def _resume(steps: RestoreSteps, outcome: tuple[bool, Any]) -> tuple[bool, Any]:
+    """Hand ``outcome`` (``(True, result)`` or ``(False, error)``) back to ``steps``.
 
-    A request's error is thrown back into the steps at the ``yield`` that made it.
+    Returns ``(False, next request)``, or ``(True, final value)`` once the steps are done. An
+    error is thrown into the steps at the ``yield`` that made the failed request.
     """
-    outcome: tuple[bool, Any] = (True, None)
-    while True:
+    succeeded, value = outcome
+    try:
+        return False, (steps.send(value) if succeeded else steps.throw(value))
+    except StopIteration as done:
+        return True, done.value
+
+
+def run_blocking(steps: RestoreSteps) -> Any:
+    """Drive ``steps`` to the end, serving each request with its blocking ``run()``."""
+    finished, value = _resume(steps, (True, None))
+    while not finished:
         try:
-            request = steps.send(outcome[1]) if outcome[0] else steps.throw(outcome[1])
-        except StopIteration as done:
-            return done.value
-        try:
-            outcome = (True, request.run())
+            outcome = (True, value.run())
         except Exception as error:  # noqa: BLE001 - handed back to the steps, which decide
             outcome = (False, error)
+        finished, value = _resume(steps, outcome)
+    return value
 
 
 async def run_async(steps: RestoreSteps) -> Any:
     """Drive ``steps`` to the end, awaiting each request's ``arun()``: the event loop never blocks on I/O."""
-    outcome: tuple[bool, Any] = (True, None)
-    while True:
+    finished, value = _resume(steps, (True, None))
+    while not finished:
         try:
-            request = steps.send(outcome[1]) if outcome[0] else steps.throw(outcome[1])
-        except StopIteration as done:
-            return done.value
-        try:
-            outcome = (True, await request.arun())
+            outcome = (True, await value.arun())
         except Exception as error:  # noqa: BLE001 - handed back to the steps, which decide
             outcome = (False, error)
+        finished, value = _resume(steps, outcome)
+    return value
 
 
 def next_restore_uid() -> int:

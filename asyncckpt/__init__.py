@@ -21,6 +21,8 @@ from asyncckpt.errors import (
     UnsupportedFormatError,
 )
 from asyncckpt.io.settings import MultiWorker, ReadSettings, WriteSettings
+from asyncckpt.model.adapters import PyTree, StateDict
+from asyncckpt.model.adapters.rng import RandomState
 from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.model.module import Module
 from asyncckpt.model.python_state import PythonState
@@ -41,8 +43,11 @@ __all__ = [
     "MultiWorker",
     "NoDependency",
     "NotFoundError",
+    "PyTree",
     "PythonState",
+    "RandomState",
     "ReadSettings",
+    "StateDict",
     "Trackable",
     "UnsupportedFormatError",
     "Variable",

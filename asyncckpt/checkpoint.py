@@ -329,6 +329,8 @@ class Checkpoint(AutoTrackable):
             converted = getattr(self, key)
             if isinstance(converted, weakref.ref):
                 converted = converted()
+            if not isinstance(converted, Trackable) and key != "root":
+                converted = self._lookup_dependency(key) or converted  # framework state: its adapter
             _assert_trackable(converted, key)
             if trackable_root is not None and key != "root":
                 child = trackable_root._lookup_dependency(key)

@@ -2,7 +2,8 @@
 
 Usage::
 
-    asyncckpt ls PATH        # keys, dtypes and shapes, one per line
+    asyncckpt ls PATH        # object paths (``model/layer1.weight``), dtypes and shapes, one per line
+    asyncckpt ls --keys PATH # the same with the checkpoint keys themselves
     asyncckpt verify PATH    # check every stored checksum
 
 ``PATH`` is a checkpoint prefix (``runs/ckpt-40``) or a directory, meaning the checkpoint its
@@ -20,7 +21,7 @@ from asyncckpt import io as ckio
 from asyncckpt.errors import CheckpointError
 from asyncckpt.readers import load_checkpoint, resolve_checkpoint_path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "readable_name"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every key of a checkpoint with its dtype and shape, sorted by key.",
     )
     listing.add_argument("path", metavar="PATH", help="checkpoint prefix, or a directory (its latest checkpoint)")
+    listing.add_argument("--keys", action="store_true",
+                         help="print the checkpoint keys themselves instead of the object paths they name")
     return parser
 
 
@@ -49,11 +52,34 @@ def _format_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
-def _ls(path: str, out: TextIO) -> int:
+_ATTRIBUTES = "/.ATTRIBUTES/"
+_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _unescape(segment: str) -> str:
+    """A key segment as the name it escapes (``..`` is ``.``, ``.S`` is ``/``)."""
+    return segment.replace(".S", "/").replace("..", ".")
+
+
+def readable_name(key: str) -> str:
+    """A checkpoint key as a path of the names a user gave: ``model/.ATTRIBUTES/layer1..weight`` → ``model/layer1.weight``.
+
+    A variable's value is its object's path; other attributes follow their object's path.
+    """
+    if key.endswith(_VALUE):
+        key = key[: -len(_VALUE)]
+    return "/".join(_unescape(segment) for segment in key.replace(_ATTRIBUTES, "/").split("/"))
+
+
+def _ls(path: str, out: TextIO, raw_keys: bool = False) -> int:
     reader = load_checkpoint(path)
     dtypes = reader.get_variable_to_dtype_map()
     shapes = reader.get_variable_to_shape_map()
-    rows = [(key, "bytes" if dtypes[key].kind == "O" else dtypes[key].name, _format_shape(shapes[key])) for key in reader.keys()]
+    rows = [
+        (key if raw_keys else readable_name(key), "bytes" if dtypes[key].kind == "O" else dtypes[key].name,
+         _format_shape(shapes[key]))
+        for key in reader.keys()
+    ]
     width_key = max((len(r[0]) for r in rows), default=0)
     width_dtype = max((len(r[1]) for r in rows), default=0)
     for key, dtype, shape in rows:
@@ -81,9 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already reported by argparse
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    command = {"ls": _ls, "verify": _verify}[args.command]
     try:
-        return command(args.path, sys.stdout)
+        if args.command == "ls":
+            return _ls(args.path, sys.stdout, raw_keys=args.keys)
+        return _verify(args.path, sys.stdout)
     except CheckpointError as exc:
         kind = "corrupt checkpoint" if isinstance(exc, ValueError) else "error"
         print(f"asyncckpt {args.command}: {kind}: {exc}", file=sys.stderr)

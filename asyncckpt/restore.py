@@ -409,7 +409,7 @@ class CheckpointPosition:
         saved = self.object_proto["attributes"]
         if not saved:
             return {}
-        own = set(obj._checkpoint_attribute_names())
+        own = obj._restorable_attributes([attribute["name"] for attribute in saved])
         consumable = {}
         for attribute in saved:
             if attribute["name"] in own:

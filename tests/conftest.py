@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
+
+# JAX tests run on several CPU devices (sharded arrays); the flag must be set before JAX starts.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 # The backend contract's asserts live in the package; have pytest explain their failures too.
 pytest.register_assert_rewrite("asyncckpt.testing.storage_contract")

@@ -76,18 +76,40 @@ def test_verify_of_a_missing_checkpoint_fails_with_a_message(capsys, tmp_path):
 # ---------------------------------------------------------------- ls
 
 
-def test_ls_lists_keys_dtypes_and_shapes(capsys, written):
+def test_ls_lists_object_paths_dtypes_and_shapes(capsys, written):
     code, out, err = run(capsys, "ls", written)
     assert code == 0 and err == ""
     rows = [line.split(None, 2) for line in out.splitlines()]
     assert rows == [
         ["_CHECKPOINTABLE_OBJECT_GRAPH", "bytes", "[]"],
-        [A_KEY, "float32", "[3, 4]"],
-        [B_KEY, "int64", "[]"],
-        ["c/.ATTRIBUTES/VARIABLE_VALUE", "float64", "[5000]"],
+        ["a", "float32", "[3, 4]"],
+        ["b", "int64", "[]"],
+        ["c", "float64", "[5000]"],
     ]
     # Columns are aligned: every dtype starts at the same offset.
     assert len({line.index(row[1], len(row[0])) for line, row in zip(out.splitlines(), rows)}) == 1
+
+
+def test_ls_keys_lists_the_checkpoint_keys_themselves(capsys, written):
+    code, out, _ = run(capsys, "ls", "--keys", written)
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == [
+        "_CHECKPOINTABLE_OBJECT_GRAPH", A_KEY, B_KEY, "c/.ATTRIBUTES/VARIABLE_VALUE"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("model/.ATTRIBUTES/layer1..weight", "model/layer1.weight"),
+        ("model/layer/kernel/.ATTRIBUTES/VARIABLE_VALUE", "model/layer/kernel"),
+        ("optimizer/.ATTRIBUTES/state..0..exp_avg", "optimizer/state.0.exp_avg"),
+        ("a.Sb/.ATTRIBUTES/py_state", "a/b/py_state"),
+        ("_CHECKPOINTABLE_OBJECT_GRAPH", "_CHECKPOINTABLE_OBJECT_GRAPH"),
+    ],
+)
+def test_readable_names_undo_the_key_escapes(key, name):
+    assert cli.readable_name(key) == name
 
 
 def test_ls_of_a_missing_directory_fails(capsys, tmp_path):

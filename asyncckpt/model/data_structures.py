@@ -16,6 +16,7 @@ import collections.abc
 import copy
 from typing import Any
 
+from asyncckpt.model import adapters
 from asyncckpt.model.trackable import NoDependency, Trackable, structure_changed
 
 __all__ = [
@@ -29,11 +30,18 @@ __all__ = [
 
 
 def wrap_or_unwrap(value: Any) -> Any:
-    """Unwrap ``NoDependency``; wrap lists, dicts and tuples that may hold trackables."""
+    """Unwrap ``NoDependency``; wrap lists, dicts and tuples that may hold trackables.
+
+    A container of framework arrays (a dict of torch tensors, a JAX parameter tree) and holding
+    no trackable becomes a :class:`~asyncckpt.model.adapters.PyTree` instead: it is saved whole
+    and the user's container is left as it is.
+    """
     if isinstance(value, NoDependency):
         return value.value
     if isinstance(value, Trackable):
         return value
+    if type(value) in _CONTAINERS and adapters.leaves.holds_framework_arrays(value) and not _holds_trackables(value):
+        return adapters.PyTree(value)
     if type(value) is list:
         return ListWrapper(value)
     if type(value) in (dict, collections.OrderedDict):
@@ -46,13 +54,37 @@ def wrap_or_unwrap(value: Any) -> Any:
 def sticky_attribute_assignment(trackable: Trackable, name: str, value: Any) -> Any:
     """Track ``value`` under ``name`` if it is (or wraps into) a trackable; return what to store.
 
-    Non-trackable values create no dependency and do not remove an earlier one of the same name.
+    Framework state (a torch module or optimizer, anything with ``state_dict``) is tracked
+    through its adapter while the attribute keeps the object itself. Other non-trackable values
+    create no dependency and do not remove an earlier one of the same name.
     """
     add_dependency = not isinstance(value, NoDependency)
     value = wrap_or_unwrap(value)
-    if add_dependency and isinstance(value, Trackable):
+    if not add_dependency:
+        return value
+    if isinstance(value, Trackable):
         trackable._track_trackable(value, name=name, overwrite=True)
+        return value
+    adapted = adapters.adapt(value)
+    if adapted is not None:
+        trackable._track_trackable(adapted.trackable, name=name, overwrite=True)
+        return adapted.stored
     return value
+
+
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple)
+
+
+def _holds_trackables(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, Trackable):
+        return True
+    if depth > 64:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_trackables(item, depth + 1) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_trackables(item, depth + 1) for item in value)
+    return False
 
 
 def _should_wrap_tuple(value: tuple) -> bool:

@@ -150,6 +150,14 @@ class Trackable:
         """Names of the attributes this object saves and can restore."""
         return tuple(self._serialize_to_tensors())
 
+    def _restorable_attributes(self, saved: list[str]) -> set[str]:
+        """Which of the checkpoint's attributes ``saved`` this object takes (its own by default).
+
+        An adapter whose state grows (an optimizer's moments appear at its first step) takes
+        attributes it does not have yet.
+        """
+        return set(self._checkpoint_attribute_names())
+
 
 class NoDependency:
     """Wrap a value assigned to an attribute so that it is stored but not tracked."""

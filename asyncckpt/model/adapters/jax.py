@@ -1,0 +1,93 @@
+"""JAX state: pytrees of ``jax.Array``s (train states, optax states, ``flax.struct`` dataclasses).
+
+Imported only when a JAX value reaches :func:`asyncckpt.model.adapters.adapt` (or a tree is
+flattened while JAX is imported). JAX arrays never change in place, so a save takes a host view
+of each at ``save()`` time (no copy on the CPU; a gather for an array sharded over devices) and
+writes from it with no guard. A restore builds new arrays with the given leaves' dtype and
+sharding; a typed PRNG key is stored as its key data and comes back as a typed key of the same
+implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asyncckpt.model.adapters import leaves
+from asyncckpt.model.adapters.pytree import PyTree
+from asyncckpt.model.adapters.structure import leaf_name
+
+__all__ = ["adapt", "destination", "flatten", "is_array", "is_registered_node", "new", "restored", "restored_key",
+           "save_value"]
+
+
+def is_array(value: Any) -> bool:
+    return isinstance(value, jax.Array)
+
+
+def _is_key(value: Any) -> bool:
+    return jnp.issubdtype(value.dtype, jax.dtypes.prng_key)
+
+
+def is_registered_node(value: Any) -> bool:
+    """Whether ``value`` is a pytree node JAX knows (a ``flax.struct`` dataclass, an optax state...)."""
+    leaves_of = jax.tree_util.tree_leaves(value)
+    return not (len(leaves_of) == 1 and leaves_of[0] is value)
+
+
+def _key_part(entry: Any) -> Any:
+    for field in ("key", "idx", "name"):
+        if hasattr(entry, field):
+            return getattr(entry, field)
+    return str(entry)
+
+
+def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Callable[[list], Any]]:
+    """``([(name, leaf), ...], rebuild)`` by JAX's flattening rules; names are the key paths with dots."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    named = [(leaf_name(tuple(_key_part(entry) for entry in path)), leaf) for path, leaf in with_paths]
+    return named, treedef.unflatten
+
+
+def save_value(array: jax.Array) -> Any:
+    """A host view of ``array`` taken now (typed keys: their key data, with the implementation's name)."""
+    if _is_key(array):
+        return leaves.KeyArray(leaves.FrozenArray(np.asarray(jax.random.key_data(array))), str(jax.random.key_impl(array)))
+    return leaves.FrozenArray(np.asarray(array))
+
+
+def destination(array: jax.Array, spec: Any) -> None:
+    return None  # immutable: a restore builds a new array
+
+
+def restored(value: Any, like: jax.Array) -> jax.Array:
+    """A new array with ``like``'s dtype, shape and sharding holding host array ``value``."""
+    leaves.check_alike(value, like)
+    return jax.device_put(value, like.sharding)
+
+
+def new(value: Any) -> jax.Array:
+    """A JAX array on the default device holding host array ``value``."""
+    return jnp.asarray(value)
+
+
+def restored_key(value: Any, impl: str, like: Any) -> jax.Array:
+    """The typed PRNG key whose key data is ``value``, placed like ``like`` when there is one."""
+    if like is not None and (not is_array(like) or not _is_key(like)):
+        raise ValueError(f"the checkpoint holds a PRNG key but the live leaf is {getattr(like, 'dtype', type(like))}")
+    key = jax.random.wrap_key_data(jnp.asarray(value), impl=impl)
+    if like is not None:
+        if str(jax.random.key_impl(like)) != impl:
+            raise ValueError(f"the checkpoint holds a {impl} key but the live key is {jax.random.key_impl(like)}")
+        key = jax.device_put(key, like.sharding)
+    return key
+
+
+def adapt(value: Any) -> Any:
+    """A :class:`PyTree` for a JAX array or a tree holding some; ``None`` otherwise."""
+    if is_array(value) or leaves.holds_framework_arrays(jax.tree_util.tree_leaves(value)):
+        return PyTree(value)
+    return None

@@ -1,0 +1,182 @@
+"""Array leaves of framework state: how each kind is saved, read into, and rebuilt.
+
+A framework module (``asyncckpt.model.adapters.torch``, ``.jax``) provides, for its own arrays:
+
+``is_array(value)``
+    Whether ``value`` is one of its arrays.
+``save_value(value)``
+    What a save takes the bytes from: a snapshot source (``_snapshot_array`` and mutation hooks,
+    see :mod:`asyncckpt.io.snapshot`), so nothing is copied unless the value is about to change.
+``destination(value, spec)``
+    The live array a restore may read the checkpoint value straight into, or ``None``.
+``restored(value, like)``
+    The leaf to put in the restored state: ``like`` itself when the value was read into it,
+    else a new array of ``like``'s kind and placement built from the host array ``value``.
+``adapt(value)``
+    The trackable for one of its objects (a module, an optimizer, a tree), or ``None``.
+
+NumPy arrays are leaves of the core itself: saved as an owned copy taken when ``save()`` is
+called (a NumPy array cannot announce a change), restored in place when writable and alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "FrozenArray",
+    "KeyArray",
+    "kind_of",
+    "new_leaf",
+    "framework_of",
+    "holds_framework_arrays",
+    "is_array_leaf",
+    "is_namedtuple",
+    "restored_leaf",
+    "save_value",
+    "destination",
+]
+
+#: A framework's top-level module names → the adapter module serving its types.
+_FRAMEWORK_ADAPTERS = {
+    "torch": "asyncckpt.model.adapters.torch",
+    "jax": "asyncckpt.model.adapters.jax",
+    "jaxlib": "asyncckpt.model.adapters.jax",
+    "flax": "asyncckpt.model.adapters.jax",
+    "optax": "asyncckpt.model.adapters.jax",
+}
+
+
+def framework_of(value: Any) -> ModuleType | None:
+    """The adapter module for ``value``'s framework, imported on first use; ``None`` for other values.
+
+    Values of other modules' types are asked of the JAX adapter when JAX is already imported: a
+    ``flax.struct`` dataclass or an optax state is declared in the user's module.
+    """
+    root = type(value).__module__.partition(".")[0]
+    name = _FRAMEWORK_ADAPTERS.get(root)
+    if name is not None:
+        return importlib.import_module(name)
+    if "jax" in sys.modules and root not in ("builtins", "numpy", "collections", "asyncckpt"):
+        jax_adapter = importlib.import_module(_FRAMEWORK_ADAPTERS["jax"])
+        if jax_adapter.is_registered_node(value):
+            return jax_adapter
+    return None
+
+
+def is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
+def _array_framework(value: Any) -> ModuleType | None:
+    root = type(value).__module__.partition(".")[0]
+    name = _FRAMEWORK_ADAPTERS.get(root)
+    if name is None:
+        return None
+    module = importlib.import_module(name)
+    return module if module.is_array(value) else None
+
+
+def is_array_leaf(value: Any) -> bool:
+    """NumPy arrays and framework arrays (a torch tensor, a ``jax.Array``)."""
+    return isinstance(value, np.ndarray) or _array_framework(value) is not None
+
+
+def holds_framework_arrays(tree: Any, depth: int = 0) -> bool:
+    """Whether a nest of dicts, lists and tuples has a framework array among its leaves."""
+    if depth > 64:
+        return False
+    if isinstance(tree, Mapping):
+        return any(holds_framework_arrays(item, depth + 1) for item in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(holds_framework_arrays(item, depth + 1) for item in tree)
+    return _array_framework(tree) is not None
+
+
+class FrozenArray:
+    """A snapshot source over an array nobody changes in place (a JAX array's host view).
+
+    Saved straight from its memory with no copy and no guard: its mutation hooks are never run.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def _snapshot_array(self) -> Any:
+        return self.array
+
+    def _add_mutation_hook(self, hook: Callable) -> None:
+        pass  # immutable: nothing will call it
+
+    def _remove_mutation_hook(self, hook: Callable) -> None:
+        pass
+
+    @classmethod
+    def _add_mutation_hooks(cls, table: Mapping[int, Any], hook: Callable) -> Callable[[], None]:
+        return _nothing
+
+
+def _nothing() -> None:
+    return None
+
+
+class KeyArray(NamedTuple):
+    """What a save takes from a typed PRNG key: its key data (a snapshot source) and its implementation's name."""
+
+    data: Any
+    impl: str
+
+
+def kind_of(leaf: Any) -> str:
+    """The array type of a leaf as recorded in a structure: ``""`` for NumPy, else its framework."""
+    if isinstance(leaf, np.ndarray):
+        return ""
+    return type(leaf).__module__.partition(".")[0].replace("jaxlib", "jax")
+
+
+def new_leaf(value: Any, kind: str) -> Any:
+    """An array of ``kind`` holding host array ``value``, where the live state has no leaf to follow."""
+    name = _FRAMEWORK_ADAPTERS.get(kind)
+    return value if name is None else importlib.import_module(name).new(value)
+
+
+def save_value(leaf: Any) -> Any:
+    """What a save takes ``leaf``'s bytes from (NumPy arrays: the array, copied at ``save()``)."""
+    if isinstance(leaf, np.ndarray):
+        return leaf
+    return _array_framework(leaf).save_value(leaf)
+
+
+def destination(leaf: Any, spec: Any) -> Any:
+    """The live array to read a checkpoint value of ``spec`` into, or ``None`` to read into a new one."""
+    if isinstance(leaf, np.ndarray):
+        alike = leaf.dtype == spec.dtype and tuple(leaf.shape) == tuple(spec.shape)
+        return leaf if alike and leaf.flags.c_contiguous and leaf.flags.writeable and type(leaf) is np.ndarray else None
+    return _array_framework(leaf).destination(leaf, spec)
+
+
+def restored_leaf(value: Any, like: Any) -> Any:
+    """The restored leaf for host array ``value`` where the live state had ``like`` (or nothing)."""
+    if like is None or isinstance(like, np.ndarray):
+        if like is not None and value is not like:
+            check_alike(value, like)
+        return value
+    return _array_framework(like).restored(value, like)
+
+
+def check_alike(value: Any, like: Any, where: str = "") -> None:
+    """A checkpoint value must have the live leaf's dtype and shape exactly: no cast, no reshape."""
+    dtype, shape = np.dtype(value.dtype), tuple(value.shape)
+    if dtype != np.dtype(like.dtype) or shape != tuple(like.shape):
+        raise ValueError(
+            f"the checkpoint value{where} is {dtype}{list(shape)} but the live value is "
+            f"{np.dtype(like.dtype)}{list(like.shape)}"
+        )

@@ -1,0 +1,188 @@
+"""``PyTree``: a nest of arrays and numbers (a JAX train state, a dict of tensors) as one trackable.
+
+The holder never changes the tree it was given; after a restore, :attr:`PyTree.value` is a new
+tree of the same structure whose leaves have the given leaves' dtypes, shapes and placement (a
+JAX array on the same devices with the same sharding). Trees are flattened by JAX's own rules
+when JAX is imported (so ``flax.struct`` dataclasses, optax states and other registered nodes are
+nests), else as dicts, lists, tuples and named tuples. Each array leaf is an attribute named by
+its path (``params.dense.kernel``); the Python numbers among the leaves and the list of names are
+one typed-JSON attribute, ``PYTREE_JSON``.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from asyncckpt.model.adapters import leaves, typed_json
+from asyncckpt.model.adapters.structure import leaf_name
+from asyncckpt.model.trackable import Trackable
+
+__all__ = ["PyTree", "PYTREE_KEY", "flatten"]
+
+PYTREE_KEY = "PYTREE_JSON"
+_JAX_ADAPTER = "asyncckpt.model.adapters.jax"
+#: The attribute name of a tree that is a single array (TensorFlow's name for a variable's value).
+ROOT_LEAF_NAME = "VARIABLE_VALUE"
+
+
+def _flatten_builtin(tree: Any) -> tuple[list[tuple[tuple, Any]], Callable[[list], Any]]:
+    """Leaves by path of a nest of dicts, lists, tuples and named tuples, and its rebuilder."""
+    found: list[tuple[tuple, Any]] = []
+
+    def walk(value: Any, path: tuple, depth: int) -> Callable[[Any], Any]:
+        if depth > typed_json.MAX_DEPTH:
+            raise ValueError(f"the tree is nested more than {typed_json.MAX_DEPTH} levels deep at {leaf_name(path)}")
+        if value is None:
+            return lambda values: None
+        if isinstance(value, Mapping) and type(value) in (dict, collections.OrderedDict):
+            keys = list(value)
+            parts = [walk(value[key], (*path, key), depth + 1) for key in keys]
+            kind = type(value)
+            return lambda values: kind((key, part(values)) for key, part in zip(keys, parts))
+        if isinstance(value, (list, tuple)):
+            parts = [walk(item, (*path, index), depth + 1) for index, item in enumerate(value)]
+            if leaves.is_namedtuple(value):
+                kind = type(value)
+                return lambda values: kind(*(part(values) for part in parts))
+            kind = list if isinstance(value, list) else tuple
+            return lambda values: kind(part(values) for part in parts)
+        index = len(found)
+        found.append((path, value))
+        return lambda values: values[index]
+
+    rebuild = walk(tree, (), 0)
+    return found, lambda values: rebuild(values)
+
+
+def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Callable[[list], Any]]:
+    """``([(name, leaf), ...], rebuild)`` for ``tree``; ``rebuild(new_leaves)`` makes a tree like it."""
+    if "jax" in sys.modules:
+        named, rebuild = importlib.import_module(_JAX_ADAPTER).flatten(tree)
+    else:
+        found, rebuild = _flatten_builtin(tree)
+        named = [(leaf_name(path), leaf) for path, leaf in found]
+    named = [(name or ROOT_LEAF_NAME, leaf) for name, leaf in named]  # a tree that is one array
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"the tree's leaves do not have unique paths: {repeated[:5]}")
+    return named, rebuild
+
+
+class PyTree(Trackable):
+    """Checkpoint a tree of arrays and numbers; after restore, :attr:`value` is the restored tree.
+
+    Examples
+    --------
+    >>> holder = asyncckpt.PyTree(train_state)            # doctest: +SKIP
+    >>> ckpt = asyncckpt.Checkpoint(state=holder)          # doctest: +SKIP
+    >>> ckpt.restore(path); train_state = holder.value     # doctest: +SKIP
+    """
+
+    def __init__(self, value: Any) -> None:
+        self._maybe_initialize_trackable()
+        self._value = value
+        self._read_into: dict[str, Any] = {}
+        self._restoring: dict[str, Any] | None = None
+
+    @property
+    def value(self) -> Any:
+        """The tree: the one given, or the one the latest restore built."""
+        return self._value
+
+    @value.setter
+    def value(self, tree: Any) -> None:
+        self._value = tree
+
+    def __repr__(self) -> str:
+        return f"PyTree({type(self._value).__name__})"
+
+    # ------------------------------------------------------------------ save
+    def _serialize_to_tensors(self) -> dict[str, Any]:
+        named, _ = flatten(self._value)
+        arrays: dict[str, Any] = {}
+        structure: dict[str, Any] = {}
+        for name, leaf in named:
+            if leaves.is_array_leaf(leaf):
+                value = leaves.save_value(leaf)
+                if isinstance(value, leaves.KeyArray):  # a typed PRNG key: its key data, and its kind
+                    structure[name] = typed_json.PrngKeyRef(name, value.impl)
+                    arrays[name] = value.data
+                else:
+                    structure[name] = typed_json.ArrayRef(name, leaves.kind_of(leaf))
+                    arrays[name] = value
+            else:
+                structure[name] = leaf
+        try:
+            encoded = typed_json.dumps(structure)
+        except TypeError as exc:
+            raise TypeError(f"a leaf of {self!r}: {exc}") from None
+        return {PYTREE_KEY: encoded, **arrays}
+
+    def _checkpoint_attribute_names(self) -> tuple[str, ...]:
+        return (PYTREE_KEY,)
+
+    def _restorable_attributes(self, saved: list[str]) -> set[str]:
+        return set(saved)
+
+    # ------------------------------------------------------------------ restore
+    def _live_leaves(self) -> dict[str, Any]:
+        if self._restoring is None:
+            self._restoring = dict(flatten(self._value)[0])
+        return self._restoring
+
+    def _restore_destination(self, name: str, spec: Any) -> Any:
+        if name == PYTREE_KEY or isinstance(spec.dtype, str):
+            return None
+        like = self._live_leaves().get(name)
+        if like is None or not leaves.is_array_leaf(like):
+            return None
+        target = leaves.destination(like, spec)
+        if target is not None:
+            self._read_into[name] = target
+        return target
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
+        self._restoring = None
+        read_into, self._read_into = self._read_into, {}
+        named, rebuild = flatten(self._value)
+        encoded = restored_tensors.get(PYTREE_KEY)
+        if not isinstance(encoded, bytes):
+            raise ValueError(f"the checkpoint holds no {PYTREE_KEY} structure for {self!r}")
+        saved = typed_json.loads(encoded, lambda ref: ref)
+        if not isinstance(saved, dict):
+            raise ValueError(f"the {PYTREE_KEY} structure of {self!r} is not a mapping of leaves")
+        missing = [name for name, _ in named if name not in saved]
+        unknown = sorted(set(saved) - {name for name, _ in named})
+        if missing or unknown:
+            raise ValueError(
+                f"the checkpoint's tree does not match {self!r}: leaves missing from the checkpoint "
+                f"{missing[:5]}, leaves the tree does not have {unknown[:5]}"
+            )
+        new_leaves = []
+        for name, like in named:
+            stored = saved[name]
+            if not isinstance(stored, (typed_json.ArrayRef, typed_json.PrngKeyRef)):
+                new_leaves.append(stored)  # a number, string or None saved in the structure
+                continue
+            if name not in restored_tensors:
+                raise ValueError(f"the saved structure of {self!r} names array {name!r}, which the checkpoint lacks")
+            value = restored_tensors[name]
+            if name in read_into and value is read_into[name]:
+                new_leaves.append(like)
+                continue
+            like = like if leaves.is_array_leaf(like) else None
+            try:
+                if isinstance(stored, typed_json.PrngKeyRef):
+                    new_leaves.append(importlib.import_module(_JAX_ADAPTER).restored_key(value, stored.impl, like))
+                elif like is None:
+                    new_leaves.append(leaves.new_leaf(value, stored.kind))
+                else:
+                    new_leaves.append(leaves.restored_leaf(value, like))
+            except ValueError as exc:
+                raise ValueError(f"cannot restore leaf {name!r} of {self!r}: {exc}") from None
+        self._value = rebuild(new_leaves)

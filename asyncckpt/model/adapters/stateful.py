@@ -1,0 +1,128 @@
+"""``StateDict``: any object with ``state_dict()`` / ``load_state_dict()``, saved as arrays plus typed JSON.
+
+A save calls ``state_dict()`` and stores each array leaf as an attribute of its own, named by its
+path (``layer1.weight``, ``state.0.exp_avg``), and the rest of the nest (hyperparameters,
+counters, the nest's shape) as one typed-JSON attribute, ``STATE_DICT_JSON``. Array leaves are
+saved from their own memory: a torch tensor through a guarded snapshot source, so the values
+written are those of ``save()`` time even when ``optimizer.step()`` runs right after it.
+
+A restore reads each array straight into the live state's array of that name when dtype and
+shape allow (a module's parameters and buffers, an optimizer's existing moments), rebuilds the
+nest from the JSON and hands it to ``load_state_dict``: state that does not exist yet (AdamW's
+moments before its first step) is created by the object itself from the restored arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncckpt.model.adapters import leaves, typed_json
+from asyncckpt.model.adapters.structure import split_arrays
+from asyncckpt.model.trackable import Trackable
+
+__all__ = ["StateDict", "STATE_DICT_KEY"]
+
+STATE_DICT_KEY = "STATE_DICT_JSON"
+
+
+class StateDict(Trackable):
+    """Checkpoint ``obj`` through its ``state_dict()`` and ``load_state_dict()``.
+
+    Found automatically for such objects passed to ``Checkpoint``; construct it yourself to pass
+    ``load_state_dict`` arguments, e.g. ``StateDict(model, strict=False)``.
+
+    Parameters
+    ----------
+    obj : object
+        Anything with ``state_dict()`` and ``load_state_dict(state)``.
+    **load_options
+        Keyword arguments for every ``obj.load_state_dict`` call.
+    """
+
+    def __init__(self, obj: Any, **load_options: Any) -> None:
+        self._maybe_initialize_trackable()
+        self._obj = obj
+        self._load_options = load_options
+        self._restoring: dict[str, Any] | None = None  # live leaves by name, during one restore
+        self._read_into: dict[str, Any] = {}  # name -> destination handed to the reader
+
+    @property
+    def wrapped(self) -> Any:
+        """The object whose state this saves."""
+        return self._obj
+
+    def __repr__(self) -> str:
+        return f"StateDict({type(self._obj).__name__})"
+
+    def _state_dict(self) -> Any:
+        return self._obj.state_dict()
+
+    def _load_state_dict(self, state: Any) -> None:
+        self._obj.load_state_dict(state, **self._load_options)
+
+    def _flat_names(self) -> bool:
+        """Whether the state's top-level keys are already unique dotted names (a module's are)."""
+        return False
+
+    # ------------------------------------------------------------------ save
+    def _serialize_to_tensors(self) -> dict[str, Any]:
+        arrays: dict[str, Any] = {}
+
+        def keep(name: str, leaf: Any) -> None:
+            arrays[name] = leaves.save_value(leaf)
+
+        structure = split_arrays(self._state_dict(), keep, flat_names=self._flat_names())
+        try:
+            encoded = typed_json.dumps(structure)
+        except TypeError as exc:
+            raise TypeError(f"{type(self._obj).__name__}.state_dict(): {exc}") from None
+        return {STATE_DICT_KEY: encoded, **arrays}
+
+    def _checkpoint_attribute_names(self) -> tuple[str, ...]:
+        return (STATE_DICT_KEY,)
+
+    def _restorable_attributes(self, saved: list[str]) -> set[str]:
+        return set(saved)  # the state may have arrays the live object does not have yet
+
+    # ------------------------------------------------------------------ restore
+    def _live_leaves(self) -> dict[str, Any]:
+        if self._restoring is None:
+            live: dict[str, Any] = {}
+            split_arrays(self._state_dict(), live.__setitem__, flat_names=self._flat_names())
+            self._restoring = live
+        return self._restoring
+
+    def _restore_destination(self, name: str, spec: Any) -> Any:
+        if name == STATE_DICT_KEY or isinstance(spec.dtype, str):
+            return None
+        like = self._live_leaves().get(name)
+        if like is None:
+            return None
+        target = leaves.destination(like, spec)
+        if target is not None:
+            self._read_into[name] = target
+        return target
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
+        live = self._live_leaves()
+        read_into, self._restoring, self._read_into = self._read_into, None, {}
+        encoded = restored_tensors.get(STATE_DICT_KEY)
+        if not isinstance(encoded, bytes):
+            raise ValueError(f"the checkpoint holds no {STATE_DICT_KEY} structure for {self!r}")
+
+        def value_of(ref: Any) -> Any:
+            name = str(ref)
+            if name not in restored_tensors or name == STATE_DICT_KEY:
+                raise ValueError(f"the saved structure of {self!r} names array {name!r}, which the checkpoint lacks")
+            value = restored_tensors[name]
+            like = live.get(name)
+            if like is not None and name in read_into and value is read_into[name]:
+                return like  # read in place
+            if like is None:
+                return leaves.new_leaf(value, ref.kind)
+            try:
+                return leaves.restored_leaf(value, like)
+            except ValueError as exc:
+                raise ValueError(f"cannot restore {name!r} of {self!r}: {exc}") from None
+
+        self._load_state_dict(typed_json.loads(encoded, value_of))

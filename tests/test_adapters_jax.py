@@ -1,0 +1,120 @@
+"""JAX state in ``Checkpoint``: pytrees with their structure, dtypes, sharding and typed PRNG keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+import asyncckpt as ac  # noqa: E402
+from asyncckpt import cli  # noqa: E402
+
+
+class AdamState(NamedTuple):
+    count: jax.Array
+    mu: dict
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:  # a registered node, as flax.struct dataclasses are
+    step: int
+    params: dict
+    opt: AdamState
+    key: jax.Array
+
+
+def sharded(array):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+
+
+def make_state(seed: int) -> TrainState:
+    key = jax.random.key(seed)
+    kernel = jax.random.normal(key, (8, 4), jnp.float32) + seed
+    params = {"dense": {"kernel": sharded(kernel), "bias": jnp.full((4,), seed, jnp.float16)}}
+    opt = AdamState(jnp.int32(seed), {"dense": {"kernel": jnp.zeros((8, 4)) + seed}})
+    return TrainState(step=seed, params=params, opt=opt, key=jax.random.key(seed + 100))
+
+
+def test_needs_several_devices():
+    assert len(jax.devices()) >= 2, "conftest asks XLA for several CPU devices"
+
+
+def test_a_train_state_round_trips_with_structure_dtypes_sharding_and_keys(tmp_path):
+    saved = make_state(3)
+    path = ac.Checkpoint(state=ac.PyTree(saved)).save(tmp_path / "ckpt")
+    holder = ac.PyTree(make_state(0))
+    given = holder.value
+    ac.Checkpoint(state=holder).restore(path).assert_consumed()
+    restored = holder.value
+    assert restored is not given and isinstance(restored, TrainState) and isinstance(restored.opt, AdamState)
+    assert given.step == 0 and float(given.opt.count) == 0  # the given tree is untouched
+    assert restored.step == 3
+    kernel = restored.params["dense"]["kernel"]
+    assert kernel.sharding == given.params["dense"]["kernel"].sharding and len(kernel.sharding.device_set) >= 2
+    np.testing.assert_array_equal(kernel, saved.params["dense"]["kernel"])
+    assert restored.params["dense"]["bias"].dtype == jnp.float16
+    assert jnp.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(saved.key))
+    np.testing.assert_array_equal(jax.random.normal(restored.key, (3,)), jax.random.normal(saved.key, (3,)))
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(saved)
+
+
+def test_keys_are_the_tree_paths(tmp_path):
+    path = ac.Checkpoint(state=ac.PyTree(make_state(1))).save(tmp_path / "ckpt")
+    names = {cli.readable_name(key) for key, _ in ac.list_variables(path)}
+    assert {"state/params.dense.kernel", "state/opt.mu.dense.kernel", "state/opt.count", "state/key"} <= names
+
+
+def test_a_parameter_dict_passed_directly_is_saved_and_left_alone(tmp_path):
+    params = {"w": jnp.arange(4.0), "b": {"c": jnp.ones(2)}}
+    checkpoint = ac.Checkpoint(params=params)
+    assert type(params) is dict and type(params["b"]) is dict  # not rewrapped in place
+    jax.jit(lambda p: p["w"] * 2)(params)  # still a plain pytree for jit
+    path = checkpoint.save(tmp_path / "ckpt")
+    holder = ac.Checkpoint(params={"w": jnp.zeros(4), "b": {"c": jnp.zeros(2)}}).params
+    assert isinstance(holder, ac.PyTree)
+    ac.Checkpoint(params=holder).restore(path).assert_consumed()
+    np.testing.assert_array_equal(holder.value["w"], np.arange(4.0))
+
+
+def test_a_tree_of_another_shape_is_refused_naming_the_leaves(tmp_path):
+    path = ac.Checkpoint(t=ac.PyTree({"a": jnp.ones(2), "b": jnp.ones(3)})).save(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"missing from the checkpoint \['c'\].*does not have \['b'\]"):
+        ac.Checkpoint(t=ac.PyTree({"a": jnp.ones(2), "c": jnp.ones(3)})).restore(path)
+    with pytest.raises(ValueError, match=r"'a'.*float32\[2\].*float32\[5\]"):
+        ac.Checkpoint(t=ac.PyTree({"a": jnp.ones(5), "b": jnp.ones(3)})).restore(path)
+
+
+def test_a_saved_jax_array_is_read_by_numpy(tmp_path):
+    path = ac.Checkpoint(t=ac.PyTree({"a": sharded(jnp.arange(8.0))})).save(tmp_path / "ckpt")
+    value = ac.load_checkpoint(path).get_tensor("t/.ATTRIBUTES/a")
+    assert isinstance(value, np.ndarray)
+    np.testing.assert_array_equal(value, np.arange(8.0))
+
+
+class Loader:
+    """A stateful object whose live state has no arrays yet: the restored ones are of the saved kind."""
+
+    def __init__(self, state=None):
+        self.state = state or {}
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def test_state_with_no_live_leaf_to_follow_comes_back_as_jax_arrays(tmp_path):
+    path = ac.Checkpoint(s=Loader({"x": jnp.arange(2), "n": np.arange(3)})).save(tmp_path / "ckpt")
+    loader = Loader()
+    ac.Checkpoint(s=loader).restore(path).assert_consumed()
+    assert isinstance(loader.state["x"], jax.Array) and type(loader.state["n"]) is np.ndarray
+    np.testing.assert_array_equal(loader.state["x"], [0, 1])

@@ -260,3 +260,47 @@ def test_the_core_never_imports_a_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_module_attached_after_restore_gets_its_values_then(tmp_path):
+    saved = make_model(0)
+    path = ac.Checkpoint(model=saved).save(tmp_path / "ckpt")
+    checkpoint = ac.Checkpoint()
+    status = checkpoint.restore(path)
+    model = make_model(1)
+    checkpoint.model = model  # deferred restore: applied when the dependency appears
+    status.assert_consumed()
+    assert_same_state(state_of(model), state_of(saved))
+    assert checkpoint.model is model  # the attribute keeps the module itself
+
+
+def test_asave_and_arestore_with_torch_state(tmp_path):
+    import asyncio
+
+    run = Run()
+    run.step()
+    expected = state_of(run.model)
+
+    async def main():
+        path = await run.checkpoint().asave(tmp_path / "ckpt")
+        run.step()  # changes the live state after the awaited save
+        fresh = Run(seed=3)
+        await fresh.checkpoint().arestore(path)
+        return fresh
+
+    fresh = asyncio.run(main())
+    assert_same_state(state_of(fresh.model), expected)
+
+
+def test_a_manager_resumes_torch_state(tmp_path):
+    run = Run()
+    manager = ac.CheckpointManager(run.checkpoint(), tmp_path, max_to_keep=2)
+    for _ in range(3):
+        run.step()
+        manager.save()
+    manager.sync()
+    expected = state_of(run.model)
+    resumed = Run(seed=8)
+    resumed_manager = ac.CheckpointManager(resumed.checkpoint(), tmp_path, max_to_keep=2)
+    assert resumed_manager.restore_or_initialize() == resumed_manager.latest_checkpoint
+    assert_same_state(state_of(resumed.model), expected)

@@ -55,7 +55,7 @@ import numbers
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 
@@ -88,6 +88,7 @@ from asyncckpt.state_file import (
     update_checkpoint_state,
 )
 from asyncckpt.io.storage import Storage
+from asyncckpt.retention import Expiry, RetentionPolicy
 
 __all__ = [*state_file.__all__, "CheckpointManager"]  # the state-file functions are re-exported here
 
@@ -207,17 +208,7 @@ class CheckpointManager:
             raise TypeError(
                 f"`checkpoint` must be an asyncckpt.Checkpoint (with `save_counter` and `write`), got {checkpoint!r}"
             )
-        if max_to_keep is not None and (
-            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0
-        ):
-            raise ValueError(f"Expected a positive integer or `None` for `max_to_keep`, got {max_to_keep!r}.")
-        if keep_checkpoint_every_n_hours is not None and (
-            not isinstance(keep_checkpoint_every_n_hours, numbers.Real) or not keep_checkpoint_every_n_hours >= 0
-        ):
-            raise ValueError(
-                "`keep_checkpoint_every_n_hours` must be a non-negative number or `None`, "
-                f"got {keep_checkpoint_every_n_hours!r}."
-            )
+        retention = RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours)  # validates both
         if checkpoint_interval is not None:
             if step_counter is None:
                 raise ValueError("`step_counter` should be passed if `checkpoint_interval` is not None.")
@@ -229,8 +220,7 @@ class CheckpointManager:
             raise TypeError(f"`init_fn` must be callable, got {init_fn!r}")
 
         self._checkpoint = checkpoint
-        self._max_to_keep = None if max_to_keep is None else int(max_to_keep)
-        self._keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
+        self._retention = retention
         self._directory = _fspath(directory, "directory")
         self._directory_abs = os.path.abspath(self._directory or ".")
         self._checkpoint_prefix = os.path.join(self._directory, checkpoint_name)
@@ -429,11 +419,7 @@ class CheckpointManager:
             self._released.discard(save_path)
             self._latest_checkpoint = save_path
             self._latest_io = io
-            expiring, _, last_preserved = self._plan_expiry()
-            for path in expiring:
-                del self._maybe_delete[path]
-                self._released.add(path)
-            self._last_preserved_timestamp = last_preserved
+            self._drop_expired(self._plan_expiry())
 
     def _forget(self, pending: _PendingSave) -> None:
         with self._lock:
@@ -461,18 +447,21 @@ class CheckpointManager:
             # without the expired checkpoints, and they are deleted after it: the file never names
             # a deleted checkpoint. The pending-deletions file, written first, names them until
             # they are gone, so a crash in between leaves no checkpoint that nothing would delete.
-            expiring, doomed, last_preserved = self._plan_expiry()
-            doomed += [path for path in unfinished or () if path not in doomed]
+            expiry = self._plan_expiry()
+            doomed = [*expiry.doomed, *(path for path in unfinished or () if path not in expiry.doomed)]
             if doomed:
                 _write_pending_deletions(self._directory, None, doomed)
-            active = [(path, t) for path, t in self._maybe_delete.items() if path not in expiring]
-            self._record_state(active, foreign, last_preserved)
+            active = [(path, t) for path, t in self._maybe_delete.items() if path not in expiry.expiring]
+            self._record_state(active, foreign, expiry.last_preserved)
             # The file no longer lists them: forget them only now, so a failed write changes nothing.
-            for path in expiring:
-                del self._maybe_delete[path]
-                self._released.add(path)
-            self._last_preserved_timestamp = last_preserved
-            self._delete(doomed, expiring, io, pending_file=unfinished is not None)
+            self._drop_expired(expiry)
+            self._delete(doomed, expiry.expiring, io, pending_file=unfinished is not None)
+
+    def _drop_expired(self, expiry: Expiry) -> None:
+        for path in expiry.expiring:
+            del self._maybe_delete[path]
+            self._released.add(path)
+        self._last_preserved_timestamp = expiry.last_preserved
 
     def _canonical(self, path: str) -> str:
         """One spelling per checkpoint: ``<directory>/<normalised relative path>`` inside it.
@@ -587,32 +576,17 @@ class CheckpointManager:
         )
         _write_state(self._directory, None, state)
 
-    def _plan_expiry(self) -> tuple[list[str], list[str], float]:
-        """Which of the oldest managed checkpoints beyond ``max_to_keep`` leave the active set.
+    def _plan_expiry(self) -> Expiry:
+        """Which managed checkpoints leave the active set after a save (`RetentionPolicy.expire`).
 
-        Returns ``(expiring, doomed, last_preserved_timestamp)``: the paths leaving the active
-        set, those of them to delete (the others are preserved: kept on disk, no longer listed),
-        and the preservation clock afterwards. Changes nothing, so a failed write of the state
-        file leaves the manager as it was.
+        Never the checkpoint just saved, nor those `_keep_found_checkpoints` keeps. Changes
+        nothing, so a failed write of the state file leaves the manager as it was.
         """
-        last_preserved = self._last_preserved_timestamp
-        if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
-            return [], [], last_preserved  # with no max_to_keep everything stays active, nothing is preserved
-        kept = self._keep_found_checkpoints()
-        excess = len(self._maybe_delete) - self._max_to_keep
-        expiring, doomed = [], []
-        # Never the checkpoint just saved, whatever is kept instead of older ones.
-        expirable = [(p, t) for p, t in self._maybe_delete.items() if p not in kept and p != self._latest_checkpoint]
-        for path, timestamp in expirable[:excess]:
-            expiring.append(path)
-            if self._keep_checkpoint_every_n_hours and (
-                timestamp - self._keep_checkpoint_every_n_hours * 3600.0 >= last_preserved
-            ):
-                # Kept on disk but no longer listed, so the state file cannot grow forever.
-                last_preserved = timestamp
-            else:
-                doomed.append(path)
-        return expiring, doomed, last_preserved
+        active = self._maybe_delete
+        # Computed only when something expires: it looks the found checkpoints up and may warn.
+        protected = ({*self._keep_found_checkpoints(), self._latest_checkpoint}
+                     if self._retention.over_limit(len(active)) else ())
+        return self._retention.expire(active, self._last_preserved_timestamp, protected=protected)
 
     def _keep_found_checkpoints(self) -> frozenset[str]:
         """Checkpoints found at construction that a run started from scratch must not expire.
@@ -635,7 +609,7 @@ class CheckpointManager:
             )
         return kept
 
-    def _delete(self, doomed: list[str], expiring: list[str], io: _CheckpointIo, *, pending_file: bool) -> None:
+    def _delete(self, doomed: list[str], expiring: Collection[str], io: _CheckpointIo, *, pending_file: bool) -> None:
         """Delete ``doomed`` (through ``io``), then the pending-deletions file naming them.
 
         Every deletion is tried. The first failure among this save's ``expiring`` checkpoints is

@@ -21,6 +21,7 @@ import pytest
 import asyncckpt as ac
 from asyncckpt import checkpoint_management as cm
 from asyncckpt import io as ckio
+from asyncckpt import state_file
 from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.checkpoint_management import CheckpointState
 from asyncckpt.format import index_name, index_path
@@ -206,7 +207,7 @@ def test_a_pending_deletion_left_by_a_crash_is_finished_by_the_next_save(tmp_pat
     # one about to be saved again, and one outside the directory.
     orphan = checkpoint.write(str(tmp_path / "ckpt-0"))
     outside = checkpoint.write(str(tmp_path.parent / f"{tmp_path.name}-outside" / "ckpt-7"))
-    cm._write_pending_deletions(str(tmp_path), None, [orphan, second, str(tmp_path / "ckpt-5"), outside])
+    state_file._write_pending_deletions(str(tmp_path), None, [orphan, second, str(tmp_path / "ckpt-5"), outside])
     later = cm.CheckpointManager(ac.Checkpoint(v=ac.Variable(np.ones(2))), tmp_path, max_to_keep=2)
     with caplog.at_level(logging.WARNING, logger="asyncckpt"):
         fifth = later.save(checkpoint_number=5)
@@ -595,8 +596,6 @@ def test_manager_deletes_on_the_runtime_of_the_save(tmp_path):
 
 def test_state_file_api_is_re_exported_unchanged():
     # ``from asyncckpt.checkpoint_management import latest_checkpoint`` keeps working (TF's spelling).
-    from asyncckpt import state_file
-
     for name in state_file.__all__:
         assert getattr(cm, name) is getattr(state_file, name), name
     assert set(state_file.__all__) < set(cm.__all__)

@@ -304,3 +304,12 @@ def test_a_manager_resumes_torch_state(tmp_path):
     resumed_manager = ac.CheckpointManager(resumed.checkpoint(), tmp_path, max_to_keep=2)
     assert resumed_manager.restore_or_initialize() == resumed_manager.latest_checkpoint
     assert_same_state(state_of(resumed.model), expected)
+
+
+def test_variables_take_and_assign_cpu_tensors():
+    variable = ac.Variable(torch.arange(3.0))
+    assert variable.dtype == np.float32
+    variable.assign(torch.tensor([5.0, 6.0, 7.0]))
+    np.testing.assert_array_equal(variable.numpy(), [5, 6, 7])
+    with pytest.raises(TypeError, match="pass the tensor .* to Checkpoint directly"):
+        ac.Variable.wrap(torch.zeros(2))

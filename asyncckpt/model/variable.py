@@ -19,6 +19,7 @@ import numpy as np
 
 from asyncckpt import _arrays
 from asyncckpt._runtime import process_state
+from asyncckpt.model import adapters
 from asyncckpt.model.trackable import Trackable
 
 __all__ = ["Variable", "VARIABLE_VALUE_KEY", "check_restorable"]
@@ -105,6 +106,7 @@ class Variable(Trackable):
             initial_value = initial_value()
         if isinstance(initial_value, Variable):
             initial_value = initial_value._array
+        initial_value = adapters.leaves.host_view(initial_value)
         self._init_fields(_arrays.as_array(initial_value, dtype=dtype, device=device), name, trainable)
 
     @classmethod
@@ -121,9 +123,11 @@ class Variable(Trackable):
         treats as immutable (JAX arrays): a restore would change them in place.
         """
         if not _arrays.is_device_array(array):
+            framework = " or pass the tensor (or its module) to Checkpoint directly, which guards it" if (
+                adapters.leaves.is_array_leaf(array) and not isinstance(array, np.ndarray)) else ""
             raise TypeError(
                 f"Variable.wrap needs a GPU array (CuPy, or a DLPack / __cuda_array_interface__ tensor), got "
-                f"{type(array).__name__}; use Variable(value) to copy a host value"
+                f"{type(array).__name__}; use Variable(value) to copy a host value{framework}"
             )
         view = _arrays.adopt_device_array(array)
         _arrays.check_dtype_supported(view.dtype)
@@ -209,6 +213,7 @@ class Variable(Trackable):
         """Bring ``value`` to this variable's dtype and shape, refusing silent lossy casts."""
         if isinstance(value, Variable):
             value = value._array
+        value = adapters.leaves.host_view(value)  # a CPU torch tensor or JAX array as a NumPy array
         value = _arrays.adopt_device_array(value)  # PyTorch/JAX GPU tensors as zero-copy CuPy views
         module = _arrays.array_module(self._array)
         if _arrays.is_device_array(value) != _arrays.is_device_array(self._array):

@@ -20,7 +20,7 @@ from asyncckpt.model.adapters import leaves
 from asyncckpt.model.adapters.pytree import PyTree
 from asyncckpt.model.adapters.structure import leaf_name
 
-__all__ = ["adapt", "destination", "flatten", "is_array", "is_registered_node", "new", "restored", "restored_key",
+__all__ = ["adapt", "destination", "flatten", "host_view", "is_array", "is_registered_node", "new", "restored", "restored_key",
            "save_value"]
 
 
@@ -67,6 +67,12 @@ def restored(value: Any, like: jax.Array) -> jax.Array:
     """A new array with ``like``'s dtype, shape and sharding holding host array ``value``."""
     leaves.check_alike(value, like)
     return jax.device_put(value, like.sharding)
+
+
+def host_view(array: jax.Array) -> Any:
+    """A CPU array as NumPy (read-only, no copy); an array on a GPU as it is."""
+    on_host = all(device.platform == "cpu" for device in array.devices())
+    return np.asarray(array) if on_host and not _is_key(array) else array
 
 
 def new(value: Any) -> jax.Array:

@@ -14,6 +14,8 @@ A framework module (``asyncckpt.model.adapters.torch``, ``.jax``) provides, for 
     else a new array of ``like``'s kind and placement built from the host array ``value``.
 ``adapt(value)``
     The trackable for one of its objects (a module, an optimizer, a tree), or ``None``.
+``host_view(value)``
+    A host array as NumPy (a view where it can be), a device array unchanged.
 
 NumPy arrays are leaves of the core itself: saved as an owned copy taken when ``save()`` is
 called (a NumPy array cannot announce a change), restored in place when writable and alike.
@@ -32,6 +34,7 @@ import numpy as np
 __all__ = [
     "FrozenArray",
     "KeyArray",
+    "host_view",
     "kind_of",
     "new_leaf",
     "framework_of",
@@ -133,6 +136,18 @@ class KeyArray(NamedTuple):
 
     data: Any
     impl: str
+
+
+def host_view(value: Any) -> Any:
+    """A framework array in host memory as a NumPy array (a view where it can be); other values unchanged.
+
+    Lets ``Variable(tensor)`` and ``variable.assign(tensor)`` take a CPU torch tensor (bfloat16
+    included) or a JAX array; device arrays are left to the device path.
+    """
+    framework = _array_framework(value)
+    if framework is None:
+        return value
+    return framework.host_view(value)
 
 
 def kind_of(leaf: Any) -> str:

@@ -36,7 +36,7 @@ from asyncckpt.model.adapters.rng import RandomState
 from asyncckpt.model.adapters.stateful import StateDict
 
 __all__ = [
-    "ModuleState", "TensorGuards", "TensorSource", "adapt", "destination", "from_numpy", "is_array", "new",
+    "ModuleState", "TensorGuards", "TensorSource", "adapt", "destination", "from_numpy", "host_view", "is_array", "new",
     "numpy_dtype", "restored", "save_value", "to_numpy_view",
 ]
 
@@ -286,6 +286,11 @@ def restored(value: Any, like: torch.Tensor) -> torch.Tensor:
         )
     tensor = new(array)
     return tensor if like.device.type == "cpu" else tensor.to(like.device)
+
+
+def host_view(tensor: torch.Tensor) -> Any:
+    """A CPU tensor's memory as NumPy; a device tensor as it is."""
+    return to_numpy_view(tensor) if tensor.device.type == "cpu" else tensor
 
 
 def new(value: Any) -> torch.Tensor:

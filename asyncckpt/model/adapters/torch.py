@@ -8,8 +8,8 @@ guarded the way ``Variable`` is, from the two places training changes saved tens
 
 * every ``torch.optim`` optimizer's ``step()`` (a global step pre-hook): before the step changes
   its parameters and moments, the bytes of theirs not yet written are copied to staging;
-* every module's forward (a global forward pre-hook): before a forward updates the module's own
-  buffers (batch-norm statistics), likewise.
+* every module's forward (a global forward pre-hook, registered only while a save is in flight):
+  before a forward updates the module's own buffers (batch-norm statistics), likewise.
 
 Other in-place changes of a saved tensor while a save is writing it (an EMA update by hand,
 ``load_state_dict`` of your own) must wait for ``checkpoint.sync()``. A CUDA tensor is captured on
@@ -103,6 +103,7 @@ class TensorGuards:
         self.sources: weakref.WeakValueDictionary[int, TensorSource] = weakref.WeakValueDictionary()
         self.bulk: tuple[tuple[Mapping[int, Any], Callable[[Any], None]], ...] = ()
         self.single: dict[int, list[Callable]] = {}
+        self._forward_hook: Any = None  # the global forward pre-hook's handle, while registered
         self._lock = threading.Lock()
 
     @property
@@ -121,6 +122,7 @@ class TensorGuards:
     def add_bulk(self, entry: tuple[Mapping[int, Any], Callable[[Any], None]]) -> None:
         with self._lock:
             self.bulk = (*self.bulk, entry)
+            self._watch_forwards()
 
     def remove_bulk(self, entry: tuple[Mapping[int, Any], Callable[[Any], None]]) -> None:
         with self._lock:
@@ -129,6 +131,25 @@ class TensorGuards:
     def add_single(self, source: "TensorSource", hook: Callable) -> None:
         with self._lock:
             self.single = {**self.single, id(source): [*self.single.get(id(source), ()), hook]}
+            self._watch_forwards()
+
+    def _watch_forwards(self) -> None:
+        """Register the forward pre-hook while hooks are pending (with the lock held).
+
+        A global forward hook puts every module call on PyTorch's slow path (about 2 µs each),
+        so it is there only while a save is in flight: the first forward that finds nothing
+        pending removes it (PyTorch iterates a copy of its hooks, so that is safe).
+        """
+        if self._forward_hook is None:
+            from torch.nn.modules.module import register_module_forward_pre_hook  # noqa: PLC0415
+
+            self._forward_hook = register_module_forward_pre_hook(_on_forward)
+
+    def stop_watching_forwards(self) -> None:
+        with self._lock:
+            if self._forward_hook is not None and not self.pending:
+                self._forward_hook.remove()
+                self._forward_hook = None
 
     def remove_single(self, source: "TensorSource", hook: Callable) -> None:
         with self._lock:
@@ -225,36 +246,37 @@ def _on_forward(module: torch.nn.Module, args: Any) -> None:
     guards = process_state().owned(TensorGuards)
     if guards.pending:
         guards.before_change([*module._parameters.values(), *module._buffers.values()])
+    else:
+        guards.stop_watching_forwards()
 
 
 def _install_global_hooks() -> None:
-    """Register the step and forward pre-hooks once per process (they survive a fork with torch's state)."""
-    installed = process_state().owned(_GlobalHooks)
+    """Register the step pre-hook once per process (it survives a fork with torch's state)."""
+    installed = process_state().owned(_StepHook)
     if not installed.done:
         installed.install()
 
 
-class _GlobalHooks:
-    """Whether this process registered the global pre-hooks (a forked child inherits them)."""
+class _StepHook:
+    """Whether this process registered the global optimizer-step pre-hook (a forked child inherits it).
+
+    It stays registered: PyTorch iterates its step hooks live, so removing one while another
+    thread steps could break that step; one call per step costs nothing measurable.
+    """
 
     def __init__(self) -> None:
-        from torch.nn.modules import module as module_hooks  # noqa: PLC0415
         from torch.optim import optimizer as optimizer_hooks  # noqa: PLC0415
 
-        registered = [*getattr(optimizer_hooks, "_global_optimizer_pre_hooks", {}).values()]
-        registered += [*getattr(module_hooks, "_global_forward_pre_hooks", {}).values()]
-        self.done = _on_step in registered and _on_forward in registered
+        self.done = _on_step in getattr(optimizer_hooks, "_global_optimizer_pre_hooks", {}).values()
         self._lock = threading.Lock()
 
     def install(self) -> None:
         with self._lock:
             if self.done:
                 return
-            from torch.nn.modules.module import register_module_forward_pre_hook  # noqa: PLC0415
             from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: PLC0415
 
             register_optimizer_step_pre_hook(_on_step)
-            register_module_forward_pre_hook(_on_forward)
             self.done = True
 
 

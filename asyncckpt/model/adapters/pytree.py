@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from asyncckpt.model.adapters import leaves, typed_json
+from asyncckpt.model.adapters.state import LeafState
 from asyncckpt.model.adapters.structure import leaf_name
-from asyncckpt.model.trackable import Trackable
 
 __all__ = ["PyTree", "PYTREE_KEY", "flatten"]
 
@@ -73,7 +73,7 @@ def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Callable[[list], Any]]:
     return named, rebuild
 
 
-class PyTree(Trackable):
+class PyTree(LeafState):
     """Checkpoint a tree of arrays and numbers; after restore, :attr:`value` is the restored tree.
 
     Examples
@@ -83,11 +83,11 @@ class PyTree(Trackable):
     >>> ckpt.restore(path); train_state = holder.value     # doctest: +SKIP
     """
 
+    STRUCTURE_KEY = PYTREE_KEY
+
     def __init__(self, value: Any) -> None:
-        self._maybe_initialize_trackable()
+        self._init_leaf_state()
         self._value = value
-        self._read_into: dict[str, Any] = {}
-        self._restoring: dict[str, Any] | None = None
 
     @property
     def value(self) -> Any:
@@ -123,36 +123,13 @@ class PyTree(Trackable):
             raise TypeError(f"a leaf of {self!r}: {exc}") from None
         return {PYTREE_KEY: encoded, **arrays}
 
-    def _checkpoint_attribute_names(self) -> tuple[str, ...]:
-        return (PYTREE_KEY,)
-
-    def _restorable_attributes(self, saved: list[str]) -> set[str]:
-        return set(saved)
-
     # ------------------------------------------------------------------ restore
-    def _live_leaves(self) -> dict[str, Any]:
-        if self._restoring is None:
-            self._restoring = dict(flatten(self._value)[0])
-        return self._restoring
-
-    def _restore_destination(self, name: str, spec: Any) -> Any:
-        if name == PYTREE_KEY or isinstance(spec.dtype, str):
-            return None
-        like = self._live_leaves().get(name)
-        if like is None or not leaves.is_array_leaf(like):
-            return None
-        target = leaves.destination(like, spec)
-        if target is not None:
-            self._read_into[name] = target
-        return target
+    def _live_leaf_map(self) -> dict[str, Any]:
+        return dict(flatten(self._value)[0])
 
     def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
-        self._restoring = None
-        read_into, self._read_into = self._read_into, {}
+        encoded, live, read_into = self._begin_restore(restored_tensors)
         named, rebuild = flatten(self._value)
-        encoded = restored_tensors.get(PYTREE_KEY)
-        if not isinstance(encoded, bytes):
-            raise ValueError(f"the checkpoint holds no {PYTREE_KEY} structure for {self!r}")
         saved = typed_json.loads(encoded, lambda ref: ref)
         if not isinstance(saved, dict):
             raise ValueError(f"the {PYTREE_KEY} structure of {self!r} is not a mapping of leaves")
@@ -169,20 +146,15 @@ class PyTree(Trackable):
             if not isinstance(stored, (typed_json.ArrayRef, typed_json.PrngKeyRef)):
                 new_leaves.append(stored)  # a number, string or None saved in the structure
                 continue
-            if name not in restored_tensors:
-                raise ValueError(f"the saved structure of {self!r} names array {name!r}, which the checkpoint lacks")
-            value = restored_tensors[name]
-            if name in read_into and value is read_into[name]:
-                new_leaves.append(like)
+            if isinstance(stored, typed_json.PrngKeyRef):
+                value = restored_tensors.get(name)
+                if value is None:
+                    raise ValueError(f"the saved structure of {self!r} names key {name!r}, which the checkpoint lacks")
+                try:
+                    key_like = like if leaves.is_array_leaf(like) else None
+                    new_leaves.append(importlib.import_module(_JAX_ADAPTER).restored_key(value, stored.impl, key_like))
+                except ValueError as exc:
+                    raise ValueError(f"cannot restore leaf {name!r} of {self!r}: {exc}") from None
                 continue
-            like = like if leaves.is_array_leaf(like) else None
-            try:
-                if isinstance(stored, typed_json.PrngKeyRef):
-                    new_leaves.append(importlib.import_module(_JAX_ADAPTER).restored_key(value, stored.impl, like))
-                elif like is None:
-                    new_leaves.append(leaves.new_leaf(value, stored.kind))
-                else:
-                    new_leaves.append(leaves.restored_leaf(value, like))
-            except ValueError as exc:
-                raise ValueError(f"cannot restore leaf {name!r} of {self!r}: {exc}") from None
+            new_leaves.append(self._restored_array(stored, restored_tensors, like, read_into))
         self._value = rebuild(new_leaves)

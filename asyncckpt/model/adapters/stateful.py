@@ -17,15 +17,15 @@ from __future__ import annotations
 from typing import Any
 
 from asyncckpt.model.adapters import leaves, typed_json
+from asyncckpt.model.adapters.state import LeafState
 from asyncckpt.model.adapters.structure import split_arrays
-from asyncckpt.model.trackable import Trackable
 
 __all__ = ["StateDict", "STATE_DICT_KEY"]
 
 STATE_DICT_KEY = "STATE_DICT_JSON"
 
 
-class StateDict(Trackable):
+class StateDict(LeafState):
     """Checkpoint ``obj`` through its ``state_dict()`` and ``load_state_dict()``.
 
     Found automatically for such objects passed to ``Checkpoint``; construct it yourself to pass
@@ -39,12 +39,12 @@ class StateDict(Trackable):
         Keyword arguments for every ``obj.load_state_dict`` call.
     """
 
+    STRUCTURE_KEY = STATE_DICT_KEY
+
     def __init__(self, obj: Any, **load_options: Any) -> None:
-        self._maybe_initialize_trackable()
+        self._init_leaf_state()
         self._obj = obj
         self._load_options = load_options
-        self._restoring: dict[str, Any] | None = None  # live leaves by name, during one restore
-        self._read_into: dict[str, Any] = {}  # name -> destination handed to the reader
 
     @property
     def wrapped(self) -> Any:
@@ -78,51 +78,16 @@ class StateDict(Trackable):
             raise TypeError(f"{type(self._obj).__name__}.state_dict(): {exc}") from None
         return {STATE_DICT_KEY: encoded, **arrays}
 
-    def _checkpoint_attribute_names(self) -> tuple[str, ...]:
-        return (STATE_DICT_KEY,)
-
-    def _restorable_attributes(self, saved: list[str]) -> set[str]:
-        return set(saved)  # the state may have arrays the live object does not have yet
-
     # ------------------------------------------------------------------ restore
-    def _live_leaves(self) -> dict[str, Any]:
-        if self._restoring is None:
-            live: dict[str, Any] = {}
-            split_arrays(self._state_dict(), live.__setitem__, flat_names=self._flat_names())
-            self._restoring = live
-        return self._restoring
-
-    def _restore_destination(self, name: str, spec: Any) -> Any:
-        if name == STATE_DICT_KEY or isinstance(spec.dtype, str):
-            return None
-        like = self._live_leaves().get(name)
-        if like is None:
-            return None
-        target = leaves.destination(like, spec)
-        if target is not None:
-            self._read_into[name] = target
-        return target
+    def _live_leaf_map(self) -> dict[str, Any]:
+        live: dict[str, Any] = {}
+        split_arrays(self._state_dict(), live.__setitem__, flat_names=self._flat_names())
+        return live
 
     def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
-        live = self._live_leaves()
-        read_into, self._restoring, self._read_into = self._read_into, None, {}
-        encoded = restored_tensors.get(STATE_DICT_KEY)
-        if not isinstance(encoded, bytes):
-            raise ValueError(f"the checkpoint holds no {STATE_DICT_KEY} structure for {self!r}")
+        encoded, live, read_into = self._begin_restore(restored_tensors)
 
         def value_of(ref: Any) -> Any:
-            name = str(ref)
-            if name not in restored_tensors or name == STATE_DICT_KEY:
-                raise ValueError(f"the saved structure of {self!r} names array {name!r}, which the checkpoint lacks")
-            value = restored_tensors[name]
-            like = live.get(name)
-            if like is not None and name in read_into and value is read_into[name]:
-                return like  # read in place
-            if like is None:
-                return leaves.new_leaf(value, ref.kind)
-            try:
-                return leaves.restored_leaf(value, like)
-            except ValueError as exc:
-                raise ValueError(f"cannot restore {name!r} of {self!r}: {exc}") from None
+            return self._restored_array(ref, restored_tensors, live.get(str(ref)), read_into)
 
         self._load_state_dict(typed_json.loads(encoded, value_of))

@@ -64,7 +64,7 @@ from asyncckpt import io as ckio
 from asyncckpt.errors import CheckpointError, CorruptCheckpointError, NotFoundError, UnsupportedFormatError
 from asyncckpt._runtime import Runtime
 from asyncckpt.checkpoint import CheckpointOptions, is_chief
-from asyncckpt.format import lock_name
+from asyncckpt.naming import lock_name
 from asyncckpt.state_file import (
     MAX_STATE_FILE_BYTES,
     CheckpointState,

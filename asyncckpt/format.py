@@ -19,13 +19,14 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import Any, Union
 
 import crc32c
 import numpy as np
 
 from asyncckpt._arrays import STORABLE_DTYPES
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+from asyncckpt.naming import is_plain_name
 
 __all__ = [
     "FORMAT_NAME",
@@ -40,18 +41,9 @@ __all__ = [
     "Manifest",
     "MANIFEST_CRC_FIELD",
     "seal_manifest",
-    "index_path",
-    "index_name",
     "MAX_INDEX_BYTES",
-    "data_dir_name",
-    "index_tmp_name",
-    "lock_name",
-    "parse_data_dir_name",
-    "parse_index_tmp_name",
-    "parse_lock_name",
     "encode_dtype",
     "decode_dtype",
-    "is_plain_name",
     "parse_manifest",
     "TENSORFLOW_TABLE_MAGIC",
     "is_tensorflow_index",
@@ -65,12 +57,6 @@ __all__ = [
     "parse_section",
     "object_graph_bytes",
     "crc32c_combine",
-    "SectionName",
-    "ClaimName",
-    "section_name",
-    "parse_section_name",
-    "claim_name",
-    "parse_claim_name",
 ]
 
 FORMAT_NAME = "asyncckpt"
@@ -88,9 +74,6 @@ MAX_NDIM = 64
 MAX_DATA_DIRS = 65536
 #: The ``format`` of a section manifest: one worker's part of a multi-worker save, before the merge.
 SECTION_FORMAT_NAME = "asyncckpt-section"
-_MAX_NAME_LENGTH = 255
-
-INDEX_SUFFIX = ".index"
 
 # The manifest's own checksum: every manifest begins with exactly these bytes, then the decimal
 # CRC-32C of all bytes after the comma that follows it (see ``seal_manifest``).
@@ -103,10 +86,6 @@ OWN_MANIFEST_HEAD_BYTES = len(_MANIFEST_HEADER)
 TENSORFLOW_TABLE_MAGIC = 0xDB4775248B80FB57
 _TENSORFLOW_MAGIC_BYTES = TENSORFLOW_TABLE_MAGIC.to_bytes(8, "little")
 _TENSORFLOW_FOOTER_BYTES = 48
-_NONCE = r"[0-9a-f]{16}"
-_DATA_DIR_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})$", re.DOTALL)
-_LOCK_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})\.lock$", re.DOTALL)
-_INDEX_TMP_RE = re.compile(rf"^(?P<stem>.+)\.index\.tmp-(?P<nonce>{_NONCE})$", re.DOTALL)
 
 # The dtypes a checkpoint may hold, by their little-endian NumPy type string.
 _DTYPES: dict[str, np.dtype] = {
@@ -114,69 +93,6 @@ _DTYPES: dict[str, np.dtype] = {
 }
 
 DType = Union[np.dtype, str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Names
-
-
-def index_path(prefix: str) -> str:
-    """The commit marker of the checkpoint at ``prefix``: ``prefix + ".index"``."""
-    return f"{prefix}{INDEX_SUFFIX}"
-
-
-def index_name(stem: str) -> str:
-    """Basename of the manifest of the checkpoint whose basename is ``stem``."""
-    return f"{stem}{INDEX_SUFFIX}"
-
-
-def data_dir_name(stem: str, nonce: str) -> str:
-    """Basename of a data directory: ``<stem>.data-<nonce>``."""
-    return f"{stem}.data-{nonce}"
-
-
-def lock_name(stem: str, nonce: str) -> str:
-    """Basename of the lock file held while ``data_dir_name(stem, nonce)`` is being written."""
-    return f"{data_dir_name(stem, nonce)}.lock"
-
-
-def index_tmp_name(stem: str, nonce: str) -> str:
-    """Basename under which a manifest is written before being renamed to ``index_name(stem)``."""
-    return f"{stem}{INDEX_SUFFIX}.tmp-{nonce}"
-
-
-def _parse(pattern: re.Pattern, name: str) -> tuple[str, str] | None:
-    match = pattern.match(name)
-    return (match["stem"], match["nonce"]) if match else None
-
-
-def parse_data_dir_name(name: str) -> tuple[str, str] | None:
-    """``(stem, nonce)`` if ``name`` is a data directory name, else ``None``."""
-    return _parse(_DATA_DIR_RE, name)
-
-
-def parse_lock_name(name: str) -> tuple[str, str] | None:
-    """``(stem, nonce)`` if ``name`` is a write-lock file name, else ``None``."""
-    return _parse(_LOCK_RE, name)
-
-
-def parse_index_tmp_name(name: str) -> tuple[str, str] | None:
-    """``(stem, nonce)`` if ``name`` is a temporary manifest name, else ``None``."""
-    return _parse(_INDEX_TMP_RE, name)
-
-
-def is_plain_name(name: Any) -> bool:
-    """True for a non-empty single path component that cannot leave its directory.
-
-    Rejects separators (``/`` and ``\\``), ``.`` and ``..``, NUL and other control characters,
-    and names longer than 255 characters.
-    """
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= _MAX_NAME_LENGTH
-        and name not in (".", "..")
-        and not any(ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name)
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,59 +651,3 @@ def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
         length_b >>= 1
         bit += 1
     return crc_a ^ crc_b
-
-
-# Files of a multi-worker save (docs/format.md section 11)
-
-_NONCE = r"[0-9a-f]{16}"
-_SECTION_RE = re.compile(
-    rf"^(?P<stem>.+)\.index\.section-(?P<worker>[0-9]{{5,}})-of-(?P<count>[0-9]{{5,}})-(?P<nonce>{_NONCE})$", re.DOTALL
-)
-_CLAIM_RE = re.compile(rf"^(?P<stem>.+)\.index\.claim-(?P<chief>{_NONCE})-(?P<worker>{_NONCE})$", re.DOTALL)
-
-
-def section_name(stem: str, worker: int, count: int, nonce: str) -> str:
-    """Basename of the section worker ``worker`` publishes for data directory ``stem.data-<nonce>``.
-
-    ``<stem>.index.section-i-of-n-<nonce>``: the writer's nonce makes the name its own, so no two
-    writers ever publish under one name and cleanup can tell whose lock guards which section.
-    """
-    return f"{stem}.index.section-{worker:05d}-of-{count:05d}-{nonce}"
-
-
-class SectionName(NamedTuple):
-    """The parts of a section file's name (see :func:`section_name`)."""
-
-    stem: str
-    worker: int
-    count: int
-    nonce: str
-
-
-class ClaimName(NamedTuple):
-    """The parts of a claim file's name (see :func:`claim_name`)."""
-
-    stem: str
-    chief_nonce: str
-    worker_nonce: str
-
-
-def parse_section_name(name: str) -> SectionName | None:
-    """The parts of ``name`` if it is a section file name, else ``None``."""
-    match = _SECTION_RE.match(name)
-    return SectionName(match["stem"], int(match["worker"]), int(match["count"]), match["nonce"]) if match else None
-
-
-def claim_name(stem: str, chief_nonce: str, worker_nonce: str) -> str:
-    """Basename a chief renames an accepted section to: ``<stem>.index.claim-<chief>-<worker>``.
-
-    While the chief holds the lock of ``stem.data-<chief_nonce>``, the claim keeps data directory
-    ``stem.data-<worker_nonce>`` from cleanup, whatever happens to the worker that wrote it.
-    """
-    return f"{stem}.index.claim-{chief_nonce}-{worker_nonce}"
-
-
-def parse_claim_name(name: str) -> ClaimName | None:
-    """The parts of ``name`` if it is a claim file name, else ``None``."""
-    match = _CLAIM_RE.match(name)
-    return ClaimName(match["stem"], match["chief"], match["worker"]) if match else None

@@ -1,4 +1,4 @@
-"""The manifest schema: serialisation, strict validation of untrusted input, names, checksums."""
+"""The manifest schema: serialisation, strict validation of untrusted input, dtypes, checksums."""
 
 from __future__ import annotations
 
@@ -22,21 +22,14 @@ from asyncckpt.format import (
     TensorRecord,
     TensorSpec,
     crc32c_combine,
-    data_dir_name,
     decode_dtype,
     encode_dtype,
-    index_path,
-    index_tmp_name,
-    is_plain_name,
-    lock_name,
     object_graph_bytes,
-    parse_data_dir_name,
-    parse_index_tmp_name,
-    parse_lock_name,
     parse_manifest,
     read_data_dir,
     seal_manifest,
 )
+from asyncckpt.naming import data_dir_name, is_plain_name
 
 from _fakes import json_paths  # noqa: E402
 
@@ -236,28 +229,7 @@ def test_many_fuzzed_manifests_only_parse_or_raise_corrupt(edits, cut, flip):
 
 
 # ---------------------------------------------------------------------------------------------
-# Names, dtypes, checksums
-
-
-def test_names_round_trip_and_are_told_apart():
-    assert index_path("/d/ckpt-3") == "/d/ckpt-3.index"
-    assert parse_data_dir_name(data_dir_name("ckpt-3", NONCE)) == ("ckpt-3", NONCE)
-    assert parse_lock_name(lock_name("ckpt-3", NONCE)) == ("ckpt-3", NONCE)
-    assert parse_index_tmp_name(index_tmp_name("ckpt-3", NONCE)) == ("ckpt-3", NONCE)
-    assert parse_data_dir_name(lock_name("ckpt-3", NONCE)) is None
-    assert parse_lock_name(data_dir_name("ckpt-3", NONCE)) is None
-    assert parse_data_dir_name("ckpt-3.data-00000-of-00001") is None  # TensorFlow's names are not ours
-    assert parse_data_dir_name(data_dir_name("a.data-b", NONCE)) == ("a.data-b", NONCE)
-
-
-@pytest.mark.parametrize("name", ["ok", "pack-00000", "a.b", "ü", "x" * 255])
-def test_plain_names(name):
-    assert is_plain_name(name)
-
-
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/a", "a\\b", "a\x00", "a\nb", "x" * 256, None, 3])
-def test_not_plain_names(name):
-    assert not is_plain_name(name)
+# Dtypes, checksums, lenient reading
 
 
 def test_dtype_allowlist():

@@ -31,10 +31,10 @@ from asyncckpt.format import (
     TensorRecord,
     TensorSpec,
     crc32c_combine,
-    index_name,
     object_graph_bytes,
     parse_manifest,
 )
+from asyncckpt.naming import index_name
 from asyncckpt.io.plan import ReadRange, plan_read
 from asyncckpt.io.storage import Backend, NotRegularFileError, TruncatedError
 

@@ -41,8 +41,8 @@ from asyncckpt.format import (
     Manifest,
     TensorRecord,
     crc32c_combine,
-    data_dir_name,
 )
+from asyncckpt.naming import data_dir_name
 from asyncckpt.io import coordination
 from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.plan import PlanItem, WritePlan, plan_write

@@ -1,6 +1,6 @@
-"""The on-disk format as pure data: names, the manifest schema, strict parsing, checksums.
+"""The on-disk format as pure data: the manifest schema, its own checksum, strict parsing.
 
-Nothing here touches storage. A checkpoint at path ``P`` is
+Nothing here touches storage (file names are in :mod:`asyncckpt.naming`). A checkpoint at path ``P`` is
 
 * ``P.data-<nonce>/`` -- a directory of data files holding raw little-endian tensor bytes, and
 * ``P.index`` -- the JSON manifest, written last; its presence is the commit marker.
@@ -13,7 +13,7 @@ does not accept, never another exception.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import math
 import re
@@ -49,25 +49,23 @@ __all__ = [
     "is_tensorflow_index",
     "is_own_manifest",
     "OWN_MANIFEST_HEAD_BYTES",
-    "read_data_dir",
     "read_data_dirs",
     "MAX_DATA_DIRS",
     "SECTION_FORMAT_NAME",
     "Section",
     "parse_section",
     "object_graph_bytes",
-    "crc32c_combine",
 ]
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 BYTES_DTYPE = "bytes"
-# Every size and offset in a manifest must fit in a double exactly (so readers in any language can
-# hold it) and in an int64 (so storage APIs accept it). Larger values are rejected as corrupt.
 #: The largest ``P.index`` a reader accepts (~1 million tensors): a larger one is refused before it
 #: is read, so a corrupt or hostile file cannot make a reader allocate without bound.
 MAX_INDEX_BYTES = 256 << 20
+# Every size and offset in a manifest must fit in a double exactly (so readers in any language can
+# hold it) and in an int64 (so storage APIs accept it). Larger values are rejected as corrupt.
 MAX_BYTES = 2**53
 MAX_NDIM = 64
 #: The most data directories one manifest may name (one per worker of a multi-worker save).
@@ -432,6 +430,35 @@ def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     return TensorRecord(raw["dtype"], shape, nbytes, crc, extents)
 
 
+def _check_seal(data: bytes, what: str) -> re.Match | None:
+    """The checksum member leading ``data``, verified; ``None`` when there is none.
+
+    Checked first, on the raw bytes: a corrupted byte must read as corruption, not as whatever the
+    damaged JSON now says (another format_version, another size).
+    """
+    header = _MANIFEST_HEADER_RE.match(data)
+    if header is not None:
+        recorded = int(header.group(1))
+        actual = crc32c.crc32c(memoryview(data)[header.end():])
+        if actual != recorded:
+            raise _Invalid(
+                f"the {what} fails its checksum (crc32c {actual:#010x} of its bytes, "
+                f"{MANIFEST_CRC_FIELD} says {recorded:#010x}): the file is damaged or was edited"
+            )
+    return header
+
+
+@contextlib.contextmanager
+def _reported(what: str, source: str):
+    """Turn a validation failure into the one public error, naming ``source`` and the key if known."""
+    try:
+        yield
+    except _Invalid as exc:
+        key = getattr(exc, "key", None)
+        where = f" (key {key!r})" if key is not None else ""
+        raise CorruptCheckpointError(f"corrupt checkpoint {what} {source}{where}: {exc}") from None
+
+
 def parse_manifest(data: bytes, *, source: str) -> Manifest:
     """Parse and validate manifest bytes read from ``source`` (a path, for error messages).
 
@@ -447,18 +474,8 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
         escape the data directory. The message names ``source`` and, where known, the key.
     """
     _refuse_tensorflow_index(data, source)
-    try:
-        header = _MANIFEST_HEADER_RE.match(data)
-        if header is not None:
-            # Checked first, on the raw bytes: a corrupted byte must read as corruption, not as
-            # whatever the damaged JSON now says (another format_version, another size).
-            recorded = int(header.group(1))
-            actual = crc32c.crc32c(memoryview(data)[header.end():])
-            if actual != recorded:
-                raise _Invalid(
-                    f"the manifest fails its checksum (crc32c {actual:#010x} of its bytes, "
-                    f"{MANIFEST_CRC_FIELD} says {recorded:#010x}): the file is damaged or was edited"
-                )
+    with _reported("manifest", source):
+        header = _check_seal(data, "manifest")
         document = _load_json(data)
         if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
             raise _Invalid(f"not an {FORMAT_NAME} manifest (missing \"format\": \"{FORMAT_NAME}\")")
@@ -488,10 +505,6 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
             raise _Invalid("object_graph must be a JSON object")
         tensors = _parse_tensors(document, max(len(data_dirs), 1))
         return Manifest(document["data_dir"], document["object_graph"], tensors, data_dirs)
-    except _Invalid as exc:
-        key = getattr(exc, "key", None)
-        where = f" (key {key!r})" if key is not None else ""
-        raise CorruptCheckpointError(f"corrupt checkpoint manifest {source}{where}: {exc}") from None
 
 
 def _parse_data_dirs(document: dict) -> tuple[str, ...]:
@@ -538,14 +551,9 @@ def parse_section(data: bytes, *, source: str) -> Section:
     CorruptCheckpointError
         Naming ``source`` and, where known, the key.
     """
-    try:
-        header = _MANIFEST_HEADER_RE.match(data)
-        if header is None:
+    with _reported("section", source):
+        if _check_seal(data, "section") is None:
             raise _Invalid(f"the section does not begin with its checksum member ({_MANIFEST_HEADER.decode()}<crc32c>,)")
-        recorded = int(header.group(1))
-        actual = crc32c.crc32c(memoryview(data)[header.end():])
-        if actual != recorded:
-            raise _Invalid(f"the section fails its checksum (crc32c {actual:#010x}, recorded {recorded:#010x})")
         document = _require_dict(
             _load_json(data),
             "the section",
@@ -563,17 +571,13 @@ def parse_section(data: bytes, *, source: str) -> Section:
             raise _Invalid(f"data_dir {document['data_dir']!r} is not a plain directory name")
         tensors = _parse_tensors(document, 1)
         return Section(worker, count, document["save_id"], document["data_dir"], tensors)
-    except _Invalid as exc:
-        key = getattr(exc, "key", None)
-        where = f" (key {key!r})" if key is not None else ""
-        raise CorruptCheckpointError(f"corrupt checkpoint section {source}{where}: {exc}") from None
 
 
 def read_data_dirs(data: bytes) -> tuple[str, ...] | None:
     """Every data directory a manifest (or a section) names, or ``None`` when unreadable as one.
 
-    Lenient like :func:`read_data_dir`: debris cleanup must know what a manifest references even
-    when the rest of it is from a newer format version. Names that are not plain are dropped.
+    Lenient, unlike :func:`parse_manifest`: debris cleanup must know what a manifest references
+    even when the rest of it is from a newer format version. Names that are not plain are dropped.
     """
     try:
         document = _load_json(data)
@@ -587,67 +591,3 @@ def read_data_dirs(data: bytes) -> tuple[str, ...] | None:
     others = document.get("data_dirs")
     names = [first, *(others if isinstance(others, list) else ())]
     return tuple(dict.fromkeys(name for name in names if is_plain_name(name)))
-
-
-def read_data_dir(data: bytes) -> str | None:
-    """The ``data_dir`` a manifest names, or ``None`` when the bytes are not readable as one.
-
-    Used by debris cleanup, which must know what a manifest references even when the rest of it
-    is from a newer format version.
-    """
-    try:
-        document = _load_json(data)
-    except _Invalid:
-        return None
-    if isinstance(document, dict) and document.get("format") == FORMAT_NAME:
-        name = document.get("data_dir")
-        if is_plain_name(name):
-            return name
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# CRC-32C combination (zlib's crc32_combine, for the Castagnoli polynomial)
-
-_CRC32C_POLY_REFLECTED = 0x82F63B78
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total = 0
-    row = 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[row]
-        vector >>= 1
-        row += 1
-    return total
-
-
-@functools.lru_cache(maxsize=1)
-def _zero_operators() -> tuple[list[int], ...]:
-    """``ops[k]`` advances a CRC register over ``2**k`` zero bytes, for k in 0..63."""
-    one_bit = [_CRC32C_POLY_REFLECTED] + [1 << n for n in range(31)]
-    operator = one_bit
-    for _ in range(3):  # 1 bit -> 8 bits = one byte
-        operator = [_gf2_times(operator, row) for row in operator]
-    operators = [operator]
-    for _ in range(63):
-        operator = [_gf2_times(operator, row) for row in operator]
-        operators.append(operator)
-    return tuple(operators)
-
-
-def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
-    """CRC-32C of ``a + b`` given ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the data.
-
-    Lets the writer record a whole-tensor checksum from per-extent checksums computed at different
-    times, and lets the reader verify it without a second pass over the bytes.
-    """
-    operators = _zero_operators()
-    bit = 0
-    while length_b:
-        if length_b & 1:
-            crc_a = _gf2_times(operators[bit], crc_a)
-        length_b >>= 1
-        bit += 1
-    return crc_a ^ crc_b

@@ -23,6 +23,7 @@ import numpy as np
 from asyncckpt import _cuda
 from asyncckpt._runtime import Runtime, running_loop
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
+from asyncckpt.checksums import crc32c_combine
 from asyncckpt.format import (
     BYTES_DTYPE,
     OBJECT_GRAPH_KEY,
@@ -30,7 +31,6 @@ from asyncckpt.format import (
     Manifest,
     TensorRecord,
     TensorSpec,
-    crc32c_combine,
     object_graph_bytes,
     parse_manifest,
 )

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
+from asyncckpt.checksums import crc32c_combine
 from asyncckpt.format import (
     Extent,
     Manifest,
     TensorRecord,
-    crc32c_combine,
 )
 from asyncckpt.naming import data_dir_name
 from asyncckpt.io import coordination

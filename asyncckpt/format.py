@@ -24,7 +24,7 @@ from typing import Any, Union
 import crc32c
 import numpy as np
 
-from asyncckpt._arrays import STORABLE_DTYPES
+from asyncckpt.dtypes import dtype_from_string, dtype_string
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.naming import is_plain_name
 
@@ -85,11 +85,6 @@ TENSORFLOW_TABLE_MAGIC = 0xDB4775248B80FB57
 _TENSORFLOW_MAGIC_BYTES = TENSORFLOW_TABLE_MAGIC.to_bytes(8, "little")
 _TENSORFLOW_FOOTER_BYTES = 48
 
-# The dtypes a checkpoint may hold, by their little-endian NumPy type string.
-_DTYPES: dict[str, np.dtype] = {
-    dtype.newbyteorder("<").str: dtype.newbyteorder("<") for dtype in STORABLE_DTYPES
-}
-
 DType = Union[np.dtype, str]
 
 
@@ -136,29 +131,17 @@ def _refuse_tensorflow_index(data: bytes, source: str) -> None:
 
 
 def encode_dtype(dtype: Any) -> str:
-    """The manifest string of a NumPy dtype, e.g. ``"<f4"``; ``TypeError`` for unsupported dtypes."""
+    """The manifest string of a dtype (``"<f4"``, ``"bfloat16"``) or of ``"bytes"``; ``TypeError`` if unstorable."""
     if isinstance(dtype, str) and dtype == BYTES_DTYPE:
         return BYTES_DTYPE
-    try:
-        little = np.dtype(dtype).newbyteorder("<")
-    except TypeError as exc:
-        raise TypeError(f"dtype {dtype!r} cannot be stored in a checkpoint") from exc
-    if little.str not in _DTYPES or little.fields is not None:
-        raise TypeError(
-            f"dtype {np.dtype(dtype)} cannot be stored in a checkpoint; supported dtypes are bool, "
-            "int8..int64, uint8..uint64, float16/32/64 and complex64/128"
-        )
-    return little.str
+    return dtype_string(dtype)
 
 
 def decode_dtype(text: str) -> DType:
     """The inverse of :func:`encode_dtype`; ``ValueError`` for a string outside the allowlist."""
     if text == BYTES_DTYPE:
         return BYTES_DTYPE
-    try:
-        return _DTYPES[text]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown dtype {text!r}") from None
+    return dtype_from_string(text)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from asyncckpt import _cuda
+from asyncckpt.dtypes import check_dtype_supported
 
 __all__ = [
-    "STORABLE_DTYPES",
     "cupy_module",
     "is_device_array",
     "adopt_device_array",
@@ -34,7 +34,6 @@ __all__ = [
     "plan_device_capture",
     "copy_into",
     "array_module",
-    "check_dtype_supported",
 ]
 
 
@@ -120,28 +119,6 @@ def _parse_device(device: str | None) -> int | None:
     if kind not in ("cuda", "gpu"):
         raise ValueError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
     return int(ordinal) if ordinal else 0
-
-
-# The dtypes a checkpoint can store as raw bytes (native byte order); the format module derives its
-# little-endian table from this one.
-STORABLE_DTYPES = frozenset(
-    np.dtype(name)
-    for name in (
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64", "complex64", "complex128",
-    )
-)
-
-
-def check_dtype_supported(dtype: np.dtype) -> np.dtype:
-    """Reject dtypes a checkpoint cannot store as raw little-endian bytes (object, str, longdouble…)."""
-    dtype = np.dtype(dtype)
-    if dtype.newbyteorder("=") not in STORABLE_DTYPES:
-        raise TypeError(
-            f"dtype {dtype} cannot be stored in a checkpoint; use a numeric or bool dtype (bool, "
-            "(u)int8-64, float16/32/64, complex64/128); strings and Python objects belong in a PythonState"
-        )
-    return dtype
 
 
 def as_array(value: Any, dtype: Any = None, device: str | None = None, backend: _cuda.DeviceBackend | None = None):

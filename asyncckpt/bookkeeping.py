@@ -53,7 +53,7 @@ from typing import Any, Callable, Collection, Iterable
 from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime
 from asyncckpt.errors import UnsupportedFormatError
-from asyncckpt.format import lock_name
+from asyncckpt.naming import lock_name
 from asyncckpt.io.storage import Storage
 from asyncckpt.retention import Expiry, RetentionPolicy
 from asyncckpt.state_file import (

@@ -1,6 +1,6 @@
-"""The on-disk format as pure data: names, the manifest schema, strict parsing, checksums.
+"""The on-disk format as pure data: the manifest schema, its own checksum, strict parsing.
 
-Nothing here touches storage. A checkpoint at path ``P`` is
+Nothing here touches storage (file names are in :mod:`asyncckpt.naming`). A checkpoint at path ``P`` is
 
 * ``P.data-<nonce>/`` -- a directory of data files holding raw little-endian tensor bytes, and
 * ``P.index`` -- the JSON manifest, written last; its presence is the commit marker.
@@ -13,19 +13,20 @@ does not accept, never another exception.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import Any, Union
 
 import crc32c
 import numpy as np
 
-from asyncckpt._arrays import STORABLE_DTYPES
+from asyncckpt.dtypes import dtype_from_string, dtype_string
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+from asyncckpt.naming import is_plain_name
 
 __all__ = [
     "FORMAT_NAME",
@@ -40,57 +41,37 @@ __all__ = [
     "Manifest",
     "MANIFEST_CRC_FIELD",
     "seal_manifest",
-    "index_path",
-    "index_name",
     "MAX_INDEX_BYTES",
-    "data_dir_name",
-    "index_tmp_name",
-    "lock_name",
-    "parse_data_dir_name",
-    "parse_index_tmp_name",
-    "parse_lock_name",
     "encode_dtype",
     "decode_dtype",
-    "is_plain_name",
     "parse_manifest",
     "TENSORFLOW_TABLE_MAGIC",
     "is_tensorflow_index",
     "is_own_manifest",
     "OWN_MANIFEST_HEAD_BYTES",
-    "read_data_dir",
     "read_data_dirs",
     "MAX_DATA_DIRS",
     "SECTION_FORMAT_NAME",
     "Section",
     "parse_section",
     "object_graph_bytes",
-    "crc32c_combine",
-    "SectionName",
-    "ClaimName",
-    "section_name",
-    "parse_section_name",
-    "claim_name",
-    "parse_claim_name",
 ]
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 BYTES_DTYPE = "bytes"
-# Every size and offset in a manifest must fit in a double exactly (so readers in any language can
-# hold it) and in an int64 (so storage APIs accept it). Larger values are rejected as corrupt.
 #: The largest ``P.index`` a reader accepts (~1 million tensors): a larger one is refused before it
 #: is read, so a corrupt or hostile file cannot make a reader allocate without bound.
 MAX_INDEX_BYTES = 256 << 20
+# Every size and offset in a manifest must fit in a double exactly (so readers in any language can
+# hold it) and in an int64 (so storage APIs accept it). Larger values are rejected as corrupt.
 MAX_BYTES = 2**53
 MAX_NDIM = 64
 #: The most data directories one manifest may name (one per worker of a multi-worker save).
 MAX_DATA_DIRS = 65536
 #: The ``format`` of a section manifest: one worker's part of a multi-worker save, before the merge.
 SECTION_FORMAT_NAME = "asyncckpt-section"
-_MAX_NAME_LENGTH = 255
-
-INDEX_SUFFIX = ".index"
 
 # The manifest's own checksum: every manifest begins with exactly these bytes, then the decimal
 # CRC-32C of all bytes after the comma that follows it (see ``seal_manifest``).
@@ -103,80 +84,8 @@ OWN_MANIFEST_HEAD_BYTES = len(_MANIFEST_HEADER)
 TENSORFLOW_TABLE_MAGIC = 0xDB4775248B80FB57
 _TENSORFLOW_MAGIC_BYTES = TENSORFLOW_TABLE_MAGIC.to_bytes(8, "little")
 _TENSORFLOW_FOOTER_BYTES = 48
-_NONCE = r"[0-9a-f]{16}"
-_DATA_DIR_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})$", re.DOTALL)
-_LOCK_RE = re.compile(rf"^(?P<stem>.+)\.data-(?P<nonce>{_NONCE})\.lock$", re.DOTALL)
-_INDEX_TMP_RE = re.compile(rf"^(?P<stem>.+)\.index\.tmp-(?P<nonce>{_NONCE})$", re.DOTALL)
-
-# The dtypes a checkpoint may hold, by their little-endian NumPy type string.
-_DTYPES: dict[str, np.dtype] = {
-    dtype.newbyteorder("<").str: dtype.newbyteorder("<") for dtype in STORABLE_DTYPES
-}
 
 DType = Union[np.dtype, str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Names
-
-
-def index_path(prefix: str) -> str:
-    """The commit marker of the checkpoint at ``prefix``: ``prefix + ".index"``."""
-    return f"{prefix}{INDEX_SUFFIX}"
-
-
-def index_name(stem: str) -> str:
-    """Basename of the manifest of the checkpoint whose basename is ``stem``."""
-    return f"{stem}{INDEX_SUFFIX}"
-
-
-def data_dir_name(stem: str, nonce: str) -> str:
-    """Basename of a data directory: ``<stem>.data-<nonce>``."""
-    return f"{stem}.data-{nonce}"
-
-
-def lock_name(stem: str, nonce: str) -> str:
-    """Basename of the lock file held while ``data_dir_name(stem, nonce)`` is being written."""
-    return f"{data_dir_name(stem, nonce)}.lock"
-
-
-def index_tmp_name(stem: str, nonce: str) -> str:
-    """Basename under which a manifest is written before being renamed to ``index_name(stem)``."""
-    return f"{stem}{INDEX_SUFFIX}.tmp-{nonce}"
-
-
-def _parse(pattern: re.Pattern, name: str) -> tuple[str, str] | None:
-    match = pattern.match(name)
-    return (match["stem"], match["nonce"]) if match else None
-
-
-def parse_data_dir_name(name: str) -> tuple[str, str] | None:
-    """``(stem, nonce)`` if ``name`` is a data directory name, else ``None``."""
-    return _parse(_DATA_DIR_RE, name)
-
-
-def parse_lock_name(name: str) -> tuple[str, str] | None:
-    """``(stem, nonce)`` if ``name`` is a write-lock file name, else ``None``."""
-    return _parse(_LOCK_RE, name)
-
-
-def parse_index_tmp_name(name: str) -> tuple[str, str] | None:
-    """``(stem, nonce)`` if ``name`` is a temporary manifest name, else ``None``."""
-    return _parse(_INDEX_TMP_RE, name)
-
-
-def is_plain_name(name: Any) -> bool:
-    """True for a non-empty single path component that cannot leave its directory.
-
-    Rejects separators (``/`` and ``\\``), ``.`` and ``..``, NUL and other control characters,
-    and names longer than 255 characters.
-    """
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= _MAX_NAME_LENGTH
-        and name not in (".", "..")
-        and not any(ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name)
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,29 +131,17 @@ def _refuse_tensorflow_index(data: bytes, source: str) -> None:
 
 
 def encode_dtype(dtype: Any) -> str:
-    """The manifest string of a NumPy dtype, e.g. ``"<f4"``; ``TypeError`` for unsupported dtypes."""
+    """The manifest string of a dtype (``"<f4"``, ``"bfloat16"``) or of ``"bytes"``; ``TypeError`` if unstorable."""
     if isinstance(dtype, str) and dtype == BYTES_DTYPE:
         return BYTES_DTYPE
-    try:
-        little = np.dtype(dtype).newbyteorder("<")
-    except TypeError as exc:
-        raise TypeError(f"dtype {dtype!r} cannot be stored in a checkpoint") from exc
-    if little.str not in _DTYPES or little.fields is not None:
-        raise TypeError(
-            f"dtype {np.dtype(dtype)} cannot be stored in a checkpoint; supported dtypes are bool, "
-            "int8..int64, uint8..uint64, float16/32/64 and complex64/128"
-        )
-    return little.str
+    return dtype_string(dtype)
 
 
 def decode_dtype(text: str) -> DType:
     """The inverse of :func:`encode_dtype`; ``ValueError`` for a string outside the allowlist."""
     if text == BYTES_DTYPE:
         return BYTES_DTYPE
-    try:
-        return _DTYPES[text]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown dtype {text!r}") from None
+    return dtype_from_string(text)
 
 
 @dataclass(frozen=True)
@@ -516,6 +413,35 @@ def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
     return TensorRecord(raw["dtype"], shape, nbytes, crc, extents)
 
 
+def _check_seal(data: bytes, what: str) -> re.Match | None:
+    """The checksum member leading ``data``, verified; ``None`` when there is none.
+
+    Checked first, on the raw bytes: a corrupted byte must read as corruption, not as whatever the
+    damaged JSON now says (another format_version, another size).
+    """
+    header = _MANIFEST_HEADER_RE.match(data)
+    if header is not None:
+        recorded = int(header.group(1))
+        actual = crc32c.crc32c(memoryview(data)[header.end():])
+        if actual != recorded:
+            raise _Invalid(
+                f"the {what} fails its checksum (crc32c {actual:#010x} of its bytes, "
+                f"{MANIFEST_CRC_FIELD} says {recorded:#010x}): the file is damaged or was edited"
+            )
+    return header
+
+
+@contextlib.contextmanager
+def _reported(what: str, source: str):
+    """Turn a validation failure into the one public error, naming ``source`` and the key if known."""
+    try:
+        yield
+    except _Invalid as exc:
+        key = getattr(exc, "key", None)
+        where = f" (key {key!r})" if key is not None else ""
+        raise CorruptCheckpointError(f"corrupt checkpoint {what} {source}{where}: {exc}") from None
+
+
 def parse_manifest(data: bytes, *, source: str) -> Manifest:
     """Parse and validate manifest bytes read from ``source`` (a path, for error messages).
 
@@ -531,18 +457,8 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
         escape the data directory. The message names ``source`` and, where known, the key.
     """
     _refuse_tensorflow_index(data, source)
-    try:
-        header = _MANIFEST_HEADER_RE.match(data)
-        if header is not None:
-            # Checked first, on the raw bytes: a corrupted byte must read as corruption, not as
-            # whatever the damaged JSON now says (another format_version, another size).
-            recorded = int(header.group(1))
-            actual = crc32c.crc32c(memoryview(data)[header.end():])
-            if actual != recorded:
-                raise _Invalid(
-                    f"the manifest fails its checksum (crc32c {actual:#010x} of its bytes, "
-                    f"{MANIFEST_CRC_FIELD} says {recorded:#010x}): the file is damaged or was edited"
-                )
+    with _reported("manifest", source):
+        header = _check_seal(data, "manifest")
         document = _load_json(data)
         if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
             raise _Invalid(f"not an {FORMAT_NAME} manifest (missing \"format\": \"{FORMAT_NAME}\")")
@@ -572,10 +488,6 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
             raise _Invalid("object_graph must be a JSON object")
         tensors = _parse_tensors(document, max(len(data_dirs), 1))
         return Manifest(document["data_dir"], document["object_graph"], tensors, data_dirs)
-    except _Invalid as exc:
-        key = getattr(exc, "key", None)
-        where = f" (key {key!r})" if key is not None else ""
-        raise CorruptCheckpointError(f"corrupt checkpoint manifest {source}{where}: {exc}") from None
 
 
 def _parse_data_dirs(document: dict) -> tuple[str, ...]:
@@ -622,14 +534,9 @@ def parse_section(data: bytes, *, source: str) -> Section:
     CorruptCheckpointError
         Naming ``source`` and, where known, the key.
     """
-    try:
-        header = _MANIFEST_HEADER_RE.match(data)
-        if header is None:
+    with _reported("section", source):
+        if _check_seal(data, "section") is None:
             raise _Invalid(f"the section does not begin with its checksum member ({_MANIFEST_HEADER.decode()}<crc32c>,)")
-        recorded = int(header.group(1))
-        actual = crc32c.crc32c(memoryview(data)[header.end():])
-        if actual != recorded:
-            raise _Invalid(f"the section fails its checksum (crc32c {actual:#010x}, recorded {recorded:#010x})")
         document = _require_dict(
             _load_json(data),
             "the section",
@@ -647,17 +554,13 @@ def parse_section(data: bytes, *, source: str) -> Section:
             raise _Invalid(f"data_dir {document['data_dir']!r} is not a plain directory name")
         tensors = _parse_tensors(document, 1)
         return Section(worker, count, document["save_id"], document["data_dir"], tensors)
-    except _Invalid as exc:
-        key = getattr(exc, "key", None)
-        where = f" (key {key!r})" if key is not None else ""
-        raise CorruptCheckpointError(f"corrupt checkpoint section {source}{where}: {exc}") from None
 
 
 def read_data_dirs(data: bytes) -> tuple[str, ...] | None:
     """Every data directory a manifest (or a section) names, or ``None`` when unreadable as one.
 
-    Lenient like :func:`read_data_dir`: debris cleanup must know what a manifest references even
-    when the rest of it is from a newer format version. Names that are not plain are dropped.
+    Lenient, unlike :func:`parse_manifest`: debris cleanup must know what a manifest references
+    even when the rest of it is from a newer format version. Names that are not plain are dropped.
     """
     try:
         document = _load_json(data)
@@ -671,123 +574,3 @@ def read_data_dirs(data: bytes) -> tuple[str, ...] | None:
     others = document.get("data_dirs")
     names = [first, *(others if isinstance(others, list) else ())]
     return tuple(dict.fromkeys(name for name in names if is_plain_name(name)))
-
-
-def read_data_dir(data: bytes) -> str | None:
-    """The ``data_dir`` a manifest names, or ``None`` when the bytes are not readable as one.
-
-    Used by debris cleanup, which must know what a manifest references even when the rest of it
-    is from a newer format version.
-    """
-    try:
-        document = _load_json(data)
-    except _Invalid:
-        return None
-    if isinstance(document, dict) and document.get("format") == FORMAT_NAME:
-        name = document.get("data_dir")
-        if is_plain_name(name):
-            return name
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# CRC-32C combination (zlib's crc32_combine, for the Castagnoli polynomial)
-
-_CRC32C_POLY_REFLECTED = 0x82F63B78
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total = 0
-    row = 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[row]
-        vector >>= 1
-        row += 1
-    return total
-
-
-@functools.lru_cache(maxsize=1)
-def _zero_operators() -> tuple[list[int], ...]:
-    """``ops[k]`` advances a CRC register over ``2**k`` zero bytes, for k in 0..63."""
-    one_bit = [_CRC32C_POLY_REFLECTED] + [1 << n for n in range(31)]
-    operator = one_bit
-    for _ in range(3):  # 1 bit -> 8 bits = one byte
-        operator = [_gf2_times(operator, row) for row in operator]
-    operators = [operator]
-    for _ in range(63):
-        operator = [_gf2_times(operator, row) for row in operator]
-        operators.append(operator)
-    return tuple(operators)
-
-
-def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
-    """CRC-32C of ``a + b`` given ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the data.
-
-    Lets the writer record a whole-tensor checksum from per-extent checksums computed at different
-    times, and lets the reader verify it without a second pass over the bytes.
-    """
-    operators = _zero_operators()
-    bit = 0
-    while length_b:
-        if length_b & 1:
-            crc_a = _gf2_times(operators[bit], crc_a)
-        length_b >>= 1
-        bit += 1
-    return crc_a ^ crc_b
-
-
-# Files of a multi-worker save (docs/format.md section 11)
-
-_NONCE = r"[0-9a-f]{16}"
-_SECTION_RE = re.compile(
-    rf"^(?P<stem>.+)\.index\.section-(?P<worker>[0-9]{{5,}})-of-(?P<count>[0-9]{{5,}})-(?P<nonce>{_NONCE})$", re.DOTALL
-)
-_CLAIM_RE = re.compile(rf"^(?P<stem>.+)\.index\.claim-(?P<chief>{_NONCE})-(?P<worker>{_NONCE})$", re.DOTALL)
-
-
-def section_name(stem: str, worker: int, count: int, nonce: str) -> str:
-    """Basename of the section worker ``worker`` publishes for data directory ``stem.data-<nonce>``.
-
-    ``<stem>.index.section-i-of-n-<nonce>``: the writer's nonce makes the name its own, so no two
-    writers ever publish under one name and cleanup can tell whose lock guards which section.
-    """
-    return f"{stem}.index.section-{worker:05d}-of-{count:05d}-{nonce}"
-
-
-class SectionName(NamedTuple):
-    """The parts of a section file's name (see :func:`section_name`)."""
-
-    stem: str
-    worker: int
-    count: int
-    nonce: str
-
-
-class ClaimName(NamedTuple):
-    """The parts of a claim file's name (see :func:`claim_name`)."""
-
-    stem: str
-    chief_nonce: str
-    worker_nonce: str
-
-
-def parse_section_name(name: str) -> SectionName | None:
-    """The parts of ``name`` if it is a section file name, else ``None``."""
-    match = _SECTION_RE.match(name)
-    return SectionName(match["stem"], int(match["worker"]), int(match["count"]), match["nonce"]) if match else None
-
-
-def claim_name(stem: str, chief_nonce: str, worker_nonce: str) -> str:
-    """Basename a chief renames an accepted section to: ``<stem>.index.claim-<chief>-<worker>``.
-
-    While the chief holds the lock of ``stem.data-<chief_nonce>``, the claim keeps data directory
-    ``stem.data-<worker_nonce>`` from cleanup, whatever happens to the worker that wrote it.
-    """
-    return f"{stem}.index.claim-{chief_nonce}-{worker_nonce}"
-
-
-def parse_claim_name(name: str) -> ClaimName | None:
-    """The parts of ``name`` if it is a claim file name, else ``None``."""
-    match = _CLAIM_RE.match(name)
-    return ClaimName(match["stem"], match["chief"], match["worker"]) if match else None

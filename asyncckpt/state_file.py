@@ -68,7 +68,8 @@ from asyncckpt._state_text import (
     format_checkpoint_state,
     parse_checkpoint_state,
 )
-from asyncckpt.format import index_path, is_tensorflow_index
+from asyncckpt.format import is_tensorflow_index
+from asyncckpt.naming import index_path
 from asyncckpt.io.storage import NotRegularFileError, Storage, StorageError
 from asyncckpt.io.storage.base import as_storage_error, from_os_error
 from asyncckpt.io.storage.file import open_regular_file

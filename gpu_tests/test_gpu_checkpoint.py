@@ -6,6 +6,7 @@ the reverse; these tests check both directions.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -31,6 +32,19 @@ def test_every_dtype_round_trips_on_the_device(cp, prefix, dtype, shape):
     on_host = ac.Variable(np.zeros(shape, dtype=dtype))  # GPU -> CPU
     ac.Checkpoint(v=on_host).restore(path).assert_consumed()
     np.testing.assert_array_equal(on_host.numpy(), saved)
+
+
+def test_bfloat16_round_trips_on_the_device_where_cupy_has_it(cp, prefix):
+    try:
+        cp.zeros(1, dtype=ml_dtypes.bfloat16)
+    except Exception as exc:  # older CuPy has no bfloat16; newer CuPy takes ml_dtypes' own
+        pytest.skip(f"CuPy {cp.__version__} cannot hold bfloat16 arrays: {exc}")
+    saved = np.random.default_rng(0).integers(0, 1 << 16, 300, dtype=np.uint16).view(ml_dtypes.bfloat16)
+    path = ac.Checkpoint(v=ac.Variable(cp.asarray(saved))).save(prefix)
+    restored = ac.Variable(cp.zeros(300, dtype=ml_dtypes.bfloat16))
+    ac.Checkpoint(v=restored).restore(path).assert_consumed()
+    assert isinstance(restored.array, cp.ndarray)
+    assert restored.numpy().tobytes() == saved.tobytes()  # bit-exact, NaN payloads included
 
 
 def test_cpu_checkpoint_restores_onto_the_device(cp, prefix):

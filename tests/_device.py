@@ -17,9 +17,28 @@ from asyncckpt.testing.fake_device import FakeDeviceBackend
 
 from _fakes import CopyGate
 
-__all__ = ["CHUNK", "CopyGate", "simulated_device", "stager_for_policy", "packing_stager", "read_all", "small_values"]
+__all__ = ["CHUNK", "CopyGate", "DeviceHolder", "simulated_device", "stager_for_policy", "packing_stager", "read_all", "small_values"]
 
 CHUNK = 64  # bytes per pinned buffer in these tests: arrays of a few hundred bytes span several chunks
+
+
+class DeviceHolder:
+    """A snapshot source holding a device array (as a device ``Variable`` is to the writer), counting its hooks."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+        self.hooks: list = []
+        self.hooks_added = 0
+
+    def _snapshot_array(self):
+        return self.array
+
+    def _add_mutation_hook(self, hook) -> None:
+        self.hooks.append(hook)
+        self.hooks_added += 1
+
+    def _remove_mutation_hook(self, hook) -> None:
+        self.hooks.remove(hook)
 
 
 def simulated_device(gate: CopyGate) -> Iterator[FakeDeviceBackend]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from asyncckpt.format import index_path, seal_manifest
+from asyncckpt.format import seal_manifest
+from asyncckpt.naming import index_path
 from asyncckpt.testing.storage import FailingStorage, GatedStorage, WrappingStorage
 
 __all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor", "json_paths",

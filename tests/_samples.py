@@ -6,7 +6,7 @@ import numpy as np
 
 __all__ = ["DTYPES", "sample"]
 
-#: Every dtype a checkpoint stores, by name.
+#: Every NumPy dtype a checkpoint stores, by name (the ml_dtypes ones are in tests/test_low_precision_dtypes.py).
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64", "complex64", "complex128"]
 

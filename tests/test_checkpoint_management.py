@@ -24,7 +24,7 @@ from asyncckpt import io as ckio
 from asyncckpt import state_file
 from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.checkpoint_management import CheckpointState
-from asyncckpt.format import index_name, index_path
+from asyncckpt.naming import index_name, index_path
 from asyncckpt.io.storage import BackendWrapper, KvStoreStorage, default_storage
 
 from _fakes import FailingStorage, GatedStorage, WrappingStorage

@@ -23,7 +23,7 @@ import pytest
 from _crash_child import expected_values
 
 from asyncckpt import io as ckio
-from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
+from asyncckpt.naming import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 
 CHILD = Path(__file__).with_name("_crash_child.py")
 PATHS = {"same": ["ckpt"], "alternate": ["ckpt-a", "ckpt-b"]}

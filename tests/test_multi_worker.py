@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import format as ckformat
+from asyncckpt import naming
 from asyncckpt import io as ckio
 from asyncckpt.io import coordination
-from asyncckpt.format import index_path, parse_manifest, seal_manifest
+from asyncckpt.format import parse_manifest, seal_manifest
+from asyncckpt.naming import index_path
 
 from _fakes import manifest_editor  # noqa: E402
 
@@ -157,18 +158,6 @@ def test_multi_worker_validates_its_fields():
             multi_worker=ac.MultiWorker(0, 2), write_settings=ac.WriteSettings(multi_worker=ac.MultiWorker(1, 2))))
 
 
-def test_section_and_claim_names_round_trip():
-    name = ckformat.section_name("ckpt-3", 2, 5, "0123456789abcdef")
-    assert name == "ckpt-3.index.section-00002-of-00005-0123456789abcdef"
-    assert ckformat.parse_section_name(name) == ("ckpt-3", 2, 5, "0123456789abcdef")
-    assert ckformat.parse_section_name("ckpt-3.index") is None
-    assert ckformat.parse_section_name("ckpt-3.index.section-00002-of-00005") is None
-    claim = ckformat.claim_name("ckpt-3", "a" * 16, "b" * 16)
-    assert claim == f"ckpt-3.index.claim-{'a' * 16}-{'b' * 16}"
-    assert ckformat.parse_claim_name(claim) == ("ckpt-3", "a" * 16, "b" * 16)
-    assert ckformat.parse_claim_name(name) is None and ckformat.parse_section_name(claim) is None
-
-
 # ------------------------------------------------------------------------------------------------
 # Saving together
 
@@ -266,7 +255,7 @@ def test_a_missing_worker_fails_the_chief_and_the_next_save_cleans_up(tmp_path):
     debris = [n for n in os.listdir(tmp_path) if ".data-" in n and n not in ckio.open_reader(prefix).data_dirs]
     assert debris  # worker 1's data directory, left for cleanup
     # A section left by a crashed worker (its lock no longer held) is debris as well.
-    stale = tmp_path / ckformat.section_name("ckpt", 1, 3, debris[0][-16:])
+    stale = tmp_path / naming.section_name("ckpt", 1, 3, debris[0][-16:])
     stale.write_bytes(seal_manifest({"format": "asyncckpt-section", "format_version": 1, "worker": 1, "count": 3,
                                      "save_id": "x", "data_dir": debris[0], "tensors": {}}))
     assert run_workers(3, lambda i: build().write(prefix, options=options(i, 3))) == [prefix] * 3
@@ -406,7 +395,7 @@ def test_a_damaged_extent_in_a_second_directory_is_named(hostile):
 
 def test_a_hostile_section_is_refused_by_the_chief(tmp_path):
     prefix = str(tmp_path / "ckpt")
-    section = tmp_path / ckformat.section_name("ckpt", 1, 2, "0" * 16)
+    section = tmp_path / naming.section_name("ckpt", 1, 2, "0" * 16)
     # A section naming a data directory of another checkpoint, with the right save_id, is refused
     # as soon as the chief finds it (checked before its writer's liveness).
     team_id = coordination.save_id(
@@ -509,17 +498,18 @@ async def _backend(folder):
 
 def test_cleanup_leaves_a_live_workers_section_and_removes_a_dead_ones(tmp_path):
     import asyncio
-    from asyncckpt.format import Section, data_dir_name, index_tmp_name, lock_name
+    from asyncckpt.format import Section
+    from asyncckpt.naming import data_dir_name, index_tmp_name, lock_name
 
     async def scenario():
         backend = await _backend(tmp_path)
         dead, live = "0" * 16, "f" * 16
         await backend.create_data_dir(data_dir_name("p", dead))
-        stale = ckformat.section_name("p", 1, 2, dead)
+        stale = naming.section_name("p", 1, 2, dead)
         await backend.commit(stale, index_tmp_name("p", dead), Section(1, 2, "old", data_dir_name("p", dead), {}).to_json())
         live_lock = await backend.lock_new(lock_name("p", live))
         await backend.create_data_dir(data_dir_name("p", live))
-        fresh = ckformat.section_name("p", 1, 2, live)
+        fresh = naming.section_name("p", 1, 2, live)
         await backend.commit(fresh, index_tmp_name("p", live), Section(1, 2, "new", data_dir_name("p", live), {}).to_json())
         await ckio.commit.clean_debris(backend, exclude="none")
         names = await backend.list_names()
@@ -527,13 +517,13 @@ def test_cleanup_leaves_a_live_workers_section_and_removes_a_dead_ones(tmp_path)
         return names
 
     names = asyncio.run(scenario())
-    assert ckformat.section_name("p", 1, 2, "f" * 16) in names and "p.data-" + "f" * 16 in names
-    assert ckformat.section_name("p", 1, 2, "0" * 16) not in names and "p.data-" + "0" * 16 not in names
+    assert naming.section_name("p", 1, 2, "f" * 16) in names and "p.data-" + "f" * 16 in names
+    assert naming.section_name("p", 1, 2, "0" * 16) not in names and "p.data-" + "0" * 16 not in names
 
 
 def test_a_claimed_directory_of_a_dead_worker_survives_cleanup_while_its_chief_lives(tmp_path):
     import asyncio
-    from asyncckpt.format import data_dir_name, lock_name
+    from asyncckpt.naming import data_dir_name, lock_name
 
     async def scenario():
         backend = await _backend(tmp_path)
@@ -542,7 +532,7 @@ def test_a_claimed_directory_of_a_dead_worker_survives_cleanup_while_its_chief_l
         await backend.create_data_dir(data_dir_name("p", chief))
         await backend.create_data_dir(data_dir_name("p", worker))  # its writer died: no lock held
         await backend.write(data_dir_name("p", worker) + "/pack-00000", b"x" * 8)
-        claim = ckformat.claim_name("p", chief, worker)
+        claim = naming.claim_name("p", chief, worker)
         await backend.write(claim, b"{}")
         await ckio.commit.clean_debris(backend, exclude="none")
         kept = await backend.list_names()
@@ -551,7 +541,7 @@ def test_a_claimed_directory_of_a_dead_worker_survives_cleanup_while_its_chief_l
         return kept, await backend.list_names()
 
     kept, after = asyncio.run(scenario())
-    assert {"p.data-" + "d" * 16, ckformat.claim_name("p", "c" * 16, "d" * 16)} <= kept
+    assert {"p.data-" + "d" * 16, naming.claim_name("p", "c" * 16, "d" * 16)} <= kept
     assert not any(name.startswith("p.") for name in after), after
 
 

@@ -15,7 +15,8 @@ import asyncckpt as ac
 from asyncckpt import readers
 from asyncckpt import io as ckio
 from asyncckpt._runtime import get_runtime
-from asyncckpt.format import OBJECT_GRAPH_KEY, index_path
+from asyncckpt.format import OBJECT_GRAPH_KEY
+from asyncckpt.naming import index_path
 from asyncckpt.io.storage import default_storage
 from asyncckpt.testing.storage import GatedStorage
 

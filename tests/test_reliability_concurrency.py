@@ -22,7 +22,7 @@ import numpy as np
 import asyncckpt as ac
 from asyncckpt import io as ckio
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
-from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
+from asyncckpt.naming import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 
 ASYNC = ac.CheckpointOptions(enable_async=True)
 

@@ -23,7 +23,8 @@ import asyncckpt as ac
 from asyncckpt import cli
 from asyncckpt import io as ckio
 from asyncckpt.errors import CorruptCheckpointError
-from asyncckpt.format import index_path, seal_manifest
+from asyncckpt.format import seal_manifest
+from asyncckpt.naming import index_path
 
 SETTINGS = ac.WriteSettings(chunk_bytes=64, pack_bytes=48, small_array_bytes=32, staging_budget_bytes=128)
 

@@ -34,7 +34,9 @@ from asyncckpt import cli
 from asyncckpt import io as ckio
 from asyncckpt._runtime import get_runtime
 from asyncckpt.errors import CorruptCheckpointError
-from asyncckpt.format import crc32c_combine, index_path, seal_manifest
+from asyncckpt.checksums import crc32c_combine
+from asyncckpt.format import seal_manifest
+from asyncckpt.naming import index_path
 from asyncckpt.io.storage import FileStorage, StorageError
 
 MiB = 1 << 20

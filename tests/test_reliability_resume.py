@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt.format import index_path
+from asyncckpt.naming import index_path
 
 
 def train_and_save(directory, steps: int = 3, max_to_keep: int = 3):

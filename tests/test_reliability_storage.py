@@ -22,7 +22,7 @@ from _fakes import mounted_tmpfs
 
 import asyncckpt as ac
 from asyncckpt import io as ckio
-from asyncckpt.format import index_path, parse_data_dir_name, parse_index_tmp_name, parse_lock_name
+from asyncckpt.naming import index_path, parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 from asyncckpt.io.storage import BackendWrapper, FileStorage
 from asyncckpt.testing.storage import WrappingStorage
 

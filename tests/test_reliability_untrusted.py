@@ -30,7 +30,8 @@ import asyncckpt as ac
 from asyncckpt import cli
 from asyncckpt import io as ckio
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
-from asyncckpt.format import MAX_INDEX_BYTES, index_path, seal_manifest
+from asyncckpt.format import MAX_INDEX_BYTES, seal_manifest
+from asyncckpt.naming import index_path
 
 from _fakes import json_paths, manifest_editor  # noqa: E402
 

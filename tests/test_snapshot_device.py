@@ -20,28 +20,10 @@ from asyncckpt._cuda import DeviceCopyError
 from asyncckpt.io import SaveEntry, WriteSettings
 from asyncckpt.testing.fake_device import FakeDeviceBackend
 
+from _device import DeviceHolder
 from _fakes import CopyGate
 
 CHUNK = 256  # pinned buffer size in these tests: values of a few KiB span many buffers
-
-
-class DeviceHolder:
-    """A snapshot source holding a fake device array, counting the mutation hooks it is given."""
-
-    def __init__(self, array) -> None:
-        self.array = array
-        self.hooks: list = []
-        self.hooks_added = 0
-
-    def _snapshot_array(self):
-        return self.array
-
-    def _add_mutation_hook(self, hook) -> None:
-        self.hooks.append(hook)
-        self.hooks_added += 1
-
-    def _remove_mutation_hook(self, hook) -> None:
-        self.hooks.remove(hook)
 
 
 class HostHolder(DeviceHolder):

@@ -12,22 +12,24 @@ from typing import Any
 from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.format import (
+    MAX_INDEX_BYTES,
     OWN_MANIFEST_HEAD_BYTES,
     Manifest,
     is_own_manifest,
     is_tensorflow_index,
     parse_manifest,
-    parse_claim_name,
-    parse_section_name,
-    MAX_INDEX_BYTES,
+    read_data_dirs,
+)
+from asyncckpt.naming import (
     data_dir_name,
     index_name,
     index_tmp_name,
     lock_name,
+    parse_claim_name,
     parse_data_dir_name,
     parse_index_tmp_name,
     parse_lock_name,
-    read_data_dirs,
+    parse_section_name,
 )
 from asyncckpt.io.storage import Backend, NotRegularFileError, Storage, default_storage
 

@@ -11,7 +11,7 @@ several data directories and commits ``P.index`` as a single writer would. Non-c
 their data directory locked until ``P.index`` references it. The whole protocol is here: the
 assignment, the save identifier, the checks on a section, the merge, the polling loop and
 :class:`TeamWrite`, which the write executor hands over to once this worker's own data is written.
-File names are in :mod:`asyncckpt.format`; the format in docs/format.md section 11.
+File names are in :mod:`asyncckpt.naming`; the format in docs/format.md section 11.
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ from asyncckpt.format import (
     Manifest,
     Section,
     TensorRecord,
+    parse_manifest,
+    parse_section,
+)
+from asyncckpt.naming import (
     claim_name,
     data_dir_name,
     index_name,
     index_tmp_name,
     parse_data_dir_name,
-    parse_manifest,
-    parse_section,
     parse_section_name,
     section_name,
 )

@@ -23,6 +23,8 @@ import numpy as np
 from asyncckpt import _cuda
 from asyncckpt._runtime import Runtime, running_loop
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
+from asyncckpt.checksums import crc32c_combine
+from asyncckpt.dtypes import describe_dtype
 from asyncckpt.format import (
     BYTES_DTYPE,
     OBJECT_GRAPH_KEY,
@@ -30,11 +32,10 @@ from asyncckpt.format import (
     Manifest,
     TensorRecord,
     TensorSpec,
-    crc32c_combine,
-    index_name,
     object_graph_bytes,
     parse_manifest,
 )
+from asyncckpt.naming import index_name
 from asyncckpt.io.plan import ReadRange, plan_read
 from asyncckpt.io.storage import Backend, NotRegularFileError, TruncatedError
 
@@ -230,13 +231,13 @@ class CheckpointReader(DeviceReads):
                 raise ValueError(f"key {key!r} holds a byte string; it cannot be read into an array")
             if (
                 not isinstance(given, np.ndarray)
-                or given.dtype.str != record.dtype
+                or given.dtype != record.spec.dtype
                 or given.shape != record.shape
                 or not given.flags.c_contiguous
                 or not given.flags.writeable
             ):
                 described = (
-                    f"a {given.dtype.str}{list(given.shape)} array" if isinstance(given, np.ndarray)
+                    f"a {describe_dtype(given.dtype)}{list(given.shape)} array" if isinstance(given, np.ndarray)
                     else f"a {type(given).__name__}"
                 )
                 raise ValueError(
@@ -248,7 +249,7 @@ class CheckpointReader(DeviceReads):
         if record.dtype == BYTES_DTYPE:
             buffer = bytearray(record.nbytes)
             return buffer, memoryview(buffer)
-        array = np.empty(record.shape, dtype=record.dtype)
+        array = np.empty(record.shape, dtype=record.spec.dtype)
         return array, memoryview(array.reshape(-1).view(np.uint8))
 
     async def _read(

@@ -12,6 +12,7 @@ import crc32c
 import numpy as np
 
 from asyncckpt import _arrays, _cuda
+from asyncckpt.dtypes import describe_dtype
 from asyncckpt.format import (
     BYTES_DTYPE,
 )
@@ -78,11 +79,11 @@ class DeviceReads:
             if record.dtype == BYTES_DTYPE:
                 raise ValueError(f"key {key!r} holds a byte string; it cannot be read into an array")
             dtype, shape = np.dtype(array.dtype), tuple(int(d) for d in array.shape)
-            if dtype.str != record.dtype or shape != record.shape or not backend.is_c_contiguous(array):
+            if dtype != record.spec.dtype or shape != record.shape or not backend.is_c_contiguous(array):
                 layout = "" if backend.is_c_contiguous(array) else " non-contiguous"
                 raise ValueError(
                     f"cannot read key {key!r} ({record.dtype}{list(record.shape)}) into a{layout} "
-                    f"{dtype.str}{list(shape)} device array: a destination must be a C-contiguous array "
+                    f"{describe_dtype(dtype)}{list(shape)} device array: a destination must be a C-contiguous array "
                     "of the same dtype and shape"
                 )
             targets[key] = DeviceTarget(stager or _cuda.stager_for(backend), array)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from asyncckpt import _arrays
-from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
+from asyncckpt.dtypes import dtype_from_string, dtype_string
+from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY
 
 __all__ = ["SaveEntry", "Source", "SourceKind", "host_bytes", "prepare_source", "prepare_sources"]
 
@@ -82,7 +83,7 @@ class Source:
         array = self.live_array()
         if _arrays.is_device_array(array) or not isinstance(array, np.ndarray):
             return None
-        if not array.flags.c_contiguous or array.dtype.str != self.dtype:
+        if not array.flags.c_contiguous or array.dtype != dtype_from_string(self.dtype):
             return None
         return memoryview(array.reshape(-1).view(np.uint8))
 
@@ -97,12 +98,12 @@ _dtype_strings: dict[Any, str] = {}
 
 
 def _encode(dtype: Any) -> str:
-    """:func:`~asyncckpt.format.encode_dtype`, memoised per dtype object (it is on every save's path)."""
+    """:func:`~asyncckpt.dtypes.dtype_string`, memoised per dtype object (it is on every save's path)."""
     try:
         return _dtype_strings[dtype]
     except (KeyError, TypeError):
         pass
-    text = encode_dtype(dtype)
+    text = dtype_string(dtype)
     with contextlib.suppress(TypeError):
         _dtype_strings[dtype] = text
     return text
@@ -133,7 +134,7 @@ def _owned_copy(key: str, value: Any) -> np.ndarray:
             "bytes, or an object with the snapshot-source protocol"
         )
     try:
-        little = np.dtype(_encode(value.dtype))
+        little = dtype_from_string(_encode(value.dtype))
     except TypeError as exc:
         raise TypeError(f"cannot save {key!r}: {exc}") from None
     return np.array(value, dtype=little, order="C", copy=True)
@@ -163,7 +164,7 @@ def prepare_source(key: str, value: Any) -> Source:
         nbytes = math.prod(shape) * live.dtype.itemsize
         return Source(key, SourceKind.HOLDER, value, dtype, shape, nbytes, off_host=not isinstance(live, np.ndarray))
     array = _owned_copy(key, value)
-    return Source(key, SourceKind.ARRAY, array, array.dtype.str, tuple(array.shape), array.nbytes)
+    return Source(key, SourceKind.ARRAY, array, _encode(array.dtype), tuple(array.shape), array.nbytes)
 
 
 def prepare_sources(entries: Sequence[SaveEntry]) -> list[Source]:
@@ -198,7 +199,7 @@ def host_bytes(array: Any, start: int, stop: int) -> memoryview:
         flat = cupy.ascontiguousarray(array).reshape(-1).view(cupy.uint8)
         return memoryview(cupy.asnumpy(flat[start:stop]))
     array = np.asarray(array)
-    little = np.dtype(_encode(array.dtype))
+    little = dtype_from_string(_encode(array.dtype))
     if array.flags.c_contiguous and array.dtype == little:
         return memoryview(array.reshape(-1).view(np.uint8))[start:stop]
     itemsize = array.dtype.itemsize

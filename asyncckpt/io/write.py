@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
+from asyncckpt.checksums import crc32c_combine
 from asyncckpt.format import (
     Extent,
     Manifest,
     TensorRecord,
-    crc32c_combine,
-    data_dir_name,
 )
+from asyncckpt.naming import data_dir_name
 from asyncckpt.io import coordination
 from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.plan import PlanItem, WritePlan, plan_write

@@ -19,6 +19,7 @@ import numpy as np
 
 from asyncckpt import _arrays
 from asyncckpt._runtime import process_state
+from asyncckpt.dtypes import check_dtype_supported, integer_limits
 from asyncckpt.model import adapters
 from asyncckpt.model.trackable import Trackable
 
@@ -130,7 +131,7 @@ class Variable(Trackable):
                 f"{type(array).__name__}; use Variable(value) to copy a host value{framework}"
             )
         view = _arrays.adopt_device_array(array)
-        _arrays.check_dtype_supported(view.dtype)
+        check_dtype_supported(view.dtype)
         variable = cls.__new__(cls)
         variable._maybe_initialize_trackable()
         variable._init_fields(view, name, trainable)
@@ -222,11 +223,11 @@ class Variable(Trackable):
         if source_dtype is None:  # Python scalars and lists: judge by the values themselves
             host = np.asarray(value)
             source_dtype = host.dtype
-            if source_dtype.kind in "iu" and self.dtype.kind in "iu":
-                limits = np.iinfo(self.dtype)
-                if host.size and (host.min() < limits.min or host.max() > limits.max):
+            limits = integer_limits(self.dtype) if source_dtype.kind in "iu" else None
+            if limits is not None:  # int4 and the like included: NumPy would wrap them silently
+                if host.size and (host.min() < limits[0] or host.max() > limits[1]):
                     raise ValueError(
-                        f"cannot {what} values outside [{limits.min}, {limits.max}] to {self._label()} "
+                        f"cannot {what} values outside [{limits[0]}, {limits[1]}] to {self._label()} "
                         f"of dtype {self.dtype}"
                     )
                 source_dtype = self.dtype

@@ -33,7 +33,7 @@ import pytest
 
 import asyncckpt as ac
 from asyncckpt import io as ckio
-from asyncckpt.format import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
+from asyncckpt.naming import parse_data_dir_name, parse_index_tmp_name, parse_lock_name
 
 from ._training_child import KILL_POINTS, MAX_TO_KEEP, build_model, expected_values
 

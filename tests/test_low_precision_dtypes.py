@@ -202,8 +202,8 @@ def test_cli_ls_shows_the_dtype_names(prefix, capsys):
                          q=ac.Variable(np.zeros(4, ml_dtypes.int4))).save(prefix)
     assert cli.main(["ls", path]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
-    assert lines["b/.ATTRIBUTES/VARIABLE_VALUE"].split() == ["bfloat16", "[2,", "3]"]
-    assert lines["q/.ATTRIBUTES/VARIABLE_VALUE"].split() == ["int4", "[4]"]
+    assert lines["b"].split() == ["bfloat16", "[2,", "3]"]
+    assert lines["q"].split() == ["int4", "[4]"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,11 @@ class LeafState(Trackable):
         read_into, self._restoring, self._read_into = self._read_into, None, {}
         encoded = restored_tensors.get(self.STRUCTURE_KEY)
         if not isinstance(encoded, bytes):
-            raise ValueError(f"the checkpoint holds no {self.STRUCTURE_KEY} structure for {self!r}")
+            found = sorted(restored_tensors)[:5]
+            raise ValueError(
+                f"the checkpoint holds no {self.STRUCTURE_KEY} structure for {self!r} (its attributes there: "
+                f"{found}); was it saved by another kind of object?"
+            )
         return encoded, live, read_into
 
     def _restored_array(self, ref: typed_json.ArrayRef, restored_tensors: dict[str, Any], like: Any,

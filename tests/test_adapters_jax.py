@@ -118,3 +118,15 @@ def test_state_with_no_live_leaf_to_follow_comes_back_as_jax_arrays(tmp_path):
     ac.Checkpoint(s=loader).restore(path).assert_consumed()
     assert isinstance(loader.state["x"], jax.Array) and type(loader.state["n"]) is np.ndarray
     np.testing.assert_array_equal(loader.state["x"], [0, 1])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2", "int4"])
+def test_low_precision_leaves_round_trip_bit_exact(tmp_path, dtype):
+    values = jnp.asarray(np.linspace(-3, 3, 16), dtype=getattr(jnp, dtype))
+    path = ac.Checkpoint(t=ac.PyTree({"w": sharded(values)})).save(tmp_path / "ckpt")
+    holder = ac.PyTree({"w": sharded(jnp.zeros(16, getattr(jnp, dtype)))})
+    ac.Checkpoint(t=holder).restore(path).assert_consumed()
+    restored = holder.value["w"]
+    assert restored.dtype == values.dtype
+    carrier = np.uint8 if values.dtype.itemsize == 1 else np.uint16
+    np.testing.assert_array_equal(np.asarray(restored).view(carrier), np.asarray(values).view(carrier))

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 import asyncckpt as ac
 from asyncckpt import _cuda, cli
 from asyncckpt import io as ckio
-from asyncckpt.dtypes import ML_DTYPE_NAMES, STORABLE_DTYPES, stored_dtype
+from asyncckpt.dtypes import ml_dtype_names, storable_dtypes, stored_dtype
+
+ML_DTYPE_NAMES = ml_dtype_names()
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.format import decode_dtype, encode_dtype, parse_manifest, seal_manifest
 from asyncckpt.io import SaveEntry, WriteSettings
@@ -67,7 +69,7 @@ def test_low_precision_dtypes_are_recorded_by_name_and_numpy_ones_as_before():
     for name, text in NUMPY_STRINGS.items():
         assert encode_dtype(np.dtype(name)) == text and decode_dtype(text) == np.dtype(name)
     assert set(NUMPY_STRINGS) == set(DTYPES)
-    assert STORABLE_DTYPES == {np.dtype(name) for name in (*NUMPY_STRINGS, *ML_DTYPE_NAMES)}
+    assert storable_dtypes() == {np.dtype(name) for name in (*NUMPY_STRINGS, *ML_DTYPE_NAMES)}
 
 
 @pytest.mark.parametrize("text", ["<V2", "|V1", "V2", "bfloat17", "BFLOAT16", " bfloat16", "float8", "int3",

@@ -24,11 +24,11 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import torch
 
 from asyncckpt import _arrays
+from asyncckpt.dtypes import describe_dtype, dtype_from_string
 from asyncckpt._runtime import process_state
 from asyncckpt.model.adapters import leaves
 from asyncckpt.model.adapters.pytree import PyTree
@@ -40,15 +40,16 @@ __all__ = [
     "numpy_dtype", "restored", "save_value", "to_numpy_view",
 ]
 
-#: torch dtypes stored through a NumPy dtype of the same size (torch cannot export these to NumPy).
+#: torch dtypes stored through a same-size carrier (torch cannot export these to NumPy), with the
+#: ml_dtypes name they are stored as (ml_dtypes is imported only when such a tensor is seen).
 _VIEWED = {
-    torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
-    torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
-    torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
-    torch.float8_e4m3fnuz: (torch.uint8, ml_dtypes.float8_e4m3fnuz),
-    torch.float8_e5m2fnuz: (torch.uint8, ml_dtypes.float8_e5m2fnuz),
+    torch.bfloat16: (torch.int16, "bfloat16"),
+    torch.float8_e4m3fn: (torch.uint8, "float8_e4m3fn"),
+    torch.float8_e5m2: (torch.uint8, "float8_e5m2"),
+    torch.float8_e4m3fnuz: (torch.uint8, "float8_e4m3fnuz"),
+    torch.float8_e5m2fnuz: (torch.uint8, "float8_e5m2fnuz"),
 }
-_VIEWED_BY_NUMPY = {np.dtype(numpy_type): (torch_type, carrier) for torch_type, (carrier, numpy_type) in _VIEWED.items()}
+_VIEWED_BY_NAME = {name: (torch_type, carrier) for torch_type, (carrier, name) in _VIEWED.items()}
 
 
 def is_array(value: Any) -> bool:
@@ -59,7 +60,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The NumPy (or ``ml_dtypes``) dtype a torch dtype is stored as."""
     viewed = _VIEWED.get(dtype)
     if viewed is not None:
-        return np.dtype(viewed[1])
+        return dtype_from_string(viewed[1])
     return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
 
 
@@ -69,13 +70,13 @@ def to_numpy_view(tensor: torch.Tensor) -> np.ndarray:
     viewed = _VIEWED.get(tensor.dtype)
     if viewed is None:
         return tensor.numpy()
-    carrier, numpy_type = viewed
-    return tensor.view(carrier).numpy().view(numpy_type)
+    carrier, name = viewed
+    return tensor.view(carrier).numpy().view(dtype_from_string(name))
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
     """A CPU tensor sharing a host array's memory (the inverse of :func:`to_numpy_view`)."""
-    viewed = _VIEWED_BY_NUMPY.get(array.dtype)
+    viewed = _VIEWED_BY_NAME.get(describe_dtype(array.dtype))
     if viewed is None:
         return torch.from_numpy(array)
     torch_type, carrier = viewed

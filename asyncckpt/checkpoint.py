@@ -522,7 +522,7 @@ class Checkpoint(AutoTrackable):
         yield _WaitForWrites(path, read_settings.storage)
         reader = yield _OpenReader(path, read_settings)
         coordinator = RestoreCoordinator(
-            reader.object_graph, reader, skip_slot_variables=options.experimental_skip_slot_variables
+            reader.own_object_graph(), reader, skip_slot_variables=options.experimental_skip_slot_variables
         )
         view = self._graph_view()
         root = view.root_object

@@ -122,7 +122,7 @@ def validate_object_graph(graph: Any, keys: Sequence[str]) -> list[dict]:
         raise CorruptCheckpointError("the checkpoint's object graph has no node list")
     nodes = graph["nodes"]
     count = len(nodes)
-    key_set = set(keys)
+    key_set = keys if hasattr(keys, "__contains__") and not isinstance(keys, (list, tuple)) else set(keys)
 
     def node_id(value: Any, where: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
@@ -230,7 +230,8 @@ class RestoreCoordinator:
     """State of one ``restore()``: the saved graph, the reader and the saved-node ↔ object binding."""
 
     def __init__(self, object_graph: dict, reader: Any, *, skip_slot_variables: bool = False):
-        self.nodes = validate_object_graph(object_graph, reader.keys())
+        key_set = getattr(reader, "key_set", None)
+        self.nodes = validate_object_graph(object_graph, key_set() if key_set is not None else reader.keys())
         self.reader = reader
         self.restore_uid = next_restore_uid()
         self.skip_slot_variables = skip_slot_variables

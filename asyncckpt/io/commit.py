@@ -53,7 +53,7 @@ async def create_data_dir(backend: Backend, stem: str):
     raise RuntimeError(f"could not lock a new data directory for {backend.describe(stem)}")
 
 
-async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest) -> None:
+async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest, encoded: bytes | None = None) -> None:
     """Commit ``manifest`` as ``stem.index`` (atomically), then delete the data it replaced.
 
     The manifest is first written under this write's temporary name (``index_tmp_name``), then
@@ -61,12 +61,13 @@ async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest) -
     data directory the old manifest named and the new one does not is deleted afterwards; failing
     to delete it leaves debris for a later write, never a failed save.
 
+    ``encoded`` is ``manifest.to_json()`` when the caller has it already.
     An existing ``stem.index`` that asyncckpt did not write (a TensorFlow checkpoint, say) is
     never replaced: ``UnsupportedFormatError`` is raised before anything is committed.
     """
     await refuse_foreign_index(backend, index_name(stem))
     replaced = await referenced_data_dirs(backend, stem)
-    await backend.commit(index_name(stem), index_tmp_name(stem, nonce), manifest.to_json())
+    await backend.commit(index_name(stem), index_tmp_name(stem, nonce), encoded or manifest.to_json())
     for old in replaced:
         if old in manifest.all_data_dirs:
             continue

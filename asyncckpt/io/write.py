@@ -27,12 +27,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -41,6 +40,9 @@ from asyncckpt.format import (
     Extent,
     Manifest,
     TensorRecord,
+    TensorsJson,
+    checksums_of,
+    json_text,
 )
 from asyncckpt.naming import data_dir_name
 from asyncckpt.io import coordination
@@ -76,6 +78,10 @@ class PreparedWrite:
     object_graph: dict
     plan_settings: PlanSettings
     array_items: tuple[int, ...]  # sources that are owned copies (copied again for every write)
+    object_graph_json: str = ""  # the object graph as the manifest writes it, encoded once
+    #: The manifest's ``tensors`` member with holes for the checksums (:class:`TensorsJson`), made
+    #: by the first write of this layout and shared by later ones: one slot, filled on first use.
+    tensors_json: list = field(default_factory=lambda: [None], compare=False)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -87,12 +93,13 @@ class PreparedWrite:
         Keys stay; layout and guards are rebuilt only when a size or a snapshot source changed.
         """
         sources = list(self.sources)
-        resized = regarded = False
+        resized = regarded = respecified = False
         arrays = set(self.array_items)
         for index, value in values.items():
             old = sources[index]
             new = prepare_source(old.key, value)
             resized = resized or new.nbytes != old.nbytes
+            respecified = respecified or new.dtype != old.dtype or new.shape != old.shape
             if SourceKind.HOLDER in (old.kind, new.kind) and (old.kind != new.kind or old.value is not new.value):
                 regarded = True
             if new.kind is SourceKind.ARRAY:
@@ -102,8 +109,9 @@ class PreparedWrite:
             sources[index] = new
         plan = _plan(sources, self.plan_settings) if resized else self.plan
         layout = GuardLayout(sources, plan) if resized or regarded else self.layout
+        tensors_json = [None] if resized or respecified else self.tensors_json
         return PreparedWrite(tuple(sources), plan, layout, self.object_graph, self.plan_settings,
-                             tuple(sorted(arrays)))
+                             tuple(sorted(arrays)), self.object_graph_json, tensors_json)
 
 
 
@@ -128,14 +136,15 @@ def prepare_write(
     if not isinstance(object_graph, dict):
         raise TypeError(f"object_graph must be a dict, got {type(object_graph).__name__}")
     try:
-        json.dumps(object_graph, allow_nan=False)
+        object_graph_json = json_text(object_graph)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"object_graph is not JSON-serialisable: {exc}") from None
     sources = prepare_sources(entries)
     layout_settings = PlanSettings.of(settings)
     plan = _plan(sources, layout_settings)
     arrays = tuple(index for index, source in enumerate(sources) if source.kind is SourceKind.ARRAY)
-    return PreparedWrite(tuple(sources), plan, GuardLayout(sources, plan), object_graph, layout_settings, arrays)
+    return PreparedWrite(tuple(sources), plan, GuardLayout(sources, plan), object_graph, layout_settings, arrays,
+                         object_graph_json)
 
 
 def start_write(
@@ -243,7 +252,7 @@ def _share_of(prepared: PreparedWrite, worker: MultiWorker) -> tuple[coordinatio
     arrays = set(prepared.array_items)
     own_arrays = tuple(position for position, index in enumerate(mine) if index in arrays)
     return team, PreparedWrite(own, plan, GuardLayout(own, plan), prepared.object_graph, prepared.plan_settings,
-                               own_arrays)
+                               own_arrays, prepared.object_graph_json)
 
 
 def _chain(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
@@ -270,6 +279,7 @@ class _WriteJob:
         self.sources = sources
         self.plan: WritePlan = prepared.plan
         self.object_graph = prepared.object_graph
+        self.prepared = prepared
         self.callbacks = callbacks
         self.on_stats = on_stats
         self.settings: WriteSettings = settings
@@ -310,7 +320,7 @@ class _WriteJob:
                     if team is not None:
                         manifest = await team.gather(backend, nonce, manifest)
                     commit_started = time.perf_counter()
-                    await publish(backend, self.stem, nonce, manifest)
+                    await publish(backend, self.stem, nonce, manifest, self._encoded(manifest) if team is None else None)
                     committed = True
                     metrics.commit_seconds = time.perf_counter() - commit_started
             except BaseException:
@@ -391,6 +401,14 @@ class _WriteJob:
         finally:
             self.snapshot.file_written(index)
             semaphore.release()
+
+    def _encoded(self, manifest: Manifest) -> bytes:
+        """``manifest.to_json()``, from the object graph encoded once and this layout's ``tensors`` template."""
+        slot = self.prepared.tensors_json
+        if slot[0] is None:
+            slot[0] = TensorsJson(manifest.tensors)
+        return manifest.to_json(object_graph_json=self.prepared.object_graph_json or None,
+                                tensors_json=slot[0].text(checksums_of(manifest.tensors)))
 
     def _manifest(self, data_dir: str) -> Manifest:
         files = self.plan.files

@@ -375,8 +375,24 @@ def _unique_object(pairs: list) -> dict:
 
 
 def _load_json(data: bytes) -> Any:
+    """Strict JSON: no duplicate keys, no NaN or infinities, no number too large for a double.
+
+    A document exactly as :func:`json_text` writes it -- every manifest asyncckpt writes -- is
+    parsed at C speed and encoded again: getting the very same text back proves no key was given
+    twice (a dropped duplicate would be missing) and no constant or huge number was there (the
+    encoder refuses them). Anything else goes through the checking hooks, which say what is wrong.
+    """
     try:
         text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid(f"not valid UTF-8 JSON ({exc})") from exc
+    try:
+        document = json.loads(text)
+        if json_text(document) == text:
+            return document
+    except (ValueError, RecursionError):
+        pass
+    try:
         return json.loads(
             text, object_pairs_hook=_unique_object, parse_constant=_reject_constant, parse_float=_finite_float
         )
@@ -627,7 +643,7 @@ def _parse_usual_record(raw: Any, plain_files: set[str]) -> TensorRecord | None:
         if type(extent) is not dict or extent.keys() != _EXTENT_FIELDS:
             return None
         file, offset, length, piece_crc = extent["file"], extent["offset"], extent["length"], extent["crc32c"]
-        if type(offset) is not int or type(length) is not int or type(piece_crc) is not int:
+        if type(offset) is not int or type(length) is not int or type(piece_crc) is not int or type(file) is not str:
             return None
         if not (0 <= offset and 0 < length and offset + length <= MAX_BYTES and 0 <= piece_crc <= _U32):
             return None

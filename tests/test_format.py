@@ -260,3 +260,17 @@ def test_tensor_record_json_shape():
     record = TensorRecord("<i8", (2,), 16, 5, (Extent("pack-00000", 8, 16, 5),))
     assert record.to_json() == {"dtype": "<i8", "shape": [2], "nbytes": 16, "crc32c": 5,
                                 "extents": [{"file": "pack-00000", "offset": 8, "length": 16, "crc32c": 5}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [(b'"format":"asyncckpt","format":"asyncckpt"}', "duplicate JSON object key 'format'"),
+     (b'"format":"asyncckpt","x":NaN}', "NaN"),
+     (b'"format":"asyncckpt","x":1e400}', "1e400 is out of range")],
+    ids=["duplicate-key", "nan", "huge-number"],
+)
+def test_compact_manifests_meet_the_strict_checks_too(body, problem):
+    """A sealed manifest written compactly (the fast path's form) with a duplicate or forbidden value is refused."""
+    data = b'{"manifest_crc32c":%d,%s' % (crc32c.crc32c(body), body)
+    with pytest.raises(CorruptCheckpointError, match=problem):
+        _parse(data)

@@ -14,6 +14,7 @@ does not accept, never another exception.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -187,7 +188,7 @@ class TensorRecord:
     crc32c: int
     extents: tuple[Extent, ...]
 
-    @property
+    @functools.cached_property
     def spec(self) -> TensorSpec:
         return TensorSpec(decode_dtype(self.dtype), self.shape)
 

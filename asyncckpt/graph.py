@@ -291,7 +291,12 @@ def _serialize(view: GraphView, *, skip_slots: bool = False, known_values: dict 
 _WARNED = "_self_unsaved_warned"
 
 
+_NEVER_ARRAYS = (Trackable, str, int, float, type(None))
+
+
 def _is_array(value: Any) -> bool:
+    if isinstance(value, _NEVER_ARRAYS):  # most attributes: answered without probing for device arrays
+        return False
     return isinstance(value, np.ndarray) or _arrays.is_device_array(value)
 
 

@@ -130,6 +130,8 @@ def validate_object_graph(graph: Any, keys: Sequence[str]) -> list[dict]:
         return value
 
     for index, node in enumerate(nodes):
+        if _usual_node(node, key_set, count):
+            continue
         if not isinstance(node, dict):
             raise CorruptCheckpointError(f"object graph: node {index} is not an object")
         for field in ("children", "attributes", "slot_variables"):
@@ -157,6 +159,36 @@ def validate_object_graph(graph: Any, keys: Sequence[str]) -> list[dict]:
         if "has_checkpoint_values" in node and not isinstance(node["has_checkpoint_values"], bool):
             raise CorruptCheckpointError(f"object graph: node {index} has a non-boolean has_checkpoint_values")
     return nodes
+
+
+def _usual_node(node: Any, key_set: Any, count: int) -> bool:
+    """Whether ``node`` is well formed as asyncckpt writes nodes, checked with the least work.
+
+    False means "look closer": :func:`validate_object_graph` then checks it field by field and
+    says what is wrong.
+    """
+    if type(node) is not dict:
+        return False
+    children, attributes, slots = node.get("children"), node.get("attributes"), node.get("slot_variables")
+    if type(children) is not list or type(attributes) is not list or (slots is not None and slots != []):
+        return False
+    for child in children:
+        if type(child) is not dict or type(child.get("local_name")) is not str:
+            return False
+        target = child.get("node_id")
+        if type(target) is not int or not 0 <= target < count:
+            return False
+    for attribute in attributes:
+        if type(attribute) is not dict or type(attribute.get("name")) is not str:
+            return False
+        key = attribute.get("checkpoint_key")
+        if type(key) is not str or key not in key_set:
+            return False
+    flag = node.get("has_checkpoint_values", False)
+    if type(flag) is not bool:
+        return False
+    node.setdefault("slot_variables", [])
+    return True
 
 
 class _ObjectMap:
@@ -398,9 +430,10 @@ class CheckpointPosition:
                 continue
             for name, key in attributes.items():
                 spec = reader.spec(key)
-                if isinstance(obj, Variable) and name == VARIABLE_VALUE_KEY:
-                    obj._check_restorable(spec, self.checkpoint.describe_key(key))  # a message naming the key
-                destination = provide(name, spec)
+                if type(obj) is Variable or isinstance(obj, Variable):  # checked once, the message naming the key
+                    destination = provide(name, spec, self.checkpoint.describe_key(key))
+                else:
+                    destination = provide(name, spec)
                 if destination is not None:
                     destinations[key] = destination
         return destinations

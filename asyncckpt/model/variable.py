@@ -324,7 +324,7 @@ class Variable(Trackable):
     def _checkpoint_attribute_names(self) -> tuple[str, ...]:
         return (VARIABLE_VALUE_KEY,)
 
-    def _restore_destination(self, name: str, spec: Any):
+    def _restore_destination(self, name: str, spec: Any, source: str | None = None):
         """The live array to read the checkpoint value of attribute ``name`` into, or ``None``.
 
         Lets a restore read straight into this variable instead of into a new array that is then
@@ -336,7 +336,7 @@ class Variable(Trackable):
         """
         if name != VARIABLE_VALUE_KEY:
             return None
-        self._check_restorable(spec)
+        self._check_restorable(spec, source)  # ``source`` names the checkpoint value in the message
         array = self._array
         if _arrays.is_device_array(array):
             if not array.flags.c_contiguous:

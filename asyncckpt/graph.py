@@ -46,6 +46,8 @@ _OPTIMIZER_SLOT = ".OPTIMIZER_SLOT"
 
 def escape_local_name(name: str) -> str:
     """Escape ``.`` then ``/`` so that any local name is one path segment: ``a/b`` → ``a.Sb``."""
+    if "." not in name and "/" not in name:  # most names: nothing to escape
+        return name
     return name.replace(".", "..").replace("/", ".S")
 
 

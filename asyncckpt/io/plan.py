@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from asyncckpt.format import TensorRecord
 
@@ -39,9 +39,12 @@ class PlanItem:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class Piece:
-    """``length`` bytes of item ``item`` starting at ``item_offset``, stored at ``file_offset``."""
+class Piece(NamedTuple):
+    """``length`` bytes of item ``item`` starting at ``item_offset``, stored at ``file_offset``.
+
+    A named tuple: a plan of 10,000 values makes 10,000 of them, and a tuple is built in a tenth
+    of the time a frozen dataclass takes.
+    """
 
     item: int
     item_offset: int
@@ -134,7 +137,11 @@ def plan_write(
     for file_index, file in enumerate(files):
         for piece_index, piece in enumerate(file.pieces):
             located[piece.item].append((piece.item_offset, file_index, piece_index))
-    extents = tuple(tuple((f, p) for _, f, p in sorted(runs)) for runs in located)
+    # Most items are one piece: no sort, no generator for them.
+    extents = tuple(
+        ((runs[0][1], runs[0][2]),) if len(runs) == 1 else tuple((f, p) for _, f, p in sorted(runs))
+        for runs in located
+    )
     return WritePlan(tuple(items), tuple(files), extents)
 
 

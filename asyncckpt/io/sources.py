@@ -160,6 +160,8 @@ def prepare_source(key: str, value: Any) -> Source:
             dtype = _encode(live.dtype)
         except TypeError as exc:
             raise TypeError(f"cannot save {key!r}: {exc}") from None
+        if type(live) is np.ndarray:  # the usual case, without a generator per value
+            return Source(key, SourceKind.HOLDER, value, dtype, live.shape, live.nbytes)
         shape = tuple(int(dim) for dim in live.shape)
         nbytes = math.prod(shape) * live.dtype.itemsize
         return Source(key, SourceKind.HOLDER, value, dtype, shape, nbytes, off_host=not isinstance(live, np.ndarray))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,20 +11,17 @@ import pytest
 
 import asyncckpt as ac
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_loop.py"
-RESUMED = re.compile(r"^resumed from (?P<path>\S+) at step (?P<step>\d+)$", re.MULTILINE)
+sys.path.insert(0, os.path.dirname(__file__))
+from _examples import EXAMPLES, RESUMED  # noqa: E402
+from _examples import run_example as run_script  # noqa: E402
+
+EXAMPLE = EXAMPLES / "train_loop.py"
 FINAL = re.compile(r"^final step (?P<step>\d+): loss (?P<loss>\S+), weights (?P<digest>[0-9a-f]+)$", re.MULTILINE)
 
 
 def run_example(directory: Path, *args: str, expect_rc: int = 0) -> str:
     """Run the example in a fresh interpreter and return its stdout; fail with its output otherwise."""
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--dir", str(directory), "--save-every", "10", *args],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == expect_rc, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc.stdout
+    return run_script(EXAMPLE, directory, "--save-every", "10", *args, expect_rc=expect_rc).stdout
 
 
 def final_line(output: str) -> re.Match:

@@ -112,12 +112,16 @@ def test_relative_links_resolve():
 
 TF_MARKER = "readme-test: tensorflow"
 GPU_MARKER = "readme-test: gpu"  # needs CuPy and a GPU: run by gpu_tests/test_gpu_readme.py
+FRAMEWORK_MARKERS = {"readme-test: torch": "torch", "readme-test: jax": "jax"}  # run where it is installed
 RUNNABLE = [body for marker, body in python_snippets() if marker == ""]
+WITH_FRAMEWORK = [(FRAMEWORK_MARKERS[marker], body) for marker, body in python_snippets() if marker in FRAMEWORK_MARKERS]
 
 
 def test_readme_has_runnable_snippets():
     assert len(RUNNABLE) >= 3
-    assert {marker for marker, _ in python_snippets()} <= {"", TF_MARKER, GPU_MARKER}, "unknown snippet marker"
+    assert sorted(framework for framework, _ in WITH_FRAMEWORK) == ["jax", "torch"], "one quickstart each"
+    known = {"", TF_MARKER, GPU_MARKER, *FRAMEWORK_MARKERS}
+    assert {marker for marker, _ in python_snippets()} <= known, "unknown snippet marker"
 
 
 def test_gpu_snippets_are_valid_python():
@@ -146,10 +150,20 @@ def test_tf_snippet_and_its_asyncckpt_twin_make_the_same_calls():
     assert compared >= 5
 
 
-@pytest.mark.parametrize("body", RUNNABLE, ids=[f"snippet{i}" for i in range(len(RUNNABLE))])
-def test_python_snippet_runs(tmp_path, body):
+def run_snippet(directory: Path, body: str) -> None:
     # The snippet imports this checkout's asyncckpt, wherever the installed one points.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-W", "error", "-c", body], cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", body], cwd=directory, capture_output=True, text=True,
                           env=env)
     assert proc.returncode == 0, f"README snippet failed:\n{body}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+@pytest.mark.parametrize("body", RUNNABLE, ids=[f"snippet{i}" for i in range(len(RUNNABLE))])
+def test_python_snippet_runs(tmp_path, body):
+    run_snippet(tmp_path, body)
+
+
+@pytest.mark.parametrize(("framework", "body"), WITH_FRAMEWORK, ids=[name for name, _ in WITH_FRAMEWORK])
+def test_framework_snippet_runs(tmp_path, framework, body):
+    pytest.importorskip(framework)
+    run_snippet(tmp_path, body)

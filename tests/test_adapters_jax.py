@@ -130,3 +130,28 @@ def test_low_precision_leaves_round_trip_bit_exact(tmp_path, dtype):
     assert restored.dtype == values.dtype
     carrier = np.uint8 if values.dtype.itemsize == 1 else np.uint16
     np.testing.assert_array_equal(np.asarray(restored).view(carrier), np.asarray(values).view(carrier))
+
+
+def test_an_abstract_tree_from_eval_shape_is_restored_with_its_dtypes_and_sharding(tmp_path):
+    saved = make_state(2)
+    path = ac.Checkpoint(state=ac.PyTree(saved)).save(tmp_path / "ckpt")
+    abstract = jax.eval_shape(lambda: make_state(0))
+    sharding = saved.params["dense"]["kernel"].sharding
+    abstract.params["dense"]["kernel"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding)
+    holder = ac.PyTree(abstract)
+    ac.Checkpoint(state=holder).restore(path).assert_consumed()
+    restored = holder.value
+    kernel = restored.params["dense"]["kernel"]
+    assert isinstance(kernel, jax.Array) and kernel.sharding == sharding
+    np.testing.assert_array_equal(kernel, saved.params["dense"]["kernel"])
+    assert restored.params["dense"]["bias"].dtype == jnp.float16
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(saved.key))
+    wrong = jax.eval_shape(lambda: make_state(0))
+    wrong.params["dense"]["bias"] = jax.ShapeDtypeStruct((4,), jnp.float32)
+    with pytest.raises(ValueError, match=r"float16\[4\].*float32\[4\]"):
+        ac.Checkpoint(state=ac.PyTree(wrong)).restore(path)
+
+
+def test_an_abstract_tree_cannot_be_saved(tmp_path):
+    with pytest.raises(TypeError, match="ShapeDtypeStruct.*no values"):
+        ac.Checkpoint(t=ac.PyTree({"a": jax.ShapeDtypeStruct((2,), jnp.float32)})).save(tmp_path / "ckpt")

@@ -353,3 +353,32 @@ def test_a_bfloat16_module_round_trips(tmp_path):
     other = make_model(1).to(torch.bfloat16)
     ac.Checkpoint(model=other).restore(path).assert_consumed()
     assert_same_state(state_of(other), state_of(model))
+
+
+def test_framework_state_inside_tracked_containers_is_saved_and_left_in_place(tmp_path):
+    module = torch.nn.Linear(2, 1)
+    tensor = torch.arange(3.0)
+    items = [ac.Variable(1.0), tensor]
+    holder = ac.AutoTrackable()
+    holder.extra = {"v": ac.Variable(2.0), "t": torch.ones(2), "mod": module, "sd": {"w": torch.zeros(2)}}
+    holder.items = items
+    assert items[1] is tensor and holder.items[1] is tensor  # the user's list keeps the user's tensor
+    assert holder.extra["mod"] is module and type(holder.extra["sd"]) is dict
+    path = ac.Checkpoint(holder=holder).save(tmp_path / "ckpt")
+    names = {cli.readable_name(key) for key, _ in ac.list_variables(path)}
+    assert {"holder/extra/v", "holder/extra/t", "holder/extra/mod/weight", "holder/extra/sd/w", "holder/items/1"} <= names
+    target = ac.AutoTrackable()
+    target_tensor, target_module = torch.zeros(3), torch.nn.Linear(2, 1)
+    target.extra = {"v": ac.Variable(0.0), "t": torch.zeros(2), "mod": target_module, "sd": {"w": torch.ones(2)}}
+    target.items = [ac.Variable(0.0), target_tensor]
+    ac.Checkpoint(holder=target).restore(path).assert_consumed()
+    assert torch.equal(target_tensor, tensor) and torch.equal(target_module.weight, module.weight)
+    assert torch.equal(target.extra["sd"]["w"], torch.zeros(2))
+
+
+def test_unsupported_tensors_are_refused_naming_the_key(tmp_path):
+    with pytest.raises(TypeError, match=r"'w'.*sparse"):
+        ac.Checkpoint(sd={"w": torch.eye(3).to_sparse()}).save(tmp_path / "a")
+    conj = torch.tensor([1 + 2j, 3 - 1j]).conj()  # a lazily conjugated view: saved as its values
+    path = ac.Checkpoint(sd={"c": conj}).save(tmp_path / "b")
+    np.testing.assert_array_equal(ac.load_checkpoint(path).get_tensor("sd/.ATTRIBUTES/c"), [1 - 2j, 3 + 1j])

@@ -58,18 +58,37 @@ def sticky_attribute_assignment(trackable: Trackable, name: str, value: Any) -> 
     through its adapter while the attribute keeps the object itself. Other non-trackable values
     create no dependency and do not remove an earlier one of the same name.
     """
+    return _track_as(trackable, name, value, in_container=False)
+
+
+def _track_as(trackable: Trackable, name: str, value: Any, *, in_container: bool) -> Any:
+    """Track ``value`` (or the trackable it wraps or adapts into) as ``name``; return what to store.
+
+    A container element keeps the user's own value even when it is framework state (the user's
+    list or dict is shared with the wrapper and must not change); an attribute holding a tree of
+    framework arrays becomes its ``PyTree`` holder, whose ``value`` is what a restore builds.
+    """
     add_dependency = not isinstance(value, NoDependency)
+    original = value
     value = wrap_or_unwrap(value)
     if not add_dependency:
         return value
     if isinstance(value, Trackable):
         trackable._track_trackable(value, name=name, overwrite=True)
-        return value
+        return original if in_container and isinstance(value, adapters.PyTree) and value is not original else value
     adapted = adapters.adapt(value)
     if adapted is not None:
         trackable._track_trackable(adapted.trackable, name=name, overwrite=True)
-        return adapted.stored
+        return value if in_container else adapted.stored
     return value
+
+
+def adapted_element(value: Any) -> Trackable | None:
+    """The trackable a container element stands for: itself, its wrapper, or its adapter (else None)."""
+    if isinstance(value, Trackable):
+        return value
+    adapted = adapters.adapt(value)
+    return adapted.trackable if adapted is not None else None
 
 
 _CONTAINERS = (dict, collections.OrderedDict, list, tuple)
@@ -102,8 +121,7 @@ class TrackableDataStructure(Trackable):
     """Base of the container wrappers; containers own no attributes of their own."""
 
     def _track_value(self, value: Any, name: str) -> Any:
-        value = sticky_attribute_assignment(self, name, value)
-        return value
+        return _track_as(self, name, value, in_container=True)
 
 
 class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list):
@@ -357,14 +375,15 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
     def _track_keyed(self, key: Any, value: Any) -> Any:
         if isinstance(value, NoDependency):
             return value.value
+        if isinstance(key, str):
+            return _track_as(self, key, value, in_container=True)
+        original = value
         value = wrap_or_unwrap(value)
-        if isinstance(value, Trackable):
-            if isinstance(key, str):
-                self._track_trackable(value, key, overwrite=True)
-            else:
-                object.__setattr__(self, "_non_string_key", True)
-                structure_changed()
-        return value
+        stands_for = value if isinstance(value, Trackable) else adapted_element(value)
+        if stands_for is not None:
+            object.__setattr__(self, "_non_string_key", True)
+            structure_changed()
+        return original if isinstance(value, adapters.PyTree) and value is not original else value
 
     def _update_snapshot(self) -> None:
         # Mirror the storage into the dict base so that C-level consumers (json, `|`) see it.

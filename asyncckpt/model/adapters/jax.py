@@ -25,7 +25,8 @@ __all__ = ["adapt", "destination", "flatten", "host_view", "is_array", "is_regis
 
 
 def is_array(value: Any) -> bool:
-    return isinstance(value, jax.Array)
+    """A ``jax.Array``, or an abstract one (``jax.ShapeDtypeStruct``, as ``jax.eval_shape`` gives) to restore into."""
+    return isinstance(value, (jax.Array, jax.ShapeDtypeStruct))
 
 
 def _is_key(value: Any) -> bool:
@@ -54,6 +55,8 @@ def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Callable[[list], Any]]:
 
 def save_value(array: jax.Array) -> Any:
     """A host view of ``array`` taken now (typed keys: their key data, with the implementation's name)."""
+    if isinstance(array, jax.ShapeDtypeStruct):
+        raise TypeError("an abstract array (jax.ShapeDtypeStruct) has no values to save; it can only be restored into")
     if _is_key(array):
         return leaves.KeyArray(leaves.FrozenArray(np.asarray(jax.random.key_data(array))), str(jax.random.key_impl(array)))
     return leaves.FrozenArray(np.asarray(array))
@@ -64,13 +67,20 @@ def destination(array: jax.Array, spec: Any) -> None:
 
 
 def restored(value: Any, like: jax.Array) -> jax.Array:
-    """A new array with ``like``'s dtype, shape and sharding holding host array ``value``."""
+    """A new array with ``like``'s dtype, shape and sharding holding host array ``value``.
+
+    ``like`` may be abstract (a ``jax.ShapeDtypeStruct``): its sharding, when it has one, places
+    the array; without one the array goes to the default device.
+    """
     leaves.check_alike(value, like)
-    return jax.device_put(value, like.sharding)
+    sharding = getattr(like, "sharding", None)
+    return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
 
 
 def host_view(array: jax.Array) -> Any:
-    """A CPU array as NumPy (read-only, no copy); an array on a GPU as it is."""
+    """A CPU array as NumPy (read-only, no copy); an array on a GPU (or an abstract one) as it is."""
+    if not isinstance(array, jax.Array):
+        return array
     on_host = all(device.platform == "cpu" for device in array.devices())
     return np.asarray(array) if on_host and not _is_key(array) else array
 
@@ -86,9 +96,12 @@ def restored_key(value: Any, impl: str, like: Any) -> jax.Array:
         raise ValueError(f"the checkpoint holds a PRNG key but the live leaf is {getattr(like, 'dtype', type(like))}")
     key = jax.random.wrap_key_data(jnp.asarray(value), impl=impl)
     if like is not None:
-        if str(jax.random.key_impl(like)) != impl:
+        if isinstance(like, jax.Array) and str(jax.random.key_impl(like)) != impl:
             raise ValueError(f"the checkpoint holds a {impl} key but the live key is {jax.random.key_impl(like)}")
-        key = jax.device_put(key, like.sharding)
+        if tuple(like.shape) != tuple(key.shape):
+            raise ValueError(f"the checkpoint holds keys of shape {list(key.shape)} but the live keys are {list(like.shape)}")
+        sharding = getattr(like, "sharding", None)
+        key = jax.device_put(key, sharding) if sharding is not None else key
     return key
 
 

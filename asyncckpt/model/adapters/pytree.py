@@ -108,7 +108,7 @@ class PyTree(LeafState):
         structure: dict[str, Any] = {}
         for name, leaf in named:
             if leaves.is_array_leaf(leaf):
-                value = leaves.save_value(leaf)
+                value = leaves.save_value(leaf, name)
                 if isinstance(value, leaves.KeyArray):  # a typed PRNG key: its key data, and its kind
                     structure[name] = typed_json.PrngKeyRef(name, value.impl)
                     arrays[name] = value.data

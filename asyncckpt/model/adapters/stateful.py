@@ -69,7 +69,7 @@ class StateDict(LeafState):
         arrays: dict[str, Any] = {}
 
         def keep(name: str, leaf: Any) -> None:
-            arrays[name] = leaves.save_value(leaf)
+            arrays[name] = leaves.save_value(leaf, name)
 
         structure = split_arrays(self._state_dict(), keep, flat_names=self._flat_names())
         try:

@@ -227,6 +227,10 @@ def _device_capturable(tensor: torch.Tensor) -> bool:
 
 def save_value(tensor: torch.Tensor) -> Any:
     """What a save takes ``tensor``'s bytes from (see the module docstring)."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"a {tensor.layout} tensor cannot be saved as it is; convert it with .to_dense() first")
+    if tensor.is_conj() or tensor.is_neg():  # a lazy view: its values exist only once resolved (a copy of ours)
+        return leaves.FrozenArray(to_numpy_view(tensor.detach().resolve_conj().resolve_neg().cpu()))
     if tensor.device.type == "cpu" or _device_capturable(tensor):
         return _guards().source_for(tensor)
     if tensor.device.type == "meta":

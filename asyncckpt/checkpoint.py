@@ -428,9 +428,11 @@ class Checkpoint(AutoTrackable):
         if values is not None and kept is not None and kept[0] == PlanSettings.of(settings):
             prepared = kept[1].with_values(values) if values else kept[1]
         else:
-            entries = [ckio.SaveEntry(key, source) for key, source in serialized.entries]
+            fresh = values or {}  # a cached graph holds no computed values: this save's come with it
+            entries = [ckio.SaveEntry(key, fresh.get(index, source)) for index, (key, source) in enumerate(serialized.entries)]
             prepared = ckio.prepare_write(entries, serialized.object_graph, settings=settings)
-        cache.attach(serialized, (PlanSettings.of(settings), prepared))
+        cache.attach(serialized, (PlanSettings.of(settings), prepared.released(values or cache.computed_indices())))
+        cache.release_computed()
         return prepared
 
     def _wait_for_pending_write(self) -> None:

@@ -428,6 +428,26 @@ class GraphCache:
         """What was attached to ``graph`` if it is still the cached graph, else ``None``."""
         return self._attachment if self._graph is graph else None
 
+    def computed_indices(self) -> frozenset[int]:
+        """The entries of the cached graph that are computed values (taken fresh at every save)."""
+        if self._reuse is None:
+            return frozenset()
+        return frozenset(index for _, _, indices in self._reuse.computed_values for index in indices)
+
+    def release_computed(self) -> None:
+        """Stop holding the computed values the cached graph was built with.
+
+        They are taken fresh at every save (:meth:`serialize` returns them), so between saves the
+        cache keeps only the layout: not the last save's ``PythonState`` bytes, the arrays of a
+        ``state_dict`` or the host views of a JAX tree (which would keep XLA from donating them).
+        """
+        graph, reuse = self._graph, self._reuse
+        if graph is None or reuse is None or not reuse.computed_values:
+            return
+        computed = self.computed_indices()
+        entries = tuple((key, None if index in computed else source) for index, (key, source) in enumerate(graph.entries))
+        self._graph = dataclasses.replace(graph, entries=entries)
+
     def clear(self) -> None:
         """Forget the cached graph (and every object it holds)."""
         self._graph = self._reuse = self._root = self._attachment = None

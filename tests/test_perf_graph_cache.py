@@ -322,3 +322,50 @@ def test_the_metrics_callback_reports_a_failed_write_and_its_own_errors_are_only
 def test_a_metrics_callback_must_be_callable():
     with pytest.raises(TypeError, match="callable"):
         ac.CheckpointOptions(experimental_metrics_callback=3)
+
+
+def test_the_cached_layout_keeps_no_computed_value_alive_between_saves(tmp_path):
+    """A state_dict's arrays (copied by each save) and a PythonState's bytes are not held after the save."""
+    import gc
+    import weakref
+
+    class Holder:
+        def __init__(self):
+            self.refs = []
+
+        def state_dict(self):
+            array = np.arange(1000.0)
+            self.refs.append(weakref.ref(array))
+            return {"a": array}
+
+        def load_state_dict(self, state):
+            pass
+
+    holder = Holder()
+    checkpoint = ac.Checkpoint(holder=holder, v=ac.Variable(1.0))
+    for _ in range(3):
+        checkpoint.save(tmp_path / "ckpt")
+    gc.collect()
+    assert all(ref() is None for ref in holder.refs)
+
+
+def test_new_write_settings_on_a_cached_graph_still_write_the_fresh_computed_values(tmp_path):
+    class Text(ac.PythonState):
+        def __init__(self):
+            self.text = "first"
+
+        def serialize(self):
+            return self.text
+
+        def deserialize(self, value):
+            self.text = value.decode()
+
+    state = Text()
+    checkpoint = ac.Checkpoint(state=state)
+    checkpoint.save(tmp_path / "ckpt")
+    state.text = "second"
+    other = ac.CheckpointOptions(write_settings=ac.WriteSettings(chunk_bytes=1 << 20))
+    path = checkpoint.save(tmp_path / "ckpt", options=other)
+    restored = Text()
+    ac.Checkpoint(state=restored).restore(path)
+    assert restored.text == "second"

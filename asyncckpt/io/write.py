@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,21 @@ class PreparedWrite:
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(source.key for source in self.sources)
+
+    def released(self, items: Any) -> PreparedWrite:
+        """A copy that no longer holds the values of ``items`` which exist for one write only.
+
+        Bytes, owned copies and single-use snapshot sources (``_single_use``: a JAX array's host
+        view) are dropped, so a layout kept between saves keeps no copy of the state alive; a
+        later :meth:`with_values` must give those items again. Live holders (variables, tensors)
+        stay: they are the same objects next time.
+        """
+        sources = list(self.sources)
+        for index in items:
+            source = sources[index]
+            if source.kind is not SourceKind.HOLDER or getattr(source.value, "_single_use", False):
+                sources[index] = dataclasses.replace(source, value=None)
+        return dataclasses.replace(self, sources=tuple(sources))
 
     def with_values(self, values: Mapping[int, Any]) -> PreparedWrite:
         """A copy whose entries ``index`` take ``values[index]`` (taken now, like ``start_write``).

@@ -109,6 +109,7 @@ class FrozenArray:
     """
 
     __slots__ = ("array",)
+    _single_use = True  # made for one save: a layout kept between saves need not hold it
 
     def __init__(self, array: Any) -> None:
         self.array = array
@@ -163,11 +164,17 @@ def new_leaf(value: Any, kind: str) -> Any:
     return value if name is None else importlib.import_module(name).new(value)
 
 
-def save_value(leaf: Any) -> Any:
-    """What a save takes ``leaf``'s bytes from (NumPy arrays: the array, copied at ``save()``)."""
+def save_value(leaf: Any, name: str = "") -> Any:
+    """What a save takes ``leaf``'s bytes from (NumPy arrays: the array, copied at ``save()``).
+
+    A framework's refusal (a sparse tensor, an abstract array) is a ``TypeError`` naming ``name``.
+    """
     if isinstance(leaf, np.ndarray):
         return leaf
-    return _array_framework(leaf).save_value(leaf)
+    try:
+        return _array_framework(leaf).save_value(leaf)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"cannot save {name!r}: {exc}") from None
 
 
 def destination(leaf: Any, spec: Any) -> Any:

@@ -81,10 +81,15 @@ class Source:
         if self.kind is SourceKind.BYTES:
             return memoryview(self.value)
         array = self.live_array()
-        if _arrays.is_device_array(array) or not isinstance(array, np.ndarray):
+        if type(array) is not np.ndarray and (_arrays.is_device_array(array) or not isinstance(array, np.ndarray)):
             return None
         if not array.flags.c_contiguous or array.dtype != dtype_from_string(self.dtype):
             return None
+        if array.ndim:
+            try:
+                return memoryview(array).cast("B")  # a third of the cost of reshape + view
+            except (TypeError, ValueError):  # a dtype the buffer protocol cannot describe (bfloat16)
+                pass
         return memoryview(array.reshape(-1).view(np.uint8))
 
     def byte_view(self, start: int, stop: int) -> memoryview:

@@ -33,6 +33,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import gc
 import importlib
 import itertools
 import os
@@ -41,7 +42,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, Callable, TypeVar
 
-__all__ = ["ProcessState", "Runtime", "WORKER_THREADS", "get_runtime", "process_state", "running_loop"]
+__all__ = ["GcPause", "ProcessState", "Runtime", "WORKER_THREADS", "gc_paused", "get_runtime", "process_state",
+           "running_loop"]
 
 T = TypeVar("T")
 
@@ -282,6 +284,42 @@ class ProcessState:
                 error = error or exc
         if error is not None:
             raise error
+
+
+class GcPause:
+    """Holds the cyclic garbage collector off while bulk bookkeeping allocates (owned by the process state).
+
+    Parsing a manifest of 10,000 values or walking a graph of 10,000 objects allocates hundreds of
+    thousands of dicts and tuples; each time that crosses the collector's threshold it scans every
+    object of the program -- a training program's whole heap -- which doubled the time of those
+    steps. Nested and concurrent pauses count: the collector runs again when the last one ends,
+    and a program that turned it off itself keeps it off.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._resume:
+                    gc.enable()
+
+
+def gc_paused():
+    """A context in which the cyclic collector does not run (see :class:`GcPause`)."""
+    return _state.owned(GcPause).paused()
 
 
 _state = ProcessState()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asyncckpt import io as ckio
-from asyncckpt._runtime import process_state
+from asyncckpt._runtime import gc_paused, process_state
 from asyncckpt.io.settings import PlanSettings
 from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.errors import NotFoundError
@@ -422,6 +422,10 @@ class Checkpoint(AutoTrackable):
         only takes fresh values of computed attributes (``PythonState``), so the stall of a save no
         longer grows with the number of variables. The bytes written are the same either way.
         """
+        with gc_paused():  # the walk and the layout of 10,000 values allocate a lot: no collector pauses
+            return self._prepare_write_now(settings)
+
+    def _prepare_write_now(self, settings: ckio.WriteSettings) -> ckio.PreparedWrite:
         cache = self._self_graph_cache
         serialized, values = cache.serialize(self._graph_view())
         kept = cache.attachment(serialized)  # lives and dies with the cached graph

@@ -28,7 +28,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from asyncckpt._runtime import process_state
+from asyncckpt._runtime import gc_paused, process_state
 from asyncckpt.model.data_structures import TrackableDataStructure
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.graph import GraphView, list_objects, pretty_node_names
@@ -399,6 +399,15 @@ class CheckpointPosition:
         checkpoint = self.checkpoint
         visit = collections.deque([self])
         pending: list[tuple[Any, dict[str, str]]] = []
+        with gc_paused():  # matching 10,000 objects allocates a lot: no collector pauses meanwhile
+            request = self._match_descendants(visit, pending)
+        values = (yield request) if request is not None else {}
+        for obj, attributes in pending:
+            obj._restore_from_tensors({name: values[key] for name, key in attributes.items()})
+
+    def _match_descendants(self, visit: collections.deque, pending: list) -> Any:
+        """Bind the newly reached descendants; the batch's :class:`ReadRequest`, or ``None`` for none."""
+        checkpoint = self.checkpoint
         while visit:
             position = visit.popleft()
             obj = position.trackable
@@ -412,9 +421,7 @@ class CheckpointPosition:
             position._queue_children(visit)
             position._queue_slot_variables(visit)
         keys = [key for _, attributes in pending for key in attributes.values()]
-        values = (yield checkpoint.read_request(keys, self._destinations(pending))) if keys else {}
-        for obj, attributes in pending:
-            obj._restore_from_tensors({name: values[key] for name, key in attributes.items()})
+        return checkpoint.read_request(keys, self._destinations(pending)) if keys else None
 
     def _destinations(self, pending: list[tuple[Any, dict[str, str]]]) -> dict[str, Any]:
         """Live arrays the values can be read straight into (``Variable``), by checkpoint key.

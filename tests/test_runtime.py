@@ -195,3 +195,29 @@ def test_at_exit_calls_every_component_in_creation_order_and_re_raises_the_first
         state.at_exit(final=True)
     assert calls == [("first", True), ("second", True)]
     assert state.owned(First) is state.owned(First)
+
+
+def test_gc_pause_nests_and_leaves_a_disabled_collector_disabled():
+    import gc
+
+    from asyncckpt._runtime import GcPause
+
+    pause = GcPause()
+    assert gc.isenabled()
+    with pause.paused():
+        assert not gc.isenabled()
+        with pause.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause still holds
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pause.paused():
+            pass
+        assert not gc.isenabled()  # the program turned it off: it stays off
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError):
+        with pause.paused():
+            raise RuntimeError("boom")
+    assert gc.isenabled()

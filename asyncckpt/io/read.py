@@ -21,7 +21,7 @@ import crc32c
 import numpy as np
 
 from asyncckpt import _cuda
-from asyncckpt._runtime import Runtime, running_loop
+from asyncckpt._runtime import Runtime, gc_paused, running_loop
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
 from asyncckpt.checksums import crc32c_combine
 from asyncckpt.dtypes import describe_dtype
@@ -495,7 +495,8 @@ async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointRea
             f"Failed to find any matching files for {path}: the checkpoint index {backend.describe(index)} "
             "does not exist"
         )
-    manifest = parse_manifest(data, source=backend.describe(index))
+    with gc_paused():  # a large manifest is hundreds of thousands of small objects
+        manifest = parse_manifest(data, source=backend.describe(index))
     check_bound(backend, stem, manifest)
     for data_dir in manifest.all_data_dirs:
         await backend.check_data_dir(data_dir)

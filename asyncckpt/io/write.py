@@ -37,6 +37,7 @@ from typing import Any
 
 
 from asyncckpt.checksums import crc32c_combine
+from asyncckpt._runtime import gc_paused
 from asyncckpt.format import (
     Extent,
     Manifest,
@@ -321,7 +322,8 @@ class _WriteJob:
                 if backend.cleans_debris:
                     await clean_debris(backend, exclude=data_dir)
                 await self._write_files(backend, data_dir)
-                manifest = self._manifest(data_dir)
+                with gc_paused():
+                    manifest = self._manifest(data_dir)
                 for earlier in previous:
                     await quietly_wait(earlier)
                 team = self.team

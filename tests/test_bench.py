@@ -1,4 +1,7 @@
-"""The CPU benchmarks (bench.py, bench_torch.py) run end to end on tiny sizes, report every section and clean up."""
+"""The benchmarks run end to end on tiny sizes, report every section and clean up after themselves.
+
+bench.py and bench_torch.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
+"""
 
 from __future__ import annotations
 
@@ -85,4 +88,20 @@ def test_torch_benchmark_tiny_run_reports_every_method(tmp_path):
         assert re.search(row, text, re.MULTILINE), method
     for target in ("durable time / plain Variables' durable time: ", "save() stall: ", "torch.load + load_state_dict"):
         assert re.search(rf"^- {re.escape(target)}.*: (met|missed)", text, re.MULTILINE), target
+    assert [p for p in workdir.rglob("*") if p.is_file()] == []
+
+
+def test_training_overhead_benchmark_runs_its_loop_on_the_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    script = BENCHMARKS / "gpu_train_overhead.py"
+    if not torch.cuda.is_available():
+        proc = run_bench("--steps", "1", script=script)
+        assert proc.returncode == 2 and "needs an NVIDIA GPU" in proc.stderr
+    workdir = tmp_path / "work"
+    proc = run_bench("--device", "cpu", "--layers", "1", "--d-model", "16", "--heads", "2", "--vocab", "32",
+                     "--seq", "8", "--batch", "2", "--steps", "2", "--every", "1", "--warmup", "0",
+                     "--dir", str(workdir), script=script)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for mode in ("no checkpointing", "asyncckpt every 1 steps", "dcp every 1 steps", "no checkpointing (again)"):
+        assert re.search(rf"^\| {re.escape(mode)} \| \d+ \| \d+ \| [\d.]+ m?s \| ", proc.stdout, re.MULTILINE), mode
     assert [p for p in workdir.rglob("*") if p.is_file()] == []

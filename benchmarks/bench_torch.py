@@ -31,9 +31,7 @@ import argparse
 import gc
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -51,11 +49,10 @@ from bench import (  # benchmarks/bench.py: the shared measuring and reporting h
     fmt_s,
     free_disk_check,
     fsync_tree,
-    load_average,
-    machine_description,
     median,
     positive_int,
     remove,
+    report_in_workdir,
 )
 
 __all__ = ["main"]
@@ -142,16 +139,24 @@ class Method:
     blocking: bool = False  # the save is durable when it returns: there is no separate stall
 
 
-def asyncckpt_method(source: Trained, expected: dict, width: int, layers: int) -> Method:
+def async_writer(checkpoint) -> Callable[[str], Callable[[], None]]:
+    """A method's save: an asynchronous ``write`` of ``checkpoint`` into ``target``; ``sync`` waits until durable."""
     import asyncckpt as ac  # noqa: PLC0415
 
-    checkpoint = ac.Checkpoint(model=source.model, optimizer=source.optimizer)  # built once, as a training loop does
     options = ac.CheckpointOptions(enable_async=True)
 
     def save(target: str) -> Callable[[], None]:
         os.makedirs(target)
         checkpoint.write(os.path.join(target, "ckpt"), options=options)
         return checkpoint.sync
+
+    return save
+
+
+def asyncckpt_method(source: Trained, expected: dict, width: int, layers: int) -> Method:
+    import asyncckpt as ac  # noqa: PLC0415
+
+    checkpoint = ac.Checkpoint(model=source.model, optimizer=source.optimizer)  # built once, as a training loop does
 
     def restorer():
         fresh = build(width, layers, zeroed=True)
@@ -161,7 +166,7 @@ def asyncckpt_method(source: Trained, expected: dict, width: int, layers: int) -
 
         return restore, lambda: verify(expected, named_tensors(fresh), "asyncckpt restore")
 
-    return Method("asyncckpt Checkpoint(model, optimizer), async", save, restorer)
+    return Method("asyncckpt Checkpoint(model, optimizer), async", async_writer(checkpoint), restorer)
 
 
 def variables_method(expected: dict) -> Method:
@@ -170,12 +175,6 @@ def variables_method(expected: dict) -> Method:
 
     variables = {name.replace(".", "_"): ac.Variable(tensor.numpy()) for name, tensor in expected.items()}
     checkpoint = ac.Checkpoint(**variables)
-    options = ac.CheckpointOptions(enable_async=True)
-
-    def save(target: str) -> Callable[[], None]:
-        os.makedirs(target)
-        checkpoint.write(os.path.join(target, "ckpt"), options=options)
-        return checkpoint.sync
 
     def restorer():
         for variable in variables.values():  # so that the check proves the restore happened
@@ -187,7 +186,7 @@ def variables_method(expected: dict) -> Method:
 
         return lambda target: checkpoint.read(os.path.join(target, "ckpt")), check
 
-    return Method("asyncckpt plain Variables (same bytes), async", save, restorer)
+    return Method("asyncckpt plain Variables (same bytes), async", async_writer(checkpoint), restorer)
 
 
 def torch_save_method(source: Trained, expected: dict, width: int, layers: int) -> Method:
@@ -411,25 +410,12 @@ def main(argv=None) -> int:
     except Exception as exc:
         sys.stderr.write(f"bench_torch: needs PyTorch ({type(exc).__name__}: {exc}); pip install -e '.[torch]'\n")
         return 2
-    owned = args.dir is None
-    workdir = tempfile.mkdtemp(prefix="asyncckpt-bench-torch-") if owned else os.path.abspath(args.dir)
-    os.makedirs(workdir, exist_ok=True)
-    lines: list[str] = []
-    try:
-        lines += ["## Machine", "", *machine_description(workdir), ""]
-        print("\n".join(lines), flush=True)
+
+    def measure_all(workdir: str) -> list[str]:
         warm_up(workdir)
-        table = report(args, *run(args, workdir))
-        table += [f"Load average at end (1/5/15 min): {load_average()}", ""]
-        print("\n".join(table), flush=True)
-        lines += table
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-    return 0
+        return report(args, *run(args, workdir))
+
+    return report_in_workdir(args.dir, "asyncckpt-bench-torch-", args.output, measure_all)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass
 
-from bench import fmt_s, int_list, load_average, machine_description, positive_int
+from bench import fmt_s, int_list, positive_int, report_in_workdir
 
 __all__ = ["main"]
 
@@ -328,23 +328,12 @@ def main(argv=None) -> int:
         sys.stderr.write(f"gpu_train_overhead: needs an NVIDIA GPU; torch {torch.__version__} has no CUDA device "
                          "(--device cpu checks the script on the CPU).\n")  # fmt: skip
         return 2
-    owned = args.dir is None
-    workdir = tempfile.mkdtemp(prefix="asyncckpt-train-") if owned else os.path.abspath(args.dir)
-    os.makedirs(workdir, exist_ok=True)
-    try:
-        lines = ["## Machine", "", *machine_description(workdir), ""]
-        print("\n".join(lines), flush=True)
+
+    def measure_all(workdir: str) -> list[str]:
         rows, loop = measure(args, workdir)
-        result = [*describe(args, loop), *table(rows), f"Load average at end (1/5/15 min): {load_average()}", ""]
-        print("\n".join(result), flush=True)
-        lines += result
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-    return 0
+        return [*describe(args, loop), *table(rows)]
+
+    return report_in_workdir(args.dir, "asyncckpt-train-", args.output, measure_all)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ tensors. The format is device-independent: a checkpoint of a CUDA model restores
 and the reverse. JAX arrays on the GPU are saved from a host view taken at ``save()`` and restored
 as new arrays with the given sharding.
 
-PyTorch without CUDA, or JAX without a GPU, skips the tests of that framework only.
+PyTorch without CUDA, or JAX without a GPU, skips the tests of that framework only (and without
+CuPy the whole tier is skipped, see ``conftest.py``).
 """
 
 from __future__ import annotations

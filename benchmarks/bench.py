@@ -919,6 +919,31 @@ def free_disk_check(workdir: str, needed: int) -> None:
         raise SystemExit(f"error: {workdir} has {free / GB:.1f} GB free; this run needs about {needed / GB:.1f} GB")
 
 
+def report_in_workdir(directory: str | None, prefix: str, output: str | None,
+                      measure: Callable[[str], list[str]]) -> int:
+    """Print the machine section, then the lines ``measure(workdir)`` returns; also write both to ``output``.
+
+    For the other benchmark scripts. Without ``directory``, the work happens in a new temporary
+    directory, deleted afterwards.
+    """
+    owned = directory is None
+    workdir = tempfile.mkdtemp(prefix=prefix) if owned else os.path.abspath(directory)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        lines = ["## Machine", "", *machine_description(workdir), ""]
+        print("\n".join(lines), flush=True)
+        measured = [*measure(workdir), f"Load average at end (1/5/15 min): {load_average()}", ""]
+        print("\n".join(measured), flush=True)
+        lines += measured
+    finally:
+        if owned:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     owned = args.dir is None

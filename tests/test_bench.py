@@ -1,4 +1,7 @@
-"""benchmarks/bench.py runs end to end on tiny sizes, reports every section and cleans up after itself."""
+"""The benchmarks run end to end on tiny sizes, report every section and clean up after themselves.
+
+bench.py and bench_torch.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = BENCHMARKS / "bench.py"
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True)
+def run_bench(*args: str, script: Path = BENCH) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
 
 
 def test_tiny_run_reports_every_section(tmp_path):
@@ -59,3 +65,43 @@ def test_rejects_bad_sizes():
     proc = run_bench("--skip", "disk,bogus")
     assert proc.returncode == 2
     assert "unknown --skip name(s) ['bogus']" in proc.stderr
+
+
+def test_torch_benchmark_tiny_run_reports_every_method(tmp_path):
+    pytest.importorskip("torch")
+    workdir = tmp_path / "work"
+    report = tmp_path / "report.md"
+    proc = run_bench("--size-mib", "1", "--layers", "4", "--repeat", "1", "--dir", str(workdir),
+                     "--output", str(report), script=BENCHMARKS / "bench_torch.py")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    assert text.strip() == proc.stdout.strip()
+    assert "## Machine" in text
+    assert "### PyTorch model + AdamW on the CPU: 4 × Linear(" in text
+    for method in (
+        "asyncckpt Checkpoint(model, optimizer), async",
+        "torch.save+fsync / torch.load+load_state_dict",
+        "torch.distributed.checkpoint async_save / load",
+        "asyncckpt plain Variables (same bytes), async",
+    ):
+        row = rf"^\| {re.escape(method)} \| (–|[\d.]+ m?s) \| [\d.]+ m?s \| [\d.]+ GB/s \| [\d.]+ m?s \|"
+        assert re.search(row, text, re.MULTILINE), method
+    for target in ("durable time / plain Variables' durable time: ", "save() stall: ", "torch.load + load_state_dict"):
+        assert re.search(rf"^- {re.escape(target)}.*: (met|missed)", text, re.MULTILINE), target
+    assert [p for p in workdir.rglob("*") if p.is_file()] == []
+
+
+def test_training_overhead_benchmark_runs_its_loop_on_the_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    script = BENCHMARKS / "gpu_train_overhead.py"
+    if not torch.cuda.is_available():
+        proc = run_bench("--steps", "1", script=script)
+        assert proc.returncode == 2 and "needs an NVIDIA GPU" in proc.stderr
+    workdir = tmp_path / "work"
+    proc = run_bench("--device", "cpu", "--layers", "1", "--d-model", "16", "--heads", "2", "--vocab", "32",
+                     "--seq", "8", "--batch", "2", "--steps", "2", "--every", "1", "--warmup", "0",
+                     "--dir", str(workdir), script=script)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for mode in ("no checkpointing", "asyncckpt every 1 steps", "dcp every 1 steps", "no checkpointing (again)"):
+        assert re.search(rf"^\| {re.escape(mode)} \| \d+ \| \d+ \| [\d.]+ m?s \| ", proc.stdout, re.MULTILINE), mode
+    assert [p for p in workdir.rglob("*") if p.is_file()] == []

@@ -15,7 +15,8 @@ steps (``--every``) with
 
 The model is a decoder-sized stack of ``TransformerEncoderLayer``s with token embeddings and an
 output head, float32 parameters under ``torch.autocast(dtype=bfloat16)`` (``--param-dtype bfloat16``
-trains bf16 parameters instead, which asyncckpt cannot store yet: its rows then show the error).
+trains bf16 parameters instead: asyncckpt stores them, copying bf16 CUDA tensors to the host at
+``save()`` since the device capture does not take them yet).
 Every mode runs ``max(--steps, 3 * every)`` steps after ``--warmup`` untimed ones; saves come after
 steps ``every, 2*every, ...`` short of the last step, so the last save has ``every`` steps to finish
 before the loop's end, where the time includes waiting until it is durable and a device

@@ -24,6 +24,10 @@ __all__ = ["adapt", "destination", "flatten", "host_view", "is_array", "is_regis
            "save_value"]
 
 
+#: How structures name this framework's arrays (``ArrayRef.kind``).
+KIND = "jax"
+
+
 def is_array(value: Any) -> bool:
     """A ``jax.Array``, or an abstract one (``jax.ShapeDtypeStruct``, as ``jax.eval_shape`` gives) to restore into."""
     return isinstance(value, (jax.Array, jax.ShapeDtypeStruct))

@@ -14,6 +14,7 @@ moments before its first step) is created by the object itself from the restored
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from asyncckpt.model.adapters import leaves, typed_json
@@ -45,6 +46,8 @@ class StateDict(LeafState):
         self._init_leaf_state()
         self._obj = obj
         self._load_options = load_options
+        self._flat_signature: tuple | None = None  # keys and kinds of the last flat state saved
+        self._flat_encoded = b""
 
     @property
     def wrapped(self) -> Any:
@@ -66,17 +69,43 @@ class StateDict(LeafState):
 
     # ------------------------------------------------------------------ save
     def _serialize_to_tensors(self) -> dict[str, Any]:
+        state = self._state_dict()
+        flat = self._flat_arrays(state)
+        if flat is not None:
+            return flat
         arrays: dict[str, Any] = {}
 
         def keep(name: str, leaf: Any) -> None:
             arrays[name] = leaves.save_value(leaf, name)
 
-        structure = split_arrays(self._state_dict(), keep, flat_names=self._flat_names())
+        structure = split_arrays(state, keep, flat_names=self._flat_names())
         try:
             encoded = typed_json.dumps(structure)
         except TypeError as exc:
             raise TypeError(f"{type(self._obj).__name__}.state_dict(): {exc}") from None
         return {STATE_DICT_KEY: encoded, **arrays}
+
+    def _flat_arrays(self, state: Any) -> dict[str, Any] | None:
+        """The attributes of a flat state of arrays named by their keys (a module's), else ``None``.
+
+        Its structure depends on the keys and the arrays' kinds alone, so it is encoded once and
+        kept while they stay the same: a repeat save of a 2,000-tensor module does no JSON work.
+        """
+        if not self._flat_names() or type(state) not in (dict, collections.OrderedDict):
+            return None
+        kinds = []
+        for key, leaf in state.items():
+            if type(key) is not str or not key or not leaves.is_array_leaf(leaf):
+                return None
+            kinds.append(leaves.kind_of(leaf))
+        signature = (tuple(state), tuple(kinds))
+        if self._flat_signature != signature:
+            structure = {key: typed_json.ArrayRef(key, kind) for key, kind in zip(state, kinds)}
+            self._flat_encoded, self._flat_signature = typed_json.dumps(structure), signature
+        arrays = {STATE_DICT_KEY: self._flat_encoded}
+        for key, leaf in state.items():
+            arrays[key] = leaves.save_value(leaf, key)
+        return arrays
 
     # ------------------------------------------------------------------ restore
     def _live_leaf_map(self) -> dict[str, Any]:

@@ -20,13 +20,13 @@ __all__ = ["leaf_name", "split_arrays"]
 
 
 def _part(key: Any) -> str:
-    text = str(key)
+    text = key if type(key) is str else str(key)
     return text.replace("%", "%25").replace(".", "%2E") if ("." in text or "%" in text) else text
 
 
 def leaf_name(path: tuple) -> str:
     """The attribute name of the leaf at ``path``: its parts joined by dots."""
-    return ".".join(_part(key) for key in path)
+    return ".".join([_part(key) for key in path])
 
 
 def split_arrays(state: Any, on_array: Callable[[str, Any], None], *, flat_names: bool = False) -> Any:

@@ -52,6 +52,13 @@ _VIEWED = {
 _VIEWED_BY_NAME = {name: (torch_type, carrier) for torch_type, (carrier, name) in _VIEWED.items()}
 
 
+#: How structures name this framework's arrays (``ArrayRef.kind``).
+KIND = "torch"
+
+
+_STRIDED = torch.strided
+
+
 def is_array(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
@@ -106,6 +113,7 @@ class TensorGuards:
         self.single: dict[int, list[Callable]] = {}
         self._forward_hook: Any = None  # the global forward pre-hook's handle, while registered
         self._lock = threading.Lock()
+        _install_global_hooks()  # once per process: the guards are made once per process state
 
     @property
     def pending(self) -> bool:
@@ -179,9 +187,7 @@ class TensorGuards:
 
 
 def _guards() -> TensorGuards:
-    guards = process_state().owned(TensorGuards)
-    _install_global_hooks()
-    return guards
+    return process_state().owned(TensorGuards)
 
 
 class TensorSource:
@@ -191,16 +197,21 @@ class TensorSource:
     CUDA tensor is handed to the device capture as it is.
     """
 
-    __slots__ = ("tensor", "array", "__weakref__")
+    __slots__ = ("tensor", "array", "_memory", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
         self.array: Any = None
+        self._memory: Any = None
         self.refresh()
 
     def refresh(self) -> None:
         """Take the tensor's current memory (``param.data = ...`` may have replaced it)."""
         tensor = self.tensor
+        memory = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+        if memory == self._memory:
+            return  # the same bytes as at the last save: the view still shows them
+        self._memory = memory
         self.array = to_numpy_view(tensor) if tensor.device.type == "cpu" else tensor.detach()
 
     def _snapshot_array(self) -> Any:
@@ -227,6 +238,8 @@ def _device_capturable(tensor: torch.Tensor) -> bool:
 
 def save_value(tensor: torch.Tensor) -> Any:
     """What a save takes ``tensor``'s bytes from (see the module docstring)."""
+    if tensor.is_cpu and tensor.layout is _STRIDED and not (tensor.is_conj() or tensor.is_neg()):
+        return _guards().source_for(tensor)  # the usual case, in the fewest calls into torch
     if tensor.layout != torch.strided:
         raise TypeError(f"a {tensor.layout} tensor cannot be saved as it is; convert it with .to_dense() first")
     if tensor.is_conj() or tensor.is_neg():  # a lazy view: its values exist only once resolved (a copy of ours)

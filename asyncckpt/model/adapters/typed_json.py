@@ -58,26 +58,27 @@ def path_text(path: tuple) -> str:
     return ".".join(str(part) for part in path) or "(the root)"
 
 
-def encode(value: Any, where: str = "") -> Any:
-    """The JSON-ready form of ``value``; ``TypeError`` naming ``where`` for anything that is not data."""
-    if isinstance(value, (ArrayRef, PrngKeyRef)):
-        if isinstance(value, PrngKeyRef):
-            return {"prng_key": str(value), "impl": value.impl}
-        return {"array": str(value), "kind": value.kind} if value.kind else {"array": str(value)}
-    if value is None or type(value) in (str, bool, int):
+def encode(value: Any, where: tuple = ()) -> Any:
+    """The JSON-ready form of ``value``; ``TypeError`` naming its path ``where`` for anything that is not data."""
+    kind = type(value)
+    if value is None or kind is str or kind is bool or kind is int:
         return value
-    if type(value) is float:
+    if kind is ArrayRef:
+        return {"array": str(value), "kind": value.kind} if value.kind else {"array": str(value)}
+    if kind is float:
         return {"float": value.hex()}
-    if isinstance(value, (list, tuple)):
-        kind = "tuple" if isinstance(value, tuple) else "list"
-        return {kind: [encode(item, f"{where}[{index}]") for index, item in enumerate(value)]}
-    if isinstance(value, Mapping):
-        return {"dict": [[encode(key, f"{where} (a key)"), encode(item, f"{where}.{key}")] for key, item in value.items()]}
+    if kind is dict or isinstance(value, Mapping):
+        return {"dict": [[encode(key, (*where, "(a key)")), encode(item, (*where, key))] for key, item in value.items()]}
+    if kind is list or kind is tuple or isinstance(value, (list, tuple)):
+        name = "tuple" if isinstance(value, tuple) else "list"
+        return {name: [encode(item, (*where, index)) for index, item in enumerate(value)]}
+    if kind is PrngKeyRef:
+        return {"prng_key": str(value), "impl": value.impl}
     number = _python_number(value)
     if number is not None:
         return encode(number, where)
     raise TypeError(
-        f"cannot store a value of type {type(value).__module__}.{type(value).__qualname__} at {where or 'the root'}: "
+        f"cannot store a value of type {kind.__module__}.{kind.__qualname__} at {path_text(where)}: "
         "checkpoints hold arrays and plain data (numbers, strings, None, lists, tuples, dicts), never pickled "
         "objects; convert it in state_dict() or keep it in a PythonState"
     )

@@ -97,6 +97,8 @@ class PreparedWrite:
         later :meth:`with_values` must give those items again. Live holders (variables, tensors)
         stay: they are the same objects next time.
         """
+        if not items:
+            return self
         sources = list(self.sources)
         for index in items:
             source = sources[index]

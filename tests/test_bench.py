@@ -67,6 +67,7 @@ def test_rejects_bad_sizes():
     assert "unknown --skip name(s) ['bogus']" in proc.stderr
 
 
+@pytest.mark.slow  # a child interpreter importing torch and DCP: 12 s on 2 cores
 def test_torch_benchmark_tiny_run_reports_every_method(tmp_path):
     pytest.importorskip("torch")
     workdir = tmp_path / "work"
@@ -91,6 +92,7 @@ def test_torch_benchmark_tiny_run_reports_every_method(tmp_path):
     assert [p for p in workdir.rglob("*") if p.is_file()] == []
 
 
+@pytest.mark.slow  # two child interpreters importing torch
 def test_training_overhead_benchmark_runs_its_loop_on_the_cpu(tmp_path):
     torch = pytest.importorskip("torch")
     script = BENCHMARKS / "gpu_train_overhead.py"

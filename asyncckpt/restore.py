@@ -437,7 +437,7 @@ class CheckpointPosition:
                 continue
             for name, key in attributes.items():
                 spec = reader.spec(key)
-                if type(obj) is Variable or isinstance(obj, Variable):  # checked once, the message naming the key
+                if isinstance(obj, Variable):  # checked once, the message naming the key
                     destination = provide(name, spec, self.checkpoint.describe_key(key))
                 else:
                     destination = provide(name, spec)

@@ -94,16 +94,12 @@ def adapted_element(value: Any) -> Trackable | None:
 _CONTAINERS = (dict, collections.OrderedDict, list, tuple)
 
 
-def _holds_trackables(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, Trackable):
-        return True
-    if depth > 64:
-        return False
-    if isinstance(value, dict):
-        return any(_holds_trackables(item, depth + 1) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds_trackables(item, depth + 1) for item in value)
-    return False
+def _is_trackable(value: Any) -> bool:
+    return isinstance(value, Trackable)
+
+
+def _holds_trackables(value: Any) -> bool:
+    return adapters.leaves.any_in_nest(value, _is_trackable)
 
 
 def _should_wrap_tuple(value: tuple) -> bool:

@@ -34,6 +34,7 @@ import numpy as np
 __all__ = [
     "FrozenArray",
     "KeyArray",
+    "any_in_nest",
     "host_view",
     "kind_of",
     "new_leaf",
@@ -100,15 +101,30 @@ def is_array_leaf(value: Any) -> bool:
     return isinstance(value, np.ndarray) or _array_framework(value) is not None
 
 
-def holds_framework_arrays(tree: Any, depth: int = 0) -> bool:
-    """Whether a nest of dicts, lists and tuples has a framework array among its leaves."""
+def any_in_nest(tree: Any, found: Callable[[Any], bool], depth: int = 0) -> bool:
+    """Whether ``found`` holds for ``tree`` or anything in its nest of mappings, lists and tuples.
+
+    ``found`` is asked first, so a container that is itself a match (a dict wrapper is a
+    trackable) is not looked into. Nests deeper than 64 levels count as holding nothing.
+    """
+    if found(tree):
+        return True
     if depth > 64:
         return False
     if isinstance(tree, Mapping):
-        return any(holds_framework_arrays(item, depth + 1) for item in tree.values())
+        return any(any_in_nest(item, found, depth + 1) for item in tree.values())
     if isinstance(tree, (list, tuple)):
-        return any(holds_framework_arrays(item, depth + 1) for item in tree)
-    return _array_framework(tree) is not None
+        return any(any_in_nest(item, found, depth + 1) for item in tree)
+    return False
+
+
+def _is_framework_array(value: Any) -> bool:
+    return _array_framework(value) is not None
+
+
+def holds_framework_arrays(tree: Any) -> bool:
+    """Whether a nest of dicts, lists and tuples has a framework array among its leaves."""
+    return any_in_nest(tree, _is_framework_array)
 
 
 class FrozenArray:

@@ -169,8 +169,8 @@ def _usual_node(node: Any, key_set: Any, count: int) -> bool:
     """
     if type(node) is not dict:
         return False
-    children, attributes, slots = node.get("children"), node.get("attributes"), node.get("slot_variables")
-    if type(children) is not list or type(attributes) is not list or (slots is not None and slots != []):
+    children, attributes, slots = node.get("children"), node.get("attributes"), node.get("slot_variables", [])
+    if type(children) is not list or type(attributes) is not list or type(slots) is not list or slots:
         return False
     for child in children:
         if type(child) is not dict or type(child.get("local_name")) is not str:

@@ -155,3 +155,16 @@ def test_an_abstract_tree_from_eval_shape_is_restored_with_its_dtypes_and_shardi
 def test_an_abstract_tree_cannot_be_saved(tmp_path):
     with pytest.raises(TypeError, match="ShapeDtypeStruct.*no values"):
         ac.Checkpoint(t=ac.PyTree({"a": jax.ShapeDtypeStruct((2,), jnp.float32)})).save(tmp_path / "ckpt")
+
+
+def test_arrays_inside_a_tracked_container_come_back_into_the_users_container(tmp_path):
+    path = ac.Checkpoint(state={"params": {"w": jnp.ones(3)}, "step": ac.Variable(np.int64(7))},
+                         stack=[jnp.full(2, 5.0), ac.Variable(np.int64(1))]).save(tmp_path / "ckpt")
+    live = {"params": {"w": jnp.zeros(3)}, "step": ac.Variable(np.int64(0))}
+    stack = [jnp.zeros(2), ac.Variable(np.int64(0))]
+    checkpoint = ac.Checkpoint(state=live, stack=stack)
+    checkpoint.restore(path).assert_consumed()
+    assert live["params"]["w"].tolist() == [1.0, 1.0, 1.0]  # the user's own dict holds the restored arrays
+    assert checkpoint.state["params"]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert stack[0].tolist() == [5.0, 5.0] and int(live["step"].numpy()) == 7
+    checkpoint.save(tmp_path / "again")  # the wrappers take the restored values as their own, not as outside changes

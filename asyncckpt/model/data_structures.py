@@ -40,7 +40,7 @@ def wrap_or_unwrap(value: Any) -> Any:
         return value.value
     if isinstance(value, Trackable):
         return value
-    if type(value) in _CONTAINERS and adapters.leaves.holds_framework_arrays(value) and not _holds_trackables(value):
+    if type(value) in _CONTAINERS and adapters.leaves.holds_framework_arrays(value) and not adapters.holds_state_objects(value):
         return adapters.PyTree(value)
     if type(value) is list:
         return ListWrapper(value)
@@ -75,11 +75,18 @@ def _track_as(trackable: Trackable, name: str, value: Any, *, in_container: bool
         return value
     if isinstance(value, Trackable):
         trackable._track_trackable(value, name=name, overwrite=True)
-        return original if in_container and isinstance(value, adapters.PyTree) and value is not original else value
+        if in_container and isinstance(value, adapters.PyTree) and value is not original:
+            value.restores_into(trackable, name)
+            return original
+        return value
     adapted = adapters.adapt(value)
     if adapted is not None:
         trackable._track_trackable(adapted.trackable, name=name, overwrite=True)
-        return value if in_container else adapted.stored
+        if not in_container:
+            return adapted.stored
+        if isinstance(adapted.trackable, adapters.PyTree):
+            adapted.trackable.restores_into(trackable, name)
+        return value
     return value
 
 
@@ -92,14 +99,6 @@ def adapted_element(value: Any) -> Trackable | None:
 
 
 _CONTAINERS = (dict, collections.OrderedDict, list, tuple)
-
-
-def _is_trackable(value: Any) -> bool:
-    return isinstance(value, Trackable)
-
-
-def _holds_trackables(value: Any) -> bool:
-    return adapters.leaves.any_in_nest(value, _is_trackable)
 
 
 def _should_wrap_tuple(value: tuple) -> bool:
@@ -118,6 +117,22 @@ class TrackableDataStructure(Trackable):
 
     def _track_value(self, value: Any, name: str) -> Any:
         return _track_as(self, name, value, in_container=True)
+
+    def _element_restored(self, name: str, before: Any, after: Any) -> None:
+        """Put a restored framework value (a new JAX tree) where the user's container held ``before``.
+
+        The element tracked as ``name`` is replaced only while it is still ``before``; the
+        wrapper's record of its contents follows, so the change is not taken for an outside one.
+        """
+        storage = self._storage
+        try:
+            key = int(name) if isinstance(storage, list) else name
+            if storage[key] is not before:
+                return
+        except (KeyError, IndexError, ValueError):
+            return
+        storage[key] = after
+        self._update_snapshot()
 
 
 class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list):

@@ -70,11 +70,12 @@ def destination(array: jax.Array, spec: Any) -> None:
     return None  # immutable: a restore builds a new array
 
 
-def restored(value: Any, like: jax.Array) -> jax.Array:
+def restored(value: Any, like: jax.Array, *, into: bool = False) -> jax.Array:
     """A new array with ``like``'s dtype, shape and sharding holding host array ``value``.
 
     ``like`` may be abstract (a ``jax.ShapeDtypeStruct``): its sharding, when it has one, places
-    the array; without one the array goes to the default device.
+    the array; without one the array goes to the default device. ``into`` changes nothing: JAX
+    arrays are immutable.
     """
     leaves.check_alike(value, like)
     sharding = getattr(like, "sharding", None)

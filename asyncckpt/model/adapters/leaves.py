@@ -42,6 +42,7 @@ __all__ = [
     "holds_framework_arrays",
     "is_array_leaf",
     "is_namedtuple",
+    "mismatch",
     "restored_leaf",
     "save_value",
     "destination",
@@ -60,18 +61,39 @@ _FRAMEWORK_ADAPTERS = {
 def framework_of(value: Any) -> ModuleType | None:
     """The adapter module for ``value``'s framework, imported on first use; ``None`` for other values.
 
-    Values of other modules' types are asked of the JAX adapter when JAX is already imported: a
-    ``flax.struct`` dataclass or an optax state is declared in the user's module.
+    A type counts as the framework's when it or a base class is declared in the framework (a
+    ``torch.nn.Module`` subclass in the user's module is a module). Values of other modules' types
+    are asked of the JAX adapter when JAX is already imported: a ``flax.struct`` dataclass or an
+    optax state is declared in the user's module.
     """
-    root = type(value).__module__.partition(".")[0]
-    name = _FRAMEWORK_ADAPTERS.get(root)
+    kind = type(value)
+    name = _type_framework(kind)
     if name is not None:
         return importlib.import_module(name)
+    root = kind.__module__.partition(".")[0]
     if "jax" in sys.modules and root not in ("builtins", "numpy", "collections", "asyncckpt"):
         jax_adapter = importlib.import_module(_FRAMEWORK_ADAPTERS["jax"])
         if jax_adapter.is_registered_node(value):
             return jax_adapter
     return None
+
+
+#: type -> the adapter module name of the framework it or a base class comes from (memoised).
+_TYPE_FRAMEWORKS: dict[type, str | None] = {}
+
+
+def _type_framework(kind: type) -> str | None:
+    try:
+        return _TYPE_FRAMEWORKS[kind]
+    except KeyError:
+        pass
+    found = None
+    for base in kind.__mro__[:-1]:  # the type itself first, then its bases (object last, skipped)
+        found = _FRAMEWORK_ADAPTERS.get(getattr(base, "__module__", "").partition(".")[0])
+        if found is not None:
+            break
+    _TYPE_FRAMEWORKS[kind] = found
+    return found
 
 
 def is_namedtuple(value: Any) -> bool:
@@ -211,13 +233,38 @@ def destination(leaf: Any, spec: Any) -> Any:
     return _array_framework(leaf).destination(leaf, spec)
 
 
-def restored_leaf(value: Any, like: Any) -> Any:
-    """The restored leaf for host array ``value`` where the live state had ``like`` (or nothing)."""
+def restored_leaf(value: Any, like: Any, *, into: bool = False) -> Any:
+    """The restored leaf for host array ``value`` where the live state had ``like`` (or nothing).
+
+    With ``into`` a mutable live leaf (a torch tensor, a writable NumPy array) takes the value in
+    place and is returned; otherwise the leaf is a new array placed like ``like``.
+    """
     if like is None or isinstance(like, np.ndarray):
         if like is not None and value is not like:
             check_alike(value, like)
+            if into and like.flags.writeable and type(like) is np.ndarray:
+                np.copyto(like, value)
+                return like
         return value
-    return _array_framework(like).restored(value, like)
+    return _array_framework(like).restored(value, like, into=into)
+
+
+def mismatch(like: Any, spec: Any) -> str | None:
+    """Why a checkpoint value of ``spec`` cannot restore live leaf ``like`` (dtype, shape), or ``None``.
+
+    Asked before any value is read; a framework that builds new arrays on restore anyway (JAX)
+    answers ``None`` and checks when it builds them.
+    """
+    if isinstance(like, np.ndarray):
+        dtype = like.dtype
+        where = "live array"
+    else:
+        framework = _array_framework(like)
+        describe = getattr(framework, "mismatch", None)
+        return describe(like, spec) if describe is not None else None
+    if np.dtype(spec.dtype) != dtype or tuple(spec.shape) != tuple(like.shape):
+        return f"the checkpoint value is {np.dtype(spec.dtype)}{list(spec.shape)} but the {where} is {dtype}{list(like.shape)}"
+    return None
 
 
 def check_alike(value: Any, like: Any, where: str = "") -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import importlib
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -88,6 +89,16 @@ class PyTree(LeafState):
     def __init__(self, value: Any) -> None:
         self._init_leaf_state()
         self._value = value
+        self._container: tuple[weakref.ref, str] | None = None
+
+    def restores_into(self, container: Any, name: str) -> None:
+        """Have each restore put the restored tree back as element ``name`` of ``container``.
+
+        A tree inside a tracked list or dict stays the user's own value there (the holder is
+        tracked in its place); JAX arrays cannot be restored in place, so the container gets
+        the new tree.
+        """
+        self._container = (weakref.ref(container), name)
 
     @property
     def value(self) -> Any:
@@ -128,7 +139,7 @@ class PyTree(LeafState):
         return dict(flatten(self._value)[0])
 
     def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
-        encoded, live, read_into = self._begin_restore(restored_tensors)
+        encoded, live, read_into, in_place = self._begin_restore(restored_tensors)
         named, rebuild = flatten(self._value)
         saved = typed_json.loads(encoded, lambda ref: ref)
         if not isinstance(saved, dict):
@@ -156,5 +167,11 @@ class PyTree(LeafState):
                 except ValueError as exc:
                     raise ValueError(f"cannot restore leaf {name!r} of {self!r}: {exc}") from None
                 continue
-            new_leaves.append(self._restored_array(stored, restored_tensors, like, read_into))
+            new_leaves.append(self._restored_array(stored, restored_tensors, like, read_into, in_place))
+        before = self._value
+        if len(new_leaves) == len(named) and all(new is old for new, (_, old) in zip(new_leaves, named)):
+            return  # every leaf restored in place (or unchanged): the tree stays the one given
         self._value = rebuild(new_leaves)
+        container = self._container[0]() if self._container is not None else None
+        if container is not None:
+            container._element_restored(self._container[1], before, self._value)

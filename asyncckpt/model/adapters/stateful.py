@@ -6,10 +6,12 @@ counters, the nest's shape) as one typed-JSON attribute, ``STATE_DICT_JSON``. Ar
 saved from their own memory: a torch tensor through a guarded snapshot source, so the values
 written are those of ``save()`` time even when ``optimizer.step()`` runs right after it.
 
-A restore reads each array straight into the live state's array of that name when dtype and
-shape allow (a module's parameters and buffers, an optimizer's existing moments), rebuilds the
-nest from the JSON and hands it to ``load_state_dict``: state that does not exist yet (AdamW's
-moments before its first step) is created by the object itself from the restored arrays.
+A restore rebuilds the nest from the JSON with new arrays and hands it to ``load_state_dict``:
+state that does not exist yet (AdamW's moments before its first step) is created by the object
+itself from the restored arrays, and the object's own checks (an optimizer's parameter groups)
+run before any of its state changes. A checkpoint value whose dtype or shape differs from the
+live array of that name fails the restore before anything is read. (A module's parameters and
+buffers, whose names are checked first, are read straight into; see ``ModuleState``.)
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ class StateDict(LeafState):
     """
 
     STRUCTURE_KEY = STATE_DICT_KEY
+
+    def __new__(cls, obj: Any, **load_options: Any) -> "StateDict":
+        if cls is StateDict:  # a framework's own kind of object gets its framework's adapter
+            framework = leaves.framework_of(obj)
+            special = getattr(framework, "state_dict_class", None)
+            cls = special(obj) if special is not None else cls
+        return super().__new__(cls)
 
     def __init__(self, obj: Any, **load_options: Any) -> None:
         self._init_leaf_state()
@@ -113,10 +122,30 @@ class StateDict(LeafState):
         split_arrays(self._state_dict(), live.__setitem__, flat_names=self._flat_names())
         return live
 
+    def _may_read_in_place(self, saved_arrays: set[str], live: dict[str, Any]) -> bool:
+        return False  # load_state_dict validates only once it has the whole state: nothing live changes before
+
     def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
-        encoded, live, read_into = self._begin_restore(restored_tensors)
+        encoded, live, read_into, in_place = self._begin_restore(restored_tensors)
 
         def value_of(ref: Any) -> Any:
-            return self._restored_array(ref, restored_tensors, live.get(str(ref)), read_into)
+            if self._skips(ref, restored_tensors):
+                return _NOT_RESTORED
+            return self._restored_array(ref, restored_tensors, live.get(str(ref)), read_into, in_place)
 
-        self._load_state_dict(typed_json.loads(encoded, value_of))
+        state = typed_json.loads(encoded, value_of)
+        if isinstance(state, dict):
+            state = type(state)((key, value) for key, value in state.items() if value is not _NOT_RESTORED)
+        self._check_before_load(state)
+        self._load_state_dict(state)
+
+    def _skips(self, ref: Any, restored_tensors: dict[str, Any]) -> bool:
+        """Whether array ``ref`` is left out of the state handed to ``load_state_dict``."""
+        return False
+
+    def _check_before_load(self, state: Any) -> None:
+        """Raise for a state ``load_state_dict`` would take only in part (nothing has changed yet)."""
+
+
+#: A top-level entry of a state left out (not asked for by a non-strict module).
+_NOT_RESTORED = object()

@@ -30,14 +30,14 @@ import torch
 from asyncckpt import _arrays
 from asyncckpt.dtypes import describe_dtype, dtype_from_string
 from asyncckpt._runtime import process_state
-from asyncckpt.model.adapters import leaves
+from asyncckpt.model.adapters import leaves, typed_json
 from asyncckpt.model.adapters.pytree import PyTree
 from asyncckpt.model.adapters.rng import RandomState
 from asyncckpt.model.adapters.stateful import StateDict
 
 __all__ = [
-    "ModuleState", "TensorGuards", "TensorSource", "adapt", "destination", "from_numpy", "host_view", "is_array", "new",
-    "numpy_dtype", "restored", "save_value", "to_numpy_view",
+    "ModuleState", "OptimizerState", "TensorGuards", "TensorSource", "adapt", "destination", "from_numpy", "host_view", "is_array", "mismatch", "new",
+    "numpy_dtype", "restored", "save_value", "state_dict_class", "to_numpy_view",
 ]
 
 #: torch dtypes stored through a same-size carrier (torch cannot export these to NumPy), with the
@@ -97,22 +97,43 @@ def _describe(tensor: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------
 # Saving: guarded sources
 
+#: Tensors of at most this many elements are copied when ``save()`` is called instead of being
+#: guarded: a learning rate, a step count or a loss scale costs less to copy than to watch, and
+#: schedulers change them outside ``optimizer.step()`` (``group["lr"].fill_(...)``).
+SMALL_TENSOR_ELEMENTS = 16
+
+#: How long a save waits for an optimizer step running on another thread before giving up.
+STEP_WAIT_SECONDS = 60.0
+
+
+class _SourceRef(weakref.ref):
+    """A weak reference to a :class:`TensorSource` that remembers which storage it views."""
+
+    __slots__ = ("storage",)
+
 
 class TensorGuards:
     """The process's guards over saved CPU tensors (owned by the process state).
 
-    ``sources`` finds a tensor's :class:`TensorSource` (by ``id`` of the tensor; the source holds
-    the tensor, so the id stays its own); ``bulk`` and ``single`` hold the snapshots' hooks as
-    ``Variable``'s guards do. ``pending`` is false while no hook is registered, which is all the
-    global pre-hooks look at on a step or forward with no save in flight.
+    A source is found by the memory it views (data pointer, shape, strides, dtype), so every
+    tensor over the same bytes -- the parameter, its ``.data``, a ``state_dict()`` entry, a
+    ``detach()`` -- shares one source, and a tensor whose memory was replaced gets a new one (a
+    source never changes what it shows: a write in flight keeps reading the bytes it started on).
+    Hooks are looked up by *storage*: whichever tensor over a storage is about to change, every
+    source over that storage copies what it still owes. ``bulk`` and ``single`` hold the snapshots'
+    hooks as ``Variable``'s guards do; ``pending`` is false while no hook is registered, which is all
+    the global pre-hooks look at on a step or forward with no save in flight.
     """
 
     def __init__(self) -> None:
-        self.sources: weakref.WeakValueDictionary[int, TensorSource] = weakref.WeakValueDictionary()
+        self.sources: weakref.WeakValueDictionary[tuple, TensorSource] = weakref.WeakValueDictionary()
+        self._by_storage: dict[int, tuple[_SourceRef, ...]] = {}
         self.bulk: tuple[tuple[Mapping[int, Any], Callable[[Any], None]], ...] = ()
         self.single: dict[int, list[Callable]] = {}
         self._forward_hook: Any = None  # the global forward pre-hook's handle, while registered
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a collected source's callback may run under it
+        self._steps = threading.Condition(threading.Lock())
+        self.stepping: dict[int, set[int]] = {}  # thread ident -> ids of the optimizers it is stepping
         _install_global_hooks()  # once per process: the guards are made once per process state
 
     @property
@@ -120,13 +141,24 @@ class TensorGuards:
         return bool(self.bulk or self.single)
 
     def source_for(self, tensor: torch.Tensor) -> "TensorSource":
-        source = self.sources.get(id(tensor))
-        if source is None or source.tensor is not tensor:
+        key = _memory_key(tensor)
+        source = self.sources.get(key)
+        if source is None:
             source = TensorSource(tensor)
-            self.sources[id(tensor)] = source
-        else:
-            source.refresh()
+            ref = _SourceRef(source, self._forget)
+            ref.storage = source.storage
+            with self._lock:
+                self.sources[key] = source
+                self._by_storage[ref.storage] = (*self._by_storage.get(ref.storage, ()), ref)
         return source
+
+    def _forget(self, ref: _SourceRef) -> None:
+        with self._lock:
+            left = tuple(other for other in self._by_storage.get(ref.storage, ()) if other is not ref)
+            if left:
+                self._by_storage[ref.storage] = left
+            else:
+                self._by_storage.pop(ref.storage, None)
 
     def add_bulk(self, entry: tuple[Mapping[int, Any], Callable[[Any], None]]) -> None:
         with self._lock:
@@ -152,13 +184,18 @@ class TensorGuards:
         if self._forward_hook is None:
             from torch.nn.modules.module import register_module_forward_pre_hook  # noqa: PLC0415
 
+            _remove_inherited_forward_hooks()
             self._forward_hook = register_module_forward_pre_hook(_on_forward)
 
     def stop_watching_forwards(self) -> None:
         with self._lock:
-            if self._forward_hook is not None and not self.pending:
+            if self.pending:
+                return
+            if self._forward_hook is not None:
                 self._forward_hook.remove()
                 self._forward_hook = None
+            else:  # registered by the process this one was forked from
+                _remove_inherited_forward_hooks()
 
     def remove_single(self, source: "TensorSource", hook: Callable) -> None:
         with self._lock:
@@ -172,47 +209,86 @@ class TensorGuards:
 
     def before_change(self, tensors: Iterable[Any]) -> None:
         """Let pending saves copy what they still need of ``tensors``, which are about to change."""
-        bulk, single, sources = self.bulk, self.single, self.sources
+        bulk, single, by_storage = self.bulk, self.single, self._by_storage
         for tensor in tensors:
-            source = sources.get(id(tensor))
-            if source is None or source.tensor is not tensor:
+            if not tensor.is_cpu:
+                continue  # device tensors are captured at save(), never guarded
+            refs = by_storage.get(tensor.untyped_storage().data_ptr())
+            if refs is None:
                 continue
-            key = id(source)
-            for table, hook in bulk:
-                token = table.get(key)
-                if token is not None:
-                    hook(token)
-            for hook in single.get(key, ()):
-                hook(source)
+            for ref in refs:
+                source = ref()
+                if source is None:
+                    continue
+                key = id(source)
+                for table, hook in bulk:
+                    token = table.get(key)
+                    if token is not None:
+                        hook(token)
+                for hook in single.get(key, ()):
+                    hook(source)
+
+    # ------------------------------------------------------------------ steps on other threads
+    def step_started(self, optimizer: Any) -> None:
+        steps = self.stepping.setdefault(threading.get_ident(), set())
+        steps.add(id(optimizer))
+
+    def step_ended(self, optimizer: Any) -> None:
+        ident = threading.get_ident()
+        with self._steps:
+            steps = self.stepping.get(ident)
+            if steps is not None:
+                steps.discard(id(optimizer))  # a step that raised is forgotten by its next one
+                if not steps:
+                    del self.stepping[ident]
+            self._steps.notify_all()
+
+    def wait_for_other_steps(self) -> None:
+        """Return once no other thread is inside an optimizer step (its tensors are half-updated).
+
+        A save takes its snapshot after this, so a step another thread started before ``save()``
+        finishes first and its hook-less changes do not reach the checkpoint.
+        """
+        if not self.stepping:
+            return
+        me = threading.get_ident()
+        alive = {thread.ident for thread in threading.enumerate()}
+        with self._steps:
+            def others_done() -> bool:
+                return not any(self.stepping.get(ident) for ident in alive if ident != me)
+
+            if not self._steps.wait_for(others_done, timeout=STEP_WAIT_SECONDS):
+                raise RuntimeError(
+                    f"an optimizer step has been running on another thread for {STEP_WAIT_SECONDS:.0f} s; "
+                    "save() waits for steps in flight so that it does not write half-updated tensors"
+                )
 
 
 def _guards() -> TensorGuards:
     return process_state().owned(TensorGuards)
 
 
+def _memory_key(tensor: torch.Tensor) -> tuple:
+    """What identifies the bytes a tensor shows: equal keys, equal bytes (while either is alive)."""
+    if tensor.is_cpu:
+        return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+    return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+
+
 class TensorSource:
-    """A snapshot source over a tensor's own memory (see :mod:`asyncckpt.io.snapshot`).
+    """A snapshot source over one tensor's memory as it is now (see :mod:`asyncckpt.io.snapshot`).
 
     A CPU tensor's bytes are read from a NumPy view of it, guarded by :class:`TensorGuards`; a
-    CUDA tensor is handed to the device capture as it is.
+    CUDA tensor is handed to the device capture as it is. The view is taken once: a tensor whose
+    memory is replaced (``param.data = ...``) gets a new source at the next save.
     """
 
-    __slots__ = ("tensor", "array", "_memory", "__weakref__")
+    __slots__ = ("tensor", "array", "storage", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.array: Any = None
-        self._memory: Any = None
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Take the tensor's current memory (``param.data = ...`` may have replaced it)."""
-        tensor = self.tensor
-        memory = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
-        if memory == self._memory:
-            return  # the same bytes as at the last save: the view still shows them
-        self._memory = memory
-        self.array = to_numpy_view(tensor) if tensor.device.type == "cpu" else tensor.detach()
+        self.tensor = tensor.detach()
+        self.array: Any = to_numpy_view(self.tensor) if tensor.is_cpu else self.tensor
+        self.storage = tensor.untyped_storage().data_ptr()
 
     def _snapshot_array(self) -> Any:
         return self.array
@@ -238,14 +314,19 @@ def _device_capturable(tensor: torch.Tensor) -> bool:
 
 def save_value(tensor: torch.Tensor) -> Any:
     """What a save takes ``tensor``'s bytes from (see the module docstring)."""
+    guards = _guards()
+    if guards.stepping:
+        guards.wait_for_other_steps()
     if tensor.is_cpu and tensor.layout is _STRIDED and not (tensor.is_conj() or tensor.is_neg()):
-        return _guards().source_for(tensor)  # the usual case, in the fewest calls into torch
+        if tensor.numel() <= SMALL_TENSOR_ELEMENTS:
+            return to_numpy_view(tensor)  # a plain array: copied by the save when save() is called
+        return guards.source_for(tensor)  # the usual case, in the fewest calls into torch
     if tensor.layout != torch.strided:
         raise TypeError(f"a {tensor.layout} tensor cannot be saved as it is; convert it with .to_dense() first")
     if tensor.is_conj() or tensor.is_neg():  # a lazy view: its values exist only once resolved (a copy of ours)
         return leaves.FrozenArray(to_numpy_view(tensor.detach().resolve_conj().resolve_neg().cpu()))
     if tensor.device.type == "cpu" or _device_capturable(tensor):
-        return _guards().source_for(tensor)
+        return guards.source_for(tensor)
     if tensor.device.type == "meta":
         raise ValueError(f"a tensor on the meta device ({_describe(tensor)}) has no values to save")
     return leaves.FrozenArray(to_numpy_view(tensor.detach().to("cpu")))  # our own copy: nobody changes it
@@ -253,11 +334,16 @@ def save_value(tensor: torch.Tensor) -> Any:
 
 def _on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     guards = process_state().owned(TensorGuards)
+    guards.step_started(optimizer)
     if not guards.pending:
         return
     tensors = [param for group in optimizer.param_groups for param in group["params"]]
     tensors += [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
     guards.before_change(tensors)
+
+
+def _on_step_end(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    process_state().owned(TensorGuards).step_ended(optimizer)
 
 
 def _on_forward(module: torch.nn.Module, args: Any) -> None:
@@ -268,18 +354,28 @@ def _on_forward(module: torch.nn.Module, args: Any) -> None:
         guards.stop_watching_forwards()
 
 
+def _remove_inherited_forward_hooks() -> None:
+    """Drop forward pre-hooks of ours that a forked child inherited with torch's module state."""
+    from torch.nn.modules import module as modules  # noqa: PLC0415
+
+    registered = getattr(modules, "_global_forward_pre_hooks", {})
+    for key, hook in list(registered.items()):
+        if hook is _on_forward:
+            registered.pop(key, None)
+
+
 def _install_global_hooks() -> None:
-    """Register the step pre-hook once per process (it survives a fork with torch's state)."""
+    """Register the step hooks once per process (they survive a fork with torch's state)."""
     installed = process_state().owned(_StepHook)
     if not installed.done:
         installed.install()
 
 
 class _StepHook:
-    """Whether this process registered the global optimizer-step pre-hook (a forked child inherits it).
+    """Whether this process registered the global optimizer-step hooks (a forked child inherits them).
 
-    It stays registered: PyTorch iterates its step hooks live, so removing one while another
-    thread steps could break that step; one call per step costs nothing measurable.
+    They stay registered: PyTorch iterates its step hooks live, so removing one while another
+    thread steps could break that step; two calls per step cost nothing measurable.
     """
 
     def __init__(self) -> None:
@@ -292,9 +388,13 @@ class _StepHook:
         with self._lock:
             if self.done:
                 return
-            from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: PLC0415
+            from torch.optim.optimizer import (  # noqa: PLC0415
+                register_optimizer_step_post_hook,
+                register_optimizer_step_pre_hook,
+            )
 
             register_optimizer_step_pre_hook(_on_step)
+            register_optimizer_step_post_hook(_on_step_end)
             self.done = True
 
 
@@ -316,8 +416,15 @@ def destination(tensor: torch.Tensor, spec: Any) -> Any:
     return None
 
 
-def restored(value: Any, like: torch.Tensor) -> torch.Tensor:
-    """A tensor like ``like`` (dtype, shape, device) holding host array ``value``."""
+def mismatch(tensor: torch.Tensor, spec: Any) -> str | None:
+    """Why a checkpoint value of ``spec`` cannot restore ``tensor`` (no cast, no reshape), or ``None``."""
+    if numpy_dtype(tensor.dtype) != np.dtype(spec.dtype) or tuple(tensor.shape) != tuple(spec.shape):
+        return f"the checkpoint value is {np.dtype(spec.dtype)}{list(spec.shape)} but the live tensor is {_describe(tensor)}"
+    return None
+
+
+def restored(value: Any, like: torch.Tensor, *, into: bool = False) -> torch.Tensor:
+    """A tensor like ``like`` (dtype, shape, device) holding host array ``value``; ``like`` itself with ``into``."""
     array = np.asarray(value)
     dtype = numpy_dtype(like.dtype)
     if array.dtype != dtype or tuple(array.shape) != tuple(like.shape):
@@ -325,6 +432,12 @@ def restored(value: Any, like: torch.Tensor) -> torch.Tensor:
             f"the checkpoint value is {array.dtype}{list(array.shape)} but the live tensor is {_describe(like)}"
         )
     tensor = new(array)
+    if into and like.device.type != "meta":
+        if like.is_cpu:
+            _guards().before_change([like])
+        with torch.no_grad():
+            like.copy_(tensor)
+        return like
     return tensor if like.device.type == "cpu" else tensor.to(like.device)
 
 
@@ -346,9 +459,12 @@ def new(value: Any) -> torch.Tensor:
 class ModuleState(StateDict):
     """A ``torch.nn.Module``: its parameters and buffers by their own names (``layer1.weight``).
 
-    Saves ``state_dict(keep_vars=True)`` -- the parameters themselves, so the guards know them --
-    and restores by reading into them, then ``load_state_dict`` (which keeps the values read in
-    place, and checks that every key is there unless ``strict=False``).
+    Saves ``state_dict(keep_vars=True)`` -- the parameters themselves. A restore first checks the
+    names: with ``strict`` (the default) the checkpoint must hold exactly the module's keys, and
+    a difference fails the restore before anything changes (``load_state_dict`` itself would
+    copy the matching keys first); with ``strict=False`` only the module's own keys are read and
+    the checkpoint's others stay unused (``assert_consumed`` names them). Values are then read
+    straight into the parameters and buffers, and ``load_state_dict`` gets the result.
     """
 
     def _state_dict(self) -> Any:
@@ -357,6 +473,84 @@ class ModuleState(StateDict):
     def _flat_names(self) -> bool:
         return True
 
+    @property
+    def _strict(self) -> bool:
+        return bool(self._load_options.get("strict", True))
+
+    def _may_read_in_place(self, saved_arrays: set[str], live: dict[str, Any]) -> bool:
+        return not self._strict or saved_arrays == set(live)
+
+    def _wanted_attributes(self, saved: set[str], live: dict[str, Any]) -> set[str]:
+        if self._strict:
+            return saved
+        return {name for name in saved if name in live or name == self.STRUCTURE_KEY}
+
+    def _skips(self, ref: Any, restored_tensors: dict[str, Any]) -> bool:
+        return not self._strict and str(ref) not in restored_tensors
+
+    def _check_before_load(self, state: Any) -> None:
+        if not self._strict or not isinstance(state, dict):
+            return
+        live = list(self._state_dict())
+        missing = [key for key in live if key not in state]
+        unexpected = [key for key in state if key not in set(live)]
+        if missing or unexpected:
+            lines = [f"Error(s) in loading state_dict for {type(self._obj).__name__} (nothing was restored):"]
+            if missing:
+                lines.append("Missing key(s) in state_dict: " + ", ".join(f'"{key}"' for key in missing) + ".")
+            if unexpected:
+                lines.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{key}"' for key in unexpected) + ".")
+            raise RuntimeError("\n\t".join(lines))
+
+
+#: The attribute recording the shapes of an optimizer's parameters, group by group.
+PARAMETER_SHAPES_KEY = "PARAMETER_SHAPES_JSON"
+
+
+class OptimizerState(StateDict):
+    """A ``torch.optim.Optimizer``: its ``state_dict()``, plus the shapes of the parameters it was for.
+
+    ``load_state_dict`` checks only the number of parameters per group; moments restored into an
+    optimizer over differently shaped parameters would fail at the next step (or, broadcast, not
+    fail at all). The recorded shapes let a restore refuse that first, naming the parameter.
+    """
+
+    def _serialize_to_tensors(self) -> dict[str, Any]:
+        tensors = super()._serialize_to_tensors()
+        shapes = [[list(param.shape) for param in group["params"]] for group in self._obj.param_groups]
+        tensors[PARAMETER_SHAPES_KEY] = typed_json.dumps(shapes)
+        return tensors
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
+        encoded = restored_tensors.get(PARAMETER_SHAPES_KEY)
+        if isinstance(encoded, bytes):
+            self._check_shapes(typed_json.loads(encoded, lambda ref: ref))
+        super()._restore_from_tensors(restored_tensors)
+
+    def _check_shapes(self, saved: Any) -> None:
+        groups = self._obj.param_groups
+        if type(saved) is not list or len(saved) != len(groups):
+            return  # load_state_dict names a different number of groups itself
+        for index, (shapes, group) in enumerate(zip(saved, groups)):
+            if type(shapes) is not list or len(shapes) != len(group["params"]):
+                return
+            for position, (shape, param) in enumerate(zip(shapes, group["params"])):
+                if shape != list(param.shape):
+                    self._end_restore()
+                    raise ValueError(
+                        f"cannot restore {self!r}: its state in the checkpoint is for a parameter of shape {shape} "
+                        f"at group {index}, position {position}, but the live parameter there is {list(param.shape)}"
+                    )
+
+
+def state_dict_class(value: Any) -> type[StateDict]:
+    """The :class:`StateDict` kind for a torch object (``StateDict(model)`` is a ``ModuleState``)."""
+    if isinstance(value, torch.nn.Module):
+        return ModuleState
+    if isinstance(value, torch.optim.Optimizer):
+        return OptimizerState
+    return StateDict
+
 
 def adapt(value: Any) -> Any:
     """The trackable for a torch object, or ``None`` when it has no state to checkpoint."""
@@ -364,6 +558,8 @@ def adapt(value: Any) -> Any:
         return ModuleState(value)
     if isinstance(value, torch.Tensor):
         return PyTree(value)
+    if isinstance(value, torch.optim.Optimizer):
+        return OptimizerState(value)
     if isinstance(value, torch.Generator):
         return RandomState(value)
     kind = type(value)

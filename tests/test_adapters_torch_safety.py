@@ -231,3 +231,40 @@ def test_a_forward_hook_left_by_another_process_state_goes_at_the_next_idle_forw
         assert torch_adapter._on_forward not in modules._global_forward_pre_hooks.values()
     finally:
         handle.remove()
+
+
+def test_a_tree_leaf_of_another_kind_is_refused_and_changes_nothing(tmp_path):
+    path = ac.Checkpoint(t={"w": torch.ones(32), "i": 7}).save(tmp_path / "ckpt")
+    live = torch.zeros(32)
+    with pytest.raises(ValueError, match="'i'.*holds a value of type int there but the live tree holds a Tensor"):
+        ac.Checkpoint(t={"w": live, "i": torch.tensor(0)}).restore(path).expect_partial()
+    assert torch.equal(live, torch.zeros(32))
+
+
+def test_named_tuple_leaves_are_named_by_field(tmp_path):
+    from typing import NamedTuple
+
+    class Moments(NamedTuple):
+        mu: object
+        nu: object
+
+    path = ac.Checkpoint(t={"opt": Moments(torch.ones(2), torch.zeros(2))}).save(tmp_path / "ckpt")
+    keys = ac.load_checkpoint(path).get_variable_to_shape_map()
+    assert {"t/.ATTRIBUTES/opt..mu", "t/.ATTRIBUTES/opt..nu"} <= set(keys)
+
+
+@pytest.mark.parametrize(("make", "error"), [
+    (lambda: torch.eye(2).to_sparse(), "to_dense"),
+    (lambda: torch.empty(2, device="meta"), "meta device"),
+])
+def test_variables_refuse_tensors_without_plain_values_by_name(make, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        ac.Variable(make())
+
+
+def test_variables_take_lazy_conjugates_resolved():
+    value = torch.tensor([1 + 1j, 2j], dtype=torch.complex64).conj()
+    assert ac.Variable(value).numpy().tolist() == [1 - 1j, -2j]
+    variable = ac.Variable(np.zeros(2, np.complex64))
+    variable.assign(value)
+    assert variable.numpy().tolist() == [1 - 1j, -2j]

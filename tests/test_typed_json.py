@@ -71,3 +71,23 @@ json_values = st.recursive(
 @given(json_values)
 def test_round_trip_is_exact(value):
     assert repr(round_trip(value)) == repr(value)
+
+
+def test_what_a_save_may_nest_a_restore_reads_keys_included():
+    tree: dict = {}
+    cursor = tree
+    for _ in range(typed_json.MAX_DEPTH - 2):
+        cursor["a"] = {}
+        cursor = cursor["a"]
+    cursor[((((1,),),),)] = 1  # the key's own nesting counts, as decode counts it
+    with pytest.raises(ValueError, match="nested more than 64 levels deep at a.a"):
+        typed_json.dumps(tree)
+    shallow = {"a": {(1, (2,)): [1]}}
+    assert typed_json.loads(typed_json.dumps(shallow), lambda ref: ref) == shallow
+
+
+def test_an_integer_python_cannot_read_back_is_refused_at_save_and_at_restore():
+    with pytest.raises(TypeError, match="integer at x.*4,000 digits"):
+        typed_json.dumps({"x": 10**5000})
+    with pytest.raises(ValueError, match="not typed JSON"):
+        typed_json.loads(b"1" * 5000, lambda ref: ref)

@@ -20,7 +20,7 @@ from asyncckpt.model.adapters import leaves
 from asyncckpt.model.adapters.pytree import PyTree
 from asyncckpt.model.adapters.structure import leaf_name
 
-__all__ = ["adapt", "destination", "flatten", "host_view", "is_array", "is_registered_node", "new", "restored", "restored_key",
+__all__ = ["adapt", "destination", "flatten", "host_view", "is_abstract", "is_array", "is_registered_node", "new", "restored", "restored_key",
            "save_value"]
 
 
@@ -31,6 +31,10 @@ KIND = "jax"
 def is_array(value: Any) -> bool:
     """A ``jax.Array``, or an abstract one (``jax.ShapeDtypeStruct``, as ``jax.eval_shape`` gives) to restore into."""
     return isinstance(value, (jax.Array, jax.ShapeDtypeStruct))
+
+
+def is_abstract(value: Any) -> bool:
+    return isinstance(value, jax.ShapeDtypeStruct)
 
 
 def _is_key(value: Any) -> bool:

@@ -40,6 +40,7 @@ __all__ = [
     "new_leaf",
     "framework_of",
     "holds_framework_arrays",
+    "is_abstract",
     "is_array_leaf",
     "is_namedtuple",
     "mismatch",
@@ -121,6 +122,12 @@ def _array_framework(value: Any) -> ModuleType | None:
 def is_array_leaf(value: Any) -> bool:
     """NumPy arrays and framework arrays (a torch tensor, a ``jax.Array``)."""
     return isinstance(value, np.ndarray) or _array_framework(value) is not None
+
+
+def is_abstract(value: Any) -> bool:
+    """A leaf that only describes an array (``jax.ShapeDtypeStruct``): a restore fills it with what was saved."""
+    framework = _array_framework(value)
+    return framework is not None and bool(getattr(framework, "is_abstract", lambda _: False)(value))
 
 
 def any_in_nest(tree: Any, found: Callable[[Any], bool], depth: int = 0) -> bool:

@@ -4,7 +4,7 @@ The holder never changes the tree it was given; after a restore, :attr:`PyTree.v
 tree of the same structure whose leaves have the given leaves' dtypes, shapes and placement (a
 JAX array on the same devices with the same sharding). Trees are flattened by JAX's own rules
 when JAX is imported (so ``flax.struct`` dataclasses, optax states and other registered nodes are
-nests), else as dicts, lists, tuples and named tuples. Each array leaf is an attribute named by
+nests), else as dicts, lists, tuples and named tuples (by field name, as JAX names them). Each array leaf is an attribute named by
 its path (``params.dense.kernel``); the Python numbers among the leaves and the list of names are
 one typed-JSON attribute, ``PYTREE_JSON``.
 """
@@ -44,11 +44,12 @@ def _flatten_builtin(tree: Any) -> tuple[list[tuple[tuple, Any]], Callable[[list
             parts = [walk(value[key], (*path, key), depth + 1) for key in keys]
             kind = type(value)
             return lambda values: kind((key, part(values)) for key, part in zip(keys, parts))
+        if leaves.is_namedtuple(value):  # by field name, as JAX names them: a tree's names never depend on imports
+            parts = [walk(item, (*path, field), depth + 1) for field, item in zip(value._fields, value)]
+            kind = type(value)
+            return lambda values: kind(*(part(values) for part in parts))
         if isinstance(value, (list, tuple)):
             parts = [walk(item, (*path, index), depth + 1) for index, item in enumerate(value)]
-            if leaves.is_namedtuple(value):
-                kind = type(value)
-                return lambda values: kind(*(part(values) for part in parts))
             kind = list if isinstance(value, list) else tuple
             return lambda values: kind(part(values) for part in parts)
         index = len(found)
@@ -154,8 +155,15 @@ class PyTree(LeafState):
         new_leaves = []
         for name, like in named:
             stored = saved[name]
-            if not isinstance(stored, (typed_json.ArrayRef, typed_json.PrngKeyRef)):
-                new_leaves.append(stored)  # a number, string or None saved in the structure
+            saved_array = isinstance(stored, (typed_json.ArrayRef, typed_json.PrngKeyRef))
+            if saved_array != leaves.is_array_leaf(like) and not (not saved_array and leaves.is_abstract(like)):
+                what = "an array" if saved_array else f"a value of type {type(stored).__name__}"
+                raise ValueError(
+                    f"cannot restore leaf {name!r} of {self!r}: the checkpoint holds {what} there but the live tree "
+                    f"holds a {type(like).__name__}"
+                )
+            if not saved_array:  # a number, string or None saved in the structure (an abstract leaf takes it too)
+                new_leaves.append(stored)
                 continue
             if isinstance(stored, typed_json.PrngKeyRef):
                 value = restored_tensors.get(name)

@@ -33,10 +33,21 @@ def _plain(value: Any) -> Any:
 
 def _arrays_back(value: Any) -> Any:
     if isinstance(value, tuple) and len(value) == 3 and value[0] == "ndarray":
-        return np.asarray(value[2], dtype=np.dtype(value[1]))
+        return np.asarray(value[2], dtype=_number_dtype(value[1]))
     if isinstance(value, dict):
         return {key: _arrays_back(item) for key, item in value.items()}
     return value
+
+
+def _number_dtype(text: Any) -> np.dtype:
+    """The dtype a saved generator array names, when it is a plain number type (the file is untrusted)."""
+    try:
+        dtype = np.dtype(text) if isinstance(text, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "uifb" or dtype.itemsize > 8:
+        raise ValueError(f"a generator state array of dtype {text!r}: expected integers or floats")
+    return dtype
 
 
 class RandomState(PythonState):
@@ -57,7 +68,12 @@ class RandomState(PythonState):
         if not isinstance(document, dict) or document.get("kind") != self._kind:
             saved = document.get("kind") if isinstance(document, dict) else None
             raise ValueError(f"the checkpoint holds the state of a {saved!r} generator, not of a {self._kind!r} one")
-        self._set(_arrays_back(document["state"]))
+        if "state" not in document:
+            raise ValueError(f"the checkpoint's entry for {self!r} holds no generator state")
+        try:
+            self._set(_arrays_back(document["state"]))
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
+            raise ValueError(f"the checkpoint's state for {self!r} is not one the generator takes: {exc}") from None
 
 
 def _torch_bytes(tensor: Any) -> str:

@@ -442,7 +442,13 @@ def restored(value: Any, like: torch.Tensor, *, into: bool = False) -> torch.Ten
 
 
 def host_view(tensor: torch.Tensor) -> Any:
-    """A CPU tensor's memory as NumPy; a device tensor as it is."""
+    """A CPU tensor's memory as NumPy (a lazy conjugate or negation resolved first); a device tensor as it is."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"a {tensor.layout} tensor cannot be stored as it is; convert it with .to_dense() first")
+    if tensor.device.type == "meta":
+        raise ValueError(f"a tensor on the meta device ({_describe(tensor)}) has no values")
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.detach().resolve_conj().resolve_neg()
     return to_numpy_view(tensor) if tensor.device.type == "cpu" else tensor
 
 

@@ -58,25 +58,39 @@ def path_text(path: tuple) -> str:
     return ".".join(str(part) for part in path) or "(the root)"
 
 
-def encode(value: Any, where: tuple = ()) -> Any:
-    """The JSON-ready form of ``value``; ``TypeError`` naming its path ``where`` for anything that is not data."""
+#: Python's own limit on the digits of an integer it reads back from text (``sys.get_int_max_str_digits``).
+_MAX_INT_BITS = 14_000
+
+
+def encode(value: Any, where: tuple = (), depth: int = 0) -> Any:
+    """The JSON-ready form of ``value``; ``TypeError`` naming its path ``where`` for anything that is not data.
+
+    Nesting is counted as :func:`decode` counts it (keys included): what a save writes, a restore reads.
+    """
     kind = type(value)
-    if value is None or kind is str or kind is bool or kind is int:
+    if value is None or kind is str or kind is bool:
         return value
+    if kind is int:
+        if value.bit_length() > _MAX_INT_BITS:
+            raise TypeError(f"cannot store the integer at {path_text(where)}: it has more than 4,000 digits")
+        return value
+    if depth > MAX_DEPTH:
+        raise ValueError(f"the state is nested more than {MAX_DEPTH} levels deep at {path_text(where)}")
     if kind is ArrayRef:
         return {"array": str(value), "kind": value.kind} if value.kind else {"array": str(value)}
     if kind is float:
         return {"float": value.hex()}
     if kind is dict or isinstance(value, Mapping):
-        return {"dict": [[encode(key, (*where, "(a key)")), encode(item, (*where, key))] for key, item in value.items()]}
+        return {"dict": [[encode(key, (*where, "(a key)"), depth + 1), encode(item, (*where, key), depth + 1)]
+                         for key, item in value.items()]}
     if kind is list or kind is tuple or isinstance(value, (list, tuple)):
         name = "tuple" if isinstance(value, tuple) else "list"
-        return {name: [encode(item, (*where, index)) for index, item in enumerate(value)]}
+        return {name: [encode(item, (*where, index), depth + 1) for index, item in enumerate(value)]}
     if kind is PrngKeyRef:
         return {"prng_key": str(value), "impl": value.impl}
     number = _python_number(value)
     if number is not None:
-        return encode(number, where)
+        return encode(number, where, depth)
     raise TypeError(
         f"cannot store a value of type {kind.__module__}.{kind.__qualname__} at {path_text(where)}: "
         "checkpoints hold arrays and plain data (numbers, strings, None, lists, tuples, dicts), never pickled "
@@ -151,7 +165,7 @@ def loads(data: bytes, on_ref: Callable[[Any], Any]) -> Any:
     """The value :func:`dumps` wrote; ``ValueError`` for anything else (never runs code)."""
     try:
         document = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also an integer too long to read
         raise ValueError(f"the structure is not typed JSON: {exc}") from None
     return decode(document, on_ref)
 

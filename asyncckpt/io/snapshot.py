@@ -176,6 +176,30 @@ class _FileState:
         self.open_views: list[list] = []  # [device capture, offset, view, bytes used] held by the batch
 
 
+class _FileStates:
+    """Each data file's :class:`_FileState`, made when the file is first touched.
+
+    A save of 1,000 arrays of a few MiB has 1,000 files; making their states (two locks and a
+    condition each) up front cost ``save()`` 7 ms, while the writer reaches them one by one later.
+    """
+
+    __slots__ = ("_pieces", "_states", "_lock")
+
+    def __init__(self, plan: WritePlan) -> None:
+        self._pieces = [len(file.pieces) for file in plan.files]
+        self._states: list[_FileState | None] = [None] * len(self._pieces)
+        self._lock = threading.Lock()
+
+    def __getitem__(self, index: int) -> _FileState:
+        state = self._states[index]
+        if state is None:
+            with self._lock:
+                state = self._states[index]
+                if state is None:
+                    state = self._states[index] = _FileState(self._pieces[index])
+        return state
+
+
 class WriteAbortedError(RuntimeError):
     """The write owning a snapshot has ended; its file contents can no longer be produced."""
 
@@ -256,7 +280,7 @@ class Snapshot:
         self._budget = budget
         self._loop = loop
         self._layout = layout if layout is not None else GuardLayout(sources, plan)
-        self._files = [_FileState(len(file.pieces)) for file in plan.files]
+        self._files = _FileStates(plan)
         self._remaining = list(self._layout.piece_counts)  # per holder: pieces not yet captured
         self._count_lock = threading.Lock()
         self._views: dict[int, memoryview | None] = {}

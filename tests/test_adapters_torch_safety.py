@@ -268,3 +268,27 @@ def test_variables_take_lazy_conjugates_resolved():
     variable = ac.Variable(np.zeros(2, np.complex64))
     variable.assign(value)
     assert variable.numpy().tolist() == [1 - 1j, -2j]
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.AdamW(params, lr=torch.tensor(0.01)),
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    lambda params: torch.optim.LBFGS(params),
+], ids=["adamw", "sgd", "lbfgs"])
+def test_an_optimizers_usual_state_is_encoded_as_the_general_path_encodes_it(make):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 2))
+    optimizer = make(model.parameters())
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 16)).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+        adapter = torch_adapter.OptimizerState(optimizer)
+        quick = adapter._serialize_to_tensors()
+        general = adapter._serialize_state(optimizer.state_dict())
+        assert quick[torch_adapter.STATE_DICT_KEY] == general[torch_adapter.STATE_DICT_KEY]
+        assert sorted(set(quick) - {torch_adapter.PARAMETER_SHAPES_KEY}) == sorted(general)

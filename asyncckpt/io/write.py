@@ -103,7 +103,9 @@ class PreparedWrite:
         for index in items:
             source = sources[index]
             if source.kind is not SourceKind.HOLDER or getattr(source.value, "_single_use", False):
-                sources[index] = dataclasses.replace(source, value=None)
+                # (not dataclasses.replace: a tenth of its cost, and a save may release 1,000 of them)
+                sources[index] = Source(source.key, source.kind, None, source.dtype, source.shape, source.nbytes,
+                                        source.off_host)
         return dataclasses.replace(self, sources=tuple(sources))
 
     def with_values(self, values: Mapping[int, Any]) -> PreparedWrite:
@@ -116,6 +118,8 @@ class PreparedWrite:
         arrays = set(self.array_items)
         for index, value in values.items():
             old = sources[index]
+            if value is old.value and getattr(type(value), "_fixed_array", False):
+                continue  # the same source over the same array as last time: nothing to inspect again
             new = prepare_source(old.key, value)
             resized = resized or new.nbytes != old.nbytes
             respecified = respecified or new.dtype != old.dtype or new.shape != old.shape
@@ -234,7 +238,9 @@ def start_write(
     if prepared.array_items:  # owned copies are dropped as they are written: give this write its own
         sources = list(sources)
         for index in prepared.array_items:
-            sources[index] = dataclasses.replace(sources[index])
+            source = sources[index]
+            sources[index] = Source(source.key, source.kind, source.value, source.dtype, source.shape, source.nbytes,
+                                    source.off_host)
     runtime = runtime_of(settings)
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)

@@ -78,7 +78,10 @@ class StateDict(LeafState):
 
     # ------------------------------------------------------------------ save
     def _serialize_to_tensors(self) -> dict[str, Any]:
-        state = self._state_dict()
+        return self._serialize_state(self._state_dict())
+
+    def _serialize_state(self, state: Any) -> dict[str, Any]:
+        """The attributes for ``state``: its arrays by name and its structure as typed JSON."""
         flat = self._flat_arrays(state)
         if flat is not None:
             return flat

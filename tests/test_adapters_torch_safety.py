@@ -292,3 +292,18 @@ def test_an_optimizers_usual_state_is_encoded_as_the_general_path_encodes_it(mak
         general = adapter._serialize_state(optimizer.state_dict())
         assert quick[torch_adapter.STATE_DICT_KEY] == general[torch_adapter.STATE_DICT_KEY]
         assert sorted(set(quick) - {torch_adapter.PARAMETER_SHAPES_KEY}) == sorted(general)
+
+
+def test_a_repeat_save_follows_a_parameter_whose_memory_was_replaced_or_changed(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    checkpoint = ac.Checkpoint(model=model, optimizer=optimizer)
+    checkpoint.save(tmp_path / "first")
+    model[0].weight.data = torch.full((16, 16), 9.0)  # new memory, same shape
+    with torch.no_grad():
+        optimizer.state[model[0].weight]["exp_avg"].fill_(3.0)  # same memory, new values
+    reader = ac.load_checkpoint(checkpoint.save(tmp_path / "second"))
+    assert np.all(reader.get_tensor("model/.ATTRIBUTES/0..weight") == 9.0)
+    assert np.all(reader.get_tensor("optimizer/.ATTRIBUTES/state..0..exp_avg") == 3.0)

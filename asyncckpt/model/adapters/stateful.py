@@ -72,6 +72,10 @@ class StateDict(LeafState):
     def _load_state_dict(self, state: Any) -> None:
         self._obj.load_state_dict(state, **self._load_options)
 
+    def _save_value(self, leaf: Any, name: str) -> Any:
+        """What a save takes array ``leaf`` (attribute ``name``) from."""
+        return leaves.save_value(leaf, name)
+
     def _flat_names(self) -> bool:
         """Whether the state's top-level keys are already unique dotted names (a module's are)."""
         return False
@@ -88,7 +92,7 @@ class StateDict(LeafState):
         arrays: dict[str, Any] = {}
 
         def keep(name: str, leaf: Any) -> None:
-            arrays[name] = leaves.save_value(leaf, name)
+            arrays[name] = self._save_value(leaf, name)
 
         structure = split_arrays(state, keep, flat_names=self._flat_names())
         try:
@@ -116,7 +120,7 @@ class StateDict(LeafState):
             self._flat_encoded, self._flat_signature = typed_json.dumps(structure), signature
         arrays = {STATE_DICT_KEY: self._flat_encoded}
         for key, leaf in state.items():
-            arrays[key] = leaves.save_value(leaf, key)
+            arrays[key] = self._save_value(leaf, key)
         return arrays
 
     # ------------------------------------------------------------------ restore

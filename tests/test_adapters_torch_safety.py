@@ -307,3 +307,17 @@ def test_a_repeat_save_follows_a_parameter_whose_memory_was_replaced_or_changed(
     reader = ac.load_checkpoint(checkpoint.save(tmp_path / "second"))
     assert np.all(reader.get_tensor("model/.ATTRIBUTES/0..weight") == 9.0)
     assert np.all(reader.get_tensor("optimizer/.ATTRIBUTES/state..0..exp_avg") == 3.0)
+
+
+def test_a_forward_during_a_save_passes_over_unset_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))  # its bias is registered as None
+    expected = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train():
+        model(torch.randn(2, 16)).sum().backward()
+        optimizer.step()
+
+    path = _held_save(ac.Checkpoint(model=model), tmp_path / "ckpt", train)
+    assert np.array_equal(ac.load_checkpoint(path).get_tensor("model/.ATTRIBUTES/0..weight"), expected.numpy())

@@ -20,6 +20,7 @@ def run_bench(*args: str, script: Path = BENCH) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # a child interpreter importing every peer it finds (torch, TensorStore): 14 s on 2 cores
 def test_tiny_run_reports_every_section(tmp_path):
     workdir = tmp_path / "work"
     report = tmp_path / "report.md"

@@ -213,8 +213,8 @@ class TensorGuards:
         """Let pending saves copy what they still need of ``tensors``, which are about to change."""
         bulk, single, by_storage = self.bulk, self.single, self._by_storage
         for tensor in tensors:
-            if not tensor.is_cpu:
-                continue  # device tensors are captured at save(), never guarded
+            if tensor is None or not tensor.is_cpu:
+                continue  # an unset parameter (bias=False); device tensors are captured at save(), never guarded
             refs = by_storage.get(tensor.untyped_storage().data_ptr())
             if refs is None:
                 continue

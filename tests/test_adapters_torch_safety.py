@@ -321,3 +321,24 @@ def test_a_forward_during_a_save_passes_over_unset_parameters(tmp_path):
 
     path = _held_save(ac.Checkpoint(model=model), tmp_path / "ckpt", train)
     assert np.array_equal(ac.load_checkpoint(path).get_tensor("model/.ATTRIBUTES/0..weight"), expected.numpy())
+
+
+def test_tied_weights_are_saved_once_and_restored_into_the_one_parameter(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(64, 32)
+            self.head = torch.nn.Linear(32, 64, bias=False)
+            self.head.weight = self.emb.weight
+
+    torch.manual_seed(0)
+    source = Tied()
+    path = ac.Checkpoint(model=source).save(tmp_path / "ckpt")
+    keys = [key for key in ac.load_checkpoint(path).get_variable_to_shape_map() if key.startswith("model/")]
+    assert sorted(keys) == ["model/.ATTRIBUTES/STATE_DICT_JSON", "model/.ATTRIBUTES/emb..weight"]
+    torch.manual_seed(1)
+    fresh = Tied()
+    pointer = fresh.emb.weight.data_ptr()
+    ac.Checkpoint(model=fresh).restore(path).assert_consumed()
+    assert fresh.head.weight is fresh.emb.weight and fresh.emb.weight.data_ptr() == pointer  # read in place
+    assert torch.equal(fresh.emb.weight, source.emb.weight)

@@ -104,23 +104,28 @@ class StateDict(LeafState):
     def _flat_arrays(self, state: Any) -> dict[str, Any] | None:
         """The attributes of a flat state of arrays named by their keys (a module's), else ``None``.
 
-        Its structure depends on the keys and the arrays' kinds alone, so it is encoded once and
-        kept while they stay the same: a repeat save of a 2,000-tensor module does no JSON work.
+        Its structure depends on the keys, the arrays' kinds and which keys hold one tensor (tied
+        weights, saved once under the first key) alone, so it is encoded once and kept while they
+        stay the same: a repeat save of a 2,000-tensor module does no JSON work.
         """
         if not self._flat_names() or type(state) not in (dict, collections.OrderedDict):
             return None
         kinds = []
+        first: dict[int, str] = {}  # id of a tensor -> the first key holding it (tied weights)
+        targets = []
         for key, leaf in state.items():
             if type(key) is not str or not key or not leaves.is_array_leaf(leaf):
                 return None
             kinds.append(leaves.kind_of(leaf))
-        signature = (tuple(state), tuple(kinds))
+            targets.append(first.setdefault(id(leaf), key))
+        signature = (tuple(state), tuple(kinds), tuple(targets))
         if self._flat_signature != signature:
-            structure = {key: typed_json.ArrayRef(key, kind) for key, kind in zip(state, kinds)}
+            structure = {key: typed_json.ArrayRef(target, kind) for key, kind, target in zip(state, kinds, targets)}
             self._flat_encoded, self._flat_signature = typed_json.dumps(structure), signature
         arrays = {STATE_DICT_KEY: self._flat_encoded}
-        for key, leaf in state.items():
-            arrays[key] = self._save_value(leaf, key)
+        for (key, leaf), target in zip(state.items(), targets):
+            if target == key:
+                arrays[key] = self._save_value(leaf, key)
         return arrays
 
     # ------------------------------------------------------------------ restore

@@ -342,3 +342,27 @@ def test_tied_weights_are_saved_once_and_restored_into_the_one_parameter(tmp_pat
     ac.Checkpoint(model=fresh).restore(path).assert_consumed()
     assert fresh.head.weight is fresh.emb.weight and fresh.emb.weight.data_ptr() == pointer  # read in place
     assert torch.equal(fresh.emb.weight, source.emb.weight)
+
+
+def test_a_named_tuple_in_a_state_dict_comes_back_as_the_live_states_class(tmp_path):
+    from typing import NamedTuple
+
+    class Window(NamedTuple):
+        start: int
+        scale: float
+
+    class Stateful:
+        def __init__(self, window):
+            self.window, self.weights = window, torch.ones(32)
+
+        def state_dict(self):
+            return {"window": self.window, "weights": self.weights, "history": [Window(0, 0.5)]}
+
+        def load_state_dict(self, state):
+            self.loaded = state
+
+    path = ac.Checkpoint(s=Stateful(Window(3, 2.0))).save(tmp_path / "ckpt")
+    fresh = Stateful(Window(0, 1.0))
+    ac.Checkpoint(s=fresh).restore(path).assert_consumed()
+    assert fresh.loaded["window"] == Window(3, 2.0) and type(fresh.loaded["window"]) is Window
+    assert type(fresh.loaded["history"][0]) is Window

@@ -17,6 +17,7 @@ buffers, whose names are checked first, are read straight into; see ``ModuleStat
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from typing import Any
 
 from asyncckpt.model.adapters import leaves, typed_json
@@ -131,7 +132,9 @@ class StateDict(LeafState):
     # ------------------------------------------------------------------ restore
     def _live_leaf_map(self) -> dict[str, Any]:
         live: dict[str, Any] = {}
-        split_arrays(self._state_dict(), live.__setitem__, flat_names=self._flat_names())
+        state = self._state_dict()
+        split_arrays(state, live.__setitem__, flat_names=self._flat_names())
+        self._live_nest = None if self._flat_names() else state  # kept for this restore only
         return live
 
     def _may_read_in_place(self, saved_arrays: set[str], live: dict[str, Any]) -> bool:
@@ -146,6 +149,9 @@ class StateDict(LeafState):
             return self._restored_array(ref, restored_tensors, live.get(str(ref)), read_into, in_place)
 
         state = typed_json.loads(encoded, value_of)
+        live_nest, self._live_nest = getattr(self, "_live_nest", None), None
+        if live_nest is not None and leaves.any_in_nest(live_nest, leaves.is_namedtuple):
+            state = _shaped_like(state, live_nest)
         if isinstance(state, dict):
             state = type(state)((key, value) for key, value in state.items() if value is not _NOT_RESTORED)
         self._check_before_load(state)
@@ -157,6 +163,23 @@ class StateDict(LeafState):
 
     def _check_before_load(self, state: Any) -> None:
         """Raise for a state ``load_state_dict`` would take only in part (nothing has changed yet)."""
+
+
+def _shaped_like(value: Any, live: Any, depth: int = 0) -> Any:
+    """``value`` with its tuples rebuilt as the named tuples ``live`` holds at the same places.
+
+    Typed JSON names no classes (it never builds one from a file), so a named tuple of a
+    ``state_dict()`` comes back as a tuple; the live state says which class it was.
+    """
+    if depth > typed_json.MAX_DEPTH:
+        return value
+    if type(value) is tuple and leaves.is_namedtuple(live) and len(live) == len(value):
+        return type(live)(*(_shaped_like(item, like, depth + 1) for item, like in zip(value, live)))
+    if type(value) is dict and isinstance(live, Mapping):
+        return {key: _shaped_like(item, live[key], depth + 1) if key in live else item for key, item in value.items()}
+    if type(value) in (list, tuple) and isinstance(live, (list, tuple)) and len(live) == len(value):
+        return type(value)(_shaped_like(item, like, depth + 1) for item, like in zip(value, live))
+    return value
 
 
 #: A top-level entry of a state left out (not asked for by a non-strict module).

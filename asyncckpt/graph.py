@@ -19,7 +19,7 @@ import numpy as np
 from asyncckpt import _arrays
 from asyncckpt.model.autotrackable import AutoTrackable, untracked_names
 from asyncckpt.model.data_structures import DictWrapper, ListWrapper, TrackableDataStructure, TupleWrapper
-from asyncckpt.model.trackable import Trackable, TrackableReference, structure_version
+from asyncckpt.model.trackable import Trackable, TrackableReference, mark_walked, structure_version
 from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable
 
 __all__ = [
@@ -217,6 +217,8 @@ def _serialize(view: GraphView, *, skip_slots: bool = False, known_values: dict 
     while index < len(order):  # breadth first: `order` is the queue
         obj = order[index]
         object_path = path_of[index]
+        if not mark_walked(obj):  # marked before its children are read: a change from now on is counted
+            reuse.cacheable = False
         obj_edges = _children_at(view, obj, object_path)
         if type(obj)._trackable_children is not _DECLARED_CHILDREN:
             reuse.computed_children.append((obj, tuple(obj_edges) if obj is not root else None))
@@ -396,7 +398,9 @@ class GraphCache:
 
     * :func:`~asyncckpt.model.trackable.structure_version` is the one it was built at (every
       ``_track_trackable``, ``_delete_tracking``, container mutation and optimizer slot creation
-      moves it on);
+      of an object some graph walk has reached moves it on; objects no walk has reached yet, such
+      as a ``Checkpoint`` built for a restore between two saves, are in no cached graph and move
+      nothing until they are attached to one that is);
     * the root is the same object, and weakly attached objects are the same (or gone the same);
     * every object whose children are computed rather than declared (list and dict wrappers, user
       overrides of ``_trackable_children``) reports the same children -- they are asked again, so a

@@ -82,7 +82,7 @@ class Optimizer(AutoTrackable):
             slot = Variable(module.zeros(var.shape, dtype=var.dtype), name=f"{var.name}/{slot_name}", trainable=False,
                             device=var.device)  # on the variable's own device, not the current one
         slots[slot_name] = slot
-        structure_changed()
+        structure_changed(self)
         self._restore_slot_variable(slot_name, var, slot)
         return slot
 
@@ -101,7 +101,7 @@ class Optimizer(AutoTrackable):
                 like=variable,
             )
             self._self_slots.setdefault(variable._unique_id, {})[slot_name] = slot
-            structure_changed()
+            structure_changed(self)
         if slot is not None:
             slot_variable_position.restore(slot)
         else:

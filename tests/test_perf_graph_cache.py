@@ -369,3 +369,28 @@ def test_new_write_settings_on_a_cached_graph_still_write_the_fresh_computed_val
     restored = Text()
     ac.Checkpoint(state=restored).restore(path)
     assert restored.text == "second"
+
+
+def test_building_other_objects_between_saves_keeps_the_cached_graph(tmp_path):
+    model, optimizer, notes, checkpoint = _model()
+    checkpoint.write(tmp_path / "first")
+    version = structure_version()
+    # a restore target built between saves (as an evaluation run does): none of it is in the cached graph
+    other = ac.Checkpoint(model=_model()[0], extra=[ac.Variable(np.zeros(2))])
+    other.extra.append(ac.Variable(np.ones(2)))
+    assert structure_version() == version
+    calls = []
+    original = type(model.layers)._trackable_children
+
+    def counting(self):
+        calls.append(self)
+        return original(self)
+
+    type(model.layers)._trackable_children = counting
+    try:
+        checkpoint.write(tmp_path / "second")
+    finally:
+        type(model.layers)._trackable_children = original
+    assert calls == [model.layers]  # the cached graph was reused: no walk
+    model.extra_weights = ac.Variable(np.ones(3))  # a change of a walked object is still seen
+    assert structure_version() != version

@@ -162,12 +162,12 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
         snapshot = self._last_wrapped_list_snapshot
         if len(snapshot) != len(self._storage) or any(a is not b for a, b in zip(snapshot, self._storage)):
             object.__setattr__(self, "_external_modification", True)
-            structure_changed()
+            structure_changed(self)
 
     def _flag_if_trackable(self, *values: Any) -> None:
         if any(isinstance(v, (Trackable, NoDependency)) for v in values):
             object.__setattr__(self, "_non_append_mutation", True)
-            structure_changed()
+            structure_changed(self)
 
     def _retrack_all(self) -> None:
         """Re-derive dependencies from positions after a non-append mutation."""
@@ -175,7 +175,7 @@ class ListWrapper(TrackableDataStructure, collections.abc.MutableSequence, list)
         for index, element in enumerate(self._storage):
             if isinstance(element, Trackable):
                 self._self_dependencies[str(index)] = element
-        structure_changed()
+        structure_changed(self)
 
     def _trackable_children(self) -> dict[str, Trackable]:
         self._check_external_modification()
@@ -393,7 +393,7 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
         stands_for = value if isinstance(value, Trackable) else adapted_element(value)
         if stands_for is not None:
             object.__setattr__(self, "_non_string_key", True)
-            structure_changed()
+            structure_changed(self)
         return original if isinstance(value, adapters.PyTree) and value is not original else value
 
     def _update_snapshot(self) -> None:
@@ -412,7 +412,7 @@ class DictWrapper(TrackableDataStructure, collections.abc.MutableMapping, dict):
             snapshot[k] is not self._storage[k] for k in snapshot
         ):
             object.__setattr__(self, "_external_modification", True)
-            structure_changed()
+            structure_changed(self)
 
     def _trackable_children(self) -> dict[str, Trackable]:
         self._check_external_modification()

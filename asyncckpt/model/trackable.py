@@ -21,7 +21,7 @@ from typing import Any
 
 from asyncckpt._runtime import process_state
 
-__all__ = ["Trackable", "NoDependency", "TrackableReference", "structure_version", "structure_changed"]
+__all__ = ["Trackable", "NoDependency", "TrackableReference", "mark_walked", "structure_version", "structure_changed"]
 
 logger = logging.getLogger("asyncckpt")
 
@@ -30,13 +30,35 @@ def structure_version() -> int:
     return process_state().last_number("structure version")
 
 
-def structure_changed() -> None:
+#: Set on each object a graph walk reaches, before its dependencies are read (see :func:`mark_walked`).
+WALKED = "_self_walked_by_graph"
+
+
+def structure_changed(owner: Any = None) -> None:
     """Record a change of dependencies: cached object graphs are stale from now on.
 
     Each call takes a fresh number from an atomic counter, so a graph cached under a version
-    can never see that version again after a concurrent change.
+    can never see that version again after a concurrent change. ``owner`` is the object whose
+    dependencies changed: one that no graph walk has reached yet (a ``Checkpoint`` being built
+    for a restore, its adapters) is in no cached graph, so its changes move nothing -- the change
+    that attaches it to a walked object does.
     """
+    if owner is not None:
+        try:
+            if not vars(owner).get(WALKED, False):
+                return
+        except TypeError:  # no __dict__: never marked, so count the change
+            pass
     process_state().next_number("structure version")
+
+
+def mark_walked(obj: Any) -> bool:
+    """Mark ``obj`` as reached by a graph walk (before its dependencies are read); False if it cannot be marked."""
+    try:
+        vars(obj)[WALKED] = True
+    except TypeError:
+        return False
+    return True
 
 
 class TrackableReference:
@@ -118,10 +140,10 @@ class Trackable:
                     "name is already declared as a dependency. Names must be unique (or overwrite=True)."
                 )
             self._self_dependencies[name] = trackable  # an existing key keeps its position
-            structure_changed()
+            structure_changed(self)
         elif current is None:
             self._self_dependencies[name] = trackable
-            structure_changed()
+            structure_changed(self)
             self._handle_deferred_dependencies(name, trackable)
         return trackable
 
@@ -134,7 +156,7 @@ class Trackable:
     def _delete_tracking(self, name: str) -> None:
         self._maybe_initialize_trackable()
         if self._self_dependencies.pop(name, None) is not None:
-            structure_changed()
+            structure_changed(self)
 
     # ------------------------------------------------------------------ values
     def _serialize_to_tensors(self) -> dict[str, Any]:

@@ -120,9 +120,8 @@ def test_saves_of_an_unchanged_program_match_uncached_saves_across_training(tmp_
         _same_as_uncached(checkpoint, tmp_path, f"step-{step}", **_objects(model, optimizer, notes, checkpoint))
 
 
-def test_the_cached_stall_does_not_walk_the_graph(tmp_path):
-    model, optimizer, notes, checkpoint = _model()
-    checkpoint.write(tmp_path / "first")
+def _children_asked_by_write(model, checkpoint, path) -> list:
+    """The objects whose children ``checkpoint.write(path)`` asks for (of ``model.layers``' type)."""
     calls = []
     original = type(model.layers)._trackable_children
 
@@ -132,10 +131,17 @@ def test_the_cached_stall_does_not_walk_the_graph(tmp_path):
 
     type(model.layers)._trackable_children = counting
     try:
-        checkpoint.write(tmp_path / "second")
+        checkpoint.write(path)
     finally:
         type(model.layers)._trackable_children = original
-    assert calls == [model.layers]  # only the list is asked again (it can change behind our back)
+    return calls
+
+
+def test_the_cached_stall_does_not_walk_the_graph(tmp_path):
+    model, optimizer, notes, checkpoint = _model()
+    checkpoint.write(tmp_path / "first")
+    # only the list is asked again (it can change behind our back)
+    assert _children_asked_by_write(model, checkpoint, tmp_path / "second") == [model.layers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,18 +385,7 @@ def test_building_other_objects_between_saves_keeps_the_cached_graph(tmp_path):
     other = ac.Checkpoint(model=_model()[0], extra=[ac.Variable(np.zeros(2))])
     other.extra.append(ac.Variable(np.ones(2)))
     assert structure_version() == version
-    calls = []
-    original = type(model.layers)._trackable_children
-
-    def counting(self):
-        calls.append(self)
-        return original(self)
-
-    type(model.layers)._trackable_children = counting
-    try:
-        checkpoint.write(tmp_path / "second")
-    finally:
-        type(model.layers)._trackable_children = original
-    assert calls == [model.layers]  # the cached graph was reused: no walk
+    # the cached graph was reused: no walk
+    assert _children_asked_by_write(model, checkpoint, tmp_path / "second") == [model.layers]
     model.extra_weights = ac.Variable(np.ones(3))  # a change of a walked object is still seen
     assert structure_version() != version

@@ -263,22 +263,21 @@ def mismatch(like: Any, spec: Any) -> str | None:
     answers ``None`` and checks when it builds them.
     """
     if isinstance(like, np.ndarray):
-        dtype = like.dtype
-        where = "live array"
-    else:
-        framework = _array_framework(like)
-        describe = getattr(framework, "mismatch", None)
-        return describe(like, spec) if describe is not None else None
-    if np.dtype(spec.dtype) != dtype or tuple(spec.shape) != tuple(like.shape):
-        return f"the checkpoint value is {np.dtype(spec.dtype)}{list(spec.shape)} but the {where} is {dtype}{list(like.shape)}"
-    return None
+        return _difference(spec, like, "live array")
+    describe = getattr(_array_framework(like), "mismatch", None)
+    return describe(like, spec) if describe is not None else None
 
 
 def check_alike(value: Any, like: Any, where: str = "") -> None:
     """A checkpoint value must have the live leaf's dtype and shape exactly: no cast, no reshape."""
+    problem = _difference(value, like, "live value", where)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _difference(value: Any, like: Any, live: str, where: str = "") -> str | None:
+    """How checkpoint value (or spec) ``value`` differs from ``like`` in dtype or shape, or ``None``."""
     dtype, shape = np.dtype(value.dtype), tuple(value.shape)
-    if dtype != np.dtype(like.dtype) or shape != tuple(like.shape):
-        raise ValueError(
-            f"the checkpoint value{where} is {dtype}{list(shape)} but the live value is "
-            f"{np.dtype(like.dtype)}{list(like.shape)}"
-        )
+    if dtype == np.dtype(like.dtype) and shape == tuple(like.shape):
+        return None
+    return f"the checkpoint value{where} is {dtype}{list(shape)} but the {live} is {np.dtype(like.dtype)}{list(like.shape)}"

@@ -58,6 +58,7 @@ class StateDict(LeafState):
         self._load_options = load_options
         self._flat_signature: tuple | None = None  # keys and kinds of the last flat state saved
         self._flat_encoded = b""
+        self._live_nest: Any = None  # the live state during one restore, when it is a nest (named tuples)
 
     @property
     def wrapped(self) -> Any:
@@ -149,7 +150,7 @@ class StateDict(LeafState):
             return self._restored_array(ref, restored_tensors, live.get(str(ref)), read_into, in_place)
 
         state = typed_json.loads(encoded, value_of)
-        live_nest, self._live_nest = getattr(self, "_live_nest", None), None
+        live_nest, self._live_nest = self._live_nest, None
         if live_nest is not None and leaves.any_in_nest(live_nest, leaves.is_namedtuple):
             state = _shaped_like(state, live_nest)
         if isinstance(state, dict):

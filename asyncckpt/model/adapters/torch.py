@@ -19,7 +19,6 @@ the current stream) when CuPy is installed, and copied to the host at ``save()``
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -429,11 +428,9 @@ def mismatch(tensor: torch.Tensor, spec: Any) -> str | None:
 def restored(value: Any, like: torch.Tensor, *, into: bool = False) -> torch.Tensor:
     """A tensor like ``like`` (dtype, shape, device) holding host array ``value``; ``like`` itself with ``into``."""
     array = np.asarray(value)
-    dtype = numpy_dtype(like.dtype)
-    if array.dtype != dtype or tuple(array.shape) != tuple(like.shape):
-        raise ValueError(
-            f"the checkpoint value is {array.dtype}{list(array.shape)} but the live tensor is {_describe(like)}"
-        )
+    problem = mismatch(like, array)
+    if problem is not None:
+        raise ValueError(problem)
     tensor = new(array)
     if into and like.device.type != "meta":
         if like.is_cpu:
@@ -552,8 +549,9 @@ class ModuleState(_TorchStateDict):
         if not self._strict or not isinstance(state, dict):
             return
         live = list(self._state_dict())
+        known = set(live)
         missing = [key for key in live if key not in state]
-        unexpected = [key for key in state if key not in set(live)]
+        unexpected = [key for key in state if key not in known]
         if missing or unexpected:
             lines = [f"Error(s) in loading state_dict for {type(self._obj).__name__} (nothing was restored):"]
             if missing:
@@ -580,12 +578,10 @@ class OptimizerState(_TorchStateDict):
         self._per_parameter: tuple[tuple, bytes] | None = None  # (signature, encoded) of the last save
         self._attribute_names: dict[tuple[int, str], str] = {}  # (parameter index, entry) -> attribute
 
-    def _serialize_to_tensors(self) -> dict[str, Any]:
-        self._remembered.begin()
-        state = self._state_dict()
+    def _serialize_state(self, state: Any) -> dict[str, Any]:
         tensors = self._usual_optimizer_state(state)
         if tensors is None:
-            tensors = self._serialize_state(state)
+            tensors = super()._serialize_state(state)
         shapes = [[list(param.shape) for param in group["params"]] for group in self._obj.param_groups]
         tensors[PARAMETER_SHAPES_KEY] = typed_json.dumps(shapes)
         return tensors
@@ -621,11 +617,10 @@ class OptimizerState(_TorchStateDict):
                     return None  # anything else: the general path says what it is
         key = tuple(signature)
         if self._per_parameter is None or self._per_parameter[0] != key:
-            structure = {index: {name: typed_json.ArrayRef(leaf_name(("state", index, name)), KIND)
+            structure = {index: {name: typed_json.ArrayRef(names[(index, name)], KIND)
                                  if isinstance(value, torch.Tensor) else value for name, value in entries.items()}
                          for index, entries in state["state"].items()}
-            self._per_parameter = (key, json.dumps(typed_json.encode(structure), separators=(",", ":"),
-                                                   allow_nan=False).encode())
+            self._per_parameter = (key, typed_json.dumps(structure))
 
         def keep(name: str, leaf: Any) -> None:
             arrays[name] = self._save_value(leaf, name)
@@ -671,15 +666,11 @@ def state_dict_class(value: Any) -> type[StateDict]:
 
 def adapt(value: Any) -> Any:
     """The trackable for a torch object, or ``None`` when it has no state to checkpoint."""
-    if isinstance(value, torch.nn.Module):
-        return ModuleState(value)
     if isinstance(value, torch.Tensor):
         return PyTree(value)
-    if isinstance(value, torch.optim.Optimizer):
-        return OptimizerState(value)
     if isinstance(value, torch.Generator):
         return RandomState(value)
     kind = type(value)
     if callable(getattr(kind, "state_dict", None)) and callable(getattr(kind, "load_state_dict", None)):
-        return StateDict(value)  # optimizers, LR schedulers, GradScaler
+        return state_dict_class(value)(value)  # modules, optimizers, LR schedulers, GradScaler
     return None

@@ -50,7 +50,8 @@ from asyncckpt.naming import data_dir_name
 from asyncckpt.io import coordination
 from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
-from asyncckpt.io.snapshot import GuardLayout, Snapshot
+from asyncckpt.io.guard_layout import GuardLayout
+from asyncckpt.io.snapshot import Snapshot
 from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source, prepare_sources
 from asyncckpt.io.staging import ByteBudget
 from asyncckpt.io.storage import Backend, Storage

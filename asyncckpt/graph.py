@@ -421,6 +421,7 @@ class GraphCache:
         self._attached: tuple = ()
         self._reuse: _Reuse | None = None
         self._attachment: Any = None
+        self._released: SerializedGraph | None = None  # the cached graph once its computed values are dropped
         self._finalizer: weakref.finalize | None = None
 
     def attach(self, graph: SerializedGraph, value: Any) -> None:
@@ -446,15 +447,15 @@ class GraphCache:
         ``state_dict`` or the host views of a JAX tree (which would keep XLA from donating them).
         """
         graph, reuse = self._graph, self._reuse
-        if graph is None or reuse is None or not reuse.computed_values:
+        if graph is None or reuse is None or not reuse.computed_values or graph is self._released:
             return
         computed = self.computed_indices()
         entries = tuple((key, None if index in computed else source) for index, (key, source) in enumerate(graph.entries))
-        self._graph = dataclasses.replace(graph, entries=entries)
+        self._graph = self._released = dataclasses.replace(graph, entries=entries)
 
     def clear(self) -> None:
         """Forget the cached graph (and every object it holds)."""
-        self._graph = self._reuse = self._root = self._attachment = None
+        self._graph = self._reuse = self._root = self._attachment = self._released = None
         self._attached = ()
         if self._finalizer is not None:
             self._finalizer.detach()

@@ -366,3 +366,47 @@ def test_a_named_tuple_in_a_state_dict_comes_back_as_the_live_states_class(tmp_p
     ac.Checkpoint(s=fresh).restore(path).assert_consumed()
     assert fresh.loaded["window"] == Window(3, 2.0) and type(fresh.loaded["window"]) is Window
     assert type(fresh.loaded["history"][0]) is Window
+
+
+def test_adams_step_counters_are_saved_as_they_were_at_save(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters())
+    _train(model, optimizer, steps=2)
+    at_save = {index: (entries["step"].clone(), entries["exp_avg"].clone())
+               for index, entries in optimizer.state_dict()["state"].items()}
+    path = _held_save(ac.Checkpoint(optimizer=optimizer), tmp_path / "ckpt", lambda: _train(model, optimizer))
+    assert float(optimizer.state_dict()["state"][0]["step"]) == 5.0
+    fresh = torch.optim.AdamW(Net().parameters())
+    ac.Checkpoint(optimizer=fresh).restore(path).assert_consumed()
+    for index, (step, exp_avg) in at_save.items():
+        assert float(fresh.state_dict()["state"][index]["step"]) == float(step) == 2.0
+        assert torch.equal(fresh.state_dict()["state"][index]["exp_avg"], exp_avg)
+
+
+def test_a_repeat_save_sees_strides_dtypes_and_objects_that_changed_under_the_same_memory(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    model.register_buffer("counts", torch.arange(32, dtype=torch.float32))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    checkpoint = ac.Checkpoint(model=model, optimizer=optimizer)
+    checkpoint.save(tmp_path / "first")
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(16.0).reshape(4, 4))
+        model.weight.t_()  # same memory and size, other strides
+    model.counts.data = model.counts.data.view(torch.int32)  # same memory, another dtype
+    optimizer.state[model.bias]["exp_avg"] = torch.full((4,), 7.0)  # another tensor object
+    optimizer.param_groups[0]["lr"] = 0.5
+    second = checkpoint.save(tmp_path / "second")
+    reader = ac.load_checkpoint(second)
+    assert reader.get_tensor("model/.ATTRIBUTES/weight").tolist() == torch.arange(16.0).reshape(4, 4).t().tolist()
+    counts = reader.get_tensor("model/.ATTRIBUTES/counts")
+    assert counts.dtype == np.int32 and counts.tolist() == torch.arange(32, dtype=torch.float32).view(torch.int32).tolist()
+    assert reader.get_tensor("optimizer/.ATTRIBUTES/state..1..exp_avg").tolist() == [7.0] * 4
+    fresh = torch.nn.Linear(4, 4)
+    fresh.register_buffer("counts", torch.zeros(32, dtype=torch.int32))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    ac.Checkpoint(model=fresh, optimizer=fresh_optimizer).restore(second).assert_consumed()
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.5
+    assert torch.equal(fresh_optimizer.state[fresh.bias]["exp_avg"], torch.full((4,), 7.0))

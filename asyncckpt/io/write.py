@@ -98,15 +98,18 @@ class PreparedWrite:
         later :meth:`with_values` must give those items again. Live holders (variables, tensors)
         stay: they are the same objects next time.
         """
-        if not items:
-            return self
-        sources = list(self.sources)
-        for index in items:
+        held = self.sources
+        holder = SourceKind.HOLDER
+        dropped = [index for index in items
+                   if held[index].kind is not holder or getattr(held[index].value, "_single_use", False)]
+        if not dropped:
+            return self  # live holders only (a module's tensors): nothing to let go of
+        sources = list(held)
+        for index in dropped:
             source = sources[index]
-            if source.kind is not SourceKind.HOLDER or getattr(source.value, "_single_use", False):
-                # (not dataclasses.replace: a tenth of its cost, and a save may release 1,000 of them)
-                sources[index] = Source(source.key, source.kind, None, source.dtype, source.shape, source.nbytes,
-                                        source.off_host)
+            # (not dataclasses.replace: a tenth of its cost, and a save may release 1,000 of them)
+            sources[index] = Source(source.key, source.kind, None, source.dtype, source.shape, source.nbytes,
+                                    source.off_host)
         return dataclasses.replace(self, sources=tuple(sources))
 
     def with_values(self, values: Mapping[int, Any]) -> PreparedWrite:

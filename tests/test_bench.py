@@ -1,6 +1,6 @@
 """The benchmarks run end to end on tiny sizes, report every section and clean up after themselves.
 
-bench.py and bench_torch.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
+bench.py, bench_torch.py and bench_loop.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
 """
 
 from __future__ import annotations
@@ -108,3 +108,15 @@ def test_training_overhead_benchmark_runs_its_loop_on_the_cpu(tmp_path):
     for mode in ("no checkpointing", "asyncckpt every 1 steps", "dcp every 1 steps", "no checkpointing (again)"):
         assert re.search(rf"^\| {re.escape(mode)} \| \d+ \| \d+ \| [\d.]+ m?s \| ", proc.stdout, re.MULTILINE), mode
     assert [p for p in workdir.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.slow  # a child interpreter and a few saves and restores
+def test_event_loop_benchmark_tiny_run_reports_every_operation(tmp_path):
+    report = tmp_path / "loop.md"
+    proc = run_bench("--size-mib", "4", "--arrays", "2", "--repeat", "1", "--dir", str(tmp_path / "work"),
+                     "--output", str(report), script=BENCHMARKS / "bench_loop.py")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = report.read_text()
+    for operation in ("idle", "plain threads: write + fsync", "plain threads: read (cold)", "asyncckpt asave",
+                      "asyncckpt arestore (cold)", "asyncckpt arestore (warm)"):
+        assert re.search(rf"\| {re.escape(operation)}[^|]* \| [0-9.]+ ms \| [0-9.]+ ms \| [0-9]+ ms \|", text), operation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import threading
 
 import pytest
 
-from asyncckpt._runtime import WORKER_THREADS, Runtime, get_runtime
+from asyncckpt._runtime import BACKGROUND_NICE, WORKER_THREADS, Runtime, get_runtime
 
 
 def test_starts_lazily_and_runs_coroutines_on_its_own_thread():
@@ -221,3 +222,29 @@ def test_gc_pause_nests_and_leaves_a_disabled_collector_disabled():
         with pause.paused():
             raise RuntimeError("boom")
     assert gc.isenabled()
+
+
+def _nice_of_this_thread() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values are per thread on Linux only")
+@pytest.mark.parametrize("nice", [BACKGROUND_NICE, 3, 0])
+def test_the_loop_and_worker_threads_run_below_the_programs_own_priority(nice):
+    mine = _nice_of_this_thread()
+    runtime = Runtime(name="niced", nice=nice)
+    try:
+        async def niceness():
+            return _nice_of_this_thread(), await asyncio.to_thread(_nice_of_this_thread)
+
+        loop_nice, worker_nice = runtime.run(niceness())
+        assert loop_nice == worker_nice == min(19, mine + nice)
+        assert _nice_of_this_thread() == mine  # the caller's own thread keeps its priority
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("nice", [-1, 40, 1.5, True])
+def test_a_runtime_refuses_a_nice_increment_it_cannot_apply(nice):
+    with pytest.raises(ValueError, match="nice"):
+        Runtime(nice=nice)

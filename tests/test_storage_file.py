@@ -135,3 +135,25 @@ def test_the_default_storage_and_bounce_buffers_belong_to_the_process_and_a_chil
             os._exit(code)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("sizes", [[10_000], [3000, 5000, 1, 9000], [4096] * 7])
+def test_reads_larger_than_one_call_land_in_place_split_into_bounded_calls(tmp_path, runtime, monkeypatch, sizes):
+    from asyncckpt.io.storage import file as file_module
+
+    calls = []
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset):
+        calls.append(sum(memoryview(buffer).nbytes for buffer in buffers))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(file_module, "READ_CALL_BYTES", 4096)
+    monkeypatch.setattr(file_module.os, "preadv", preadv)
+    data = np.random.default_rng(0).integers(0, 256, sum(sizes) + 100, dtype=np.uint8)
+    (tmp_path / "blob").write_bytes(data.tobytes())
+    backend = runtime.run(FileStorage().open(str(tmp_path)))
+    buffers = [bytearray(size) for size in sizes]
+    assert runtime.run(backend.read_into("blob", 100, buffers))
+    assert b"".join(buffers) == data[100:].tobytes()
+    assert calls and max(calls) <= 4096 and sum(calls) == sum(sizes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +134,9 @@ class ReadSettings:
     Parameters
     ----------
     max_concurrent_reads:
-        Byte-range reads in flight at once.
+        Byte-range reads in flight at once: one per core, 4 to 8 (a read out of the page cache
+        is a copy on a core, and more of them than cores keep the program's own threads waiting
+        for one; a cold read wants a few in flight for the disk's queue).
     coalesce_gap_bytes:
         Extents of one file at most this far apart are fetched by one read.
     max_read_bytes:
@@ -142,7 +145,7 @@ class ReadSettings:
         As in :class:`WriteSettings`.
     """
 
-    max_concurrent_reads: int = 8
+    max_concurrent_reads: int = min(8, max(4, os.cpu_count() or 4))
     coalesce_gap_bytes: int = 1 * MiB
     max_read_bytes: int = 64 * MiB
     storage: Storage | None = None

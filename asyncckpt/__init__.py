@@ -16,10 +16,13 @@ from asyncckpt.checkpoint_management import (
 from asyncckpt.errors import (
     CheckpointError,
     CheckpointTimeoutError,
+    CoordinationError,
     CorruptCheckpointError,
     NotFoundError,
     UnsupportedFormatError,
 )
+from asyncckpt.io.coordinator import Coordinator, InProcessCoordinator
+from asyncckpt.io.torch_coordinator import TorchDistributedCoordinator
 from asyncckpt.io.settings import MultiWorker, ReadSettings, WriteSettings
 from asyncckpt.model.adapters import PyTree, StateDict
 from asyncckpt.model.adapters.rng import RandomState
@@ -38,7 +41,10 @@ __all__ = [
     "CheckpointOptions",
     "CheckpointState",
     "CheckpointTimeoutError",
+    "CoordinationError",
+    "Coordinator",
     "CorruptCheckpointError",
+    "InProcessCoordinator",
     "Module",
     "MultiWorker",
     "NoDependency",
@@ -48,6 +54,7 @@ __all__ = [
     "RandomState",
     "ReadSettings",
     "StateDict",
+    "TorchDistributedCoordinator",
     "Trackable",
     "UnsupportedFormatError",
     "Variable",

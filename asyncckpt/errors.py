@@ -5,6 +5,7 @@ Error tree::
     CheckpointError
     ├── NotFoundError (also FileNotFoundError)      no committed checkpoint at a path
     ├── CheckpointTimeoutError (also TimeoutError)  a multi-worker save waited too long for a worker
+    ├── CoordinationError                           a save of several ranks failed on some rank
     └── CorruptCheckpointError (also ValueError)    manifest, state or data failed validation
         └── UnsupportedFormatError                  another format (TensorFlow's) or an unknown version
 
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "NotFoundError",
     "CheckpointTimeoutError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "UnsupportedFormatError",
 ]
@@ -33,6 +35,14 @@ class NotFoundError(CheckpointError, FileNotFoundError):
 
 class CheckpointTimeoutError(CheckpointError, TimeoutError):
     """A multi-worker save gave up waiting: for a worker's section (chief) or the commit (others)."""
+
+
+class CoordinationError(CheckpointError):
+    """A save of several ranks was not committed because of some rank: every rank's ``sync()`` raises it.
+
+    The message names the rank(s) and what went wrong there (an error in its own part, a save of
+    other values than the chief's, a collective that failed).
+    """
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):

@@ -255,13 +255,15 @@ def manifest_references(backend: Backend, known: dict[str, Any] | None = None):
     return referenced_by
 
 
-async def clean_debris(backend: Backend, *, exclude: str) -> None:
+async def clean_debris(backend: Backend, *, exclude: str | frozenset[str]) -> None:
     """Delete what crashed writes left in the folder; never fails the write that calls it.
 
     A data directory is debris when no writer holds its lock, no manifest in the folder names it
     and no live chief has claimed its section. Temporary manifests, sections and stale lock
     markers go with their data directory; claims go once their chief no longer holds its lock.
+    ``exclude`` names the caller's own data directory (or directories) to leave alone.
     """
+    excluded = frozenset((exclude,)) if isinstance(exclude, str) else exclude
     try:
         names = await backend.list_names()
         groups: dict[tuple[str, str], set[str]] = {}
@@ -291,7 +293,7 @@ async def clean_debris(backend: Backend, *, exclude: str) -> None:
 
         for (stem, nonce), kinds in sorted(groups.items()):
             name = data_dir_name(stem, nonce)
-            if name == exclude:
+            if name in excluded:
                 continue
             own_index = index_name(stem)
             if kinds == {"dir"} and data_dirs_per_stem.get(stem) == 1 and own_index in names:
@@ -327,7 +329,7 @@ async def clean_debris(backend: Backend, *, exclude: str) -> None:
 
         for name, claim in sorted(claims):
             stem, chief = claim.stem, claim.chief_nonce
-            if data_dir_name(stem, chief) != exclude and not await held(backend, data_dir_name(stem, chief)):
+            if data_dir_name(stem, chief) not in excluded and not await held(backend, data_dir_name(stem, chief)):
                 await backend.delete(name)
     except Exception as exc:  # cleanup is best effort: the write itself must not fail for it
         logger.warning("could not clean up after earlier unfinished writes: %s", exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -41,11 +41,22 @@ class MultiWorker:
     timeout_seconds:
         How long the chief waits for the other workers' sections, and a non-chief for the chief's
         commit, before the save fails with :class:`~asyncckpt.errors.CheckpointTimeoutError`.
+    coordinator:
+        An :class:`~asyncckpt.io.coordinator.Coordinator` (``torch.distributed``, in-process) the
+        workers save through: sections and outcomes travel by its collectives, with no section
+        files, claims, cross-host locks or polling. Build it with :meth:`of`. Without one, the
+        workers coordinate through files on the shared filesystem.
     """
 
     index: int
     count: int
     timeout_seconds: float = 600.0
+    coordinator: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, coordinator: Any) -> "MultiWorker":
+        """This process's place in a save through ``coordinator`` (its rank, count and timeout)."""
+        return cls(coordinator.rank, coordinator.count, coordinator.timeout_seconds, coordinator)
 
     def __post_init__(self) -> None:
         if type(self.count) is not int or not 1 <= self.count <= MAX_DATA_DIRS:
@@ -57,6 +68,11 @@ class MultiWorker:
         timeout = self.timeout_seconds
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"MultiWorker.timeout_seconds must be a positive finite number, got {timeout!r}")
+        if self.coordinator is not None and (self.coordinator.rank, self.coordinator.count) != (self.index, self.count):
+            raise ValueError(
+                f"MultiWorker is worker {self.index} of {self.count}, but its coordinator is rank "
+                f"{self.coordinator.rank} of {self.coordinator.count}; use MultiWorker.of(coordinator)"
+            )
 
     @property
     def is_chief(self) -> bool:

@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ from asyncckpt.format import (
 )
 from asyncckpt.naming import data_dir_name
 from asyncckpt.io import coordination
+from asyncckpt.io.coordinated import CoordinatedWrite
 from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
 from asyncckpt.io.guard_layout import GuardLayout
@@ -249,7 +249,10 @@ def start_write(
     handle = WriteHandle(os.fspath(prefix), storage.canonical(prefix))
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
     if team is not None:
-        job.team = coordination.TeamWrite(team, stem, handle.path)
+        if team.worker.coordinator is not None:
+            job.coordinated = CoordinatedWrite(team, stem, handle.path)
+        else:
+            job.team = coordination.TeamWrite(team, stem, handle.path)
         handle._worker = pending_writes().thread_worker.index = team.worker.index
     try:
         job.snapshot.capture_device_values(settings.staging_budget_bytes)
@@ -318,11 +321,35 @@ class _WriteJob:
         self.snapshot_seconds = 0.0
         self._write_span = [float("inf"), 0.0]
         self.team: coordination.TeamWrite | None = None  # set for one worker of a multi-worker save
+        self.coordinated: CoordinatedWrite | None = None  # instead, for one rank of a coordinated save
+
+    async def write_own_part(self, previous: list[WriteHandle], part: dict[str, Any]) -> None:
+        """A coordinated rank's own part: its data directory written, its manifest built (in ``part``).
+
+        ``part`` gets ``backend``, ``data_dir``, ``lock`` and ``manifest`` as each exists, so the
+        caller can clean up after a failure half-way.
+        """
+        if self.snapshot.captures_device_values:
+            await asyncio.to_thread(self.snapshot.start_device_copies)
+        backend = part["backend"] = await self.storage.open(self.folder)
+        await backend.prepare()
+        nonce, part["lock"] = await create_data_dir(backend, self.stem)
+        data_dir = part["data_dir"] = data_dir_name(self.stem, nonce)
+        await self._write_files(backend, data_dir)
+        with gc_paused():
+            part["manifest"] = self._manifest(data_dir)
+        for earlier in previous:
+            await quietly_wait(earlier)
 
     async def run(self, previous: list[WriteHandle], started: float) -> str:
         metrics = self.handle.metrics
         error: BaseException | None = None
         try:
+            if self.coordinated is not None:
+                await self.coordinated.run(self, previous)
+                for callback in self.callbacks:
+                    await asyncio.to_thread(self._call_back, callback)
+                return self.handle.path
             if self.snapshot.captures_device_values:
                 await asyncio.to_thread(self.snapshot.start_device_copies)
             backend = await self.storage.open(self.folder)

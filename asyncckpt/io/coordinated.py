@@ -1,0 +1,137 @@
+"""A save of several ranks through a :class:`~asyncckpt.io.coordinator.Coordinator`.
+
+Per save, every rank: writes its share of the values (the same balanced assignment as the file
+protocol, :func:`~asyncckpt.io.coordination.assign`) into a data directory of its own, then sends
+its section -- or its error -- to the chief in one *gather*. The chief checks every section as
+untrusted input, merges them, checks every byte is there and commits ``P.index``; then it
+*broadcasts* the outcome. Each rank enters both collectives exactly once whatever happened to
+its own part, so no rank waits for one that gave up, and a failure on any rank fails every
+rank's write with a :class:`~asyncckpt.errors.CoordinationError` naming it. A rank whose save
+was not committed deletes its own data directory. No section files, claims, cross-host locks or
+polling: the filesystem sees only data directories and the one atomic commit.
+
+Debris of crashed saves is removed by the chief alone, after a commit, sparing every data
+directory of the save (another rank's live directory never looks like debris to it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from asyncckpt.errors import CoordinationError
+from asyncckpt.format import Manifest, Section, parse_manifest, parse_section
+from asyncckpt.naming import index_name, parse_data_dir_name
+from asyncckpt.io.commit import clean_debris, missing_bytes, publish, referenced_data_dirs
+from asyncckpt.io.coordination import Team, check_section, merge, save_id
+from asyncckpt.io.storage import Backend
+
+__all__ = ["CoordinatedWrite"]
+
+#: How much of a rank's error message travels to the others.
+MAX_ERROR_CHARS = 2000
+
+
+def _error_payload(rank: int, error: BaseException) -> bytes:
+    text = f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]
+    return json.dumps({"rank": rank, "error": text}).encode("utf-8", "surrogatepass")
+
+
+def _describe_error(payload: bytes) -> str | None:
+    """The error a rank reported in ``payload``, or ``None`` for a section."""
+    if not payload.startswith(b'{"rank"'):
+        return None
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return "an unreadable error report"
+    error = document.get("error") if isinstance(document, dict) else None
+    return error if isinstance(error, str) else "an unreadable error report"
+
+
+class CoordinatedWrite:
+    """One rank's part of one coordinated write (the write executor runs it instead of committing alone)."""
+
+    def __init__(self, team: Team, stem: str, path: str) -> None:
+        self.team = team
+        self.coordinator = team.worker.coordinator
+        self.stem = stem
+        self.path = path
+        self.save_id = save_id(stem, team.worker.count, team.spec_items())
+
+    @property
+    def rank(self) -> int:
+        return self.team.worker.index
+
+    async def run(self, job: Any, previous: list) -> None:
+        """Write this rank's share, take part in both collectives, raise unless committed."""
+        part: dict[str, Any] = {}  # what write_own_part got as far as: backend, data_dir, lock, manifest
+        try:
+            await job.write_own_part(previous, part)
+            payload = Section(self.rank, self.team.worker.count, self.save_id, part["data_dir"],
+                              part["manifest"].tensors).to_json()
+        except Exception as exc:  # noqa: BLE001 - reported to the chief, which fails the save everywhere
+            payload = _error_payload(self.rank, exc)
+        backend, data_dir, lock, own = (part.get(name) for name in ("backend", "data_dir", "lock", "manifest"))
+        committed = False
+        try:
+            if self.coordinator.is_chief:
+                try:
+                    gathered = await self.coordinator.gather(payload)
+                except Exception as exc:  # a rank never arrived: the others still hear the outcome
+                    outcome = f"checkpoint {self.path} was not committed: {exc}".encode()
+                    with contextlib.suppress(Exception):
+                        await self.coordinator.abandon(outcome)
+                    raise
+                outcome = await self.coordinator.broadcast(await self._commit(backend, own, gathered))
+            else:
+                await self.coordinator.gather(payload)
+                outcome = await self.coordinator.broadcast(None)
+            committed = outcome == b"ok"
+            if not committed:
+                raise CoordinationError(outcome.decode("utf-8", "replace")[:4 * MAX_ERROR_CHARS])
+        finally:
+            if backend is not None and data_dir is not None:
+                with contextlib.suppress(Exception):
+                    if not committed and data_dir not in await referenced_data_dirs(backend, self.stem):
+                        await backend.delete_tree(data_dir)
+            if lock is not None:
+                with contextlib.suppress(Exception):
+                    await lock.release()
+
+    async def _commit(self, backend: Backend | None, own: Manifest | None, gathered: list[bytes]) -> bytes:
+        """The chief's part: b"ok" once ``P.index`` names every rank's data, else what went wrong."""
+        count = self.team.worker.count
+        failures = [(rank, _describe_error(payload)) for rank, payload in enumerate(gathered)]
+        failures = [(rank, error) for rank, error in failures if error is not None]
+        if failures:
+            described = "; ".join(f"rank {rank}: {error}" for rank, error in failures)
+            return f"checkpoint {self.path} was not committed: {described}".encode()
+        try:
+            sections = []
+            taken = {own.data_dir, *await referenced_data_dirs(backend, self.stem)}
+            for rank in range(1, count):
+                source = f"rank {rank}'s section of {self.path}"
+                section = parse_section(gathered[rank], source=source)
+                if section.save_id != self.save_id or section.count != count:
+                    return (f"checkpoint {self.path} was not committed: rank {rank} saved other values than "
+                            "rank 0 (other keys, dtypes or shapes, or another number of ranks): every rank "
+                            "must save the same objects").encode()
+                parsed = parse_data_dir_name(section.data_dir)
+                check_section(section, source=source, worker=rank, stem=self.stem, expected=self.team.share(rank),
+                              nonce=parsed[1] if parsed is not None else None, taken=taken)
+                taken.add(section.data_dir)
+                sections.append(section)
+            merged = merge(own, sections, self.team.order)
+            parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
+            problem = await missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())
+            if problem is not None:
+                return f"checkpoint {self.path} was not committed: {problem}".encode()
+            nonce = parse_data_dir_name(own.data_dir)[1]
+            await publish(backend, self.stem, nonce, merged)
+        except Exception as exc:  # noqa: BLE001 - every rank hears of it
+            return f"checkpoint {self.path} was not committed: rank 0: {type(exc).__name__}: {exc}".encode()
+        if backend.cleans_debris:
+            await clean_debris(backend, exclude=frozenset(merged.all_data_dirs))
+        return b"ok"

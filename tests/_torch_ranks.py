@@ -74,6 +74,7 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
             outcome = _outcome(lambda: checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker)))
             _record(out, scenario, rank, seconds=time.monotonic() - started, **outcome)
             os._exit(0)  # the group is broken: leave without tearing it down
+    coordinator.close()
     dist.destroy_process_group()
 
 

@@ -47,6 +47,13 @@ class TorchDistributedCoordinator(Coordinator):
         self._chief_global = dist.get_global_rank(self._group, CHIEF) if ranks is not None else CHIEF
         self._lock = threading.Lock()  # one collective at a time, in the order they are asked for
 
+    def close(self) -> None:
+        """Destroy the checkpoint's gloo group (on every rank, before the default group goes)."""
+        with self._lock:
+            if self._group is not None:
+                self._dist.destroy_process_group(self._group)
+                self._group = None
+
     # Each method runs its blocking collectives on a worker thread.
     async def gather(self, payload: bytes) -> list[bytes] | None:
         return await asyncio.to_thread(self._locked, self._gather, bytes(payload))

@@ -22,6 +22,7 @@ from asyncckpt.errors import (
     UnsupportedFormatError,
 )
 from asyncckpt.io.coordinator import Coordinator, InProcessCoordinator
+from asyncckpt.io.jax_coordinator import JaxDistributedCoordinator
 from asyncckpt.io.torch_coordinator import TorchDistributedCoordinator
 from asyncckpt.io.settings import MultiWorker, ReadSettings, WriteSettings
 from asyncckpt.model.adapters import PyTree, StateDict
@@ -45,6 +46,7 @@ __all__ = [
     "Coordinator",
     "CorruptCheckpointError",
     "InProcessCoordinator",
+    "JaxDistributedCoordinator",
     "Module",
     "MultiWorker",
     "NoDependency",

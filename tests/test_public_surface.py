@@ -19,6 +19,7 @@ PUBLIC = {
     "Coordinator",
     "CorruptCheckpointError",
     "InProcessCoordinator",
+    "JaxDistributedCoordinator",
     "Module",
     "MultiWorker",
     "NoDependency",

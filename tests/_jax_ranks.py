@@ -1,0 +1,68 @@
+"""The program every process of a multi-controller JAX test runs (spawned by tests/test_coordinated_jax.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def _record(out: str, scenario: str, rank: int, **fields) -> None:
+    with open(os.path.join(out, f"{scenario}-{rank}.json"), "w", encoding="utf-8") as handle:
+        json.dump(fields, handle)
+
+
+def _outcome(function) -> dict:
+    try:
+        return {"ok": function()}
+    except Exception as exc:  # noqa: BLE001 - the test reads every rank's outcome
+        return {"error": type(exc).__name__, "message": str(exc)}
+
+
+def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: list[str]) -> None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=world, process_id=rank)
+    import asyncckpt as ac  # noqa: PLC0415
+    from asyncckpt.io.storage import FileStorage  # noqa: PLC0415
+    from asyncckpt.testing.storage import FailingStorage  # noqa: PLC0415
+
+    coordinator = ac.JaxDistributedCoordinator(timeout_seconds=5)
+    worker = ac.MultiWorker.of(coordinator)
+    for scenario in scenarios:
+        params = {"dense": {"w": jax.numpy.arange(600.0).reshape(20, 30), "b": jax.numpy.ones(30)},
+                  "scale": np.float32(2.0)}  # the same on every process
+        holder = ac.PyTree(params)
+        checkpoint = ac.Checkpoint(params=holder)
+        prefix = os.path.join(folder, scenario, "ckpt")
+        if scenario == "replicated":
+            def save_and_restore():
+                path = checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker, enable_async=True))
+                checkpoint.sync()
+                fresh = ac.PyTree({"dense": jax.tree_util.tree_map(jax.numpy.zeros_like, params["dense"]),
+                                   "scale": np.float32(0.0)})
+                ac.Checkpoint(params=fresh).restore(path).assert_consumed()
+                same = bool((fresh.value["dense"]["w"] == params["dense"]["w"]).all()) and fresh.value["scale"] == 2.0
+                return {"path": path, "same": same}
+
+            _record(out, scenario, rank, **_outcome(save_and_restore))
+        elif scenario == "rank1_raises":
+            storage = FailingStorage(FileStorage(), fail_on=1) if rank == 1 else None
+            options = ac.CheckpointOptions(multi_worker=worker, write_settings=ac.WriteSettings(storage=storage))
+            _record(out, scenario, rank, **_outcome(lambda: checkpoint.save(prefix, options=options)))
+        elif scenario == "rank1_stays_away":
+            if rank == 1:
+                time.sleep(8)  # alive, but never joins this save: the others must not wait past the timeout
+                _record(out, scenario, rank, ok="stayed away")
+                continue
+            started = time.monotonic()
+            outcome = _outcome(lambda: checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker)))
+            _record(out, scenario, rank, seconds=time.monotonic() - started, **outcome)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6].split(","))

@@ -26,6 +26,8 @@ __all__ = [
     "parse_section_name",
     "claim_name",
     "parse_claim_name",
+    "lock_probe_name",
+    "lock_probe_result_name",
 ]
 
 INDEX_SUFFIX = ".index"
@@ -148,3 +150,13 @@ def parse_claim_name(name: str) -> ClaimName | None:
     """The parts of ``name`` if it is a claim file name, else ``None``."""
     match = _CLAIM_RE.match(name)
     return ClaimName(match["stem"], match["chief"], match["worker"]) if match else None
+
+
+def lock_probe_name(stem: str, save_id: str) -> str:
+    """The marker the chief of a file-coordinated save holds while the others test its lock."""
+    return f"{stem}.index.probe-{save_id[:16]}"
+
+
+def lock_probe_result_name(stem: str, save_id: str, worker: int, excluded: bool) -> str:
+    """Where worker ``worker`` reports whether the chief's lock kept it out (``excluded``)."""
+    return f"{stem}.index.probe-{save_id[:16]}-{worker:05d}-{'held' if excluded else 'free'}"

@@ -26,6 +26,9 @@ from asyncckpt import io as ckio
 from asyncckpt.io import coordination
 from asyncckpt.format import parse_manifest, seal_manifest
 from asyncckpt.naming import index_path
+from asyncckpt.io.storage import FileStorage
+from asyncckpt.io.storage.base import BackendWrapper
+from asyncckpt.testing.storage import WrappingStorage
 
 from _fakes import manifest_editor  # noqa: E402
 
@@ -64,8 +67,9 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert a[key].tobytes() == b[key].tobytes(), key
 
 
-def options(index: int, count: int, timeout: float = 60.0, **kwargs) -> ac.CheckpointOptions:
-    return ac.CheckpointOptions(multi_worker=ac.MultiWorker(index, count, timeout_seconds=timeout), **kwargs)
+def options(index: int, count: int, timeout: float = 60.0, *, check_locks: bool = True, **kwargs) -> ac.CheckpointOptions:
+    worker = ac.MultiWorker(index, count, timeout_seconds=timeout, check_locks=check_locks)
+    return ac.CheckpointOptions(multi_worker=worker, **kwargs)
 
 
 def run_workers(count: int, work) -> list:
@@ -244,7 +248,7 @@ def test_a_missing_worker_fails_the_chief_and_the_next_save_cleans_up(tmp_path):
     previous = build(seed=1)
     previous.write(prefix)  # an earlier checkpoint at the same path
     with pytest.raises(ac.CheckpointTimeoutError, match=r"worker 2 \(.*ckpt\.index\.section-00002-of-00003-<nonce>\)") as raised:
-        run_result = run_workers(2, lambda i: build().write(prefix, options=options(i, 3, timeout=0.5)))
+        run_result = run_workers(2, lambda i: build().write(prefix, options=options(i, 3, timeout=0.5, check_locks=False)))
         raise next(r for r in run_result if isinstance(r, BaseException) and "worker 2 (" in str(r))
     assert "1 of 2 other worker(s)" in str(raised.value)
     # Worker 1 published and gave up waiting for a commit that never came.
@@ -268,7 +272,7 @@ def test_a_missing_worker_fails_the_chief_and_the_next_save_cleans_up(tmp_path):
 def test_a_chief_that_never_commits_leaves_no_checkpoint(tmp_path):
     prefix = str(tmp_path / "ckpt")
     with pytest.raises(ac.CheckpointTimeoutError, match="the chief"):
-        build().write(prefix, options=options(1, 2, timeout=0.3))
+        build().write(prefix, options=options(1, 2, timeout=0.3, check_locks=False))
     assert not ac.checkpoint_exists(prefix)
     assert not any(".section-" in n for n in os.listdir(tmp_path))
 
@@ -291,18 +295,18 @@ def test_a_stale_section_of_an_earlier_save_is_not_merged(tmp_path):
     copier.start()
     # Worker 1 of an earlier save publishes, then gives up: its section is stale from then on.
     with pytest.raises(ac.CheckpointTimeoutError):
-        build().write(prefix, options=options(1, 2, timeout=1.0))
+        build().write(prefix, options=options(1, 2, timeout=1.0, check_locks=False))
     copier.join(HANG_GUARD)
     copied["path"].write_bytes(copied["bytes"])  # as a crash after publishing would have left it
     # Same save identifier (same name, same keys), but its writer no longer holds the data
     # directory: the chief waits past it and commits nothing.
     with pytest.raises(ac.CheckpointTimeoutError, match="worker 1"):
-        build().write(prefix, options=options(0, 2, timeout=0.5))
+        build().write(prefix, options=options(0, 2, timeout=0.5, check_locks=False))
     assert not ac.checkpoint_exists(prefix)
     # A section of another save (other keys) is not taken for this one either, even while live.
     other = ac.Checkpoint(v=ac.Variable(np.ones(3)))
     results = run_workers(2, lambda i: (other if i == 1 else build()).write(
-        prefix, options=options(i, 2, timeout=0.5)))
+        prefix, options=options(i, 2, timeout=0.5, check_locks=False)))
     assert all(isinstance(r, ac.CheckpointTimeoutError) for r in results), results
     assert not ac.checkpoint_exists(prefix)
     # And a proper save afterwards cleans it all up.
@@ -410,7 +414,7 @@ def test_a_hostile_section_is_refused_by_the_chief(tmp_path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(ac.CorruptCheckpointError, match="not a data directory of checkpoint 'ckpt'"):
-            build().write(prefix, options=options(0, 2, timeout=HANG_GUARD))
+            build().write(prefix, options=options(0, 2, timeout=HANG_GUARD, check_locks=False))
     finally:
         os.close(fd)
     assert not ac.checkpoint_exists(prefix)
@@ -554,3 +558,44 @@ def test_a_worker_killed_after_its_section_was_claimed_still_lands_in_the_checkp
     prefix = str(tmp_path / "p")
     reader = ckio.open_reader(prefix)
     assert reader.verify().tensors == 3 and len(reader.data_dirs) == 3
+
+
+class _LocksThatDoNotExclude(WrappingStorage):
+    """Locks that every worker gets, as on NFS mounted with ``nolock``: each host sees only its own."""
+
+    def __init__(self) -> None:
+        super().__init__(FileStorage(), self._wrap)
+
+    @staticmethod
+    def _wrap(backend):
+        class Local(BackendWrapper):
+            async def try_lock(self, name):
+                taken = await super().try_lock(name)
+                return taken if taken is not None else _NoLock()
+
+        return Local(backend)
+
+
+class _NoLock:
+    async def release(self) -> None:
+        pass
+
+
+def test_locks_that_do_not_exclude_across_workers_fail_every_save_at_once_saying_so(tmp_path):
+    prefix = str(tmp_path / "ckpt")
+    storage = _LocksThatDoNotExclude()
+    started = time.monotonic()
+    results = run_workers(3, lambda i: build().write(
+        prefix, options=options(i, 3, timeout=HANG_GUARD, write_settings=ac.WriteSettings(storage=storage))))
+    assert time.monotonic() - started < HANG_GUARD / 2  # not after waiting out the timeout
+    for result in results:
+        assert isinstance(result, ac.CheckpointError) and "do not exclude across the workers" in str(result), result
+        assert "MultiWorker.of(TorchDistributedCoordinator())" in str(result)
+    assert not ac.checkpoint_exists(prefix)
+    assert not [name for name in os.listdir(tmp_path) if ".probe-" in name]
+
+
+def test_a_save_whose_locks_exclude_leaves_no_probe_behind(tmp_path):
+    prefix = str(tmp_path / "ckpt")
+    assert run_workers(2, lambda i: build().write(prefix, options=options(i, 2))) == [prefix] * 2
+    assert not [name for name in os.listdir(tmp_path) if ".probe-" in name]

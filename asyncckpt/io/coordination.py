@@ -21,12 +21,13 @@ import contextlib
 import hashlib
 import heapq
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from asyncckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
+from asyncckpt.errors import CheckpointError, CheckpointTimeoutError, CorruptCheckpointError
 from asyncckpt.format import (
     Extent,
     Manifest,
@@ -40,6 +41,8 @@ from asyncckpt.naming import (
     data_dir_name,
     index_name,
     index_tmp_name,
+    lock_probe_name,
+    lock_probe_result_name,
     parse_data_dir_name,
     parse_section_name,
     section_name,
@@ -220,6 +223,7 @@ class TeamWrite:
         self.path = path
         self.save_id = ""
         self.claims: list[str] = []  # sections this chief renamed to its own claim names
+        self._probe_lock = None  # the chief's probe lock, if this worker got it (locks do not exclude)
 
     @property
     def is_chief(self) -> bool:
@@ -229,6 +233,90 @@ class TeamWrite:
         """Fix this save's identifier (after this process's previous write to the path ended)."""
         self.save_id = save_id(self.stem, self.team.worker.count, self.team.spec_items(),
                                await index_token(backend, self.stem))
+
+    async def check_locks(self, backend: Backend) -> None:
+        """Fail fast unless the folder's locks exclude across the workers (every save; a few small files).
+
+        The protocol tells a live worker's section from a crashed one's by its data directory's
+        lock. Where ``flock`` is local to each host (NFS ``nolock``, Lustre ``localflock``, FUSE
+        mounts of object stores) a live worker's lock looks free to the chief: every save would
+        wait out its timeout, and cleanup would take live directories for debris. So the chief
+        holds a probe marker's lock and every other worker tries to take it; one that can reports
+        so, and every worker's save fails with an error that says what to do instead.
+        """
+        if not self.team.worker.check_locks:
+            return
+        worker = self.team.worker
+        probe = lock_probe_name(self.stem, self.save_id)
+        if self.is_chief:
+            free = await self._hold_probe(backend, probe)
+        else:
+            free = await self._test_probe(backend, probe)
+        if free:
+            raise CheckpointError(
+                f"checkpoint {self.path} was not saved: a lock the chief holds in {backend.describe('')} did not "
+                f"keep worker(s) {', '.join(map(str, free))} of {worker.count} out, so this filesystem's locks do not "
+                "exclude across the workers (NFS mounted with nolock, Lustre localflock, a FUSE mount of an object "
+                "store). Save through a coordinator instead: MultiWorker.of(TorchDistributedCoordinator()) or "
+                "MultiWorker.of(JaxDistributedCoordinator())"
+            )
+
+    async def _hold_probe(self, backend: Backend, probe: str) -> list[int]:
+        """The chief's side: hold ``probe`` until every other worker reported; the workers that got in."""
+        count = self.team.worker.count
+        lock = await backend.lock_new(probe)
+        if lock is None:
+            raise CheckpointError(f"could not create the lock probe {backend.describe(probe)}")
+        results: dict[int, bool] = {}
+        try:
+            async def reported() -> bool | None:
+                for worker in range(1, count):
+                    for excluded in (True, False):
+                        if worker not in results and await read_index(
+                                backend, lock_probe_result_name(self.stem, self.save_id, worker, excluded)) is not None:
+                            results[worker] = excluded
+                # (all of them, even after one got in: the marker stays until every worker has tested it)
+                return True if len(results) == count - 1 else None
+
+            if await poll(reported, self.team.worker.timeout_seconds) is None:
+                missing = [worker for worker in range(1, count) if worker not in results]
+                raise CheckpointTimeoutError(
+                    f"checkpoint {self.path} was not committed: after {self.team.worker.timeout_seconds:g} s worker(s) "
+                    f"{', '.join(map(str, missing))} of {count} had not tested the folder's locks"
+                )
+        finally:
+            for worker, excluded in results.items():
+                with contextlib.suppress(Exception):
+                    await backend.delete(lock_probe_result_name(self.stem, self.save_id, worker, excluded))
+            with contextlib.suppress(Exception):
+                await lock.release()
+        return sorted(worker for worker, excluded in results.items() if not excluded)
+
+    async def _test_probe(self, backend: Backend, probe: str) -> list[int]:
+        """A non-chief's side: try the chief's probe lock and report; ``[this worker]`` if it got in."""
+        worker = self.team.worker
+
+        async def marked() -> bool | None:
+            return True if probe in await backend.list_names() else None
+
+        if await poll(marked, worker.timeout_seconds) is None:
+            raise CheckpointTimeoutError(
+                f"checkpoint {self.path} was not committed: after {worker.timeout_seconds:g} s the chief (worker 0) "
+                f"had not started the lock probe {backend.describe(probe)}"
+            )
+        lock = await backend.try_lock(probe)
+        excluded = lock is None
+        result = lock_probe_result_name(self.stem, self.save_id, worker.index, excluded)
+        await backend.commit(result, index_tmp_name(self.stem, secrets.token_hex(8)), b"")
+        # (a lock that got in is kept until this save ends: releasing it would remove the chief's marker)
+        self._probe_lock = lock
+        return [] if excluded else [worker.index]
+
+    async def release_probe(self) -> None:
+        lock, self._probe_lock = self._probe_lock, None
+        if lock is not None:
+            with contextlib.suppress(Exception):
+                await lock.release()
 
     async def drop_claims(self, backend: Backend) -> None:
         """Delete the claims: the commit (or its failure) settled them. Before unlocking."""

@@ -46,17 +46,23 @@ class MultiWorker:
         workers save through: sections and outcomes travel by its collectives, with no section
         files, claims, cross-host locks or polling. Build it with :meth:`of`. Without one, the
         workers coordinate through files on the shared filesystem.
+    check_locks:
+        Without a coordinator: whether each save first checks that the chief's lock keeps the
+        other workers out (where ``flock`` is local to each host, every save fails at once with an
+        error that says so, instead of waiting out its timeout). ``False`` skips the check on a
+        filesystem known to lock across hosts.
     """
 
     index: int
     count: int
     timeout_seconds: float = 600.0
     coordinator: Any = field(default=None, compare=False, repr=False)
+    check_locks: bool = True
 
     @classmethod
     def of(cls, coordinator: Any) -> "MultiWorker":
         """This process's place in a save through ``coordinator`` (its rank, count and timeout)."""
-        return cls(coordinator.rank, coordinator.count, coordinator.timeout_seconds, coordinator)
+        return cls(coordinator.rank, coordinator.count, coordinator.timeout_seconds, coordinator=coordinator)
 
     def __post_init__(self) -> None:
         if type(self.count) is not int or not 1 <= self.count <= MAX_DATA_DIRS:

@@ -358,7 +358,7 @@ class _WriteJob:
             data_dir = data_dir_name(self.stem, nonce)
             committed = False
             try:
-                if backend.cleans_debris:
+                if backend.cleans_debris and self.team is None:
                     await clean_debris(backend, exclude=data_dir)
                 await self._write_files(backend, data_dir)
                 with gc_paused():
@@ -368,6 +368,11 @@ class _WriteJob:
                 team = self.team
                 if team is not None:
                     await team.start(backend)
+                    await team.check_locks(backend)
+                    if team.is_chief and backend.cleans_debris:
+                        # Only once the locks are known to exclude: where they do not, a live
+                        # worker's directory would look like debris (its lock free to this host).
+                        await clean_debris(backend, exclude=data_dir)
                 if team is not None and not team.is_chief:
                     # Once published, the section may be merged at any moment: from here on the
                     # data directory is left to the chief's commit or, failing that, to cleanup.
@@ -391,6 +396,7 @@ class _WriteJob:
             finally:
                 if self.team is not None:
                     await self.team.drop_claims(backend)
+                    await self.team.release_probe()
                 with contextlib.suppress(Exception):
                     await lock.release()
             for callback in self.callbacks:

@@ -1,6 +1,6 @@
 """The benchmarks run end to end on tiny sizes, report every section and clean up after themselves.
 
-bench.py, bench_torch.py and bench_loop.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
+bench.py, bench_torch.py, bench_loop.py and bench_dist.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
 """
 
 from __future__ import annotations
@@ -120,3 +120,16 @@ def test_event_loop_benchmark_tiny_run_reports_every_operation(tmp_path):
     for operation in ("idle", "plain threads: write + fsync", "plain threads: read (cold)", "asyncckpt asave",
                       "asyncckpt arestore (cold)", "asyncckpt arestore (warm)"):
         assert re.search(rf"\| {re.escape(operation)}[^|]* \| [0-9.]+ ms \| [0-9.]+ ms \| [0-9]+ ms \|", text), operation
+
+
+@pytest.mark.slow  # two rank processes importing torch
+def test_distributed_benchmark_tiny_run_compares_both_methods(tmp_path):
+    pytest.importorskip("torch.distributed.checkpoint")
+    report = tmp_path / "dist.md"
+    proc = run_bench("--ranks", "2", "--size-mib", "2", "--layers", "2", "--repeat", "1", "--output", str(report),
+                     script=BENCHMARKS / "bench_dist.py")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = report.read_text()
+    for method in ("asyncckpt, TorchDistributedCoordinator, async", "DCP async_save / load"):
+        assert re.search(rf"\| {re.escape(method)} \| [0-9.]+ m?s \| [0-9.]+ m?s \| [0-9.]+ m?s \|", text), text
+    assert "DCP restore / asyncckpt restore:" in text

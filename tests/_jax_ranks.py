@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
-
-def _record(out: str, scenario: str, rank: int, **fields) -> None:
-    with open(os.path.join(out, f"{scenario}-{rank}.json"), "w", encoding="utf-8") as handle:
-        json.dump(fields, handle)
-
-
-def _outcome(function) -> dict:
-    try:
-        return {"ok": function()}
-    except Exception as exc:  # noqa: BLE001 - the test reads every rank's outcome
-        return {"error": type(exc).__name__, "message": str(exc)}
+from _rank_results import outcome, record
 
 
 def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: list[str]) -> None:
@@ -48,19 +37,19 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
                 same = bool((fresh.value["dense"]["w"] == params["dense"]["w"]).all()) and fresh.value["scale"] == 2.0
                 return {"path": path, "same": same}
 
-            _record(out, scenario, rank, **_outcome(save_and_restore))
+            record(out, scenario, rank, **outcome(save_and_restore))
         elif scenario == "rank1_raises":
             storage = FailingStorage(FileStorage(), fail_on=1) if rank == 1 else None
             options = ac.CheckpointOptions(multi_worker=worker, write_settings=ac.WriteSettings(storage=storage))
-            _record(out, scenario, rank, **_outcome(lambda: checkpoint.save(prefix, options=options)))
+            record(out, scenario, rank, **outcome(lambda: checkpoint.save(prefix, options=options)))
         elif scenario == "rank1_stays_away":
             if rank == 1:
                 time.sleep(8)  # alive, but never joins this save: the others must not wait past the timeout
-                _record(out, scenario, rank, ok="stayed away")
+                record(out, scenario, rank, ok="stayed away")
                 continue
             started = time.monotonic()
-            outcome = _outcome(lambda: checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker)))
-            _record(out, scenario, rank, seconds=time.monotonic() - started, **outcome)
+            result = outcome(lambda: checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker)))
+            record(out, scenario, rank, seconds=time.monotonic() - started, **result)
     jax.distributed.shutdown()
 
 

@@ -5,10 +5,11 @@ Each scenario's outcome on each rank goes to ``<out>/<scenario>-<rank>.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+
+from _rank_results import outcome, record
 
 
 def _model(seed: int):
@@ -20,18 +21,6 @@ def _model(seed: int):
     model(torch.randn(4, 32)).sum().backward()
     optimizer.step()
     return model, optimizer
-
-
-def _record(out: str, scenario: str, rank: int, **fields) -> None:
-    with open(os.path.join(out, f"{scenario}-{rank}.json"), "w", encoding="utf-8") as handle:
-        json.dump(fields, handle)
-
-
-def _outcome(function) -> dict:
-    try:
-        return {"ok": function()}
-    except Exception as exc:  # noqa: BLE001 - the test reads every rank's outcome
-        return {"error": type(exc).__name__, "message": str(exc)}
 
 
 def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: list[str]) -> None:
@@ -62,17 +51,17 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
                                                               fresh_model.state_dict().values()))
                 return {"path": path, "same": same}
 
-            _record(out, scenario, rank, **_outcome(save_and_restore))
+            record(out, scenario, rank, **outcome(save_and_restore))
         elif scenario == "rank1_raises":
             storage = FailingStorage(FileStorage(), fail_on=1) if rank == 1 else None
             options = ac.CheckpointOptions(multi_worker=worker, write_settings=ac.WriteSettings(storage=storage))
-            _record(out, scenario, rank, **_outcome(lambda: checkpoint.save(prefix, options=options)))
+            record(out, scenario, rank, **outcome(lambda: checkpoint.save(prefix, options=options)))
         elif scenario == "rank1_exits":
             if rank == 1:
                 os._exit(0)  # a rank that dies before the save
             started = time.monotonic()
-            outcome = _outcome(lambda: checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker)))
-            _record(out, scenario, rank, seconds=time.monotonic() - started, **outcome)
+            result = outcome(lambda: checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker)))
+            record(out, scenario, rank, seconds=time.monotonic() - started, **result)
             os._exit(0)  # the group is broken: leave without tearing it down
     coordinator.close()
     dist.destroy_process_group()

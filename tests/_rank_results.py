@@ -1,0 +1,22 @@
+"""What the rank programs of the multi-process tests (``_torch_ranks.py``, ``_jax_ranks.py``) report.
+
+Each scenario's outcome on each rank goes to ``<out>/<scenario>-<rank>.json`` for the test to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def record(out: str, scenario: str, rank: int, **fields) -> None:
+    with open(os.path.join(out, f"{scenario}-{rank}.json"), "w", encoding="utf-8") as handle:
+        json.dump(fields, handle)
+
+
+def outcome(function) -> dict:
+    """``{"ok": function()}``, or the exception's type and message."""
+    try:
+        return {"ok": function()}
+    except Exception as exc:  # noqa: BLE001 - the test reads every rank's outcome
+        return {"error": type(exc).__name__, "message": str(exc)}

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from _rank_results import outcome, record
+from _rank_results import outcome, record, save_with_a_failing_rank
 
 
 def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: list[str]) -> None:
@@ -16,8 +16,6 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
 
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=world, process_id=rank)
     import asyncckpt as ac  # noqa: PLC0415
-    from asyncckpt.io.storage import FileStorage  # noqa: PLC0415
-    from asyncckpt.testing.storage import FailingStorage  # noqa: PLC0415
 
     coordinator = ac.JaxDistributedCoordinator(timeout_seconds=5)
     worker = ac.MultiWorker.of(coordinator)
@@ -39,9 +37,7 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
 
             record(out, scenario, rank, **outcome(save_and_restore))
         elif scenario == "rank1_raises":
-            storage = FailingStorage(FileStorage(), fail_on=1) if rank == 1 else None
-            options = ac.CheckpointOptions(multi_worker=worker, write_settings=ac.WriteSettings(storage=storage))
-            record(out, scenario, rank, **outcome(lambda: checkpoint.save(prefix, options=options)))
+            record(out, scenario, rank, **save_with_a_failing_rank(checkpoint, prefix, worker))
         elif scenario == "rank1_stays_away":
             if rank == 1:
                 time.sleep(8)  # alive, but never joins this save: the others must not wait past the timeout

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from _rank_results import outcome, record
+from _rank_results import outcome, record, save_with_a_failing_rank
 
 
 def _model(seed: int):
@@ -29,8 +29,6 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
     import torch.distributed as dist  # noqa: PLC0415
 
     import asyncckpt as ac  # noqa: PLC0415
-    from asyncckpt.io.storage import FileStorage  # noqa: PLC0415
-    from asyncckpt.testing.storage import FailingStorage  # noqa: PLC0415
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     coordinator = ac.TorchDistributedCoordinator(timeout_seconds=20)
@@ -53,9 +51,7 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
 
             record(out, scenario, rank, **outcome(save_and_restore))
         elif scenario == "rank1_raises":
-            storage = FailingStorage(FileStorage(), fail_on=1) if rank == 1 else None
-            options = ac.CheckpointOptions(multi_worker=worker, write_settings=ac.WriteSettings(storage=storage))
-            record(out, scenario, rank, **outcome(lambda: checkpoint.save(prefix, options=options)))
+            record(out, scenario, rank, **save_with_a_failing_rank(checkpoint, prefix, worker))
         elif scenario == "rank1_exits":
             if rank == 1:
                 os._exit(0)  # a rank that dies before the save

@@ -24,7 +24,8 @@ def _state(extra: int = 0) -> dict[str, ac.Variable]:
     return values
 
 
-def _save_on_every_rank(path, count, *, state=_state, settings=None, skip=(), timeout=20.0, enable_async=False):
+def _save_on_every_rank(path, count, *, state=_state, settings=None, skip=(), timeout=20.0, enable_async=False,
+                        check_replicas=False):
     """Run rank ``r``'s save on a thread of its own; return each rank's path or exception."""
     coordinators = InProcessCoordinator.group(count, timeout_seconds=timeout)
     outcomes: dict[int, object] = {}
@@ -32,7 +33,8 @@ def _save_on_every_rank(path, count, *, state=_state, settings=None, skip=(), ti
     def rank(coordinator):
         checkpoint = ac.Checkpoint(**state(coordinator.rank))
         write_settings = (settings or {}).get(coordinator.rank) or ac.WriteSettings()
-        options = ac.CheckpointOptions(multi_worker=ac.MultiWorker.of(coordinator), write_settings=write_settings,
+        worker = ac.MultiWorker.of(coordinator, check_replicas=check_replicas)
+        options = ac.CheckpointOptions(multi_worker=worker, write_settings=write_settings,
                                        enable_async=enable_async)
         try:
             saved = checkpoint.save(path, options=options)
@@ -111,3 +113,28 @@ def test_a_multi_worker_place_must_agree_with_its_coordinator():
     with pytest.raises(ValueError, match="coordinator is rank 1 of 2"):
         ac.MultiWorker(0, 2, coordinator=coordinators[1])
     assert ac.MultiWorker.of(coordinators[1]) == ac.MultiWorker(1, 2, 60.0)
+
+
+def _drifted_state(rank: int) -> dict[str, ac.Variable]:
+    """Rank 2's replica of ``layer3`` has drifted (same dtype and shape, other values)."""
+    state = _state()
+    if rank == 2:
+        state["layer3"].assign(state["layer3"].numpy() + 1)
+    return state
+
+
+def test_replicas_that_differ_are_refused_with_check_replicas_naming_rank_and_key(tmp_path):
+    outcomes = _save_on_every_rank(tmp_path / "ckpt", 3, state=_drifted_state, check_replicas=True)
+    for rank in range(3):
+        assert isinstance(outcomes[rank], ac.CoordinationError), outcomes[rank]
+        assert "rank 2 differs from rank 0 at 'layer3/.ATTRIBUTES/VARIABLE_VALUE'" in str(outcomes[rank])
+    assert not (tmp_path / "ckpt-1.index").exists() and _data_dirs(tmp_path) == []
+    # Agreeing replicas pass the check.
+    outcomes = _save_on_every_rank(tmp_path / "ckpt", 3, state=lambda rank: _state(), check_replicas=True)
+    assert set(outcomes.values()) == {str(tmp_path / "ckpt-1")}
+
+
+def test_without_check_replicas_each_key_is_taken_from_the_rank_that_wrote_it(tmp_path):
+    outcomes = _save_on_every_rank(tmp_path / "ckpt", 3, state=_drifted_state)
+    assert set(outcomes.values()) == {str(tmp_path / "ckpt-1")}  # not compared: the default costs nothing
+    ac.load_checkpoint(str(tmp_path / "ckpt-1")).verify()

@@ -18,16 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from typing import Any
+
+import crc32c
+import numpy as np
 
 from asyncckpt.errors import CoordinationError
 from asyncckpt.format import Manifest, Section, parse_manifest, parse_section
 from asyncckpt.naming import index_name, parse_data_dir_name
 from asyncckpt.io.commit import clean_debris, missing_bytes, publish, referenced_data_dirs
 from asyncckpt.io.coordination import Team, check_section, merge, save_id
+from asyncckpt.io.sources import Source, SourceKind
 from asyncckpt.io.storage import Backend
 
-__all__ = ["CoordinatedWrite"]
+__all__ = ["CoordinatedWrite", "replica_checksums"]
+
+#: How many differing keys an error names per rank.
+SHOWN_KEYS = 5
 
 #: How much of a rank's error message travels to the others.
 MAX_ERROR_CHARS = 2000
@@ -36,6 +44,28 @@ MAX_ERROR_CHARS = 2000
 def _error_payload(rank: int, error: BaseException) -> bytes:
     text = f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]
     return json.dumps({"rank": rank, "error": text}).encode("utf-8", "surrogatepass")
+
+
+def replica_checksums(sources: Sequence[Source]) -> list[int | None]:
+    """The CRC-32C of every value this rank saves, taken now (``None`` where the bytes are on a device).
+
+    For ``MultiWorker(check_replicas=True)``: every rank checksums all of its values at ``save()``,
+    not only its share, so the chief can tell replicas that differ (a pass over the whole state).
+    """
+    checksums: list[int | None] = []
+    for source in sources:
+        if source.kind is SourceKind.BYTES:
+            checksums.append(crc32c.crc32c(source.value))
+            continue
+        if source.off_host:
+            checksums.append(None)
+            continue
+        array = np.asarray(source.live_array())
+        if array.dtype.hasobject:
+            checksums.append(crc32c.crc32c(json.dumps([str(item) for item in array.ravel()]).encode()))
+        else:
+            checksums.append(crc32c.crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+    return checksums
 
 
 def _describe_error(payload: bytes) -> str | None:
@@ -53,8 +83,9 @@ def _describe_error(payload: bytes) -> str | None:
 class CoordinatedWrite:
     """One rank's part of one coordinated write (the write executor runs it instead of committing alone)."""
 
-    def __init__(self, team: Team, stem: str, path: str) -> None:
+    def __init__(self, team: Team, stem: str, path: str, checksums: list[int | None] | None = None) -> None:
         self.team = team
+        self.checksums = checksums  # every value's CRC at save(), with check_replicas
         self.coordinator = team.worker.coordinator
         self.stem = stem
         self.path = path
@@ -69,8 +100,10 @@ class CoordinatedWrite:
         part: dict[str, Any] = {}  # what write_own_part got as far as: backend, data_dir, lock, manifest
         try:
             await job.write_own_part(previous, part)
-            payload = Section(self.rank, self.team.worker.count, self.save_id, part["data_dir"],
+            section = Section(self.rank, self.team.worker.count, self.save_id, part["data_dir"],
                               part["manifest"].tensors).to_json()
+            payload = section if self.checksums is None else json.dumps(
+                {"section": section.decode("utf-8", "surrogateescape"), "checksums": self.checksums}).encode()
         except Exception as exc:  # noqa: BLE001 - reported to the chief, which fails the save everywhere
             payload = _error_payload(self.rank, exc)
         backend, data_dir, lock, own = (part.get(name) for name in ("backend", "data_dir", "lock", "manifest"))
@@ -109,6 +142,11 @@ class CoordinatedWrite:
             described = "; ".join(f"rank {rank}: {error}" for rank, error in failures)
             return f"checkpoint {self.path} was not committed: {described}".encode()
         try:
+            if self.checksums is not None:
+                gathered, differing = self._compare_replicas(gathered)
+                if differing:
+                    return (f"checkpoint {self.path} was not committed: ranks hold different values under the same "
+                            f"key (check_replicas): {differing}").encode()
             sections = []
             taken = {own.data_dir, *await referenced_data_dirs(backend, self.stem)}
             for rank in range(1, count):
@@ -135,3 +173,27 @@ class CoordinatedWrite:
         if backend.cleans_debris:
             await clean_debris(backend, exclude=frozenset(merged.all_data_dirs))
         return b"ok"
+
+    def _compare_replicas(self, gathered: list[bytes]) -> tuple[list[bytes], str]:
+        """The sections out of the ranks' envelopes, and which ranks differ from the chief where."""
+        sections, problems = [], []
+        order = self.team.order
+        for rank, payload in enumerate(gathered):
+            try:
+                envelope = json.loads(payload)
+                section = envelope["section"].encode("utf-8", "surrogateescape")
+                checksums = envelope["checksums"]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise CoordinationError(f"rank {rank} sent an unreadable section envelope") from None
+            if type(checksums) is not list or len(checksums) != len(order):
+                problems.append(f"rank {rank} sent {len(checksums) if type(checksums) is list else 'no'} checksums "
+                                f"for {len(order)} values")
+            elif rank:
+                keys = [key for key, mine, theirs in zip(order, self.checksums, checksums)
+                        if mine is not None and theirs is not None and mine != theirs]
+                if keys:
+                    shown = ", ".join(repr(key) for key in keys[:SHOWN_KEYS])
+                    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+                    problems.append(f"rank {rank} differs from rank 0 at {shown}{more}")
+            sections.append(section)
+        return sections, "; ".join(problems)

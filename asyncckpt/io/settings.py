@@ -51,6 +51,11 @@ class MultiWorker:
         other workers out (where ``flock`` is local to each host, every save fails at once with an
         error that says so, instead of waiting out its timeout). ``False`` skips the check on a
         filesystem known to lock across hosts.
+    check_replicas:
+        With a coordinator: every rank checksums all of its values at ``save()`` (not only the
+        share it writes), and the chief refuses the save, naming ranks and keys, where replicas
+        differ -- a pass over the whole state on every rank, so off by default. Values on a
+        device are not compared.
     """
 
     index: int
@@ -58,11 +63,13 @@ class MultiWorker:
     timeout_seconds: float = 600.0
     coordinator: Any = field(default=None, compare=False, repr=False)
     check_locks: bool = True
+    check_replicas: bool = False
 
     @classmethod
-    def of(cls, coordinator: Any) -> "MultiWorker":
+    def of(cls, coordinator: Any, *, check_replicas: bool = False) -> "MultiWorker":
         """This process's place in a save through ``coordinator`` (its rank, count and timeout)."""
-        return cls(coordinator.rank, coordinator.count, coordinator.timeout_seconds, coordinator=coordinator)
+        return cls(coordinator.rank, coordinator.count, coordinator.timeout_seconds, coordinator=coordinator,
+                   check_replicas=check_replicas)
 
     def __post_init__(self) -> None:
         if type(self.count) is not int or not 1 <= self.count <= MAX_DATA_DIRS:

@@ -47,7 +47,7 @@ from asyncckpt.format import (
 )
 from asyncckpt.naming import data_dir_name
 from asyncckpt.io import coordination
-from asyncckpt.io.coordinated import CoordinatedWrite
+from asyncckpt.io.coordinated import CoordinatedWrite, replica_checksums
 from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
 from asyncckpt.io.guard_layout import GuardLayout
@@ -230,7 +230,10 @@ def start_write(
         prepared = prepare_write(entries, object_graph, settings=settings)
     team = None
     worker = settings.multi_worker
+    checksums = None
     if worker is not None and worker.count > 1:
+        if worker.check_replicas and worker.coordinator is not None:
+            checksums = replica_checksums(prepared.sources)  # every value, before the share is taken
         team, prepared = _share_of(prepared, worker)
     callbacks = tuple(on_commit)
     for callback in callbacks:
@@ -250,7 +253,7 @@ def start_write(
     job = _WriteJob(handle, storage, folder, stem, sources, prepared, callbacks, on_stats, settings, runtime.loop)
     if team is not None:
         if team.worker.coordinator is not None:
-            job.coordinated = CoordinatedWrite(team, stem, handle.path)
+            job.coordinated = CoordinatedWrite(team, stem, handle.path, checksums)
         else:
             job.team = coordination.TeamWrite(team, stem, handle.path)
         handle._worker = pending_writes().thread_worker.index = team.worker.index

@@ -6,12 +6,18 @@ The only module besides the torch adapter that imports torch, and only when one 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import itertools
 import threading
+import time
 
 from asyncckpt.errors import CheckpointTimeoutError, CoordinationError
 from asyncckpt.io.coordinator import CHIEF, Coordinator, check_timeout
 
 __all__ = ["TorchDistributedCoordinator"]
+
+#: How long, after a failed barrier, live ranks wait for each other to answer a roll call.
+ROLL_CALL_SECONDS = 5.0
 
 
 
@@ -31,9 +37,9 @@ class TorchDistributedCoordinator(Coordinator):
         How long a collective waits for the slowest rank.
     """
 
-    def __init__(self, ranks: list[int] | None = None, *, timeout_seconds: float = 600.0) -> None:
-        import datetime  # noqa: PLC0415
+    _created = itertools.count()
 
+    def __init__(self, ranks: list[int] | None = None, *, timeout_seconds: float = 600.0) -> None:
         import torch.distributed as dist  # noqa: PLC0415
 
         if not dist.is_available() or not dist.is_initialized():
@@ -46,6 +52,8 @@ class TorchDistributedCoordinator(Coordinator):
         self.count = dist.get_world_size(self._group)
         self._chief_global = dist.get_global_rank(self._group, CHIEF) if ranks is not None else CHIEF
         self._lock = threading.Lock()  # one collective at a time, in the order they are asked for
+        self._name = next(self._created)  # the same on every rank: created in the same order
+        self._failures = 0
 
     def close(self) -> None:
         """Destroy the checkpoint's gloo group (on every rank, before the default group goes)."""
@@ -81,10 +89,37 @@ class TorchDistributedCoordinator(Coordinator):
         try:
             self._dist.monitored_barrier(group=self._group, timeout=self._timeout, wait_all_ranks=True)
         except RuntimeError as exc:
+            absent = self._absent_ranks()
+            named = f"rank(s) {', '.join(map(str, absent))} of {self.count}" if absent else "a rank"
             raise CheckpointTimeoutError(
-                f"rank {self.rank} of {self.count}: not every rank reached the checkpoint's collective within "
+                f"rank {self.rank} of {self.count}: {named} did not reach the checkpoint's collective within "
                 f"{self.timeout_seconds:g} s: {exc}"
             ) from exc
+
+    def _absent_ranks(self) -> list[int]:
+        """After a failed barrier: the ranks that do not answer a roll call in the group's store.
+
+        Gloo reports a rank whose process exited as a closed connection, without its rank; every
+        live rank meets the same failure and answers here, so the silent ones are named.
+        """
+        from torch.distributed import distributed_c10d  # noqa: PLC0415
+
+        self._failures += 1
+        prefix = f"asyncckpt/{self._name}/roll-call/{self._failures}"
+        try:
+            store = distributed_c10d._get_default_store()
+            store.set(f"{prefix}/{self.rank}", "here")
+        except Exception:  # noqa: BLE001 - naming the rank is a courtesy; the save fails either way
+            return []
+        deadline = time.monotonic() + min(ROLL_CALL_SECONDS, self.timeout_seconds)
+        absent = []
+        for rank in range(self.count):
+            left = max(0.001, deadline - time.monotonic())
+            try:
+                store.wait([f"{prefix}/{rank}"], datetime.timedelta(seconds=left))
+            except Exception:  # noqa: BLE001 - the store's timeout error
+                absent.append(rank)
+        return absent
 
     def _tensor(self, payload: bytes):
         import torch  # noqa: PLC0415

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -75,6 +76,19 @@ async def publish(backend: Backend, stem: str, nonce: str, manifest: Manifest, e
             await delete_unreferenced(backend, (old,), index_name(stem), manifest.all_data_dirs)
         except OSError as exc:
             logger.warning("could not delete replaced data directory %s: %s", backend.describe(old), exc)
+
+
+async def discard_uncommitted(backend: Backend | None, stem: str, data_dir: str | None) -> None:
+    """Delete ``data_dir`` of a write that did not commit, unless ``stem.index`` names it after all.
+
+    A commit can fail after its rename (the directory ``fsync``, say): then the index already
+    names the new data, which must stay. Best effort: what is left is debris for a later write.
+    """
+    if backend is None or data_dir is None:
+        return
+    with contextlib.suppress(Exception):
+        if data_dir not in await referenced_data_dirs(backend, stem):
+            await backend.delete_tree(data_dir)
 
 
 async def foreign_index(backend: Backend, name: str) -> str | None:

@@ -27,7 +27,7 @@ import numpy as np
 from asyncckpt.errors import CoordinationError
 from asyncckpt.format import Manifest, Section, parse_manifest, parse_section
 from asyncckpt.naming import index_name, parse_data_dir_name
-from asyncckpt.io.commit import clean_debris, missing_bytes, publish, referenced_data_dirs
+from asyncckpt.io.commit import clean_debris, discard_uncommitted, missing_bytes, publish, referenced_data_dirs
 from asyncckpt.io.coordination import Team, check_section, merge, save_id
 from asyncckpt.io.sources import Source, SourceKind
 from asyncckpt.io.storage import Backend
@@ -44,6 +44,21 @@ MAX_ERROR_CHARS = 2000
 def _error_payload(rank: int, error: BaseException) -> bytes:
     text = f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]
     return json.dumps({"rank": rank, "error": text}).encode("utf-8", "surrogatepass")
+
+
+def _section_payload(section: bytes, checksums: list[int | None] | None) -> bytes:
+    return json.dumps({"section": section.decode("utf-8", "surrogateescape"), "checksums": checksums}).encode()
+
+
+def _unpack(payload: bytes) -> tuple[str | None, bytes, Any]:
+    """``(error, section, checksums)`` of what a rank sent: its error report, or its section envelope."""
+    try:
+        document = json.loads(payload)
+        if "error" in document:
+            return str(document["error"]), b"", None
+        return None, document["section"].encode("utf-8", "surrogateescape"), document["checksums"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "an unreadable report", b"", None
 
 
 def replica_checksums(sources: Sequence[Source]) -> list[int | None]:
@@ -68,18 +83,6 @@ def replica_checksums(sources: Sequence[Source]) -> list[int | None]:
     return checksums
 
 
-def _describe_error(payload: bytes) -> str | None:
-    """The error a rank reported in ``payload``, or ``None`` for a section."""
-    if not payload.startswith(b'{"rank"'):
-        return None
-    try:
-        document = json.loads(payload)
-    except ValueError:
-        return "an unreadable error report"
-    error = document.get("error") if isinstance(document, dict) else None
-    return error if isinstance(error, str) else "an unreadable error report"
-
-
 class CoordinatedWrite:
     """One rank's part of one coordinated write (the write executor runs it instead of committing alone)."""
 
@@ -102,8 +105,7 @@ class CoordinatedWrite:
             await job.write_own_part(previous, part)
             section = Section(self.rank, self.team.worker.count, self.save_id, part["data_dir"],
                               part["manifest"].tensors).to_json()
-            payload = section if self.checksums is None else json.dumps(
-                {"section": section.decode("utf-8", "surrogateescape"), "checksums": self.checksums}).encode()
+            payload = _section_payload(section, self.checksums)
         except Exception as exc:  # noqa: BLE001 - reported to the chief, which fails the save everywhere
             payload = _error_payload(self.rank, exc)
         backend, data_dir, lock, own = (part.get(name) for name in ("backend", "data_dir", "lock", "manifest"))
@@ -125,10 +127,8 @@ class CoordinatedWrite:
             if not committed:
                 raise CoordinationError(outcome.decode("utf-8", "replace")[:4 * MAX_ERROR_CHARS])
         finally:
-            if backend is not None and data_dir is not None:
-                with contextlib.suppress(Exception):
-                    if not committed and data_dir not in await referenced_data_dirs(backend, self.stem):
-                        await backend.delete_tree(data_dir)
+            if not committed:
+                await discard_uncommitted(backend, self.stem, data_dir)
             if lock is not None:
                 with contextlib.suppress(Exception):
                     await lock.release()
@@ -136,14 +136,14 @@ class CoordinatedWrite:
     async def _commit(self, backend: Backend | None, own: Manifest | None, gathered: list[bytes]) -> bytes:
         """The chief's part: b"ok" once ``P.index`` names every rank's data, else what went wrong."""
         count = self.team.worker.count
-        failures = [(rank, _describe_error(payload)) for rank, payload in enumerate(gathered)]
-        failures = [(rank, error) for rank, error in failures if error is not None]
+        reports = [_unpack(payload) for payload in gathered]
+        failures = [(rank, error) for rank, (error, _, _) in enumerate(reports) if error is not None]
         if failures:
             described = "; ".join(f"rank {rank}: {error}" for rank, error in failures)
             return f"checkpoint {self.path} was not committed: {described}".encode()
         try:
             if self.checksums is not None:
-                gathered, differing = self._compare_replicas(gathered)
+                differing = self._differing_replicas([checksums for _, _, checksums in reports])
                 if differing:
                     return (f"checkpoint {self.path} was not committed: ranks hold different values under the same "
                             f"key (check_replicas): {differing}").encode()
@@ -151,7 +151,7 @@ class CoordinatedWrite:
             taken = {own.data_dir, *await referenced_data_dirs(backend, self.stem)}
             for rank in range(1, count):
                 source = f"rank {rank}'s section of {self.path}"
-                section = parse_section(gathered[rank], source=source)
+                section = parse_section(reports[rank][1], source=source)
                 if section.save_id != self.save_id or section.count != count:
                     return (f"checkpoint {self.path} was not committed: rank {rank} saved other values than "
                             "rank 0 (other keys, dtypes or shapes, or another number of ranks): every rank "
@@ -174,17 +174,11 @@ class CoordinatedWrite:
             await clean_debris(backend, exclude=frozenset(merged.all_data_dirs))
         return b"ok"
 
-    def _compare_replicas(self, gathered: list[bytes]) -> tuple[list[bytes], str]:
-        """The sections out of the ranks' envelopes, and which ranks differ from the chief where."""
-        sections, problems = [], []
+    def _differing_replicas(self, every_rank: list[Any]) -> str:
+        """Which ranks' checksums differ from the chief's, and where ("" when all agree)."""
+        problems = []
         order = self.team.order
-        for rank, payload in enumerate(gathered):
-            try:
-                envelope = json.loads(payload)
-                section = envelope["section"].encode("utf-8", "surrogateescape")
-                checksums = envelope["checksums"]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise CoordinationError(f"rank {rank} sent an unreadable section envelope") from None
+        for rank, checksums in enumerate(every_rank):
             if type(checksums) is not list or len(checksums) != len(order):
                 problems.append(f"rank {rank} sent {len(checksums) if type(checksums) is list else 'no'} checksums "
                                 f"for {len(order)} values")
@@ -195,5 +189,4 @@ class CoordinatedWrite:
                     shown = ", ".join(repr(key) for key in keys[:SHOWN_KEYS])
                     more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
                     problems.append(f"rank {rank} differs from rank 0 at {shown}{more}")
-            sections.append(section)
-        return sections, "; ".join(problems)
+        return "; ".join(problems)

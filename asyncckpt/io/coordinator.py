@@ -74,9 +74,10 @@ def _check_place(rank: Any, count: Any) -> None:
         raise ValueError(f"a coordinator's rank must be an int in [0, {count}), got {rank!r}")
 
 
-def check_timeout(timeout: Any) -> float:
+def check_timeout(timeout: Any, what: str = "timeout_seconds") -> float:
+    """``timeout`` as a float; ``ValueError`` naming ``what`` unless it is a positive finite number."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-        raise ValueError(f"timeout_seconds must be a positive finite number, got {timeout!r}")
+        raise ValueError(f"{what} must be a positive finite number, got {timeout!r}")
     return float(timeout)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 
 from asyncckpt._runtime import Runtime, get_runtime
+from asyncckpt.io.coordinator import check_timeout
 from asyncckpt.format import MAX_DATA_DIRS
 from asyncckpt.io.storage import Storage, default_storage
 
@@ -78,9 +79,7 @@ class MultiWorker:
             raise ValueError(
                 f"MultiWorker.index must be an int with 0 <= index < count ({self.count}), got {self.index!r}"
             )
-        timeout = self.timeout_seconds
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-            raise ValueError(f"MultiWorker.timeout_seconds must be a positive finite number, got {timeout!r}")
+        check_timeout(self.timeout_seconds, "MultiWorker.timeout_seconds")
         if self.coordinator is not None and (self.coordinator.rank, self.coordinator.count) != (self.index, self.count):
             raise ValueError(
                 f"MultiWorker is worker {self.index} of {self.count}, but its coordinator is rank "

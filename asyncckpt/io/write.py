@@ -56,7 +56,7 @@ from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source, 
 from asyncckpt.io.staging import ByteBudget
 from asyncckpt.io.storage import Backend, Storage
 
-from asyncckpt.io.commit import clean_debris, create_data_dir, publish, referenced_data_dirs
+from asyncckpt.io.commit import clean_debris, create_data_dir, discard_uncommitted, publish
 from asyncckpt.io.pending import WriteHandle, pending_writes, quietly_wait
 from asyncckpt.io.settings import WriteSettings, WriteStats, PlanSettings, check_write_settings, runtime_of, storage_of
 from asyncckpt.io.tasks import first_error
@@ -326,18 +326,22 @@ class _WriteJob:
         self.team: coordination.TeamWrite | None = None  # set for one worker of a multi-worker save
         self.coordinated: CoordinatedWrite | None = None  # instead, for one rank of a coordinated save
 
-    async def write_own_part(self, previous: list[WriteHandle], part: dict[str, Any]) -> None:
-        """A coordinated rank's own part: its data directory written, its manifest built (in ``part``).
+    async def write_own_part(self, previous: list[WriteHandle], part: dict[str, Any], *, clean_first: bool = False) -> None:
+        """This process's data: its directory written, its manifest built, earlier writes waited for.
 
-        ``part`` gets ``backend``, ``data_dir``, ``lock`` and ``manifest`` as each exists, so the
-        caller can clean up after a failure half-way.
+        ``part`` gets ``backend``, ``nonce``, ``data_dir``, ``lock`` and ``manifest`` as each
+        exists, so the caller can clean up after a failure half-way. With ``clean_first`` debris
+        of crashed writes is removed before the data goes out (a writer alone in the folder).
         """
         if self.snapshot.captures_device_values:
             await asyncio.to_thread(self.snapshot.start_device_copies)
         backend = part["backend"] = await self.storage.open(self.folder)
         await backend.prepare()
         nonce, part["lock"] = await create_data_dir(backend, self.stem)
+        part["nonce"] = nonce
         data_dir = part["data_dir"] = data_dir_name(self.stem, nonce)
+        if clean_first and backend.cleans_debris:
+            await clean_debris(backend, exclude=data_dir)
         await self._write_files(backend, data_dir)
         with gc_paused():
             part["manifest"] = self._manifest(data_dir)
@@ -350,58 +354,8 @@ class _WriteJob:
         try:
             if self.coordinated is not None:
                 await self.coordinated.run(self, previous)
-                for callback in self.callbacks:
-                    await asyncio.to_thread(self._call_back, callback)
-                return self.handle.path
-            if self.snapshot.captures_device_values:
-                await asyncio.to_thread(self.snapshot.start_device_copies)
-            backend = await self.storage.open(self.folder)
-            await backend.prepare()
-            nonce, lock = await create_data_dir(backend, self.stem)
-            data_dir = data_dir_name(self.stem, nonce)
-            committed = False
-            try:
-                if backend.cleans_debris and self.team is None:
-                    await clean_debris(backend, exclude=data_dir)
-                await self._write_files(backend, data_dir)
-                with gc_paused():
-                    manifest = self._manifest(data_dir)
-                for earlier in previous:
-                    await quietly_wait(earlier)
-                team = self.team
-                if team is not None:
-                    await team.start(backend)
-                    await team.check_locks(backend)
-                    if team.is_chief and backend.cleans_debris:
-                        # Only once the locks are known to exclude: where they do not, a live
-                        # worker's directory would look like debris (its lock free to this host).
-                        await clean_debris(backend, exclude=data_dir)
-                if team is not None and not team.is_chief:
-                    # Once published, the section may be merged at any moment: from here on the
-                    # data directory is left to the chief's commit or, failing that, to cleanup.
-                    committed = True
-                    await team.publish_and_wait(backend, data_dir, nonce, manifest)
-                else:
-                    if team is not None:
-                        manifest = await team.gather(backend, nonce, manifest)
-                    commit_started = time.perf_counter()
-                    await publish(backend, self.stem, nonce, manifest, self._encoded(manifest) if team is None else None)
-                    committed = True
-                    metrics.commit_seconds = time.perf_counter() - commit_started
-            except BaseException:
-                self.snapshot.close()
-                with contextlib.suppress(Exception):
-                    # A commit can fail after its rename (e.g. the directory fsync): then P.index
-                    # already names the new data, which must stay.
-                    if not committed and data_dir not in await referenced_data_dirs(backend, self.stem):
-                        await backend.delete_tree(data_dir)
-                raise
-            finally:
-                if self.team is not None:
-                    await self.team.drop_claims(backend)
-                    await self.team.release_probe()
-                with contextlib.suppress(Exception):
-                    await lock.release()
+            else:
+                await self._write_and_commit(previous)
             for callback in self.callbacks:
                 await asyncio.to_thread(self._call_back, callback)
             return self.handle.path
@@ -419,6 +373,47 @@ class _WriteJob:
             metrics.total_seconds = time.perf_counter() - started
             if self.on_stats is not None:
                 await self._report(error)
+
+    async def _write_and_commit(self, previous: list[WriteHandle]) -> None:
+        """A write alone, or one worker's part of the file protocol (:mod:`~asyncckpt.io.coordination`)."""
+        metrics = self.handle.metrics
+        part: dict[str, Any] = {}
+        committed = False
+        team = self.team
+        try:
+            await self.write_own_part(previous, part, clean_first=team is None)
+            backend, nonce, data_dir, manifest = part["backend"], part["nonce"], part["data_dir"], part["manifest"]
+            if team is not None:
+                await team.start(backend)
+                await team.check_locks(backend)
+                if team.is_chief and backend.cleans_debris:
+                    # Only once the locks are known to exclude: where they do not, a live
+                    # worker's directory would look like debris (its lock free to this host).
+                    await clean_debris(backend, exclude=data_dir)
+            if team is not None and not team.is_chief:
+                # Once published, the section may be merged at any moment: from here on the
+                # data directory is left to the chief's commit or, failing that, to cleanup.
+                committed = True
+                await team.publish_and_wait(backend, data_dir, nonce, manifest)
+            else:
+                if team is not None:
+                    manifest = await team.gather(backend, nonce, manifest)
+                commit_started = time.perf_counter()
+                await publish(backend, self.stem, nonce, manifest, self._encoded(manifest) if team is None else None)
+                committed = True
+                metrics.commit_seconds = time.perf_counter() - commit_started
+        except BaseException:
+            self.snapshot.close()
+            if not committed:
+                await discard_uncommitted(part.get("backend"), self.stem, part.get("data_dir"))
+            raise
+        finally:
+            if team is not None and "backend" in part:
+                await team.drop_claims(part["backend"])
+                await team.release_probe()
+            if part.get("lock") is not None:
+                with contextlib.suppress(Exception):
+                    await part["lock"].release()
 
     async def _report(self, error: BaseException | None) -> None:
         metrics = self.handle.metrics

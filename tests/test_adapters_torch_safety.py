@@ -20,6 +20,7 @@ import asyncckpt as ac  # noqa: E402
 from asyncckpt._runtime import Runtime  # noqa: E402
 from asyncckpt.io.storage import FileStorage  # noqa: E402
 from asyncckpt.model.adapters import torch as torch_adapter  # noqa: E402
+from asyncckpt.model.adapters import torch_objects  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _fakes import GatedStorage  # noqa: E402
@@ -165,7 +166,7 @@ def test_a_non_strict_module_reports_the_checkpoint_values_it_did_not_take(tmp_p
     path = ac.Checkpoint(model=torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 2))).save(tmp_path / "c")
     smaller = torch.nn.Sequential(torch.nn.Linear(16, 16))
     adapter = ac.StateDict(smaller, strict=False)
-    assert isinstance(adapter, torch_adapter.ModuleState)  # parameters themselves, guarded like the automatic one
+    assert isinstance(adapter, torch_objects.ModuleState)  # parameters themselves, guarded like the automatic one
     status = ac.Checkpoint(model=adapter).restore(path)
     assert torch.equal(smaller[0].weight, torch.from_numpy(ac.load_checkpoint(path).get_tensor("model/.ATTRIBUTES/0..weight")))
     with pytest.raises(AssertionError, match=r"1\.weight"):
@@ -287,11 +288,11 @@ def test_an_optimizers_usual_state_is_encoded_as_the_general_path_encodes_it(mak
 
     for _ in range(2):
         optimizer.step(closure)
-        adapter = torch_adapter.OptimizerState(optimizer)
+        adapter = torch_objects.OptimizerState(optimizer)
         quick = adapter._serialize_to_tensors()
         general = ac.StateDict._serialize_state(adapter, optimizer.state_dict())  # the general path
-        assert quick[torch_adapter.STATE_DICT_KEY] == general[torch_adapter.STATE_DICT_KEY]
-        assert sorted(set(quick) - {torch_adapter.PARAMETER_SHAPES_KEY}) == sorted(general)
+        assert quick[torch_objects.STATE_DICT_KEY] == general[torch_objects.STATE_DICT_KEY]
+        assert sorted(set(quick) - {torch_objects.PARAMETER_SHAPES_KEY}) == sorted(general)
 
 
 def test_a_repeat_save_follows_a_parameter_whose_memory_was_replaced_or_changed(tmp_path):

@@ -120,15 +120,19 @@ class StateDict(LeafState):
                 return None
             kinds.append(leaves.kind_of(leaf))
             targets.append(first.setdefault(id(leaf), key))
-        signature = (tuple(state), tuple(kinds), tuple(targets))
-        if self._flat_signature != signature:
-            structure = {key: typed_json.ArrayRef(target, kind) for key, kind, target in zip(state, kinds, targets)}
-            self._flat_encoded, self._flat_signature = typed_json.dumps(structure), signature
-        arrays = {STATE_DICT_KEY: self._flat_encoded}
+        arrays = {STATE_DICT_KEY: self._flat_structure(tuple(state), tuple(kinds), tuple(targets))}
         for (key, leaf), target in zip(state.items(), targets):
             if target == key:
                 arrays[key] = self._save_value(leaf, key)
         return arrays
+
+    def _flat_structure(self, keys: tuple[str, ...], kinds: tuple[str, ...], targets: tuple[str, ...]) -> bytes:
+        """The typed JSON of a flat state (key -> reference to ``target`` of ``kind``), kept while it stays the same."""
+        signature = (keys, kinds, targets)
+        if self._flat_signature != signature:
+            structure = {key: typed_json.ArrayRef(target, kind) for key, kind, target in zip(keys, kinds, targets)}
+            self._flat_encoded, self._flat_signature = typed_json.dumps(structure), signature
+        return self._flat_encoded
 
     # ------------------------------------------------------------------ restore
     def _live_leaf_map(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import numpy as np
 from asyncckpt.dtypes import dtype_from_string, dtype_string
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.naming import is_plain_name
+from asyncckpt.shards import MAX_SHARDS, SHARD_SEPARATOR, Box, parse_item_key, tiling_problem
 
 __all__ = [
     "FORMAT_NAME",
@@ -39,6 +40,9 @@ __all__ = [
     "TensorSpec",
     "Extent",
     "TensorRecord",
+    "ShardedRecord",
+    "SHARDED_FORMAT_VERSION",
+    "fold_shards",
     "Manifest",
     "MANIFEST_CRC_FIELD",
     "seal_manifest",
@@ -60,6 +64,10 @@ __all__ = [
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1
+#: The version of a manifest holding a sharded value (a :class:`ShardedRecord`); one without any
+#: is written as version 1, exactly as before, so older readers still read it.
+SHARDED_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (FORMAT_VERSION, SHARDED_FORMAT_VERSION)
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 BYTES_DTYPE = "bytes"
 #: The largest ``P.index`` a reader accepts (~1 million tensors): a larger one is refused before it
@@ -203,6 +211,90 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
+class ShardedRecord:
+    """A manifest entry for a value stored as shards: its global dtype and shape, and every shard.
+
+    ``shards`` pairs each shard's offset in the global array with a :class:`TensorRecord` of the
+    shard itself (its shape, bytes and checksums). The shards tile the global shape exactly.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    shards: tuple[tuple[tuple[int, ...], TensorRecord], ...]
+
+    @functools.cached_property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(decode_dtype(self.dtype), self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(record.nbytes for _, record in self.shards)
+
+    @property
+    def extents(self) -> tuple[Extent, ...]:
+        """Every shard's extents, shard after shard (what must exist for the value to be whole)."""
+        return tuple(extent for _, record in self.shards for extent in record.extents)
+
+    @property
+    def boxes(self) -> tuple[Box, ...]:
+        return tuple(Box(offset, record.shape) for offset, record in self.shards)
+
+    def to_json(self) -> dict:
+        shards = []
+        for offset, record in self.shards:
+            shard = record.to_json()
+            del shard["dtype"]
+            shards.append({"offset": list(offset), **shard})
+        return {"dtype": self.dtype, "shape": list(self.shape), "shards": shards}
+
+
+def fold_shards(items: Mapping[str, TensorRecord]) -> Mapping[str, TensorRecord | ShardedRecord]:
+    """The manifest's tensors from the item records of a write: shard items folded into their value.
+
+    A sharded value travels through planning, sections and merging as one *declaration* item
+    (no bytes) and one item per shard (``asyncckpt.shards`` names them); each becomes one
+    :class:`ShardedRecord` at the declaration's place. Raises ``ValueError`` naming the key when
+    the shards do not tile the value exactly or disagree with it. ``items`` itself comes back
+    when it holds no sharded value.
+    """
+    if not any(SHARD_SEPARATOR in key for key in items):
+        return items
+    folded: dict[str, Any] = {}
+    declared: dict[str, tuple[str, tuple[int, ...]]] = {}
+    shards: dict[str, list] = {}
+    for item, record in items.items():
+        parsed = parse_item_key(item)
+        if parsed is None:
+            folded[item] = record
+            continue
+        key, dtype, shape, offset = parsed
+        if offset is None:
+            if key in declared and declared[key] != (dtype, shape):
+                raise ValueError(f"key {key!r} is saved as {declared[key][0]}{list(declared[key][1])} and as "
+                                 f"{dtype}{list(shape)}")
+            declared[key] = (dtype, shape)
+            folded.setdefault(key, None)
+            continue
+        if record.dtype != dtype:
+            raise ValueError(f"the shard of key {key!r} at {list(offset)} is {record.dtype}, the value {dtype}")
+        shards.setdefault(key, []).append((dtype, shape, offset, record))
+    for key, pieces in shards.items():
+        if key not in declared:
+            raise ValueError(f"shards of key {key!r} were saved, but no rank declared the value")
+        dtype, shape = declared[key]
+        if any((piece[0], piece[1]) != (dtype, shape) for piece in pieces):
+            raise ValueError(f"the shards of key {key!r} disagree on its dtype or global shape")
+    for key, (dtype, shape) in declared.items():
+        pieces = sorted(shards.get(key, ()), key=lambda piece: piece[2])
+        boxes = [Box(offset, record.shape) for _, _, offset, record in pieces]
+        problem = tiling_problem(shape, boxes)
+        if problem is not None:
+            raise ValueError(f"the shards of key {key!r} do not tile it: {problem}")
+        folded[key] = ShardedRecord(dtype, shape, tuple((offset, record) for _, _, offset, record in pieces))
+    return folded
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed ``P.index``: the data directory, the caller's object graph and the tensor records.
 
@@ -221,6 +313,17 @@ class Manifest:
         """Every data directory the manifest references, ``data_dir`` first."""
         return self.data_dirs or (self.data_dir,)
 
+    @property
+    def sharded(self) -> bool:
+        return any(type(record) is ShardedRecord for record in self.tensors.values())
+
+    def folded(self) -> Manifest:
+        """This manifest with the items of its sharded values folded (:func:`fold_shards`)."""
+        tensors = fold_shards(self.tensors)
+        if tensors is self.tensors:
+            return self
+        return Manifest(self.data_dir, self.object_graph, tensors, self.data_dirs)
+
     def to_json(self, *, object_graph_json: str | None = None, tensors_json: str | None = None) -> bytes:
         """Serialise to the bytes written as ``P.index`` (UTF-8 JSON, sealed by :func:`seal_manifest`).
 
@@ -228,12 +331,16 @@ class Manifest:
         :func:`json_text` and :class:`TensorsJson`), which is how a save of 10,000 values avoids
         encoding them as 20,000 dicts every time.
         """
-        head = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "data_dir": self.data_dir}
+        sharded = self.sharded
+        version = SHARDED_FORMAT_VERSION if sharded else FORMAT_VERSION
+        head = {"format": FORMAT_NAME, "format_version": version, "data_dir": self.data_dir}
         if self.data_dirs:
             head["data_dirs"] = list(self.data_dirs)
         if object_graph_json is None:
             object_graph_json = json_text(self.object_graph)
-        if tensors_json is None:
+        if sharded:
+            tensors_json = json_text({key: record.to_json() for key, record in self.tensors.items()})
+        elif tensors_json is None:
             tensors_json = TensorsJson(self.tensors).text(checksums_of(self.tensors))
         text = f'{json_text(head)[:-1]},"object_graph":{object_graph_json},"tensors":{tensors_json}}}'
         return seal_text(text)
@@ -458,17 +565,22 @@ def _require_allocatable(shape: tuple[int, ...], itemsize: int) -> None:
                 )
 
 
-def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
-    raw = _require_dict(raw, "the record", {"dtype", "shape", "nbytes", "crc32c", "extents"})
+def _parse_dtype_and_shape(raw: dict) -> tuple[DType, tuple[int, ...]]:
     try:
         dtype = decode_dtype(raw["dtype"])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise _Invalid(str(exc)) from None
     shape = raw["shape"]
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise _Invalid(f"shape must be a list of at most {MAX_NDIM} integers, got {shape!r}")
     shape = tuple(_require_int(dim, "a shape dimension") for dim in shape)
     _require_allocatable(shape, 1 if dtype == BYTES_DTYPE else dtype.itemsize)
+    return dtype, shape
+
+
+def _parse_record(raw: Any, dirs: int = 1) -> TensorRecord:
+    raw = _require_dict(raw, "the record", {"dtype", "shape", "nbytes", "crc32c", "extents"})
+    dtype, shape = _parse_dtype_and_shape(raw)
     nbytes = _require_int(raw["nbytes"], "nbytes")
     if dtype == BYTES_DTYPE:
         if shape != ():
@@ -542,10 +654,10 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
         version = document.get("format_version")
         if type(version) is not int:
             raise _Invalid(f"format_version must be an integer, got {version!r}")
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise UnsupportedFormatError(
                 f"checkpoint manifest {source} has format_version {version}; this release of "
-                f"asyncckpt reads format_version {FORMAT_VERSION} only"
+                f"asyncckpt reads format_version {FORMAT_VERSION} and {SHARDED_FORMAT_VERSION}"
             )
         if header is None:
             raise _Invalid(
@@ -563,7 +675,7 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
         data_dirs = _parse_data_dirs(document)
         if not isinstance(document["object_graph"], dict):
             raise _Invalid("object_graph must be a JSON object")
-        tensors = _parse_tensors(document, max(len(data_dirs), 1))
+        tensors = _parse_tensors(document, max(len(data_dirs), 1), sharded=version == SHARDED_FORMAT_VERSION)
         return Manifest(document["data_dir"], document["object_graph"], tensors, data_dirs)
 
 
@@ -584,7 +696,7 @@ def _parse_data_dirs(document: dict) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_tensors(document: dict, dirs: int) -> dict[str, TensorRecord]:
+def _parse_tensors(document: dict, dirs: int, *, sharded: bool = False) -> dict[str, TensorRecord | ShardedRecord]:
     if not isinstance(document["tensors"], dict):
         raise _Invalid("tensors must be a JSON object")
     tensors = {}
@@ -593,12 +705,45 @@ def _parse_tensors(document: dict, dirs: int) -> dict[str, TensorRecord]:
         try:
             if key == OBJECT_GRAPH_KEY:
                 raise _Invalid(f"the reserved key {OBJECT_GRAPH_KEY} must not be stored as a tensor")
+            if SHARD_SEPARATOR in key:
+                raise _Invalid("a key must not contain a NUL character")
+            if sharded and isinstance(raw, dict) and "shards" in raw:
+                tensors[key] = _parse_sharded_record(raw, dirs)
+                continue
             record = _parse_usual_record(raw, plain_files) if dirs == 1 else None
             tensors[key] = record if record is not None else _parse_record(raw, dirs)
         except _Invalid as exc:
             exc.key = key
             raise
     return tensors
+
+
+def _parse_sharded_record(raw: dict, dirs: int) -> ShardedRecord:
+    """A format-version-2 record of shards: each a record of its own at an offset, tiling the shape."""
+    raw = _require_dict(raw, "the sharded record", {"dtype", "shape", "shards"})
+    dtype, shape = _parse_dtype_and_shape(raw)
+    if dtype == BYTES_DTYPE:
+        raise _Invalid("a byte string cannot be sharded")
+    listed = raw["shards"]
+    if not isinstance(listed, list) or len(listed) > MAX_SHARDS:
+        raise _Invalid(f"shards must be a list of at most {MAX_SHARDS} shards")
+    shards = []
+    for index, shard in enumerate(listed):
+        if not isinstance(shard, dict) or "dtype" in shard:
+            raise _Invalid(f"shard {index} must be a JSON object without a dtype of its own")
+        fields = dict(shard)
+        offset = fields.pop("offset", None)
+        if not isinstance(offset, list) or len(offset) != len(shape):
+            raise _Invalid(f"shard {index} needs an offset of {len(shape)} integers, got {offset!r}")
+        offset = tuple(_require_int(dim, f"shard {index}'s offset") for dim in offset)
+        try:
+            shards.append((offset, _parse_record({"dtype": raw["dtype"], **fields}, dirs)))
+        except _Invalid as exc:
+            raise _Invalid(f"shard {index}: {exc}") from None
+    problem = tiling_problem(shape, [Box(offset, record.shape) for offset, record in shards])
+    if problem is not None:
+        raise _Invalid(f"the shards do not tile the value: {problem}")
+    return ShardedRecord(raw["dtype"], shape, tuple(shards))
 
 
 _RECORD_FIELDS = frozenset({"dtype", "shape", "nbytes", "crc32c", "extents"})

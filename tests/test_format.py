@@ -147,8 +147,8 @@ def test_invalid_manifests_are_rejected_naming_file_and_problem(path, value, pat
 
 
 def test_unknown_format_version_is_unsupported():
-    with pytest.raises(UnsupportedFormatError, match="format_version 2"):
-        _parse(_mutated(("format_version",), 2))
+    with pytest.raises(UnsupportedFormatError, match="format_version 3"):
+        _parse(_mutated(("format_version",), 3))
 
 
 @pytest.mark.parametrize(

@@ -156,11 +156,11 @@ def test_hostile_manifest_is_refused_by_every_reader(hostile, capsys, edit, mess
 
 def test_unknown_format_version_is_refused_by_every_reader(hostile, capsys):
     write, _ = hostile
-    prefix = write(_set("format_version", 2))
-    with pytest.raises(UnsupportedFormatError, match="format_version 2"):
+    prefix = write(_set("format_version", 3))
+    with pytest.raises(UnsupportedFormatError, match="format_version 3"):
         _model(fill=False)[2].restore(prefix)
     assert cli.main(["verify", prefix]) == 1
-    assert "format_version 2" in capsys.readouterr().err
+    assert "format_version 3" in capsys.readouterr().err
 
 
 def test_a_consistent_but_absurd_size_fails_as_corrupt_without_allocating_it(hostile):

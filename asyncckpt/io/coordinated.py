@@ -161,7 +161,7 @@ class CoordinatedWrite:
                               nonce=parsed[1] if parsed is not None else None, taken=taken)
                 taken.add(section.data_dir)
                 sections.append(section)
-            merged = merge(own, sections, self.team.order)
+            merged = merge(own, sections, self.team.order).folded()
             parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
             problem = await missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())
             if problem is not None:

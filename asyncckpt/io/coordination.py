@@ -49,6 +49,7 @@ from asyncckpt.naming import (
 )
 from asyncckpt.io.commit import claimed, held, index_token, missing_bytes, read_index, referenced_data_dirs
 from asyncckpt.io.settings import MultiWorker
+from asyncckpt.shards import is_shard_item, parse_item_key
 from asyncckpt.io.storage import Backend
 
 __all__ = [
@@ -127,16 +128,17 @@ def check_section(
     elif section.data_dir in taken:
         problem = f"its data_dir {section.data_dir!r} is already named by the checkpoint (another worker's or the old one)"
     else:
-        missing = expected.keys() - section.tensors.keys()
-        extra = section.tensors.keys() - expected.keys()
+        held = {key for key in section.tensors if not is_shard_item(key)}  # shards: checked by their tiling
+        missing = expected.keys() - held
+        extra = held - expected.keys()
         if missing or extra:
             problem = (
                 f"it does not hold exactly worker {worker}'s tensors (missing {sorted(missing)[:5]}, "
                 f"not assigned to it {sorted(extra)[:5]})"
             )
         else:
-            for key, record in section.tensors.items():
-                want = expected[key]
+            for key in held:
+                record, want = section.tensors[key], expected[key]
                 if (record.dtype, record.shape, record.nbytes) != (want.dtype, want.shape, want.nbytes):
                     problem = (
                         f"key {key!r} is {record.dtype}{list(record.shape)}, but this save has it as "
@@ -152,17 +154,28 @@ def merge(own: Manifest, sections: Iterable[Section], order: Iterable[str]) -> M
 
     The chief's data directory is ``data_dir`` (directory 0); section ``k`` (in the order given)
     becomes directory ``k + 1`` and its extents point there. Tensors follow ``order`` (the save's
-    key order), so the merged manifest lists them as a single writer would.
+    key order), so the merged manifest lists them as a single writer would; the shards of
+    sharded values follow, worker by worker, and :meth:`Manifest.folded` then folds them.
+
+    Raises ``ValueError`` when two workers wrote the same shard.
     """
     data_dirs = [own.data_dir]
     records: dict[str, TensorRecord] = dict(own.tensors)
+    shards = {key: 0 for key in own.tensors if is_shard_item(key)}
     for section in sections:
         directory = len(data_dirs)
         data_dirs.append(section.data_dir)
         for key, record in section.tensors.items():
+            if is_shard_item(key):
+                if key in shards:
+                    name, _, _, offset = parse_item_key(key)
+                    raise ValueError(f"workers {shards[key]} and {section.worker} both wrote the shard of key "
+                                     f"{name!r} at offset {list(offset)}: each shard must be written once")
+                shards[key] = section.worker
             extents = tuple(Extent(e.file, e.offset, e.length, e.crc32c, directory) for e in record.extents)
             records[key] = TensorRecord(record.dtype, record.shape, record.nbytes, record.crc32c, extents)
     tensors = {key: records[key] for key in order}
+    tensors.update((key, records[key]) for key in shards)
     return Manifest(own.data_dir, own.object_graph, tensors, tuple(data_dirs))
 
 
@@ -354,7 +367,10 @@ class TeamWrite:
                 f"checkpoint {self.path} was not committed: after {team.worker.timeout_seconds:g} s "
                 f"the section(s) of {len(missing)} of {count - 1} other worker(s) had not been published: {names}"
             )
-        merged = merge(own, [found[worker] for worker in range(1, count)], team.order)
+        try:
+            merged = merge(own, [found[worker] for worker in range(1, count)], team.order).folded()
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {self.path} was not committed: {exc}") from None
         # What is about to be committed must read back, and every byte it names must be there.
         parse_manifest(merged.to_json(), source=backend.describe(index_name(self.stem)))
         problem = await missing_bytes(backend, merged.all_data_dirs, merged.tensors.values())

@@ -20,7 +20,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from asyncckpt import _cuda
+from asyncckpt import _arrays, _cuda
 from asyncckpt._runtime import Runtime, gc_paused, running_loop
 from asyncckpt.errors import CorruptCheckpointError, NotFoundError
 from asyncckpt.checksums import crc32c_combine
@@ -30,16 +30,19 @@ from asyncckpt.format import (
     OBJECT_GRAPH_KEY,
     Extent,
     Manifest,
+    ShardedRecord,
     TensorRecord,
     TensorSpec,
     object_graph_bytes,
     parse_manifest,
 )
 from asyncckpt.naming import index_name
+from asyncckpt.shards import Box, ShardedTarget
 from asyncckpt.io.plan import ReadRange, plan_read
 from asyncckpt.io.storage import Backend, NotRegularFileError, TruncatedError
 
 from asyncckpt.io.commit import check_bound, read_index
+from asyncckpt.io.read_boxes import BoxReads, whole_box
 from asyncckpt.io.read_device import DeviceReads, DeviceTarget
 from asyncckpt.io.plan import ordered, scatter
 from asyncckpt.io.settings import MiB, ReadSettings, check_read_settings, runtime_of, storage_of
@@ -56,7 +59,7 @@ class VerifyReport:
     bytes: int
 
 
-class CheckpointReader(DeviceReads):
+class CheckpointReader(DeviceReads, BoxReads):
     """Read access to one committed checkpoint: its keys, specs and verified values.
 
     Obtain it from :func:`open_reader` (or ``asyncckpt.load_checkpoint``). Besides the batched
@@ -231,6 +234,21 @@ class CheckpointReader(DeviceReads):
         self._runtime.run(self._read(list(tensors), assemble=False))
         return VerifyReport(len(tensors), sum(record.nbytes for record in tensors.values()))
 
+    def read_boxes(self, key: str, boxes: Sequence[Box], *, out: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+        """The elements of ``key`` in each of ``boxes``: one array per box, checksums verified.
+
+        The value may be whole or stored as shards of any other slicing: only the extents holding
+        bytes of the boxes are read, each verified whole. ``out`` may give, per box, a writable
+        C-contiguous NumPy array of the box's shape and the value's dtype to read into.
+        """
+        target = ShardedTarget(tuple(boxes), tuple(out))
+        return self._runtime.run(self._read([key], assemble=True, out={key: target}))[key]
+
+    async def aread_boxes(self, key: str, boxes: Sequence[Box], *, out: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+        """The ``async`` twin of :meth:`read_boxes`."""
+        target = ShardedTarget(tuple(boxes), tuple(out))
+        return (await self._on_runtime(self._read([key], assemble=True, out={key: target})))[key]
+
     async def _on_runtime(self, coro):
         if running_loop() is self._runtime.loop:
             return await coro
@@ -274,16 +292,51 @@ class CheckpointReader(DeviceReads):
     ) -> dict[str, Any]:
         results: dict[str, Any] = {}
         records: dict[str, TensorRecord] = {}
+        out = out or {}
+        boxes: dict[str, ShardedTarget] = {}  # keys read by boxes: a sharded value, or boxes asked for
+        whole: dict[str, Any] = {}  # of those, keys asked for whole: their one box, into this destination
         for key in keys:
             if key == OBJECT_GRAPH_KEY:
                 results[key] = object_graph_bytes(self._manifest.object_graph)
+                continue
+            record = self._record(key)
+            given = out.get(key)
+            if type(given) is ShardedTarget:
+                boxes[key] = given
+            elif type(record) is ShardedRecord:
+                if not assemble:
+                    records.update(shard_pieces(key, record))
+                    continue
+                host = given if given is None or isinstance(given, np.ndarray) else None  # a device array: via host
+                boxes[key], whole[key] = whole_box(record.shape, host), given
             else:
-                records[key] = self._record(key)
-        out = out or {}
-        devices = devices or {}
-        unknown = [key for key in out if key not in records]
+                records[key] = record
+        unknown = [key for key in out if key not in records and key not in boxes]
         if unknown:
             raise KeyError(f"destinations given for keys that are not being read: {sorted(unknown)[:5]}")
+        if boxes:
+            results.update(await self._read_boxes(boxes))
+            for key, given in whole.items():
+                results[key] = results[key][0]
+                if given is not None and not isinstance(given, np.ndarray):
+                    _arrays.copy_into(given, results[key])
+                    results[key] = given
+            out = {key: value for key, value in out.items() if key in records}
+        results.update(await self._read_records(records, assemble=assemble, out=out, devices=devices))
+        return results
+
+    async def _read_records(
+        self,
+        records: dict[str, TensorRecord],
+        *,
+        assemble: bool,
+        out: Mapping[str, Any] | None = None,
+        devices: Mapping[str, DeviceTarget] | None = None,
+    ) -> dict[str, Any]:
+        """Read whole ``records`` (into ``out``'s destinations where given), every checksum verified."""
+        results: dict[str, Any] = {}
+        out = out or {}
+        devices = devices or {}
         ranges = plan_read(
             records,
             coalesce_gap_bytes=self._settings.coalesce_gap_bytes,
@@ -476,8 +529,11 @@ def _fold_window(targets, position: int, view: memoryview, crcs: list[int]) -> N
             crcs[index] = crc32c.crc32c(view[start - position : stop - position], crcs[index])
 
 
-def located(record: TensorRecord, data_dirs: Sequence[str]) -> TensorRecord:
+def located(record: TensorRecord | ShardedRecord, data_dirs: Sequence[str]) -> TensorRecord | ShardedRecord:
     """``record`` with each extent's file named ``<its data directory>/<file>``."""
+    if type(record) is ShardedRecord:
+        return ShardedRecord(record.dtype, record.shape,
+                             tuple((offset, located(shard, data_dirs)) for offset, shard in record.shards))
     extents = tuple(
         Extent(f"{data_dirs[e.dir]}/{e.file}", e.offset, e.length, e.crc32c) for e in record.extents
     )
@@ -525,6 +581,11 @@ async def aopen_reader(path, settings: ReadSettings | None = None) -> Checkpoint
     if running_loop() is runtime.loop:
         return await _open(path, settings, runtime)
     return await asyncio.wrap_future(runtime.submit(_open(path, settings, runtime)))
+
+
+def shard_pieces(key: str, record: ShardedRecord) -> dict[str, TensorRecord]:
+    """Each shard of ``record`` as a whole record of its own, named after the key and its offset."""
+    return {f"{key} (shard at {list(offset)})": shard for offset, shard in record.shards}
 
 
 def _numpy_dtype(dtype: Any) -> np.dtype:

@@ -15,8 +15,10 @@ from asyncckpt import _arrays, _cuda
 from asyncckpt.dtypes import describe_dtype
 from asyncckpt.format import (
     BYTES_DTYPE,
+    TensorRecord,
 )
 from asyncckpt.io.plan import ReadRange
+from asyncckpt.shards import ShardedTarget
 
 from asyncckpt.io.plan import scatter
 from asyncckpt.io.settings import MiB
@@ -69,8 +71,8 @@ class DeviceReads:
         """
         targets: dict[str, DeviceTarget] = {}
         for key, given in (out or {}).items():
-            if isinstance(given, np.ndarray) or key not in self._tensors:
-                continue  # host destinations and unknown keys are refused by _read
+            if isinstance(given, (np.ndarray, ShardedTarget)) or type(self._tensors.get(key)) is not TensorRecord:
+                continue  # host destinations, boxes, sharded values and unknown keys: _read's to handle
             found = _arrays.device_target(given, None if stager is None else stager.backend)
             if found is None:
                 continue

@@ -19,6 +19,7 @@ import numpy as np
 from asyncckpt import _arrays
 from asyncckpt.dtypes import dtype_from_string, dtype_string
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY
+from asyncckpt.shards import SHARD_SEPARATOR, ShardedValue, declaration_key, shard_key
 
 __all__ = ["SaveEntry", "Source", "SourceKind", "host_bytes", "prepare_source", "prepare_sources"]
 
@@ -150,6 +151,25 @@ def _check_key(key: Any) -> None:
         raise ValueError(f"checkpoint keys must be non-empty strings, got {key!r}")
     if key == OBJECT_GRAPH_KEY:
         raise ValueError(f"{OBJECT_GRAPH_KEY!r} is reserved for the object graph")
+    if SHARD_SEPARATOR in key:
+        raise ValueError(f"checkpoint key {key!r} contains a NUL character")
+
+
+def _shard_sources(key: str, value: ShardedValue) -> list[Source]:
+    """A sharded value's items: its declaration (no bytes), then each shard this process writes."""
+    shape = tuple(int(dim) for dim in value.global_shape)
+    sources = [Source(declaration_key(key, value.dtype, shape), SourceKind.BYTES, b"", BYTES_DTYPE, (), 0)]
+    for shard in value.shards:
+        offset = tuple(int(start) for start in shard.offset)
+        source = prepare_source(shard_key(key, value.dtype, shape, offset), shard.value)
+        if source.dtype != value.dtype:
+            raise TypeError(f"the shard of {key!r} at {list(offset)} is {source.dtype}, the value {value.dtype}")
+        if len(offset) != len(shape) or len(source.shape) != len(shape) or any(
+                start < 0 or start + size > dim for start, size, dim in zip(offset, source.shape, shape)):
+            raise ValueError(f"the shard of {key!r} at offset {list(offset)} with shape {list(source.shape)} "
+                             f"does not fit in the value's shape {list(shape)}")
+        sources.append(source)
+    return sources
 
 
 def prepare_source(key: str, value: Any) -> Source:
@@ -178,7 +198,9 @@ def prepare_sources(entries: Sequence[SaveEntry]) -> list[Source]:
     """Validate ``entries`` and freeze what can be frozen now.
 
     ``bytes`` are taken as they are and arrays are copied; snapshot sources are only inspected
-    (dtype and shape of their live array). Raises ``ValueError`` for a duplicate, empty or
+    (dtype and shape of their live array). A :class:`~asyncckpt.shards.ShardedValue` becomes one
+    item per shard plus its declaration (``asyncckpt.shards`` names them), so one entry may give
+    several sources. Raises ``ValueError`` for a duplicate, empty or
     reserved key and ``TypeError`` for an unsupported value or dtype, naming the key.
     """
     sources: list[Source] = []
@@ -191,7 +213,10 @@ def prepare_sources(entries: Sequence[SaveEntry]) -> list[Source]:
         if key in seen:
             raise ValueError(f"duplicate checkpoint key {key!r}")
         seen.add(key)
-        sources.append(prepare_source(key, entry.source))
+        if isinstance(entry.source, ShardedValue):
+            sources.extend(_shard_sources(key, entry.source))
+        else:
+            sources.append(prepare_source(key, entry.source))
     return sources
 
 

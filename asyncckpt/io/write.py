@@ -53,6 +53,7 @@ from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
 from asyncckpt.io.guard_layout import GuardLayout
 from asyncckpt.io.snapshot import Snapshot
 from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source, prepare_sources
+from asyncckpt.shards import SHARD_SEPARATOR, is_shard_item
 from asyncckpt.io.staging import ByteBudget
 from asyncckpt.io.storage import Backend, Storage
 
@@ -85,6 +86,9 @@ class PreparedWrite:
     #: The manifest's ``tensors`` member with holes for the checksums (:class:`TensorsJson`), made
     #: by the first write of this layout and shared by later ones: one slot, filled on first use.
     tensors_json: list = field(default_factory=lambda: [None], compare=False)
+    #: The entries, kept when a sharded value made more sources than entries (so sources no
+    #: longer line up with entries, and a layout is prepared afresh from these).
+    sharded_entries: tuple[SaveEntry, ...] = ()
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -170,8 +174,9 @@ def prepare_write(
     layout_settings = PlanSettings.of(settings)
     plan = _plan(sources, layout_settings)
     arrays = tuple(index for index, source in enumerate(sources) if source.kind is SourceKind.ARRAY)
+    sharded = tuple(entries) if any(SHARD_SEPARATOR in source.key for source in sources) else ()
     return PreparedWrite(tuple(sources), plan, GuardLayout(sources, plan), object_graph, layout_settings, arrays,
-                         object_graph_json)
+                         object_graph_json, sharded_entries=sharded)
 
 
 def start_write(
@@ -224,8 +229,8 @@ def start_write(
             raise TypeError("pass object_graph to prepare_write, not with a PreparedWrite")
         prepared = entries
         if prepared.plan_settings != PlanSettings.of(settings):
-            prepared = prepare_write([SaveEntry(s.key, s.value) for s in prepared.sources], prepared.object_graph,
-                                     settings=settings)
+            again = prepared.sharded_entries or [SaveEntry(s.key, s.value) for s in prepared.sources]
+            prepared = prepare_write(again, prepared.object_graph, settings=settings)
     else:
         prepared = prepare_write(entries, object_graph, settings=settings)
     team = None
@@ -233,7 +238,8 @@ def start_write(
     checksums = None
     if worker is not None and worker.count > 1:
         if worker.check_replicas and worker.coordinator is not None:
-            checksums = replica_checksums(prepared.sources)  # every value, before the share is taken
+            # every replicated value, before the share is taken (a shard has no replica to compare)
+            checksums = replica_checksums([s for s in prepared.sources if not is_shard_item(s.key)])
         team, prepared = _share_of(prepared, worker)
     callbacks = tuple(on_commit)
     for callback in callbacks:
@@ -278,16 +284,19 @@ def start_write(
 def _share_of(prepared: PreparedWrite, worker: MultiWorker) -> tuple[coordination.Team, PreparedWrite]:
     """The save as a whole, and the part of it this worker writes (its sources, laid out alone)."""
     sources = prepared.sources
-    owners = coordination.assign([(source.key, source.nbytes) for source in sources], worker.count)
-    specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in sources}
-    team = coordination.Team(worker, prepared.keys, owners, specs)
-    mine = [index for index, source in enumerate(sources) if owners[source.key] == worker.index]
+    # Every worker holds every replicated value (and each sharded value's declaration): those are
+    # shared out by size. A shard is written by the worker that holds it.
+    shared = [source for source in sources if not is_shard_item(source.key)]
+    owners = coordination.assign([(source.key, source.nbytes) for source in shared], worker.count)
+    specs = {source.key: TensorRecord(source.dtype, source.shape, source.nbytes, 0, ()) for source in shared}
+    team = coordination.Team(worker, tuple(source.key for source in shared), owners, specs)
+    mine = [index for index, source in enumerate(sources) if owners.get(source.key, worker.index) == worker.index]
     own = tuple(sources[index] for index in mine)
     plan = _plan(own, prepared.plan_settings)
     arrays = set(prepared.array_items)
     own_arrays = tuple(position for position, index in enumerate(mine) if index in arrays)
     return team, PreparedWrite(own, plan, GuardLayout(own, plan), prepared.object_graph, prepared.plan_settings,
-                               own_arrays, prepared.object_graph_json)
+                               own_arrays, prepared.object_graph_json, sharded_entries=prepared.sharded_entries)
 
 
 def _chain(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
@@ -398,6 +407,7 @@ class _WriteJob:
             else:
                 if team is not None:
                     manifest = await team.gather(backend, nonce, manifest)
+                manifest = manifest.folded()
                 commit_started = time.perf_counter()
                 await publish(backend, self.stem, nonce, manifest, self._encoded(manifest) if team is None else None)
                 committed = True
@@ -465,6 +475,8 @@ class _WriteJob:
 
     def _encoded(self, manifest: Manifest) -> bytes:
         """``manifest.to_json()``, from the object graph encoded once and this layout's ``tensors`` template."""
+        if manifest.sharded:
+            return manifest.to_json(object_graph_json=self.prepared.object_graph_json or None)
         slot = self.prepared.tensors_json
         if slot[0] is None:
             slot[0] = TensorsJson(manifest.tensors)

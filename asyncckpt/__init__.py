@@ -30,12 +30,15 @@ from asyncckpt.model.adapters.rng import RandomState
 from asyncckpt.model.autotrackable import AutoTrackable
 from asyncckpt.model.module import Module
 from asyncckpt.model.python_state import PythonState
+from asyncckpt.model.sharded import ShardedVariable
 from asyncckpt.model.trackable import NoDependency, Trackable
 from asyncckpt.model.variable import Variable
 from asyncckpt.readers import list_variables, load_checkpoint, load_variable, object_metadata
+from asyncckpt.shards import Box
 
 __all__ = [
     "AutoTrackable",
+    "Box",
     "Checkpoint",
     "CheckpointError",
     "CheckpointManager",
@@ -55,6 +58,7 @@ __all__ = [
     "PythonState",
     "RandomState",
     "ReadSettings",
+    "ShardedVariable",
     "StateDict",
     "TorchDistributedCoordinator",
     "Trackable",

@@ -429,7 +429,8 @@ class Checkpoint(AutoTrackable):
         cache = self._self_graph_cache
         serialized, values = cache.serialize(self._graph_view())
         kept = cache.attachment(serialized)  # lives and dies with the cached graph
-        if values is not None and kept is not None and kept[0] == PlanSettings.of(settings):
+        # A sharded value makes several sources of one entry: its layout is prepared afresh.
+        if values is not None and kept is not None and kept[0] == PlanSettings.of(settings) and not kept[1].sharded_entries:
             prepared = kept[1].with_values(values) if values else kept[1]
         else:
             fresh = values or {}  # a cached graph holds no computed values: this save's come with it

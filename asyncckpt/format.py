@@ -696,7 +696,9 @@ def _parse_data_dirs(document: dict) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_tensors(document: dict, dirs: int, *, sharded: bool = False) -> dict[str, TensorRecord | ShardedRecord]:
+def _parse_tensors(document: dict, dirs: int, *, sharded: bool = False,
+                   item_keys: bool = False) -> dict[str, TensorRecord | ShardedRecord]:
+    """The records of a manifest, or (``item_keys``) of a section, whose shards are items of their own."""
     if not isinstance(document["tensors"], dict):
         raise _Invalid("tensors must be a JSON object")
     tensors = {}
@@ -705,7 +707,7 @@ def _parse_tensors(document: dict, dirs: int, *, sharded: bool = False) -> dict[
         try:
             if key == OBJECT_GRAPH_KEY:
                 raise _Invalid(f"the reserved key {OBJECT_GRAPH_KEY} must not be stored as a tensor")
-            if SHARD_SEPARATOR in key:
+            if SHARD_SEPARATOR in key and not item_keys:
                 raise _Invalid("a key must not contain a NUL character")
             if sharded and isinstance(raw, dict) and "shards" in raw:
                 tensors[key] = _parse_sharded_record(raw, dirs)
@@ -834,7 +836,7 @@ def parse_section(data: bytes, *, source: str) -> Section:
             raise _Invalid("save_id must be a non-empty string of at most 256 characters")
         if not is_plain_name(document["data_dir"]):
             raise _Invalid(f"data_dir {document['data_dir']!r} is not a plain directory name")
-        tensors = _parse_tensors(document, 1)
+        tensors = _parse_tensors(document, 1, item_keys=True)
         return Section(worker, count, document["save_id"], document["data_dir"], tensors)
 
 

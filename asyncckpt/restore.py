@@ -33,6 +33,7 @@ from asyncckpt.model.data_structures import TrackableDataStructure
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.graph import GraphView, list_objects, pretty_node_names
 from asyncckpt.model.trackable import Trackable
+from asyncckpt.model.sharded import ShardedVariable
 from asyncckpt.model.variable import VARIABLE_VALUE_KEY, Variable, check_restorable
 
 __all__ = [
@@ -437,7 +438,7 @@ class CheckpointPosition:
                 continue
             for name, key in attributes.items():
                 spec = reader.spec(key)
-                if isinstance(obj, Variable):  # checked once, the message naming the key
+                if isinstance(obj, (Variable, ShardedVariable)):  # checked once, the message naming the key
                     destination = provide(name, spec, self.checkpoint.describe_key(key))
                 else:
                     destination = provide(name, spec)

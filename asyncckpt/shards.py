@@ -195,8 +195,7 @@ def tiling_problem(global_shape: Sequence[int], boxes: Sequence[Box]) -> str | N
     for box in full:
         counts[tuple(slice(bisect.bisect_left(c, o), bisect.bisect_left(c, o + n))
                      for c, o, n in zip(cuts, box.offset, box.shape))] += 1
-    for wanted, what in ((0, "no shard covers"), (None, "shards overlap at")):
-        cell = np.argwhere(counts == 0) if wanted == 0 else np.argwhere(counts > 1)
+    for cell, what in ((np.argwhere(counts > 1), "shards overlap at"), (np.argwhere(counts == 0), "no shard covers")):
         if len(cell):
             index = cell[0]
             box = Box(tuple(cuts[d][i] for d, i in enumerate(index)),

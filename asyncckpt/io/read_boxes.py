@@ -73,7 +73,7 @@ class BoxReads:
             for box, array in zip(target.boxes, arrays):
                 for offset, shard in stored_shards(record):
                     if box == Box(offset, shard.shape):  # the same slicing: read it straight in
-                        name = f"{key} (shard at {list(offset)})"
+                        name = f"{key} (shard at {list(offset)}, read {len(batch.records)})"
                         batch.records[name], batch.out[name] = shard, array
                         batch.bytes += shard.nbytes
                     else:
@@ -135,7 +135,8 @@ class BoxReads:
                 crc = extents[0].crc32c
                 for extent in extents[1:]:
                     crc = crc32c_combine(crc, extent.crc32c, extent.length)
-                name = f"{key} (shard at {list(offset)}, bytes {begin}:{end})"
+                # (numbered: two boxes may need the same extents, each into a buffer of its own)
+                name = f"{key} (shard at {list(offset)}, bytes {begin}:{end}, read {len(batch.records)})"
                 batch.records[name] = TensorRecord("|u1", (end - begin,), end - begin, crc, extents)
                 batch.out[name] = buffer[begin - low:end - low]
             rows_shape = (rows, *shard.shape[1:]) if block.shape else ()

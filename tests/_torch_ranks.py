@@ -5,6 +5,7 @@ Each scenario's outcome on each rank goes to ``<out>/<scenario>-<rank>.json``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -23,6 +24,64 @@ def _model(seed: int):
     return model, optimizer
 
 
+def _sharded_model(seed: int, placement: str):
+    """A model whose weights are DTensors sharded over every rank (``placement``: "rows" or "columns"),
+    biases replicated, after one AdamW step: the same global values whatever the slicing."""
+    import torch  # noqa: PLC0415
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: PLC0415
+
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 6))
+    for layer in (model[0], model[2]):
+        weight = Shard(0) if placement == "rows" else Shard(1)
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [weight]))
+        layer.bias = torch.nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Replicate()]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(distribute_tensor(torch.randn(4, 32), mesh, [Replicate()])).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def fingerprints(model, optimizer) -> dict[str, str]:
+    """A digest of every global value (parameters and AdamW moments), whole or DTensor."""
+    import hashlib  # noqa: PLC0415
+
+    def whole(tensor):
+        return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().contiguous()
+
+    digests = {f"model.{name}": whole(value) for name, value in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        digests.update({f"optimizer.{index}.{name}": whole(value) for name, value in state.items()})
+    return {name: hashlib.sha256(value.numpy().tobytes()).hexdigest() for name, value in digests.items()}
+
+
+def _sharded_scenario(scenario: str, folder: str, worker):
+    """``shard-save:<name>`` saves the row-sharded model; ``shard-restore:<path>`` restores it column-sharded
+    and compares every global value with what the saving group recorded."""
+    import asyncckpt as ac  # noqa: PLC0415
+
+    action, _, where = scenario.partition(":")
+    if action == "shard-save":
+        model, optimizer = _sharded_model(seed=0, placement="rows")
+        options = ac.CheckpointOptions(multi_worker=worker, enable_async=True)
+        checkpoint = ac.Checkpoint(model=model, optimizer=optimizer)
+        os.makedirs(os.path.join(folder, where), exist_ok=True)
+        path = checkpoint.save(os.path.join(folder, where, "ckpt"), options=options)
+        checkpoint.sync()
+        saved = fingerprints(model, optimizer)
+        if worker.index == 0:  # for restores by groups of another size (whose training step rounds otherwise)
+            with open(os.path.join(folder, where, "fingerprints.json"), "w", encoding="utf-8") as handle:
+                json.dump(saved, handle)
+        return {"path": path, "fingerprints": saved}
+    with open(os.path.join(os.path.dirname(where), "fingerprints.json"), encoding="utf-8") as handle:
+        expected = json.load(handle)
+    model, optimizer = _sharded_model(seed=1, placement="columns")
+    ac.Checkpoint(model=model, optimizer=optimizer).restore(where).assert_consumed()
+    return {"same": fingerprints(model, optimizer) == expected}
+
+
 def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: list[str]) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch  # noqa: PLC0415
@@ -30,6 +89,7 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
 
     import asyncckpt as ac  # noqa: PLC0415
 
+    os.environ["WORLD_SIZE"] = str(world)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     coordinator = ac.TorchDistributedCoordinator(timeout_seconds=20)
     worker = ac.MultiWorker.of(coordinator)
@@ -37,7 +97,9 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
         model, optimizer = _model(seed=0)  # the same values on every rank: data parallelism
         checkpoint = ac.Checkpoint(model=model, optimizer=optimizer)
         prefix = os.path.join(folder, scenario, "ckpt")
-        if scenario == "replicated":
+        if scenario.startswith("shard-"):
+            record(out, scenario.partition(":")[0], rank, **outcome(lambda: _sharded_scenario(scenario, folder, worker)))
+        elif scenario == "replicated":
             options = ac.CheckpointOptions(multi_worker=worker, enable_async=True)
 
             def save_and_restore():

@@ -27,11 +27,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run_group(tmp_path: Path, world: int, scenarios: list[str]) -> dict[tuple[str, int], dict]:
-    data, out = tmp_path / "data", tmp_path / "out"
+def _run_group(tmp_path: Path, world: int, scenarios: list[str], out: str = "out") -> dict[tuple[str, int], dict]:
+    data, out = tmp_path / "data", tmp_path / out
     out.mkdir()
+    data.mkdir(exist_ok=True)
     for scenario in scenarios:
-        (data / scenario).mkdir(parents=True)
+        if ":" not in scenario:
+            (data / scenario).mkdir()
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(RANK_PROGRAM.parent), os.environ.get("PYTHONPATH", "")])}
     ranks = [
@@ -76,8 +78,48 @@ def _check_rank1_raises(tmp_path: Path, results: dict, world: int) -> None:
     assert os.listdir(tmp_path / "data" / "rank1_raises") == []  # no index, no data directory
 
 
+def _check_sharded_save(results: dict, world: int) -> tuple[str, dict]:
+    """The path all ranks saved, and the digests of the global values they saved."""
+    saved = [results[("shard-save", rank)] for rank in range(world)]
+    assert all("ok" in outcome for outcome in saved), saved
+    assert len({outcome["ok"]["path"] for outcome in saved}) == 1
+    assert len({json.dumps(outcome["ok"]["fingerprints"], sort_keys=True) for outcome in saved}) == 1
+    return saved[0]["ok"]["path"], saved[0]["ok"]["fingerprints"]
+
+
+def _check_restored_in_one_process(path: str, expected: dict) -> None:
+    """A checkpoint of DTensors restores into a plain, unsharded model and optimizer in this process."""
+    import hashlib
+
+    import torch
+
+    import asyncckpt as ac
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 6))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, 32)).sum().backward()
+    optimizer.step()  # so that the moments exist to be read into
+    ac.Checkpoint(model=model, optimizer=optimizer).restore(path).assert_consumed()
+    digests = {f"model.{name}": value for name, value in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        digests.update({f"optimizer.{index}.{name}": value for name, value in state.items()})
+    got = {name: hashlib.sha256(value.detach().contiguous().numpy().tobytes()).hexdigest()
+           for name, value in digests.items()}
+    assert got == expected
+    ac.load_checkpoint(path).verify()
+    with open(path + ".index", "rb") as index:
+        stored = json.loads(index.read())
+    assert stored["format_version"] == 2  # the DTensors were stored as shards, not gathered
+    assert "shards" in stored["tensors"]["model/.ATTRIBUTES/0..weight"]
+
+
 def test_two_gloo_ranks_save_replicated_state_fail_together_and_name_a_dead_rank(tmp_path):
-    results = _run_group(tmp_path, 2, ["replicated", "rank1_raises", "rank1_exits"])
+    results = _run_group(tmp_path, 2, ["replicated", "rank1_raises", "shard-save:sharded",
+                                       f"shard-restore:{tmp_path}/data/sharded/ckpt-1", "rank1_exits"])
+    path, expected = _check_sharded_save(results, 2)
+    assert [results[("shard-restore", rank)] for rank in range(2)] == [{"ok": {"same": True}}] * 2  # rows -> columns
+    _check_restored_in_one_process(path, expected)  # 2 -> 1
     _check_replicated(tmp_path, results, 2)
     _check_rank1_raises(tmp_path, results, 2)
     dead = results[("rank1_exits", 0)]
@@ -91,3 +133,15 @@ def test_four_gloo_ranks_save_replicated_state_and_fail_together(tmp_path):
     results = _run_group(tmp_path, 4, ["replicated", "rank1_raises"])
     _check_replicated(tmp_path, results, 4)
     _check_rank1_raises(tmp_path, results, 4)
+
+
+@pytest.mark.slow  # three groups (2, 4 and 2 processes) importing torch: ~40 s
+def test_sharded_checkpoints_restore_from_two_ranks_into_four_and_back(tmp_path):
+    two = _run_group(tmp_path, 2, ["shard-save:two"], out="out2")
+    two_path, expected = _check_sharded_save(two, 2)
+    four = _run_group(tmp_path, 4, [f"shard-restore:{two_path}", "shard-save:four"], out="out4")
+    assert [four[("shard-restore", rank)] for rank in range(4)] == [{"ok": {"same": True}}] * 4  # 2 -> 4
+    four_path, four_expected = _check_sharded_save(four, 4)
+    back = _run_group(tmp_path, 2, [f"shard-restore:{four_path}"], out="back")
+    assert [back[("shard-restore", rank)] for rank in range(2)] == [{"ok": {"same": True}}] * 2  # 4 -> 2
+    _check_restored_in_one_process(four_path, four_expected)  # 4 -> 1

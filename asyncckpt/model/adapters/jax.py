@@ -61,7 +61,7 @@ def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Callable[[list], Any]]:
     return named, treedef.unflatten
 
 
-def save_value(array: jax.Array) -> Any:
+def save_value(array: jax.Array, name: str = "") -> Any:
     """A host view of ``array`` taken now (typed keys: their key data, with the implementation's name)."""
     if isinstance(array, jax.ShapeDtypeStruct):
         raise TypeError("an abstract array (jax.ShapeDtypeStruct) has no values to save; it can only be restored into")

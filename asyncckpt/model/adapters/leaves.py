@@ -12,6 +12,9 @@ A framework module (``asyncckpt.model.adapters.torch``, ``.jax``) provides, for 
 ``restored(value, like)``
     The leaf to put in the restored state: ``like`` itself when the value was read into it,
     else a new array of ``like``'s kind and placement built from the host array ``value``.
+``boxes(value)``
+    Optional: for an array this process holds only part of, a request for those parts
+    (:class:`~asyncckpt.shards.ShardedTarget`); ``restored`` then gets a list, one array per box.
 ``adapt(value)``
     The trackable for one of its objects (a module, an optimizer, a tree), or ``None``.
 ``host_view(value)``
@@ -35,6 +38,7 @@ __all__ = [
     "FrozenArray",
     "KeyArray",
     "any_in_nest",
+    "boxes",
     "host_view",
     "kind_of",
     "new_leaf",
@@ -227,7 +231,7 @@ def save_value(leaf: Any, name: str = "") -> Any:
     if isinstance(leaf, np.ndarray):
         return leaf
     try:
-        return _array_framework(leaf).save_value(leaf)
+        return _array_framework(leaf).save_value(leaf, name)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"cannot save {name!r}: {exc}") from None
 
@@ -238,6 +242,15 @@ def destination(leaf: Any, spec: Any) -> Any:
         alike = leaf.dtype == spec.dtype and tuple(leaf.shape) == tuple(spec.shape)
         return leaf if alike and leaf.flags.c_contiguous and leaf.flags.writeable and type(leaf) is np.ndarray else None
     return _array_framework(leaf).destination(leaf, spec)
+
+
+def boxes(leaf: Any) -> Any:
+    """For a leaf this process holds only part of (a DTensor, a sharded ``jax.Array``), a request
+    (:class:`~asyncckpt.shards.ShardedTarget`) for those parts only; ``None`` for a whole leaf."""
+    if isinstance(leaf, np.ndarray):
+        return None
+    ask = getattr(_array_framework(leaf), "boxes", None)
+    return ask(leaf) if ask is not None else None
 
 
 def restored_leaf(value: Any, like: Any, *, into: bool = False) -> Any:

@@ -70,7 +70,7 @@ class LeafState(Trackable):
             self._end_restore()
             raise ValueError(f"cannot restore {name!r} of {self!r}: {problem}")
         if not self._in_place:
-            return None
+            return leaves.boxes(like)  # a leaf held in part still reads only its own parts
         target = leaves.destination(like, spec)
         if target is not None:
             self._read_into[name] = target

@@ -36,7 +36,8 @@ from asyncckpt.model.adapters.rng import RandomState
 from asyncckpt.model.adapters.stateful import StateDict
 
 __all__ = [
-    "TensorGuards", "TensorSource", "adapt", "destination", "from_numpy", "host_view", "is_array", "mismatch", "new",
+    "TensorGuards", "TensorSource", "adapt", "before_change", "boxes", "destination", "from_numpy", "host_view",
+    "is_array", "mismatch", "new",
     "numpy_dtype", "restored", "save_value", "state_dict_class", "to_numpy_view",
 ]
 
@@ -212,6 +213,8 @@ class TensorGuards:
         """Let pending saves copy what they still need of ``tensors``, which are about to change."""
         bulk, single, by_storage = self.bulk, self.single, self._by_storage
         for tensor in tensors:
+            if tensor is not None and _maybe_dtensor(tensor):
+                tensor = tensor._local_tensor  # a DTensor's own memory is its local tensor's
             if tensor is None or not tensor.is_cpu:
                 continue  # an unset parameter (bias=False); device tensors are captured at save(), never guarded
             refs = by_storage.get(tensor.untyped_storage().data_ptr())
@@ -314,8 +317,22 @@ def _device_capturable(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda" and tensor.dtype not in _VIEWED and _arrays.cupy_module() is not None
 
 
-def save_value(tensor: torch.Tensor) -> Any:
-    """What a save takes ``tensor``'s bytes from (see the module docstring)."""
+def _sharded():
+    from asyncckpt.model.adapters import torch_sharded  # noqa: PLC0415 (it imports this module)
+
+    return torch_sharded
+
+
+def _maybe_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` may be a DTensor: not a plain tensor or parameter (the cheap test first)."""
+    kind = type(tensor)
+    return kind is not torch.Tensor and kind is not torch.nn.Parameter and _sharded().is_dtensor(tensor)
+
+
+def save_value(tensor: torch.Tensor, name: str = "") -> Any:
+    """What a save takes ``tensor``'s bytes from (see the module docstring); a DTensor's: its own shard."""
+    if _maybe_dtensor(tensor):
+        return _sharded().save_value(tensor, name)
     guards = _guards()
     if guards.stepping:
         guards.wait_for_other_steps()
@@ -406,6 +423,8 @@ class _StepHook:
 
 def destination(tensor: torch.Tensor, spec: Any) -> Any:
     """The tensor's memory to read a checkpoint value into, when dtype and shape match exactly."""
+    if _maybe_dtensor(tensor):
+        return _sharded().destination(tensor, spec)
     if numpy_dtype(tensor.dtype) != np.dtype(spec.dtype) or tuple(tensor.shape) != tuple(spec.shape):
         return None
     if tensor.device.type == "cpu":
@@ -425,8 +444,20 @@ def mismatch(tensor: torch.Tensor, spec: Any) -> str | None:
     return None
 
 
+def boxes(tensor: torch.Tensor) -> Any:
+    """For a DTensor, a request for this rank's box only; ``None`` for a whole tensor."""
+    return _sharded().boxes(tensor) if _maybe_dtensor(tensor) else None
+
+
+def before_change(tensors: Iterable[Any]) -> None:
+    """Let pending saves copy what they still need of ``tensors``, about to change in place."""
+    _guards().before_change(tensors)
+
+
 def restored(value: Any, like: torch.Tensor, *, into: bool = False) -> torch.Tensor:
     """A tensor like ``like`` (dtype, shape, device) holding host array ``value``; ``like`` itself with ``into``."""
+    if _maybe_dtensor(like):
+        return _sharded().restored(value, like, into=into)
     array = np.asarray(value)
     problem = mismatch(like, array)
     if problem is not None:

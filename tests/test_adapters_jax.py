@@ -168,3 +168,57 @@ def test_arrays_inside_a_tracked_container_come_back_into_the_users_container(tm
     assert checkpoint.state["params"]["w"].tolist() == [1.0, 1.0, 1.0]
     assert stack[0].tolist() == [5.0, 5.0] and int(live["step"].numpy()) == 7
     checkpoint.save(tmp_path / "again")  # the wrappers take the restored values as their own, not as outside changes
+
+
+def _placed(array, mesh_shape, spec):
+    devices = np.array(jax.devices()[: int(np.prod(mesh_shape))]).reshape(mesh_shape)
+    mesh = jax.sharding.Mesh(devices, ("a", "b")[: len(mesh_shape)])
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+def _stored(path) -> dict:
+    import json
+
+    with open(str(path) + ".index", "rb") as index:
+        return json.loads(index.read())["tensors"]
+
+
+def test_an_array_split_over_devices_is_saved_shard_by_shard_each_box_once(tmp_path):
+    value = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6)
+    tree = {"split": _placed(value, (4,), ("a",)), "half": _placed(value, (2, 2), ("a", None))}
+    path = ac.Checkpoint(state=ac.PyTree(tree)).save(tmp_path / "ckpt")
+    stored = _stored(path)
+    split, half = stored["state/.ATTRIBUTES/split"], stored["state/.ATTRIBUTES/half"]
+    assert [shard["offset"] for shard in split["shards"]] == [[0, 0], [2, 0], [4, 0], [6, 0]]
+    assert [shard["offset"] for shard in half["shards"]] == [[0, 0], [4, 0]]  # replicated on 2 devices each: once
+    np.testing.assert_array_equal(ac.load_variable(path, "state/.ATTRIBUTES/half"), np.asarray(value))
+
+
+@pytest.mark.parametrize("mesh_shape, spec", [
+    ((4,), ("a",)),  # the same slicing
+    ((4,), (None, "a")),  # rows -> columns
+    ((2, 2), ("b", "a")),  # a 2 x 2 grid, transposed
+    ((2,), ("a",)),  # fewer devices
+    ((4,), (None, None)),  # replicated everywhere
+])
+def test_a_split_array_restores_into_any_other_sharding(tmp_path, mesh_shape, spec):
+    value = jnp.arange(8 * 4, dtype=jnp.float32).reshape(8, 4) - 7.5
+    path = ac.Checkpoint(state=ac.PyTree({"w": _placed(value, (4,), ("a",))})).save(tmp_path / "ckpt")
+    like = _placed(jnp.zeros((8, 4), jnp.float32), mesh_shape, spec)
+    holder = ac.PyTree({"w": like})
+    ac.Checkpoint(state=holder).restore(path).assert_consumed()
+    restored = holder.value["w"]
+    assert restored.sharding == like.sharding
+    np.testing.assert_array_equal(np.asarray(restored), np.asarray(value))
+
+
+def test_a_whole_array_restores_into_a_split_one_and_an_abstract_target(tmp_path):
+    value = jnp.arange(16, dtype=jnp.int32).reshape(4, 4)
+    path = ac.Checkpoint(state=ac.PyTree({"w": value})).save(tmp_path / "ckpt")
+    like = _placed(jnp.zeros((4, 4), jnp.int32), (2, 2), ("a", "b"))
+    abstract = jax.ShapeDtypeStruct((4, 4), jnp.int32, sharding=like.sharding)
+    for target in (like, abstract):
+        holder = ac.PyTree({"w": target})
+        ac.Checkpoint(state=holder).restore(path).assert_consumed()
+        assert holder.value["w"].sharding == like.sharding
+        np.testing.assert_array_equal(np.asarray(holder.value["w"]), np.asarray(value))

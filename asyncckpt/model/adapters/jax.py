@@ -2,9 +2,10 @@
 
 Imported only when a JAX value reaches :func:`asyncckpt.model.adapters.adapt` (or a tree is
 flattened while JAX is imported). JAX arrays never change in place, so a save takes a host view
-of each at ``save()`` time (no copy on the CPU; a gather for an array sharded over devices) and
-writes from it with no guard. A restore builds new arrays with the given leaves' dtype and
-sharding; a typed PRNG key is stored as its key data and comes back as a typed key of the same
+of each at ``save()`` time (no copy on the CPU) and writes from it with no guard; an array split
+over devices or processes is saved shard by shard (format version 2), each box once. A restore
+builds new arrays with the given leaves' dtype and sharding, reading only the boxes of this
+process's devices, from a checkpoint of any slicing; a typed PRNG key is stored as its key data and comes back as a typed key of the same
 implementation.
 """
 
@@ -18,9 +19,11 @@ import numpy as np
 
 from asyncckpt.model.adapters import leaves
 from asyncckpt.model.adapters.pytree import PyTree
+from asyncckpt.dtypes import dtype_string
 from asyncckpt.model.adapters.structure import leaf_name
+from asyncckpt.shards import Box, Shard, ShardedTarget, ShardedValue
 
-__all__ = ["adapt", "destination", "flatten", "host_view", "is_abstract", "is_array", "is_registered_node", "new", "restored", "restored_key",
+__all__ = ["adapt", "boxes", "destination", "flatten", "host_view", "is_abstract", "is_array", "is_registered_node", "new", "restored", "restored_key",
            "save_value"]
 
 
@@ -61,17 +64,63 @@ def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Callable[[list], Any]]:
     return named, treedef.unflatten
 
 
+def _held_in_part(array: Any) -> bool:
+    """Whether ``array`` is split over devices (or processes): saved and restored shard by shard."""
+    sharding = getattr(array, "sharding", None)
+    if sharding is None or _is_key(array):
+        return False
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return True
+    return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+
+
+def _box(index: tuple, shape: tuple[int, ...]) -> Box:
+    """The box a device's index (a tuple of slices, as ``devices_indices_map`` gives) covers."""
+    offset, size = [], []
+    for part, dim in zip(index, shape):
+        start, stop, _ = part.indices(dim)
+        offset.append(start)
+        size.append(stop - start)
+    return Box(tuple(offset), tuple(size))
+
+
+def _sharded_value(array: jax.Array) -> ShardedValue:
+    """Each box of ``array`` this process holds, written by the holder of its first replica only.
+
+    A shard's ``replica_id`` is 0 on exactly one device of all holding that box, in whichever
+    process it is, so every box is written once with no agreement needed.
+    """
+    shape = tuple(array.shape)
+    shards = tuple(Shard(_box(shard.index, shape).offset, leaves.FrozenArray(np.asarray(shard.data)))
+                   for shard in array.addressable_shards if shard.replica_id == 0)
+    return ShardedValue(shape, dtype_string(np.dtype(array.dtype)), shards)
+
+
 def save_value(array: jax.Array, name: str = "") -> Any:
-    """A host view of ``array`` taken now (typed keys: their key data, with the implementation's name)."""
+    """A host view of ``array`` taken now (typed keys: their key data, with the implementation's name).
+
+    An array split over devices is saved shard by shard from each device's own data, with no gather.
+    """
     if isinstance(array, jax.ShapeDtypeStruct):
         raise TypeError("an abstract array (jax.ShapeDtypeStruct) has no values to save; it can only be restored into")
     if _is_key(array):
         return leaves.KeyArray(leaves.FrozenArray(np.asarray(jax.random.key_data(array))), str(jax.random.key_impl(array)))
+    if _held_in_part(array):
+        return _sharded_value(array)
     return leaves.FrozenArray(np.asarray(array))
 
 
-def destination(array: jax.Array, spec: Any) -> None:
-    return None  # immutable: a restore builds a new array
+def boxes(like: Any) -> ShardedTarget | None:
+    """For a leaf split over devices, a request for the boxes of this process's devices only."""
+    if not _held_in_part(like):
+        return None
+    shape = tuple(like.shape)
+    unique = dict.fromkeys(_box(index, shape) for index in like.sharding.addressable_devices_indices_map(shape).values())
+    return ShardedTarget(tuple(unique))
+
+
+def destination(array: jax.Array, spec: Any) -> ShardedTarget | None:
+    return boxes(array)  # immutable: a restore builds a new array (of this process's boxes, when split)
 
 
 def restored(value: Any, like: jax.Array, *, into: bool = False) -> jax.Array:
@@ -81,9 +130,21 @@ def restored(value: Any, like: jax.Array, *, into: bool = False) -> jax.Array:
     the array; without one the array goes to the default device. ``into`` changes nothing: JAX
     arrays are immutable.
     """
-    leaves.check_alike(value, like)
     sharding = getattr(like, "sharding", None)
+    if isinstance(value, list):  # one array per box of this process's devices (see boxes)
+        return _from_boxes(value, like)
+    leaves.check_alike(value, like)
     return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+
+
+def _from_boxes(arrays: list, like: Any) -> jax.Array:
+    shape = tuple(like.shape)
+    by_box = dict(zip(boxes(like).boxes, arrays))
+    for box, array in by_box.items():
+        if np.dtype(array.dtype) != np.dtype(like.dtype):
+            raise ValueError(f"the checkpoint value is {np.dtype(array.dtype)} but the live array is "
+                             f"{np.dtype(like.dtype)}{list(shape)}")
+    return jax.make_array_from_callback(shape, like.sharding, lambda index: by_box[_box(index, shape)])
 
 
 def host_view(array: jax.Array) -> Any:

@@ -1,7 +1,9 @@
-"""``examples/distributed_train.py`` under torchrun: two ranks train and save, resume, then resume on one rank."""
+"""``examples/distributed_train.py`` under torchrun: two tensor-parallel ranks train and save their slices,
+resume bit-exact, then one rank resumes their checkpoint."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -41,6 +43,8 @@ def test_two_ranks_resume_bit_exact_and_one_rank_resumes_their_checkpoint(tmp_pa
     again = _torchrun(2, tmp_path / "resumed", 10)
     assert "resumed from" in again and "at step 20 on 2 rank(s)" in again
     assert _final(again).group(2) == straight.group(2)  # the same bytes as a run that never stopped
-    assert len(list((tmp_path / "resumed").glob("ckpt-30.data-*"))) == 2  # both ranks wrote a share
+    assert len(list((tmp_path / "resumed").glob("ckpt-30.data-*"))) == 2  # both ranks wrote their slices
+    with open(tmp_path / "resumed" / "ckpt-30.index", "rb") as index:
+        assert json.loads(index.read())["tensors"]["model/.ATTRIBUTES/0..weight"]["shards"]  # stored as slices
     single = _torchrun(1, tmp_path / "resumed", 10)
     assert "at step 30 on 1 rank(s)" in single and _final(single).group(1) == "40"

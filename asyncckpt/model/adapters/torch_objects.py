@@ -259,6 +259,30 @@ class OptimizerState(_TorchStateDict):
         self._groups = (key, encoded) if key is not None else None
         return encoded
 
+    def _restore_destination(self, name: str, spec: Any) -> Any:
+        """As for any state; and a moment of a DTensor parameter the optimizer has not made yet
+        (before its first step) is restored as a DTensor placed like its parameter, from the
+        parameter's box only -- the optimizer's step could not mix it with the parameter otherwise."""
+        target = super()._restore_destination(name, spec)
+        if target is None and name not in self._live_leaves():
+            param = self._sharded_parameter(name, spec)
+            if param is not None:
+                self._live_leaves()[name] = param  # the leaf to place it like (never read into)
+                return leaves.boxes(param)
+        return target
+
+    def _sharded_parameter(self, name: str, spec: Any) -> Any:
+        """The DTensor parameter state attribute ``name`` (``state.<index>.<field>``) belongs to, of ``spec``'s shape."""
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or isinstance(spec.dtype, str):
+            return None
+        params = [param for group in self._obj.param_groups for param in group["params"]]
+        index = int(parts[1])
+        if index >= len(params) or tuple(params[index].shape) != tuple(spec.shape):
+            return None
+        param = params[index]
+        return param if leaves.boxes(param) is not None else None
+
     def _restore_from_tensors(self, restored_tensors: dict[str, Any]) -> None:
         encoded = restored_tensors.get(PARAMETER_SHAPES_KEY)
         if isinstance(encoded, bytes):

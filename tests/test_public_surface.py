@@ -9,6 +9,7 @@ import asyncckpt
 # Changing this list changes the public API: do it on purpose, with the README and the docs.
 PUBLIC = {
     "AutoTrackable",
+    "Box",
     "Checkpoint",
     "CheckpointError",
     "CheckpointManager",
@@ -28,6 +29,7 @@ PUBLIC = {
     "PythonState",
     "RandomState",
     "ReadSettings",
+    "ShardedVariable",
     "StateDict",
     "TorchDistributedCoordinator",
     "Trackable",

@@ -34,3 +34,29 @@ def ac_log(caplog):
 def save_options(request):
     """Save options for both write modes; async results must equal sync results."""
     return ac.CheckpointOptions(enable_async=request.param)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto) for the whole run, its endpoint and credentials in the environment."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto's server (the test extra)")
+    from _s3_server import S3Server
+
+    server = S3Server()
+    saved = {name: os.environ.get(name) for name in server.environment}
+    os.environ.update(server.environment)
+    try:
+        yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh bucket on the test run's S3 server."""
+    return s3_server.new_bucket()

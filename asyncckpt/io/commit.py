@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import contextlib
 import hashlib
 import json
@@ -32,7 +33,7 @@ from asyncckpt.naming import (
     parse_lock_name,
     parse_section_name,
 )
-from asyncckpt.io.storage import Backend, NotRegularFileError, Storage, default_storage
+from asyncckpt.io.storage import Backend, NotRegularFileError, Storage, storage_for_path
 
 
 logger = logging.getLogger("asyncckpt")
@@ -368,7 +369,7 @@ async def is_referenced(name: str, own_index: str, names: set[str], referenced_b
 
 def checkpoint_exists(prefix, *, storage: Storage | None = None, runtime: Runtime | None = None) -> bool:
     """True when a committed asyncckpt checkpoint exists at ``prefix`` (its ``P.index`` parses)."""
-    storage = storage or default_storage()
+    storage = storage or storage_for_path(os.fspath(prefix))
     try:
         folder, stem = storage.split(prefix)
     except ValueError:
@@ -413,7 +414,7 @@ def delete_checkpoint(prefix, *, storage: Storage | None = None, runtime: Runtim
     TensorFlow checkpoint, say) is left, with everything beside it, and a WARNING is logged.
     Missing pieces are not an error. Does not wait for pending writes to ``prefix``.
     """
-    storage = storage or default_storage()
+    storage = storage or storage_for_path(os.fspath(prefix))
     folder, stem = storage.split(prefix)
 
     async def delete() -> None:

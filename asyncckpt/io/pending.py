@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import asyncio
 import concurrent.futures
 import contextlib
@@ -10,7 +11,7 @@ import threading
 
 
 from asyncckpt._runtime import process_state
-from asyncckpt.io.storage import Storage, default_storage
+from asyncckpt.io.storage import Storage, storage_for_path
 
 from asyncckpt.io.settings import WriteMetrics
 
@@ -155,7 +156,7 @@ def wait_for_pending_writes(path, *, storage: Storage | None = None) -> None:
 
     Does not raise the writes' errors: those belong to whoever holds their handles.
     """
-    key = (storage or default_storage()).canonical(path)
+    key = (storage or storage_for_path(os.fspath(path))).canonical(path)
     for handle in pending_writes().under(key):
         with contextlib.suppress(BaseException):
             handle._future.result()
@@ -163,13 +164,13 @@ def wait_for_pending_writes(path, *, storage: Storage | None = None) -> None:
 
 def has_pending_writes(path, *, storage: Storage | None = None) -> bool:
     """Whether an in-process write to ``path`` (or below folder ``path``) has not finished yet."""
-    key = (storage or default_storage()).canonical(path)
+    key = (storage or storage_for_path(os.fspath(path))).canonical(path)
     return any(not handle.done() for handle in pending_writes().under(key))
 
 
 async def await_pending_writes(path, *, storage: Storage | None = None) -> None:
     """The ``async`` twin of :func:`wait_for_pending_writes`, usable from any event loop."""
-    key = (storage or default_storage()).canonical(path)
+    key = (storage or storage_for_path(os.fspath(path))).canonical(path)
     for handle in pending_writes().under(key):
         await quietly_wait(handle)
 

@@ -541,7 +541,7 @@ def located(record: TensorRecord | ShardedRecord, data_dirs: Sequence[str]) -> T
 
 
 async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointReader:
-    storage = storage_of(settings)
+    storage = storage_of(settings, path)
     folder, stem = storage.split(path)
     backend = await storage.open(folder)
     index = index_name(stem)

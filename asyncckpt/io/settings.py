@@ -11,7 +11,7 @@ from typing import Any
 from asyncckpt._runtime import Runtime, get_runtime
 from asyncckpt.io.coordinator import check_timeout
 from asyncckpt.format import MAX_DATA_DIRS
-from asyncckpt.io.storage import Storage, default_storage
+from asyncckpt.io.storage import Storage, default_storage, storage_for_path
 
 logger = logging.getLogger("asyncckpt")
 
@@ -245,8 +245,11 @@ class WriteStats:
         """Data bytes per second of :attr:`write_seconds` (0 when nothing was written)."""
         return self.bytes_written / self.write_seconds if self.write_seconds > 0 else 0.0
 
-def storage_of(settings) -> Storage:
-    return settings.storage if settings.storage is not None else default_storage()
+def storage_of(settings, path=None) -> Storage:
+    """The settings' storage; without one, where ``path`` is (an ``s3://`` bucket, else the filesystem)."""
+    if settings.storage is not None:
+        return settings.storage
+    return storage_for_path(os.fspath(path)) if path is not None else default_storage()
 
 
 def runtime_of(settings) -> Runtime:

@@ -45,7 +45,7 @@ from asyncckpt.format import (
     checksums_of,
     json_text,
 )
-from asyncckpt.naming import data_dir_name
+from asyncckpt.naming import data_dir_name, index_name
 from asyncckpt.io import coordination
 from asyncckpt.io.coordinated import CoordinatedWrite, replica_checksums
 from asyncckpt.io.settings import MultiWorker
@@ -222,7 +222,7 @@ def start_write(
     """
     started = time.perf_counter()
     settings = check_write_settings(settings)
-    storage = storage_of(settings)
+    storage = storage_of(settings, prefix)
     folder, stem = storage.split(prefix)
     if isinstance(entries, PreparedWrite):
         if object_graph is not None:
@@ -346,6 +346,7 @@ class _WriteJob:
             await asyncio.to_thread(self.snapshot.start_device_copies)
         backend = part["backend"] = await self.storage.open(self.folder)
         await backend.prepare()
+        await backend.observe(index_name(self.stem))  # on object storage, the commit is conditional on it
         nonce, part["lock"] = await create_data_dir(backend, self.stem)
         part["nonce"] = nonce
         data_dir = part["data_dir"] = data_dir_name(self.stem, nonce)

@@ -20,6 +20,7 @@ from asyncckpt.errors import CorruptCheckpointError
 __all__ = [
     "StorageError",
     "TruncatedError",
+    "CommitConflictError",
     "NotRegularFileError",
     "StreamedValue",
     "Lock",
@@ -41,6 +42,10 @@ class StorageError(OSError):
 
 class TruncatedError(StorageError):
     """A byte range was requested past the end of a stored value."""
+
+
+class CommitConflictError(StorageError):
+    """A conditional commit was refused: another writer committed the same name since this write began."""
 
 
 class NotRegularFileError(StorageError, CorruptCheckpointError):
@@ -297,6 +302,11 @@ class Backend(abc.ABC):
     async def check_data_dir(self, name: str) -> None:
         """Raise ``CorruptCheckpointError`` if data directory ``name`` resolves outside the folder."""
 
+    async def observe(self, name: str) -> None:
+        """Note what ``name`` holds now: a backend that commits conditionally (object storage) then
+        commits ``name`` only if nobody has changed it since, raising :class:`CommitConflictError`
+        otherwise. By default nothing is noted and a commit replaces whatever is there."""
+
 
 class BackendWrapper(Backend):
     """A backend forwarding everything to ``inner``; subclass it to inject faults or gates."""
@@ -343,6 +353,9 @@ class BackendWrapper(Backend):
 
     async def check_data_dir(self, name):
         await self.inner.check_data_dir(name)
+
+    async def observe(self, name):
+        await self.inner.observe(name)
 
 
 #: The names of the capability flags of :class:`Storage`.

@@ -11,16 +11,19 @@ and :class:`TruncatedError` at this seam.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import posixpath
 import re
 import threading
+import time
 from typing import Any
 
 import tensorstore as ts
 
 from asyncckpt.io.storage.base import (
     Backend,
+    CommitConflictError,
     Lock,
     Storage,
     StorageError,
@@ -95,14 +98,28 @@ class _ProcessLock(Lock):
             backend.locks.discard(self._name)
 
 
-class _KvStoreBackend(Backend):
-    """One folder of a kvstore: the keys below ``<path>/<folder>/``."""
+#: TensorStore's generation of "no value": a write conditioned on it succeeds only where the key is absent.
+NO_VALUE = b"\x02"
 
-    def __init__(self, kvstore: ts.KvStore, location: str, locks: _LockTable, cleans_debris: bool) -> None:
+
+class _KvStoreBackend(Backend):
+    """One folder of a kvstore: the keys below ``<path>/<folder>/``.
+
+    With ``conditional`` a commit of a name :meth:`observe` looked at is a conditional write
+    (refused when another writer changed it since). With ``lease_seconds`` lock markers are
+    leases that exclude other processes too: a marker records until when its writer holds it, and
+    is taken over (by a conditional write) only once that time has passed.
+    """
+
+    def __init__(self, kvstore: ts.KvStore, location: str, locks: _LockTable, cleans_debris: bool, *,
+                 conditional: bool = False, lease_seconds: float | None = None) -> None:
         self._kv = kvstore
         self._location = location
         self.locks = locks.scoped(location)
         self.cleans_debris = cleans_debris
+        self._conditional = conditional
+        self._lease_seconds = lease_seconds
+        self._observed: dict[str, bytes] = {}  # name -> the generation observe() saw
 
     def describe(self, name: str) -> str:
         return f"{self._location}{name}"
@@ -132,8 +149,39 @@ class _KvStoreBackend(Backend):
     async def create_data_dir(self, name: str) -> None:
         pass
 
+    async def observe(self, name: str) -> None:
+        if not self._conditional:
+            return
+        try:
+            result = await self._kv.read(name, byte_range=slice(0, 0))
+        except ValueError as exc:
+            raise _translate(exc, f"reading {self.describe(name)}") from exc
+        self._observed[name] = result.stamp.generation
+
     async def commit(self, name: str, tmp_name: str, value: bytes) -> None:
-        await self.write(name, value)  # a single kvstore write is atomic
+        expected = self._observed.get(name)
+        if expected is None:
+            await self.write(name, value)  # a single kvstore write is atomic
+            return
+        if not await self._write_if(name, value, expected):
+            raise CommitConflictError(
+                f"committing {self.describe(name)}: another writer committed it since this write began "
+                "(a conditional write was refused); this write's data is not committed"
+            )
+
+    async def _write_if(self, key: str, value: bytes | bytearray, generation: bytes) -> bool:
+        """Write ``value`` if ``key`` still has ``generation``; whether it did (a refusal is no error)."""
+        try:
+            stamp = await self._kv.write(key, bytearray(value), if_equal=generation)
+        except ValueError as exc:
+            raise _translate(exc, f"writing {self.describe(key)}") from exc
+        if stamp.generation:
+            self._observed[key] = stamp.generation
+        return bool(stamp.generation)  # TensorStore answers a refused write with an empty generation
+
+    async def create_new(self, key: str, value: bytes) -> bool:
+        """Write ``value`` only if ``key`` does not exist; whether it did."""
+        return await self._write_if(key, value, NO_VALUE)
 
     async def list_names(self) -> set[str]:
         try:
@@ -186,10 +234,51 @@ class _KvStoreBackend(Backend):
             self.locks.discard(mutex)
 
     async def lock_new(self, name: str) -> Lock | None:
-        return await self._take(name, create=True)
+        if self._lease_seconds is None:
+            return await self._take(name, create=True)
+        if not self.locks.add(name):
+            return None
+        try:
+            if not await self.create_new(name, self._lease()):
+                self.locks.discard(name)
+                return None
+        except BaseException:
+            self.locks.discard(name)
+            raise
+        return _ProcessLock(self, name)
 
     async def try_lock(self, name: str) -> Lock | None:
-        return await self._take(name, create=False)
+        if self._lease_seconds is None:
+            return await self._take(name, create=False)
+        if not self.locks.add(name):
+            return None
+        try:
+            try:
+                result = await self._kv.read(name)
+            except ValueError as exc:
+                raise _translate(exc, f"reading {self.describe(name)}") from exc
+            if result.state != "value" or not _expired(result.value):
+                self.locks.discard(name)
+                return None
+            if not await self._write_if(name, self._lease(), result.stamp.generation):
+                self.locks.discard(name)  # another process took it over first
+                return None
+        except BaseException:
+            self.locks.discard(name)
+            raise
+        return _ProcessLock(self, name)
+
+    def _lease(self) -> bytes:
+        return json.dumps({"lease_until": time.time() + self._lease_seconds}).encode()
+
+
+def _expired(marker: bytes) -> bool:
+    """Whether a lease marker's time has passed (a marker without one -- an in-process lock's -- has)."""
+    try:
+        until = json.loads(marker)["lease_until"]
+        return not isinstance(until, (int, float)) or until < time.time()
+    except (ValueError, TypeError, KeyError):
+        return True
 
 
 class KvStoreStorage(Storage):
@@ -245,4 +334,11 @@ class KvStoreStorage(Storage):
             kvstore = await ts.KvStore.open(spec, context=self._context)
         except ValueError as exc:
             raise _translate(exc, f"opening kvstore {spec}") from exc
-        return _KvStoreBackend(kvstore, f"{spec['driver']}://{path}", self._locks, self._clean_debris)
+        return _KvStoreBackend(kvstore, self._describe(path), self._locks, self._clean_debris, **self._backend_options())
+
+    def _backend_options(self) -> dict[str, Any]:
+        """Options of every backend this storage opens (object storage: conditional commits, leases)."""
+        return {}
+
+    def _describe(self, path: str) -> str:
+        return f"{self._spec['driver']}://{path}"

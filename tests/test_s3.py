@@ -1,0 +1,207 @@
+"""Checkpoints on S3: a real local server (moto, started once per run), ``s3://`` paths, conditional commits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asyncckpt as ac
+from asyncckpt.io.storage import BackendWrapper, CommitConflictError, StorageError
+from asyncckpt.io.storage.s3 import S3Storage
+from asyncckpt.testing.storage import WrappingStorage
+
+KEY = "w/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _model(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"w": ac.Variable(rng.standard_normal((64, 32)).astype(np.float32)),
+            "b": ac.Variable(np.arange(5, dtype=np.int64) + seed)}
+
+
+def _data_dirs(s3_server, bucket: str) -> set[str]:
+    """The data directories holding data files (``<folder>/<stem>.data-<nonce>``)."""
+    return {key.rsplit("/", 1)[0] for key in s3_server.keys(bucket) if ".data-" in key and not key.endswith(".lock")}
+
+
+def test_a_checkpoint_round_trips_through_an_s3_url(s3_server, bucket):
+    saved = _model(1)
+    path = ac.Checkpoint(**saved).write(f"s3://{bucket}/run/ckpt")
+    assert path == f"s3://{bucket}/run/ckpt"
+    keys = s3_server.keys(bucket)
+    assert "run/ckpt.index" in keys and any(key.startswith("run/ckpt.data-") for key in keys)
+    assert not any(".lock" in key for key in keys)  # the lease marker goes with the write
+    fresh = _model(2)
+    ac.Checkpoint(**fresh).read(path).assert_consumed()
+    np.testing.assert_array_equal(fresh["w"].numpy(), saved["w"].numpy())
+    assert ac.load_checkpoint(path).verify().tensors == 2
+    np.testing.assert_array_equal(ac.load_variable(path, "b/.ATTRIBUTES/VARIABLE_VALUE"), np.arange(5) + 1)
+
+
+def test_an_asynchronous_save_commits_on_s3_and_the_next_write_replaces_it(s3_server, bucket):
+    values = _model(3)
+    checkpoint = ac.Checkpoint(**values)
+    path = checkpoint.write(f"s3://{bucket}/ckpt", options=ac.CheckpointOptions(enable_async=True))
+    values["w"].assign_add(np.ones((64, 32), np.float32))  # while the write may be under way
+    checkpoint.sync()
+    np.testing.assert_array_equal(ac.load_variable(path, KEY), _model(3)["w"].numpy())
+    checkpoint.write(path)  # replaces it: the old data goes
+    assert len(_data_dirs(s3_server, bucket)) == 1
+    np.testing.assert_array_equal(ac.load_variable(path, KEY), values["w"].numpy())
+
+
+def test_eight_writers_racing_to_one_path_commit_exactly_one(s3_server, bucket):
+    """Each writer has a storage of its own, as separate processes would; the server decides."""
+    url = f"s3://{bucket}/race/ckpt"
+    start = threading.Barrier(8)
+    outcomes: dict[int, object] = {}
+
+    def writer(number: int) -> None:
+        settings = ac.WriteSettings(storage=S3Storage(bucket))
+        start.wait()
+        try:
+            outcomes[number] = ac.Checkpoint(**_model(number)).write(
+                url, options=ac.CheckpointOptions(write_settings=settings))
+        except Exception as exc:  # noqa: BLE001 - the test looks at every writer's outcome
+            outcomes[number] = exc
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    winners = [n for n, outcome in outcomes.items() if outcome == url]
+    assert len(winners) == 1, outcomes
+    for number, outcome in outcomes.items():
+        if number not in winners:
+            assert isinstance(outcome, CommitConflictError), outcome
+            assert "another writer committed" in str(outcome) and "race/ckpt.index" in str(outcome)
+    assert len(_data_dirs(s3_server, bucket)) == 1  # the losers deleted their data
+    np.testing.assert_array_equal(ac.load_variable(url, "b/.ATTRIBUTES/VARIABLE_VALUE"), np.arange(5) + winners[0])
+
+
+KILLED_WRITER = '''
+import sys, time, numpy as np
+import asyncckpt as ac
+from asyncckpt.io.storage import BackendWrapper
+from asyncckpt.io.storage.s3 import S3Storage
+from asyncckpt.testing.storage import WrappingStorage
+from asyncckpt.testing.storage import WrappingStorage
+
+class StopBeforeCommit(BackendWrapper):
+    async def commit(self, name, tmp_name, value):
+        print("data written", flush=True)
+        time.sleep(600)  # killed here: between the data and the commit
+
+storage = WrappingStorage(S3Storage(sys.argv[1], lease_seconds=1), StopBeforeCommit)
+ac.Checkpoint(w=ac.Variable(np.ones(1000))).write(
+    f"s3://{sys.argv[1]}/ckpt", options=ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=storage)))
+'''
+
+
+def test_a_writer_killed_between_data_and_commit_leaves_nothing_visible_and_the_next_save_cleans_up(
+        s3_server, bucket, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    child = subprocess.Popen([sys.executable, str(script), bucket], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(ac.__file__).parents[1])})
+    try:
+        assert child.stdout.readline().strip() == "data written"
+    finally:
+        child.kill()  # SIGKILL
+        child.wait(30)
+        child.stdout.close()
+    url = f"s3://{bucket}/ckpt"
+    assert not ac.checkpoint_exists(url)
+    assert len(_data_dirs(s3_server, bucket)) == 1 and any(k.endswith(".lock") for k in s3_server.keys(bucket))
+    time.sleep(1.5)  # the dead writer's lease (1 s) runs out
+    settings = ac.WriteSettings(storage=S3Storage(bucket, lease_seconds=1))
+    ac.Checkpoint(w=ac.Variable(np.zeros(10))).write(url, options=ac.CheckpointOptions(write_settings=settings))
+    assert len(_data_dirs(s3_server, bucket)) == 1  # the leftovers are gone, the new data stays
+    assert not any(key.endswith(".lock") for key in s3_server.keys(bucket))
+    np.testing.assert_array_equal(ac.load_variable(url, KEY), np.zeros(10))
+
+
+def test_a_live_writers_lease_keeps_cleanup_away(s3_server, bucket):
+    """Another writer's data directory whose lease has not run out is never taken for debris."""
+    storage = S3Storage(bucket)
+    gate = threading.Event()
+    reached = threading.Event()
+
+    class HoldCommit(BackendWrapper):
+        async def commit(self, name, tmp_name, value):
+            reached.set()
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+            await super().commit(name, tmp_name, value)
+
+    held = ac.WriteSettings(storage=WrappingStorage(S3Storage(bucket), HoldCommit))
+    slow = ac.Checkpoint(w=ac.Variable(np.ones(100)))
+    slow.write(f"s3://{bucket}/slow", options=ac.CheckpointOptions(enable_async=True, write_settings=held))
+    assert reached.wait(30)
+    ac.Checkpoint(w=ac.Variable(np.zeros(3))).write(
+        f"s3://{bucket}/other", options=ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=storage)))
+    gate.set()
+    slow.sync()
+    np.testing.assert_array_equal(ac.load_variable(f"s3://{bucket}/slow", KEY), np.ones(100))
+
+
+def test_sharded_values_save_and_reshard_on_s3(s3_server, bucket):
+    from asyncckpt.io.coordinator import InProcessCoordinator
+
+    full = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    url = f"s3://{bucket}/sharded/ckpt"
+    coordinators = InProcessCoordinator.group(2, timeout_seconds=30)
+    outcomes = {}
+
+    def rank(coordinator):
+        start = coordinator.rank * 4
+        variable = ac.ShardedVariable.shard(full[start:start + 4], global_shape=full.shape, offset=(start, 0), name="w")
+        options = ac.CheckpointOptions(multi_worker=ac.MultiWorker.of(coordinator))
+        try:
+            outcomes[coordinator.rank] = ac.Checkpoint(w=variable).write(url, options=options)
+        except Exception as exc:  # noqa: BLE001
+            outcomes[coordinator.rank] = exc
+
+    threads = [threading.Thread(target=rank, args=(c,)) for c in coordinators]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert outcomes == {0: url, 1: url}
+    columns = ac.ShardedVariable.shard(np.zeros((8, 3), np.float32), global_shape=full.shape, offset=(0, 3), name="w")
+    ac.Checkpoint(w=columns).read(url).assert_consumed()
+    np.testing.assert_array_equal(columns.local.numpy(), full[:, 3:])
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_at_first_use(s3_server, bucket):
+    class Unconditional(S3Storage):
+        async def open(self, folder):
+            backend = await super(S3Storage, self).open(folder)  # no probe yet: it is the probe under test
+
+            async def create_new(key, value):  # as a server without If-None-Match behaves
+                await backend.write(key, value)
+                return True
+
+            backend.create_new = create_new
+            await self._probe(backend)
+            return backend
+
+    settings = ac.WriteSettings(storage=Unconditional(bucket))
+    with pytest.raises(StorageError, match="does not honour conditional writes"):
+        ac.Checkpoint(w=ac.Variable(np.ones(3))).write(
+            f"s3://{bucket}/ckpt", options=ac.CheckpointOptions(write_settings=settings))
+    assert s3_server.keys(bucket) == []  # nothing written, the probe removed
+
+
+def test_a_path_of_another_bucket_is_refused_by_a_storage():
+    with pytest.raises(ValueError, match="not in this storage's"):
+        S3Storage("one").split("s3://two/ckpt")

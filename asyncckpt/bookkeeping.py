@@ -54,6 +54,7 @@ from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime
 from asyncckpt.errors import UnsupportedFormatError
 from asyncckpt.naming import lock_name
+from asyncckpt import _paths
 from asyncckpt.io.storage import Storage
 from asyncckpt.retention import Expiry, RetentionPolicy
 from asyncckpt.state_file import (
@@ -149,7 +150,7 @@ class ManagedCheckpoints:
 
     def __init__(self, directory: str, retention: RetentionPolicy, clock: Callable[[], float]):
         self._directory = directory
-        self._directory_abs = os.path.abspath(directory or ".")
+        self._directory_abs = _paths.absolute(directory or ".")
         self._retention = retention
         self._clock = clock
         self.latest_io = CheckpointIo()
@@ -230,9 +231,9 @@ class ManagedCheckpoints:
         manager's own saves are spelled; paths outside the directory are made absolute (as the
         state file stores them).
         """
-        path_abs = os.path.abspath(path)
-        if _strictly_inside(path_abs, self._directory_abs):
-            return os.path.join(self._directory, os.path.relpath(path_abs, self._directory_abs))
+        path_abs = _paths.absolute(path)
+        if _paths.inside(path_abs, self._directory_abs):
+            return _paths.join(self._directory, _paths.relative(path_abs, self._directory_abs))
         return path_abs
 
     def _unmanageable(self, path: str) -> str | None:
@@ -244,11 +245,13 @@ class ManagedCheckpoints:
         long for the file system could never have been written (deleting it would fail every
         save).
         """
-        path_abs = os.path.abspath(path)
-        if not _strictly_inside(path_abs, self._directory_abs):
+        path_abs = _paths.absolute(path)
+        if not _paths.inside(path_abs, self._directory_abs):
             if path_abs == self._directory_abs:
                 return "it names the directory, not a checkpoint"
             return "it is outside the directory"
+        if _paths.is_url(path_abs):
+            return None  # a key in a bucket: no file-name limits, no links
         parts = os.path.relpath(path_abs, self._directory_abs).split(os.sep)
         try:
             too_long = [part for part in [*parts[:-1], lock_name(parts[-1], "0" * 16)]
@@ -468,14 +471,6 @@ def _refuse_tensorflow_checkpoints(directory: str, state: CheckpointState) -> No
             "are TensorFlow TensorBundle checkpoints): asyncckpt cannot read or manage them and leaves "
             "them as they are; give the CheckpointManager another directory"
         )
-
-
-def _strictly_inside(path_abs: str, directory_abs: str) -> bool:
-    """Whether normalised absolute ``path_abs`` lies under ``directory_abs`` (and is not it)."""
-    try:
-        return path_abs != directory_abs and os.path.commonpath([directory_abs, path_abs]) == directory_abs
-    except ValueError:  # different drives on Windows
-        return False
 
 
 def _merge_by_timestamp(

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from asyncckpt import _paths
 from asyncckpt import io as ckio
 from asyncckpt import state_file
 from asyncckpt.bookkeeping import CheckpointIo, ManagedCheckpoints
@@ -175,7 +176,7 @@ class CheckpointManager:
 
         self._checkpoint = checkpoint
         self._directory = _fspath(directory, "directory")
-        self._checkpoint_prefix = os.path.join(self._directory, checkpoint_name)
+        self._checkpoint_prefix = _paths.join(self._directory, checkpoint_name)
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
         self._last_checkpoint_step = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from asyncckpt import _paths
 from asyncckpt import format as _format
 from asyncckpt import io as ckio
 from asyncckpt.checkpoint_management import latest_checkpoint
@@ -47,7 +48,7 @@ def resolve_checkpoint_path(ckpt_dir_or_file: Any) -> str:
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     ckio.wait_for_pending_writes(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or (_paths.is_url(path) and not ckio.checkpoint_exists(path)):  # a folder
         latest = latest_checkpoint(path)
         if latest is None:
             raise NotFoundError(f"Couldn't find 'checkpoint' file or checkpoints in given directory {path}")

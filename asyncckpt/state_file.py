@@ -27,9 +27,11 @@ mixture. The file is created with mode ``0o666`` less the umask, like any new fi
 checkpoints it has dropped from the state file and is about to delete (see
 `_write_pending_deletions`).
 
-The state file is always a local file, read and written with plain ``os`` calls, even when the
-checkpoints it names live on another storage (``WriteSettings(storage=...)``): atomic rename and
-``flock`` need a file system. The lookups that check a named checkpoint exists
+The state file of a local directory is a local file, read and written with plain ``os`` calls,
+even when the checkpoints it names live on another storage (``WriteSettings(storage=...)``):
+atomic rename and ``flock`` need a file system. The state file of an ``s3://`` directory is an
+object in the bucket (`asyncckpt.state_object`: one atomic write per update, a lease object for
+the lock). The lookups that check a named checkpoint exists
 (`latest_checkpoint`, `checkpoint_exists`) and the waits for pending writes use the pipeline's
 default storage, the local file system; `asyncckpt.CheckpointManager` passes its saves' storage.
 
@@ -60,6 +62,7 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Sequence
 
+from asyncckpt import _paths, state_object
 from asyncckpt import io as ckio
 from asyncckpt._runtime import Runtime
 from asyncckpt._state_text import (
@@ -106,7 +109,7 @@ _DEFAULT_STATE_FILENAME = "checkpoint"
 
 
 def _state_filename(directory: str, latest_filename: str | None) -> str:
-    return os.path.join(directory, latest_filename or _DEFAULT_STATE_FILENAME)
+    return _paths.join(directory, latest_filename or _DEFAULT_STATE_FILENAME)
 
 
 def _fspath(path: Any, what: str) -> str:
@@ -125,6 +128,8 @@ def _read_state_text(filename: str) -> str | None:
     Anything but a regular file (a FIFO would block the read for ever) raises
     ``NotRegularFileError``, an ``OSError``: the file is then unreadable, like a malformed one.
     """
+    if _paths.is_url(filename):
+        return _decoded(state_object.read_bytes(filename, MAX_STATE_FILE_BYTES))
     try:
         fd = open_regular_file(filename, os.O_RDONLY, follow_links=True)
     except FileNotFoundError:
@@ -133,7 +138,13 @@ def _read_state_text(filename: str) -> str | None:
         if os.fstat(handle.fileno()).st_size > MAX_STATE_FILE_BYTES:
             raise CheckpointStateParseError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
         data = handle.read(MAX_STATE_FILE_BYTES + 1)
-    if len(data) > MAX_STATE_FILE_BYTES:  # grew while we read it
+    return _decoded(data)
+
+
+def _decoded(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    if len(data) > MAX_STATE_FILE_BYTES:  # (or grew while we read it)
         raise CheckpointStateParseError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
     try:
         return data.decode("utf-8")
@@ -152,7 +163,7 @@ def _read_state(filename: str) -> CheckpointState | None:
 
 def _join_with_directory(state: CheckpointState, directory: str) -> CheckpointState:
     def join(path: str) -> str:
-        return path if os.path.isabs(path) else os.path.join(directory, path)
+        return path if os.path.isabs(path) or _paths.is_url(path) else _paths.join(directory, path)
 
     return dataclasses.replace(
         state,
@@ -210,12 +221,8 @@ def get_checkpoint_state(checkpoint_dir, latest_filename: str | None = None) -> 
 
 def _storable_path(path: str, directory_abs: str) -> str:
     """Relative to the directory when inside it, absolute otherwise."""
-    path_abs = os.path.abspath(path)
-    try:
-        inside = os.path.commonpath([directory_abs, path_abs]) == directory_abs and path_abs != directory_abs
-    except ValueError:  # different drives on Windows
-        inside = False
-    return os.path.relpath(path_abs, directory_abs) if inside else path_abs
+    path_abs = _paths.absolute(path)
+    return _paths.relative(path_abs, directory_abs) if _paths.inside(path_abs, directory_abs) else path_abs
 
 
 def _fsync_directory(directory: str) -> None:
@@ -242,6 +249,9 @@ def _atomic_write_text(filename: str, text: str) -> None:
 
     The errno is kept and the original error chained.
     """
+    if _paths.is_url(filename):
+        state_object.write_bytes(filename, text.encode("utf-8"))
+        return
     try:
         _replace_text(filename, text)
     except StorageError:
@@ -281,10 +291,14 @@ def _replace_text(filename: str, text: str) -> None:
 @contextlib.contextmanager
 def _state_file_lock(directory: str, latest_filename: str | None) -> Iterator[None]:
     """Hold the cross-process lock guarding read-modify-write of one state file."""
+    name = f".{latest_filename or _DEFAULT_STATE_FILENAME}.lock"
+    if _paths.is_url(directory):
+        with state_object.lease_lock(_paths.join(directory, name)):
+            yield
+        return
     if fcntl is None:  # pragma: no cover - see the module docstring
         yield
         return
-    name = f".{latest_filename or _DEFAULT_STATE_FILENAME}.lock"
     fd = _open_lock_file(os.path.join(directory or ".", name))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -326,8 +340,8 @@ def _build_state(
             "Checkpoint timestamps, if provided, must match checkpoint paths "
             f"(got paths {paths} and timestamps {timestamps})"
         )
-    directory_abs = os.path.abspath(save_dir or ".")
-    if os.path.abspath(model_path) == os.path.abspath(_state_filename(save_dir, latest_filename)):
+    directory_abs = _paths.absolute(save_dir or ".")
+    if _paths.absolute(model_path) == _paths.absolute(_state_filename(save_dir, latest_filename)):
         raise RuntimeError(
             f"Save path '{model_path}' conflicts with path used for checkpoint state.  "
             "Please use a different save path."
@@ -342,7 +356,7 @@ def _build_state(
 
 def _write_state(save_dir: str, latest_filename: str | None, state: CheckpointState) -> None:
     """Replace the state file; the caller holds `_state_file_lock`."""
-    if save_dir:
+    if save_dir and not _paths.is_url(save_dir):
         os.makedirs(save_dir, exist_ok=True)
     _atomic_write_text(_state_filename(save_dir, latest_filename), format_checkpoint_state(state))
 
@@ -353,7 +367,7 @@ def _write_state(save_dir: str, latest_filename: str | None, state: CheckpointSt
 
 
 def _pending_deletions_filename(directory: str, latest_filename: str | None) -> str:
-    return os.path.join(directory, f".{latest_filename or _DEFAULT_STATE_FILENAME}.deleting")
+    return _paths.join(directory, f".{latest_filename or _DEFAULT_STATE_FILENAME}.deleting")
 
 
 def _write_pending_deletions(directory: str, latest_filename: str | None, paths: Sequence[str]) -> None:
@@ -369,7 +383,7 @@ def _write_pending_deletions(directory: str, latest_filename: str | None, paths:
     """
     if not paths:
         raise ValueError("no checkpoint to record for deletion")
-    directory_abs = os.path.abspath(directory or ".")
+    directory_abs = _paths.absolute(directory or ".")
     stored = [_storable_path(path, directory_abs) for path in paths]
     text = format_checkpoint_state(CheckpointState(stored[-1], stored))
     _atomic_write_text(_pending_deletions_filename(directory, latest_filename), text)
@@ -395,8 +409,12 @@ def _load_pending_deletions(directory: str, latest_filename: str | None) -> list
 
 def _remove_pending_deletions(directory: str, latest_filename: str | None) -> None:
     """Remove the pending-deletions file once every checkpoint it names is gone."""
+    filename = _pending_deletions_filename(directory, latest_filename)
+    if _paths.is_url(filename):
+        state_object.delete(filename)
+        return
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(_pending_deletions_filename(directory, latest_filename))
+        os.unlink(filename)
 
 
 def update_checkpoint_state(
@@ -446,7 +464,7 @@ def update_checkpoint_state(
         all_model_checkpoint_timestamps,
         last_preserved_timestamp,
     )
-    if save_dir:
+    if save_dir and not _paths.is_url(save_dir):
         os.makedirs(save_dir, exist_ok=True)
     with _state_file_lock(save_dir, latest_filename):
         _write_state(save_dir, latest_filename, state)

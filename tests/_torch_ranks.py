@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -66,9 +67,14 @@ def fingerprints(model, optimizer) -> dict[str, str]:
     return {name: hashlib.sha256(value.numpy().tobytes()).hexdigest() for name, value in digests.items()}
 
 
+def _fingerprints_file(folder: str, directory: str) -> str:
+    """Where the digests of a save into ``directory`` (a folder or an ``s3://`` prefix) are kept."""
+    return os.path.join(folder, re.sub(r"[^A-Za-z0-9]+", "_", directory) + ".fingerprints.json")
+
+
 def _sharded_scenario(scenario: str, folder: str, worker):
-    """``shard-save:<name>`` saves the row-sharded model; ``shard-restore:<path>`` restores it column-sharded
-    and compares every global value with what the saving group recorded."""
+    """``shard-save:<name or s3:// prefix>`` saves the row-sharded model; ``shard-restore:<path>`` restores
+    it column-sharded and compares every global value with what the saving group recorded."""
     import asyncckpt as ac  # noqa: PLC0415
 
     action, _, where = scenario.partition(":")
@@ -76,15 +82,17 @@ def _sharded_scenario(scenario: str, folder: str, worker):
         model, optimizer = _sharded_model(seed=0, placement="rows")
         options = ac.CheckpointOptions(multi_worker=worker, enable_async=True)
         checkpoint = ac.Checkpoint(model=model, optimizer=optimizer)
-        os.makedirs(os.path.join(folder, where), exist_ok=True)
-        path = checkpoint.save(os.path.join(folder, where, "ckpt"), options=options)
+        directory = where if where.startswith("s3://") else os.path.join(folder, where)  # a folder, or a bucket's
+        if not where.startswith("s3://"):
+            os.makedirs(directory, exist_ok=True)
+        path = checkpoint.save(f"{directory}/ckpt", options=options)
         checkpoint.sync()
         saved = fingerprints(model, optimizer)
         if worker.index == 0:  # for restores by groups of another size (whose training step rounds otherwise)
-            with open(os.path.join(folder, where, "fingerprints.json"), "w", encoding="utf-8") as handle:
+            with open(_fingerprints_file(folder, directory), "w", encoding="utf-8") as handle:
                 json.dump(saved, handle)
         return {"path": path, "fingerprints": saved}
-    with open(os.path.join(os.path.dirname(where), "fingerprints.json"), encoding="utf-8") as handle:
+    with open(_fingerprints_file(folder, where.rsplit("/", 1)[0]), encoding="utf-8") as handle:
         expected = json.load(handle)
     model, optimizer = _sharded_model(seed=1, placement="columns", step=False)  # moments come from the checkpoint
     ac.Checkpoint(model=model, optimizer=optimizer).restore(where).assert_consumed()
@@ -110,7 +118,8 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
         checkpoint = ac.Checkpoint(model=model, optimizer=optimizer)
         prefix = os.path.join(folder, scenario, "ckpt")
         if scenario.startswith("shard-"):
-            record(out, scenario.partition(":")[0], rank, **outcome(lambda: _sharded_scenario(scenario, folder, worker)))
+            name = scenario.partition(":")[0] + ("-s3" if "s3://" in scenario else "")
+            record(out, name, rank, **outcome(lambda: _sharded_scenario(scenario, folder, worker)))
         elif scenario == "replicated":
             options = ac.CheckpointOptions(multi_worker=worker, enable_async=True)
 

@@ -78,9 +78,9 @@ def _check_rank1_raises(tmp_path: Path, results: dict, world: int) -> None:
     assert os.listdir(tmp_path / "data" / "rank1_raises") == []  # no index, no data directory
 
 
-def _check_sharded_save(results: dict, world: int) -> tuple[str, dict]:
-    """The path all ranks saved, and the digests of the global values they saved."""
-    saved = [results[("shard-save", rank)] for rank in range(world)]
+def _check_sharded_save(results: dict, world: int, store: str = "") -> tuple[str, dict]:
+    """The path all ranks saved (``store``: "" for files, "-s3"), and the digests of the values they saved."""
+    saved = [results[(f"shard-save{store}", rank)] for rank in range(world)]
     assert all("ok" in outcome for outcome in saved), saved
     assert len({outcome["ok"]["path"] for outcome in saved}) == 1
     assert len({json.dumps(outcome["ok"]["fingerprints"], sort_keys=True) for outcome in saved}) == 1
@@ -108,18 +108,27 @@ def _check_restored_in_one_process(path: str, expected: dict) -> None:
            for name, value in digests.items()}
     assert got == expected
     ac.load_checkpoint(path).verify()
-    with open(path + ".index", "rb") as index:
-        stored = json.loads(index.read())
+    from asyncckpt import state_object
+
+    stored = json.loads(state_object.read_bytes(path + ".index", 1 << 24) if path.startswith("s3://")
+                        else Path(path + ".index").read_bytes())
     assert stored["format_version"] == 2  # the DTensors were stored as shards, not gathered
     assert "shards" in stored["tensors"]["model/.ATTRIBUTES/0..weight"]
 
 
-def test_two_gloo_ranks_save_replicated_state_fail_together_and_name_a_dead_rank(tmp_path):
-    results = _run_group(tmp_path, 2, ["replicated", "rank1_raises", "shard-save:sharded",
-                                       f"shard-restore:{tmp_path}/data/sharded/ckpt-1", "rank1_exits"])
-    path, expected = _check_sharded_save(results, 2)
-    assert [results[("shard-restore", rank)] for rank in range(2)] == [{"ok": {"same": True}}] * 2  # rows -> columns
-    _check_restored_in_one_process(path, expected)  # 2 -> 1
+def test_two_gloo_ranks_save_replicated_and_sharded_state_on_files_and_s3_fail_together_and_name_a_dead_rank(
+        tmp_path, bucket):
+    results = _run_group(tmp_path, 2, [
+        "replicated", "rank1_raises",
+        "shard-save:sharded", f"shard-restore:{tmp_path}/data/sharded/ckpt-1",
+        f"shard-save:s3://{bucket}/sharded", f"shard-restore:s3://{bucket}/sharded/ckpt-1",
+        "rank1_exits",
+    ])
+    for store in ("", "-s3"):
+        path, expected = _check_sharded_save(results, 2, store)
+        assert [results[(f"shard-restore{store}", rank)] for rank in range(2)] == [{"ok": {"same": True}}] * 2
+        _check_restored_in_one_process(path, expected)  # 2 -> 1
+    assert path == f"s3://{bucket}/sharded/ckpt-1"
     _check_replicated(tmp_path, results, 2)
     _check_rank1_raises(tmp_path, results, 2)
     dead = results[("rank1_exits", 0)]

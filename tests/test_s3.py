@@ -205,3 +205,47 @@ def test_a_server_that_ignores_conditional_writes_is_refused_at_first_use(s3_ser
 def test_a_path_of_another_bucket_is_refused_by_a_storage():
     with pytest.raises(ValueError, match="not in this storage's"):
         S3Storage("one").split("s3://two/ckpt")
+
+
+def test_a_manager_keeps_its_state_object_and_retention_in_the_bucket(s3_server, bucket):
+    directory = f"s3://{bucket}/managed"
+    variable = ac.Variable(np.zeros(4))
+    manager = ac.CheckpointManager(ac.Checkpoint(v=variable), directory, max_to_keep=2)
+    for step in range(4):
+        variable.assign(np.full(4, float(step)))
+        manager.save(options=ac.CheckpointOptions(enable_async=step % 2 == 1))
+    manager.sync()
+    assert manager.checkpoints == [f"{directory}/ckpt-3", f"{directory}/ckpt-4"]
+    keys = s3_server.keys(bucket)
+    assert "managed/checkpoint" in keys
+    assert {key.split("/")[1].split(".")[0] for key in keys if ".index" in key} == {"ckpt-3", "ckpt-4"}
+    assert not any(".lock" in key or ".deleting" in key for key in keys)
+    assert ac.latest_checkpoint(directory) == f"{directory}/ckpt-4"
+    state = ac.get_checkpoint_state(directory)
+    assert state.all_model_checkpoint_paths == [f"{directory}/ckpt-3", f"{directory}/ckpt-4"]
+    # The state object holds paths relative to the directory, as TensorFlow's state file does.
+    from asyncckpt import state_object
+
+    text = state_object.read_bytes(f"{directory}/checkpoint", 1 << 20).decode()
+    assert text.splitlines()[0] == 'model_checkpoint_path: "ckpt-4"'
+    # A new manager over the bucket adopts the checkpoints and goes on numbering after them.
+    resumed = ac.Variable(np.zeros(4))
+    again = ac.CheckpointManager(ac.Checkpoint(v=resumed), directory, max_to_keep=2)
+    assert again.restore_or_initialize() == f"{directory}/ckpt-4"
+    np.testing.assert_array_equal(resumed.numpy(), np.full(4, 3.0))
+    again.save()
+    assert again.checkpoints == [f"{directory}/ckpt-4", f"{directory}/ckpt-5"]
+    assert not ac.checkpoint_exists(f"{directory}/ckpt-3")
+
+
+def test_the_command_line_reads_checkpoints_in_a_bucket(s3_server, bucket, capsys):
+    from asyncckpt import cli
+
+    manager = ac.CheckpointManager(ac.Checkpoint(**_model(5)), f"s3://{bucket}/runs", max_to_keep=1)
+    manager.save()
+    assert cli.main(["ls", f"s3://{bucket}/runs"]) == 0  # a directory: its latest checkpoint
+    listed = capsys.readouterr().out
+    assert "w" in listed and "[64, 32]" in listed
+    assert cli.main(["verify", f"s3://{bucket}/runs/ckpt-1"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert cli.main(["verify", f"s3://{bucket}/runs/ckpt-9"]) == 1

@@ -18,6 +18,7 @@ from asyncckpt.io.pending import WriteHandle, await_pending_writes, has_pending_
 from asyncckpt.io.read import CheckpointReader, VerifyReport, aopen_reader, open_reader
 from asyncckpt.io.settings import ReadSettings, WriteMetrics, WriteSettings, WriteStats
 from asyncckpt.io.sources import SaveEntry
+from asyncckpt.io.storage import storage_for_path
 from asyncckpt.io.write import PreparedWrite, prepare_write, start_write
 
 __all__ = [
@@ -40,5 +41,6 @@ __all__ = [
     "open_reader",
     "prepare_write",
     "start_write",
+    "storage_for_path",
     "wait_for_pending_writes",
 ]

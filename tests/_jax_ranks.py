@@ -9,6 +9,30 @@ import time
 from _rank_results import outcome, record, save_with_a_failing_rank
 
 
+def _sharded(jax, np, ac, worker, prefix: str) -> dict:
+    """An array split over every process's devices: each process writes its own shards; then restored
+    with the rows and columns split another way, and replicated, each process checking its devices' data."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: PLC0415
+
+    full = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
+    devices = np.array(jax.devices())
+    rows = NamedSharding(Mesh(devices, ("x",)), PartitionSpec("x"))
+    value = jax.make_array_from_callback(full.shape, rows, lambda index: full[index])
+    checkpoint = ac.Checkpoint(params=ac.PyTree({"w": value}))
+    path = checkpoint.save(prefix, options=ac.CheckpointOptions(multi_worker=worker, enable_async=True))
+    checkpoint.sync()
+    grid = Mesh(devices.reshape(2, -1), ("a", "b"))
+    same = []
+    for spec in (PartitionSpec("b", "a"), PartitionSpec()):
+        like = jax.make_array_from_callback(full.shape, NamedSharding(grid, spec), lambda index: np.zeros_like(full[index]))
+        holder = ac.PyTree({"w": like})
+        ac.Checkpoint(params=holder).restore(path).assert_consumed()
+        restored = holder.value["w"]
+        same.append(restored.sharding == like.sharding and all(
+            np.array_equal(np.asarray(shard.data), full[shard.index]) for shard in restored.addressable_shards))
+    return {"path": path, "devices": len(devices), "same": same}
+
+
 def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: list[str]) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax  # noqa: PLC0415
@@ -36,6 +60,8 @@ def main(rank: int, world: int, port: int, folder: str, out: str, scenarios: lis
                 return {"path": path, "same": same}
 
             record(out, scenario, rank, **outcome(save_and_restore))
+        elif scenario == "sharded":
+            record(out, scenario, rank, **outcome(lambda: _sharded(jax, np, ac, worker, prefix)))
         elif scenario == "rank1_raises":
             record(out, scenario, rank, **save_with_a_failing_rank(checkpoint, prefix, worker))
         elif scenario == "rank1_stays_away":

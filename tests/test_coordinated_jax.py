@@ -17,7 +17,7 @@ RANK_PROGRAM = Path(__file__).with_name("_jax_ranks.py")
 
 
 def test_two_jax_processes_save_together_fail_together_and_name_a_process_that_stays_away(tmp_path):
-    scenarios = ["replicated", "rank1_raises", "rank1_stays_away"]
+    scenarios = ["replicated", "sharded", "rank1_raises", "rank1_stays_away"]
     data, out = tmp_path / "data", tmp_path / "out"
     out.mkdir()
     for scenario in scenarios:
@@ -39,6 +39,12 @@ def test_two_jax_processes_save_together_fail_together_and_name_a_process_that_s
         failed = results[f"rank1_raises-{rank}"]
         assert failed["error"] == "CoordinationError" and "rank 1: OSError" in failed["message"]
     assert len([name for name in os.listdir(data / "replicated") if ".data-" in name]) == 2
+    sharded = [results[f"sharded-{rank}"] for rank in range(2)]
+    assert all(outcome.get("ok", {}).get("same") == [True, True] for outcome in sharded), sharded
+    assert sharded[0]["ok"]["devices"] >= 4  # every process's devices, in one global mesh
+    with open(data / "sharded" / "ckpt-1.index", "rb") as index:
+        record = json.loads(index.read())["tensors"]["params/.ATTRIBUTES/w"]
+    assert len(record["shards"]) == sharded[0]["ok"]["devices"]  # each device's rows, written by its process
     assert os.listdir(data / "rank1_raises") == []
     away = results["rank1_stays_away-0"]
     assert away["error"] == "CheckpointTimeoutError" and "rank 1 of 2 had not arrived" in away["message"]

@@ -97,6 +97,9 @@ class ShardedValue:
     global_shape: tuple[int, ...]
     dtype: str
     shards: tuple[Shard, ...] = ()
+    #: Boxes this process holds but another writes (its replicas): never written by this
+    #: process, only checksummed when a save checks that replicas agree.
+    held: tuple[Shard, ...] = ()
 
 
 @dataclass

@@ -308,3 +308,37 @@ def test_a_key_with_a_nul_character_is_refused():
     import asyncckpt.io as ckio
     with pytest.raises(ValueError, match="NUL"):
         ckio.prepare_write([ckio.SaveEntry("a\x00b", np.zeros(1))], {})
+
+
+def _replicated_rows(values_of_rank):
+    """Four ranks, rows split in two, each half replicated on two ranks holding ``values_of_rank(rank)``."""
+    def make(rank):
+        row, replica = divmod(rank, 2)
+        box = ac.Box((row * 6, 0), (6, 10))
+        return {"w": ac.ShardedVariable.shard(values_of_rank(rank)[box.slices()], global_shape=FULL.shape,
+                                              offset=box.offset, replicas=(replica, 2), name="w")}
+    return make
+
+
+def _save_checking_replicas(path):
+    def action(rank, coordinator, objects):
+        options = ac.CheckpointOptions(multi_worker=ac.MultiWorker.of(coordinator, check_replicas=True))
+        return ac.Checkpoint(**objects).save(path, options=options)
+    return action
+
+
+def test_check_replicas_passes_when_the_holders_of_each_box_agree(tmp_path):
+    path = str(tmp_path / "ckpt")
+    outcomes = _on_ranks(4, _replicated_rows(lambda rank: FULL), _save_checking_replicas(path))
+    assert set(outcomes.values()) == {path + "-1"}, outcomes
+
+
+def test_check_replicas_names_a_box_whose_holders_differ(tmp_path):
+    def values(rank):
+        return FULL + 1 if rank == 3 else FULL  # rank 3 holds the lower half, replicated with rank 2
+
+    outcomes = _on_ranks(4, _replicated_rows(values), _save_checking_replicas(str(tmp_path / "ckpt")))
+    for error in outcomes.values():
+        assert isinstance(error, ac.CoordinationError), error
+        assert "the holders of a box differ" in str(error) and "at [6, 0] (ranks [2, 3])" in str(error)
+    assert not (tmp_path / "ckpt-1.index").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c
@@ -29,10 +30,11 @@ from asyncckpt.format import Manifest, Section, parse_manifest, parse_section
 from asyncckpt.naming import index_name, parse_data_dir_name
 from asyncckpt.io.commit import clean_debris, discard_uncommitted, missing_bytes, publish, referenced_data_dirs
 from asyncckpt.io.coordination import Team, check_section, merge, save_id
-from asyncckpt.io.sources import Source, SourceKind
+from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source
+from asyncckpt.shards import ShardedValue, parse_item_key, shard_key
 from asyncckpt.io.storage import Backend
 
-__all__ = ["CoordinatedWrite", "replica_checksums"]
+__all__ = ["CoordinatedWrite", "ReplicaChecksums", "replica_checksums"]
 
 #: How many differing keys an error names per rank.
 SHOWN_KEYS = 5
@@ -46,47 +48,64 @@ def _error_payload(rank: int, error: BaseException) -> bytes:
     return json.dumps({"rank": rank, "error": text}).encode("utf-8", "surrogatepass")
 
 
-def _section_payload(section: bytes, checksums: list[int | None] | None) -> bytes:
-    return json.dumps({"section": section.decode("utf-8", "surrogateescape"), "checksums": checksums}).encode()
+def _section_payload(section: bytes, checksums: ReplicaChecksums | None) -> bytes:
+    values, boxes = (checksums.values, checksums.boxes) if checksums is not None else (None, None)
+    return json.dumps({"section": section.decode("utf-8", "surrogateescape"), "checksums": values,
+                       "boxes": boxes}).encode()
 
 
-def _unpack(payload: bytes) -> tuple[str | None, bytes, Any]:
-    """``(error, section, checksums)`` of what a rank sent: its error report, or its section envelope."""
+def _unpack(payload: bytes) -> tuple[str | None, bytes, Any, Any]:
+    """``(error, section, checksums, box checksums)`` of what a rank sent: its error, or its section envelope."""
     try:
         document = json.loads(payload)
         if "error" in document:
-            return str(document["error"]), b"", None
-        return None, document["section"].encode("utf-8", "surrogateescape"), document["checksums"]
+            return str(document["error"]), b"", None, None
+        return None, document["section"].encode("utf-8", "surrogateescape"), document["checksums"], document["boxes"]
     except (ValueError, KeyError, TypeError, AttributeError):
-        return "an unreadable report", b"", None
+        return "an unreadable report", b"", None, None
 
 
-def replica_checksums(sources: Sequence[Source]) -> list[int | None]:
-    """The CRC-32C of every value this rank saves, taken now (``None`` where the bytes are on a device).
+@dataclass(frozen=True)
+class ReplicaChecksums:
+    """What a rank holds, checksummed at ``save()`` for ``MultiWorker(check_replicas=True)``.
 
-    For ``MultiWorker(check_replicas=True)``: every rank checksums all of its values at ``save()``,
-    not only its share, so the chief can tell replicas that differ (a pass over the whole state).
+    ``values``: the CRC-32C of every replicated value, in the save's order (``None`` on a device).
+    ``boxes``: the CRC-32C of every box of a sharded value this rank holds, written by it or not,
+    by shard item key -- so the chief can tell replicas of one box that differ.
     """
-    checksums: list[int | None] = []
-    for source in sources:
-        if source.kind is SourceKind.BYTES:
-            checksums.append(crc32c.crc32c(source.value))
-            continue
-        if source.off_host:
-            checksums.append(None)
-            continue
-        array = np.asarray(source.live_array())
-        if array.dtype.hasobject:
-            checksums.append(crc32c.crc32c(json.dumps([str(item) for item in array.ravel()]).encode()))
-        else:
-            checksums.append(crc32c.crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-    return checksums
+
+    values: list[int | None]
+    boxes: dict[str, int | None]
+
+
+def _checksum(source: Source) -> int | None:
+    if source.kind is SourceKind.BYTES:
+        return crc32c.crc32c(source.value)
+    if source.off_host:
+        return None
+    array = np.asarray(source.live_array())
+    if array.dtype.hasobject:
+        return crc32c.crc32c(json.dumps([str(item) for item in array.ravel()]).encode())
+    return crc32c.crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def replica_checksums(sources: Sequence[Source], entries: Sequence[SaveEntry] = ()) -> ReplicaChecksums:
+    """The checksums of every replicated value (``sources``) and of every box the ``entries``' sharded
+    values hold, taken now: a pass over the whole state, each rank's share or not."""
+    boxes: dict[str, int | None] = {}
+    for entry in entries:
+        value = entry.source
+        if isinstance(value, ShardedValue):
+            for shard in (*value.shards, *value.held):
+                item = shard_key(entry.key, value.dtype, value.global_shape, shard.offset)
+                boxes[item] = _checksum(prepare_source(item, shard.value))
+    return ReplicaChecksums([_checksum(source) for source in sources], boxes)
 
 
 class CoordinatedWrite:
     """One rank's part of one coordinated write (the write executor runs it instead of committing alone)."""
 
-    def __init__(self, team: Team, stem: str, path: str, checksums: list[int | None] | None = None) -> None:
+    def __init__(self, team: Team, stem: str, path: str, checksums: ReplicaChecksums | None = None) -> None:
         self.team = team
         self.checksums = checksums  # every value's CRC at save(), with check_replicas
         self.coordinator = team.worker.coordinator
@@ -137,13 +156,13 @@ class CoordinatedWrite:
         """The chief's part: b"ok" once ``P.index`` names every rank's data, else what went wrong."""
         count = self.team.worker.count
         reports = [_unpack(payload) for payload in gathered]
-        failures = [(rank, error) for rank, (error, _, _) in enumerate(reports) if error is not None]
+        failures = [(rank, report[0]) for rank, report in enumerate(reports) if report[0] is not None]
         if failures:
             described = "; ".join(f"rank {rank}: {error}" for rank, error in failures)
             return f"checkpoint {self.path} was not committed: {described}".encode()
         try:
             if self.checksums is not None:
-                differing = self._differing_replicas([checksums for _, _, checksums in reports])
+                differing = self._differing_replicas([report[2] for report in reports], [report[3] for report in reports])
                 if differing:
                     return (f"checkpoint {self.path} was not committed: ranks hold different values under the same "
                             f"key (check_replicas): {differing}").encode()
@@ -174,8 +193,9 @@ class CoordinatedWrite:
             await clean_debris(backend, exclude=frozenset(merged.all_data_dirs))
         return b"ok"
 
-    def _differing_replicas(self, every_rank: list[Any]) -> str:
-        """Which ranks' checksums differ from the chief's, and where ("" when all agree)."""
+    def _differing_replicas(self, every_rank: list[Any], every_rank_boxes: list[Any]) -> str:
+        """Which ranks' checksums differ from the chief's (or, for a box, from its other holders'), and
+        where ("" when all agree)."""
         problems = []
         order = self.team.order
         for rank, checksums in enumerate(every_rank):
@@ -183,10 +203,26 @@ class CoordinatedWrite:
                 problems.append(f"rank {rank} sent {len(checksums) if type(checksums) is list else 'no'} checksums "
                                 f"for {len(order)} values")
             elif rank:
-                keys = [key for key, mine, theirs in zip(order, self.checksums, checksums)
+                keys = [key for key, mine, theirs in zip(order, self.checksums.values, checksums)
                         if mine is not None and theirs is not None and mine != theirs]
                 if keys:
-                    shown = ", ".join(repr(key) for key in keys[:SHOWN_KEYS])
-                    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
-                    problems.append(f"rank {rank} differs from rank 0 at {shown}{more}")
+                    problems.append(f"rank {rank} differs from rank 0 at {_some(keys)}")
+        holders: dict[str, dict[int, int]] = {}  # a box -> its holders' checksums
+        for rank, boxes in enumerate(every_rank_boxes):
+            if isinstance(boxes, dict):
+                for item, crc in boxes.items():
+                    if type(crc) is int:
+                        holders.setdefault(item, {})[rank] = crc
+        differing = []
+        for item, crcs in holders.items():
+            if len(set(crcs.values())) > 1:
+                key, _, _, offset = parse_item_key(item)
+                differing.append(f"{key!r} at {list(offset)} (ranks {sorted(crcs)})")
+        if differing:
+            problems.append(f"the holders of a box differ: {_some(differing, quote=False)}")
         return "; ".join(problems)
+
+
+def _some(names: list[str], *, quote: bool = True) -> str:
+    shown = ", ".join(repr(name) if quote else name for name in names[:SHOWN_KEYS])
+    return shown + (f" and {len(names) - SHOWN_KEYS} more" if len(names) > SHOWN_KEYS else "")

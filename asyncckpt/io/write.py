@@ -239,7 +239,8 @@ def start_write(
     if worker is not None and worker.count > 1:
         if worker.check_replicas and worker.coordinator is not None:
             # every replicated value, before the share is taken (a shard has no replica to compare)
-            checksums = replica_checksums([s for s in prepared.sources if not is_shard_item(s.key)])
+            checksums = replica_checksums([s for s in prepared.sources if not is_shard_item(s.key)],
+                                          prepared.sharded_entries)
         team, prepared = _share_of(prepared, worker)
     callbacks = tuple(on_commit)
     for callback in callbacks:

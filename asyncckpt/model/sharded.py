@@ -108,9 +108,12 @@ class ShardedVariable(Trackable):
     # ------------------------------------------------------------------ checkpointing
     def _serialize_to_tensors(self) -> dict[str, Any]:
         index, count = self._replicas
-        written = tuple(Shard(offset, variable) for offset, variable in self._pieces
-                        if spread_writer(self._name, Box(offset, variable.shape), count) == index)
-        return {VARIABLE_VALUE_KEY: ShardedValue(self._global_shape, dtype_string(self._dtype), written)}
+        written, held = [], []
+        for offset, variable in self._pieces:
+            mine = spread_writer(self._name, Box(offset, variable.shape), count) == index
+            (written if mine else held).append(Shard(offset, variable))
+        value = ShardedValue(self._global_shape, dtype_string(self._dtype), tuple(written), tuple(held))
+        return {VARIABLE_VALUE_KEY: value}
 
     def _checkpoint_attribute_names(self) -> tuple[str, ...]:
         return (VARIABLE_VALUE_KEY,)

@@ -91,9 +91,11 @@ def _sharded_value(array: jax.Array) -> ShardedValue:
     process it is, so every box is written once with no agreement needed.
     """
     shape = tuple(array.shape)
-    shards = tuple(Shard(_box(shard.index, shape).offset, leaves.FrozenArray(np.asarray(shard.data)))
-                   for shard in array.addressable_shards if shard.replica_id == 0)
-    return ShardedValue(shape, dtype_string(np.dtype(array.dtype)), shards)
+    written, held = [], []
+    for shard in array.addressable_shards:
+        piece = Shard(_box(shard.index, shape).offset, leaves.FrozenArray(np.asarray(shard.data)))
+        (written if shard.replica_id == 0 else held).append(piece)
+    return ShardedValue(shape, dtype_string(np.dtype(array.dtype)), tuple(written), tuple(held))
 
 
 def save_value(array: jax.Array, name: str = "") -> Any:

@@ -61,10 +61,10 @@ def save_value(dtensor: Any, name: str = "") -> ShardedValue:
     """The global shape and, when this rank writes it, its box (from the local tensor's own memory)."""
     box, index, count = _layout(dtensor)
     dtype = dtype_string(torch_adapter.numpy_dtype(dtensor.dtype))
+    shard = Shard(box.offset, torch_adapter.save_value(local_tensor(dtensor).detach()))
     if spread_writer(name, box, count) != index:
-        return ShardedValue(tuple(dtensor.shape), dtype)
-    local = local_tensor(dtensor).detach()
-    return ShardedValue(tuple(dtensor.shape), dtype, (Shard(box.offset, torch_adapter.save_value(local)),))
+        return ShardedValue(tuple(dtensor.shape), dtype, held=(shard,))  # another holder writes it
+    return ShardedValue(tuple(dtensor.shape), dtype, (shard,))
 
 
 def boxes(dtensor: Any) -> ShardedTarget:

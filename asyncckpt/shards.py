@@ -31,6 +31,7 @@ __all__ = [
     "ShardedTarget",
     "SHARD_SEPARATOR",
     "MAX_SHARDS",
+    "SHARD_EXTENT_BYTES",
     "declaration_key",
     "shard_key",
     "parse_item_key",
@@ -48,6 +49,9 @@ __all__ = [
 SHARD_SEPARATOR = "\x00"
 #: The most shards one value may have in a checkpoint.
 MAX_SHARDS = 1 << 20
+#: A stored shard's chunks are checksummed in extents of at most this many bytes, so a read of
+#: part of it reads, and verifies, at most one extent beyond what it needs at each end.
+SHARD_EXTENT_BYTES = 1 << 20
 #: Above this many grid cells, :func:`tiling_problem` compares shards pairwise instead.
 _MAX_GRID_CELLS = 1 << 22
 

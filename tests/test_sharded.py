@@ -342,3 +342,28 @@ def test_check_replicas_names_a_box_whose_holders_differ(tmp_path):
         assert isinstance(error, ac.CoordinationError), error
         assert "the holders of a box differ" in str(error) and "at [6, 0] (ranks [2, 3])" in str(error)
     assert not (tmp_path / "ckpt-1.index").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Any slicing in, any boxes out (hypothesis)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from test_shards_properties import box_in, grid_split  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(grid_split(), st.data())
+def test_boxes_read_from_any_slicing_equal_numpy_slices(tmp_path_factory, split, data):
+    shape, boxes = split
+    full = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape) * 1.5
+    folder = tmp_path_factory.mktemp("boxes")
+    variable = ac.ShardedVariable(shape, [(box.offset, full[box.slices()]) for box in boxes], name="w")
+    settings_ = ac.WriteSettings(chunk_bytes=64, small_array_bytes=16)  # many small extents
+    path = ac.Checkpoint(w=variable).save(str(folder / "ckpt"), options=ac.CheckpointOptions(write_settings=settings_))
+    reader = ac.load_checkpoint(path)
+    wanted = data.draw(st.lists(box_in(shape), min_size=1, max_size=4))
+    for box, got in zip(wanted, reader.read_boxes(KEY, wanted)):
+        np.testing.assert_array_equal(got, full[box.slices()])
+    np.testing.assert_array_equal(reader.read(KEY), full)

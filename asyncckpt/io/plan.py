@@ -33,10 +33,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PlanItem:
-    """One value to write: its checkpoint key and its size in bytes."""
+    """One value to write: its checkpoint key and its size in bytes.
+
+    ``extent_bytes`` splits the value's chunks into extents (each with its own checksum) of at
+    most that many bytes: for values read in parts (shards), so a partial read reads and checks
+    little beyond what it needs.
+    """
 
     key: str
     nbytes: int
+    extent_bytes: int | None = None
 
 
 class Piece(NamedTuple):
@@ -126,7 +132,10 @@ def plan_write(
             continue
         for start in range(0, item.nbytes, chunk_bytes):
             length = min(chunk_bytes, item.nbytes - start)
-            files.append(FilePlan(f"chunk-{chunk_count:05d}", length, (Piece(index, start, 0, length),)))
+            step = item.extent_bytes or length
+            pieces = tuple(Piece(index, start + offset, offset, min(step, length - offset))
+                           for offset in range(0, length, step))
+            files.append(FilePlan(f"chunk-{chunk_count:05d}", length, pieces))
             chunk_count += 1
     close_pack()
     # A pack is appended when it closes, after chunks of later items; put files back in the order

@@ -48,6 +48,25 @@ class _Copy:
     destination: np.ndarray
     target: tuple[slice, ...]
 
+    def apply(self) -> None:
+        nbytes = int(np.prod(self.rows_shape, dtype=np.int64)) * self.destination.dtype.itemsize
+        rows = self.buffer[self.start:self.start + nbytes].view(self.destination.dtype).reshape(self.rows_shape)
+        self.destination[self.target] = rows[self.source]
+
+
+@dataclass
+class _FlatCopy:
+    """After a batch is read: ``length`` bytes of ``buffer`` at ``start`` into flat bytes ``target`` at ``at``."""
+
+    buffer: np.ndarray
+    start: int
+    target: np.ndarray
+    at: int
+    length: int
+
+    def apply(self) -> None:
+        self.target[self.at:self.at + self.length] = self.buffer[self.start:self.start + self.length]
+
 
 class _Batch:
     """Pseudo-records to read together, their destinations, and the copies to make afterwards."""
@@ -115,9 +134,14 @@ class BoxReads:
     def _plan_box(self, key, batch, shard: TensorRecord, offset, common: Box, box: Box, array, dtype) -> None:
         """Blocks of the shard rows holding ``common``, each one buffer of the extents it needs."""
         itemsize = dtype.itemsize
-        bounds = np.cumsum([0, *(extent.length for extent in shard.extents)], dtype=np.int64)
-        spans = np.stack([bounds[:-1], bounds[1:]], axis=1) if len(shard.extents) else np.zeros((0, 2), np.int64)
+        spans = _spans(shard)
         need = Box(tuple(c - o for c, o in zip(common.offset, offset)), common.shape)
+        starts, length = needed_runs(shard.shape, itemsize, need)
+        place = Box(tuple(c - b for c, b in zip(common.offset, box.offset)), common.shape)
+        if len(starts) == 1 and len(needed_runs(box.shape, itemsize, place)[0]) == 1:
+            at = int(needed_runs(box.shape, itemsize, place)[0][0])
+            self._plan_run(key, batch, shard, offset, spans, int(starts[0]), length, array, at)
+            return
         row_bytes = int(np.prod(shard.shape[1:], dtype=np.int64)) * itemsize
         for block in row_blocks(need, shard.shape, itemsize, BLOCK_BYTES):
             starts, length = needed_runs(shard.shape, itemsize, block)
@@ -131,13 +155,9 @@ class BoxReads:
             buffer = np.empty(high - low, dtype=np.uint8)
             for group in np.split(touched, np.nonzero(np.diff(touched) != 1)[0] + 1):
                 begin, end = int(spans[group[0], 0]), int(spans[group[-1], 1])
-                extents = tuple(shard.extents[int(index)] for index in group)
-                crc = extents[0].crc32c
-                for extent in extents[1:]:
-                    crc = crc32c_combine(crc, extent.crc32c, extent.length)
                 # (numbered: two boxes may need the same extents, each into a buffer of its own)
                 name = f"{key} (shard at {list(offset)}, bytes {begin}:{end}, read {len(batch.records)})"
-                batch.records[name] = TensorRecord("|u1", (end - begin,), end - begin, crc, extents)
+                batch.records[name] = _record_of(shard, group)
                 batch.out[name] = buffer[begin - low:end - low]
             rows_shape = (rows, *shard.shape[1:]) if block.shape else ()
             source = (slice(None), *block.slices()[1:]) if block.shape else ()
@@ -147,15 +167,52 @@ class BoxReads:
                                       rows_shape, source, array, target))
             batch.bytes += len(buffer)
 
+    def _plan_run(self, key, batch, shard: TensorRecord, offset, spans, start: int, length: int, array, at: int):
+        """A box whose bytes are one run in the shard and one run in its destination (a split by rows):
+        extents wholly inside the run are read straight into the destination, the one or two at its
+        ends into a buffer of their own, and the part inside copied over."""
+        flat = array.reshape(-1).view(np.uint8)
+        touched = touched_extents(spans, np.array([start], dtype=np.int64), length)
+        inner = [int(i) for i in touched if spans[i, 0] >= start and spans[i, 1] <= start + length]
+        for group in np.split(np.array(inner, dtype=np.int64), np.nonzero(np.diff(inner) != 1)[0] + 1) if inner else ():
+            begin, end = int(spans[group[0], 0]), int(spans[group[-1], 1])
+            name = f"{key} (shard at {list(offset)}, bytes {begin}:{end}, read {len(batch.records)})"
+            batch.records[name] = _record_of(shard, group)
+            batch.out[name] = flat[at + begin - start:at + end - start]
+            batch.bytes += end - begin
+        for index in (int(i) for i in touched if int(i) not in inner):
+            begin, end = int(spans[index, 0]), int(spans[index, 1])
+            buffer = np.empty(end - begin, dtype=np.uint8)
+            name = f"{key} (shard at {list(offset)}, bytes {begin}:{end}, read {len(batch.records)})"
+            batch.records[name] = _record_of(shard, [index])
+            batch.out[name] = buffer
+            low, high = max(begin, start), min(end, start + length)
+            batch.copies.append(_FlatCopy(buffer, low - begin, flat, at + low - start, high - low))
+            batch.bytes += end - begin
+
     async def _finish(self, batch: _Batch) -> None:
         """Read a batch (every extent verified), then copy each block's elements out."""
         if not batch.records:
             return
         await self._read_records(batch.records, assemble=True, out=batch.out)
         for copy in batch.copies:
-            nbytes = int(np.prod(copy.rows_shape, dtype=np.int64)) * copy.destination.dtype.itemsize
-            rows = copy.buffer[copy.start:copy.start + nbytes].view(copy.destination.dtype).reshape(copy.rows_shape)
-            copy.destination[copy.target] = rows[copy.source]
+            copy.apply()
+
+
+def _spans(shard: TensorRecord) -> np.ndarray:
+    """``[start, stop)`` of each extent in the shard's own bytes."""
+    bounds = np.cumsum([0, *(extent.length for extent in shard.extents)], dtype=np.int64)
+    return np.stack([bounds[:-1], bounds[1:]], axis=1) if len(shard.extents) else np.zeros((0, 2), np.int64)
+
+
+def _record_of(shard: TensorRecord, indices) -> TensorRecord:
+    """Consecutive extents ``indices`` of ``shard`` as a record of bytes of their own (their checksums combined)."""
+    extents = tuple(shard.extents[int(index)] for index in indices)
+    crc = extents[0].crc32c
+    for extent in extents[1:]:
+        crc = crc32c_combine(crc, extent.crc32c, extent.length)
+    length = sum(extent.length for extent in extents)
+    return TensorRecord("|u1", (length,), length, crc, extents)
 
 
 def whole_box(shape: Sequence[int], out: Any = None) -> ShardedTarget:

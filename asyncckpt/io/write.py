@@ -53,7 +53,7 @@ from asyncckpt.io.plan import PlanItem, WritePlan, plan_write
 from asyncckpt.io.guard_layout import GuardLayout
 from asyncckpt.io.snapshot import Snapshot
 from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source, prepare_sources
-from asyncckpt.shards import SHARD_SEPARATOR, is_shard_item
+from asyncckpt.shards import SHARD_EXTENT_BYTES, SHARD_SEPARATOR, is_shard_item
 from asyncckpt.io.staging import ByteBudget
 from asyncckpt.io.storage import Backend, Storage
 
@@ -148,7 +148,8 @@ class PreparedWrite:
 
 def _plan(sources: Sequence[Source], settings: PlanSettings) -> WritePlan:
     return plan_write(
-        [PlanItem(source.key, source.nbytes) for source in sources],
+        [PlanItem(source.key, source.nbytes, SHARD_EXTENT_BYTES if SHARD_SEPARATOR in source.key else None)
+         for source in sources],
         small_array_bytes=settings.small_array_bytes,
         pack_bytes=settings.pack_bytes,
         chunk_bytes=settings.chunk_bytes,

@@ -21,7 +21,7 @@ from asyncckpt.model.adapters import leaves
 from asyncckpt.model.adapters.pytree import PyTree
 from asyncckpt.dtypes import dtype_string
 from asyncckpt.model.adapters.structure import leaf_name
-from asyncckpt.shards import Box, Shard, ShardedTarget, ShardedValue
+from asyncckpt.shards import Box, Shard, ShardedTarget, ShardedValue, spread_writer
 
 __all__ = ["adapt", "boxes", "destination", "flatten", "host_view", "is_abstract", "is_array", "is_registered_node", "new", "restored", "restored_key",
            "save_value"]
@@ -84,17 +84,23 @@ def _box(index: tuple, shape: tuple[int, ...]) -> Box:
     return Box(tuple(offset), tuple(size))
 
 
-def _sharded_value(array: jax.Array) -> ShardedValue:
-    """Each box of ``array`` this process holds, written by the holder of its first replica only.
+def _sharded_value(array: jax.Array, name: str) -> ShardedValue:
+    """Each box of ``array`` this process holds; a box is written by one of the devices holding it.
 
-    A shard's ``replica_id`` is 0 on exactly one device of all holding that box, in whichever
-    process it is, so every box is written once with no agreement needed.
+    Every process knows every device's box (the sharding says), so each picks the same writer
+    for a box -- spread over the holders by the value's name and the box -- with no agreement
+    needed, and every box is written once.
     """
     shape = tuple(array.shape)
+    holders: dict[Box, list] = {}
+    for device, index in array.sharding.devices_indices_map(shape).items():
+        holders.setdefault(_box(index, shape), []).append(device)
     written, held = [], []
     for shard in array.addressable_shards:
-        piece = Shard(_box(shard.index, shape).offset, leaves.FrozenArray(np.asarray(shard.data)))
-        (written if shard.replica_id == 0 else held).append(piece)
+        box = _box(shard.index, shape)
+        devices = sorted(holders[box], key=lambda device: device.id)
+        piece = Shard(box.offset, leaves.FrozenArray(np.asarray(shard.data)))
+        (written if devices[spread_writer(name, box, len(devices))] == shard.device else held).append(piece)
     return ShardedValue(shape, dtype_string(np.dtype(array.dtype)), tuple(written), tuple(held))
 
 
@@ -108,7 +114,7 @@ def save_value(array: jax.Array, name: str = "") -> Any:
     if _is_key(array):
         return leaves.KeyArray(leaves.FrozenArray(np.asarray(jax.random.key_data(array))), str(jax.random.key_impl(array)))
     if _held_in_part(array):
-        return _sharded_value(array)
+        return _sharded_value(array, name)
     return leaves.FrozenArray(np.asarray(array))
 
 

@@ -187,7 +187,11 @@ def main(argv=None) -> int:
     parser.add_argument("--as-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return run_rank_or_report(parser.parse_args(argv), rank_main, measure, "bench_dist.py", "asyncckpt-dist-")
+
+
+def run_rank_or_report(args: argparse.Namespace, rank_main, measure, program: str, prefix: str) -> int:
+    """Be one rank (``--as-rank``), or spawn them all and report (what every multi-rank benchmark does)."""
     if args.as_rank is not None:
         args.rank = args.as_rank
         rank_main(args)
@@ -195,9 +199,9 @@ def main(argv=None) -> int:
     try:
         import torch.distributed.checkpoint  # noqa: F401, PLC0415
     except ImportError as exc:
-        print(f"bench_dist.py needs torch with torch.distributed: {exc}", file=sys.stderr)
+        print(f"{program} needs torch with torch.distributed: {exc}", file=sys.stderr)
         return 2
-    return report_in_workdir(args.dir, "asyncckpt-dist-", args.output, lambda workdir: measure(args, workdir))
+    return report_in_workdir(args.dir, prefix, args.output, lambda workdir: measure(args, workdir))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import subprocess
 import sys
 import time
 
-from bench import evict, files_under, fmt_ratio, fmt_s, fsync_tree, median, positive_int, remove, report_in_workdir
-from bench_dist import _free_port
+from bench import evict, files_under, fmt_ratio, fmt_s, fsync_tree, median, positive_int, remove
+from bench_dist import _free_port, run_rank_or_report
 
 __all__ = ["main"]
 
@@ -227,18 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.as_rank is not None:
-        args.rank = args.as_rank
-        rank_main(args)
-        return 0
-    try:
-        import torch.distributed.checkpoint  # noqa: F401, PLC0415
-    except ImportError as exc:
-        print(f"bench_sharded.py needs torch with torch.distributed: {exc}", file=sys.stderr)
-        return 2
-    return report_in_workdir(args.dir, "asyncckpt-sharded-", args.output, lambda workdir: measure(args, workdir))
-
+    return run_rank_or_report(parser.parse_args(argv), rank_main, measure, "bench_sharded.py", "asyncckpt-sharded-")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """The benchmarks run end to end on tiny sizes, report every section and clean up after themselves.
 
-bench.py, bench_torch.py, bench_loop.py and bench_dist.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
+bench.py, bench_torch.py, bench_loop.py, bench_dist.py and bench_sharded.py as they are; gpu_train_overhead.py with ``--device cpu``, its check of the script.
 """
 
 from __future__ import annotations
@@ -133,3 +133,16 @@ def test_distributed_benchmark_tiny_run_compares_both_methods(tmp_path):
     for method in ("asyncckpt, TorchDistributedCoordinator, async", "DCP async_save / load"):
         assert re.search(rf"\| {re.escape(method)} \| [0-9.]+ m?s \| [0-9.]+ m?s \| [0-9.]+ m?s \|", text), text
     assert "DCP restore / asyncckpt restore:" in text
+
+
+@pytest.mark.slow  # seven rank processes (2, 4 and 1) importing torch: ~40 s on 2 cores
+def test_sharded_benchmark_tiny_run_reports_every_stage_for_both_libraries(tmp_path):
+    pytest.importorskip("torch.distributed.checkpoint")
+    report = tmp_path / "sharded.md"
+    proc = run_bench("--size-mib", "2", "--layers", "2", "--repeat", "1", "--output", str(report),
+                     script=BENCHMARKS / "bench_sharded.py")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = report.read_text()
+    for stage in ("2 ranks stall", "2 ranks durable", "4 ranks stall", "4 ranks durable", "2->4 restore",
+                  "4->1 restore"):
+        assert re.search(rf"\| {re.escape(stage)} \| [0-9.]+ m?s \| [0-9.]+ m?s \| [0-9.]+× \|", text), stage

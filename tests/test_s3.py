@@ -155,28 +155,20 @@ def test_a_live_writers_lease_keeps_cleanup_away(s3_server, bucket):
 
 
 def test_sharded_values_save_and_reshard_on_s3(s3_server, bucket):
-    from asyncckpt.io.coordinator import InProcessCoordinator
+    from _threads import on_ranks
 
     full = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
     url = f"s3://{bucket}/sharded/ckpt"
-    coordinators = InProcessCoordinator.group(2, timeout_seconds=30)
-    outcomes = {}
 
-    def rank(coordinator):
-        start = coordinator.rank * 4
-        variable = ac.ShardedVariable.shard(full[start:start + 4], global_shape=full.shape, offset=(start, 0), name="w")
+    def make(rank):
+        start = rank * 4
+        return ac.ShardedVariable.shard(full[start:start + 4], global_shape=full.shape, offset=(start, 0), name="w")
+
+    def save(rank, coordinator, variable):
         options = ac.CheckpointOptions(multi_worker=ac.MultiWorker.of(coordinator))
-        try:
-            outcomes[coordinator.rank] = ac.Checkpoint(w=variable).write(url, options=options)
-        except Exception as exc:  # noqa: BLE001
-            outcomes[coordinator.rank] = exc
+        return ac.Checkpoint(w=variable).write(url, options=options)
 
-    threads = [threading.Thread(target=rank, args=(c,)) for c in coordinators]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert outcomes == {0: url, 1: url}
+    assert on_ranks(2, make, save, timeout=30) == {0: url, 1: url}
     columns = ac.ShardedVariable.shard(np.zeros((8, 3), np.float32), global_shape=full.shape, offset=(0, 3), name="w")
     ac.Checkpoint(w=columns).read(url).assert_consumed()
     np.testing.assert_array_equal(columns.local.numpy(), full[:, 3:])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
 
 import asyncckpt as ac
 from asyncckpt.format import ShardedRecord, parse_manifest, seal_manifest
-from asyncckpt.io.coordinator import InProcessCoordinator
+from _threads import on_ranks
 
 KEY = "w/.ATTRIBUTES/VARIABLE_VALUE"
 FULL = np.arange(12 * 10, dtype=np.float32).reshape(12, 10) * 0.5
@@ -21,25 +20,6 @@ def _rows(count: int, shape=FULL.shape) -> list[tuple[int, int]]:
     """Uneven row splits: ``count`` (start, stop) pairs covering ``shape[0]``."""
     edges = np.linspace(0, shape[0], count + 1).round().astype(int)
     return list(zip(edges[:-1], edges[1:]))
-
-
-def _on_ranks(count: int, make, action, *, timeout: float = 20.0) -> dict[int, object]:
-    """Run ``action(rank, coordinator, objects)`` on a thread per rank; each rank's result or exception."""
-    coordinators = InProcessCoordinator.group(count, timeout_seconds=timeout)
-    outcomes: dict[int, object] = {}
-
-    def run(coordinator):
-        try:
-            outcomes[coordinator.rank] = action(coordinator.rank, coordinator, make(coordinator.rank))
-        except Exception as exc:  # noqa: BLE001 - the test looks at every rank's outcome
-            outcomes[coordinator.rank] = exc
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in coordinators]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return outcomes
 
 
 def _save(path):
@@ -58,7 +38,7 @@ def _row_sharded(count: int):
 
 
 def _saved_by(tmp_path, count: int) -> str:
-    outcomes = _on_ranks(count, _row_sharded(count), _save(str(tmp_path / "ckpt")))
+    outcomes = on_ranks(count, _row_sharded(count), _save(str(tmp_path / "ckpt")))
     assert set(outcomes.values()) == {str(tmp_path / "ckpt-1")}, outcomes
     return str(tmp_path / "ckpt-1")
 
@@ -102,7 +82,7 @@ def test_a_two_by_two_grid_restores_into_four_column_slices(tmp_path):
         return {"w": ac.ShardedVariable.shard(FULL[box.slices()], global_shape=FULL.shape, offset=box.offset,
                                               name="w")}
 
-    outcomes = _on_ranks(4, make, _save(path))
+    outcomes = on_ranks(4, make, _save(path))
     assert set(outcomes.values()) == {path + "-1"}, outcomes
 
     def restore(rank, coordinator, objects):
@@ -112,7 +92,7 @@ def test_a_two_by_two_grid_restores_into_four_column_slices(tmp_path):
         ac.Checkpoint(w=target).restore(path + "-1").assert_consumed()
         return np.array_equal(target.local.numpy(), FULL[:, start:stop])
 
-    assert _on_ranks(4, lambda rank: {}, restore) == {rank: True for rank in range(4)}
+    assert on_ranks(4, lambda rank: {}, restore) == {rank: True for rank in range(4)}
 
 
 def test_replicated_boxes_are_written_once_by_one_of_their_holders(tmp_path):
@@ -126,7 +106,7 @@ def test_replicated_boxes_are_written_once_by_one_of_their_holders(tmp_path):
         return {"w": ac.ShardedVariable.shard(FULL[box.slices()], global_shape=FULL.shape, offset=box.offset,
                                               replicas=(replica, 2), name="w")}
 
-    outcomes = _on_ranks(4, make, _save(path))
+    outcomes = on_ranks(4, make, _save(path))
     assert set(outcomes.values()) == {path + "-1"}, outcomes
     record = parse_manifest((tmp_path / "replicated-1.index").read_bytes(), source="test").tensors[KEY]
     assert [offset for offset, _ in record.shards] == [(0, 0), (6, 0)]
@@ -142,7 +122,7 @@ def test_a_gap_in_the_shards_fails_the_save_on_every_rank_naming_the_key(tmp_pat
         stop -= rank  # the last rank leaves its last row out
         return {"w": ac.ShardedVariable.shard(FULL[start:stop], global_shape=FULL.shape, offset=(start, 0), name="w")}
 
-    outcomes = _on_ranks(2, make, _save(str(tmp_path / "ckpt")))
+    outcomes = on_ranks(2, make, _save(str(tmp_path / "ckpt")))
     for error in outcomes.values():
         assert isinstance(error, ac.CoordinationError), error
         assert KEY in str(error) and "no shard covers [11:12, 0:10]" in str(error)
@@ -154,7 +134,7 @@ def test_two_ranks_writing_one_box_fail_the_save(tmp_path):
     def make(rank):  # both say nobody else holds the box: it is written twice
         return {"w": ac.ShardedVariable.shard(FULL, global_shape=FULL.shape, offset=(0, 0), name="w")}
 
-    outcomes = _on_ranks(2, make, _save(str(tmp_path / "ckpt")))
+    outcomes = on_ranks(2, make, _save(str(tmp_path / "ckpt")))
     for error in outcomes.values():
         assert isinstance(error, ac.CoordinationError), error
         assert "both wrote the shard" in str(error) and KEY in str(error)
@@ -329,7 +309,7 @@ def _save_checking_replicas(path):
 
 def test_check_replicas_passes_when_the_holders_of_each_box_agree(tmp_path):
     path = str(tmp_path / "ckpt")
-    outcomes = _on_ranks(4, _replicated_rows(lambda rank: FULL), _save_checking_replicas(path))
+    outcomes = on_ranks(4, _replicated_rows(lambda rank: FULL), _save_checking_replicas(path))
     assert set(outcomes.values()) == {path + "-1"}, outcomes
 
 
@@ -337,7 +317,7 @@ def test_check_replicas_names_a_box_whose_holders_differ(tmp_path):
     def values(rank):
         return FULL + 1 if rank == 3 else FULL  # rank 3 holds the lower half, replicated with rank 2
 
-    outcomes = _on_ranks(4, _replicated_rows(values), _save_checking_replicas(str(tmp_path / "ckpt")))
+    outcomes = on_ranks(4, _replicated_rows(values), _save_checking_replicas(str(tmp_path / "ckpt")))
     for error in outcomes.values():
         assert isinstance(error, ac.CoordinationError), error
         assert "the holders of a box differ" in str(error) and "at [6, 0] (ranks [2, 3])" in str(error)

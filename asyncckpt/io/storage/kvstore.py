@@ -203,19 +203,37 @@ class _KvStoreBackend(Backend):
         except ValueError as exc:
             raise _translate(exc, f"deleting {self.describe(name)}") from exc
 
-    async def _take(self, name: str, create: bool) -> Lock | None:
+    async def _holding(self, name: str, take) -> Lock | None:
+        """The lock ``name`` if no one in this process holds it and ``await take()`` says it is ours."""
         if not self.locks.add(name):
             return None
         try:
-            if create:
-                await self.write(name, b"")
-            elif await self.read(name, 0, 0) is None:
-                self.locks.discard(name)
-                return None
+            taken = await take()
         except BaseException:
             self.locks.discard(name)
             raise
+        if not taken:
+            self.locks.discard(name)
+            return None
         return _ProcessLock(self, name)
+
+    async def _create_marker(self, name: str) -> bool:
+        await self.write(name, b"")
+        return True
+
+    async def _marker_exists(self, name: str) -> bool:
+        return await self.read(name, 0, 0) is not None
+
+    async def _lease_taken_over(self, name: str) -> bool:
+        """Whether this process now holds the lease ``name``: it existed, had run out, and was renewed
+        by a conditional write before anyone else's."""
+        try:
+            result = await self._kv.read(name)
+        except ValueError as exc:
+            raise _translate(exc, f"reading {self.describe(name)}") from exc
+        if result.state != "value" or not _expired(result.value):
+            return False
+        return await self._write_if(name, self._lease(), result.stamp.generation)
 
     async def rename(self, name: str, new_name: str) -> bool:
         # Copy-then-delete under an in-process mutex on ``name``: atomic against every other
@@ -235,38 +253,13 @@ class _KvStoreBackend(Backend):
 
     async def lock_new(self, name: str) -> Lock | None:
         if self._lease_seconds is None:
-            return await self._take(name, create=True)
-        if not self.locks.add(name):
-            return None
-        try:
-            if not await self.create_new(name, self._lease()):
-                self.locks.discard(name)
-                return None
-        except BaseException:
-            self.locks.discard(name)
-            raise
-        return _ProcessLock(self, name)
+            return await self._holding(name, lambda: self._create_marker(name))
+        return await self._holding(name, lambda: self.create_new(name, self._lease()))
 
     async def try_lock(self, name: str) -> Lock | None:
         if self._lease_seconds is None:
-            return await self._take(name, create=False)
-        if not self.locks.add(name):
-            return None
-        try:
-            try:
-                result = await self._kv.read(name)
-            except ValueError as exc:
-                raise _translate(exc, f"reading {self.describe(name)}") from exc
-            if result.state != "value" or not _expired(result.value):
-                self.locks.discard(name)
-                return None
-            if not await self._write_if(name, self._lease(), result.stamp.generation):
-                self.locks.discard(name)  # another process took it over first
-                return None
-        except BaseException:
-            self.locks.discard(name)
-            raise
-        return _ProcessLock(self, name)
+            return await self._holding(name, lambda: self._marker_exists(name))
+        return await self._holding(name, lambda: self._lease_taken_over(name))
 
     def _lease(self) -> bytes:
         return json.dumps({"lease_until": time.time() + self._lease_seconds}).encode()

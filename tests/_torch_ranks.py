@@ -26,22 +26,25 @@ def _model(seed: int):
 
 
 def _sharded_model(seed: int, placement: str, step: bool = True):
-    """A model whose weights are DTensors sharded over every rank (``placement``: "rows" or "columns"),
-    biases replicated, after one AdamW step (with ``step``; without, the moments do not exist yet)."""
+    """A model whose weights are DTensors sharded over every rank (``placement``: "rows", "columns", or
+    "hsdp": rows over half the ranks, replicated over the other half), biases replicated, after one AdamW step (with ``step``; without, the moments do not exist yet)."""
     import torch  # noqa: PLC0415
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: PLC0415
 
-    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    world = int(os.environ["WORLD_SIZE"])
+    if placement == "hsdp":  # replicated over the mesh's first dimension, rows split over its second
+        mesh, weight, bias = init_device_mesh("cpu", (2, world // 2)), [Replicate(), Shard(0)], [Replicate(), Replicate()]
+    else:
+        mesh, weight, bias = init_device_mesh("cpu", (world,)), [Shard(0) if placement == "rows" else Shard(1)], [Replicate()]
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 6))
     for layer in (model[0], model[2]):
-        weight = Shard(0) if placement == "rows" else Shard(1)
-        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [weight]))
-        layer.bias = torch.nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Replicate()]))
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, weight))
+        layer.bias = torch.nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, bias))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     if step:
-        model(distribute_tensor(torch.randn(4, 32), mesh, [Replicate()])).sum().backward()
+        model(distribute_tensor(torch.randn(4, 32), mesh, [Replicate()] * mesh.ndim)).sum().backward()
         optimizer.step()
     return model, optimizer
 
@@ -73,13 +76,14 @@ def _fingerprints_file(folder: str, directory: str) -> str:
 
 
 def _sharded_scenario(scenario: str, folder: str, worker):
-    """``shard-save:<name or s3:// prefix>`` saves the row-sharded model; ``shard-restore:<path>`` restores
+    """``shard-save:<name or s3:// prefix>`` saves the row-sharded model (``shard-save-hsdp:``, the
+    2-D-mesh one); ``shard-restore:<path>`` restores
     it column-sharded and compares every global value with what the saving group recorded."""
     import asyncckpt as ac  # noqa: PLC0415
 
     action, _, where = scenario.partition(":")
-    if action == "shard-save":
-        model, optimizer = _sharded_model(seed=0, placement="rows")
+    if action.startswith("shard-save"):
+        model, optimizer = _sharded_model(seed=0, placement="hsdp" if action.endswith("-hsdp") else "rows")
         options = ac.CheckpointOptions(multi_worker=worker, enable_async=True)
         checkpoint = ac.Checkpoint(model=model, optimizer=optimizer)
         directory = where if where.startswith("s3://") else os.path.join(folder, where)  # a folder, or a bucket's

@@ -140,12 +140,20 @@ def test_two_gloo_ranks_save_replicated_and_sharded_state_on_files_and_s3_fail_t
 @pytest.mark.slow  # four processes importing torch on 2 cores: ~20 s
 def test_four_gloo_ranks_save_replicated_and_sharded_state_on_s3_and_fail_together(tmp_path, bucket):
     results = _run_group(tmp_path, 4, ["replicated", "rank1_raises", f"shard-save:s3://{bucket}/sharded",
-                                       f"shard-restore:s3://{bucket}/sharded/ckpt-1"])
+                                       f"shard-restore:s3://{bucket}/sharded/ckpt-1", "shard-save-hsdp:hsdp",
+                                       f"shard-restore:{tmp_path}/data/hsdp/ckpt-1"])
     _check_replicated(tmp_path, results, 4)
     _check_rank1_raises(tmp_path, results, 4)
     path, expected = _check_sharded_save(results, 4, "-s3")
     assert [results[("shard-restore-s3", rank)] for rank in range(4)] == [{"ok": {"same": True}}] * 4
     _check_restored_in_one_process(path, expected)  # 4 -> 1, from the bucket
+    # A 2 x 2 mesh (replicated, rows): each of the two row slices was held by two ranks and written once.
+    hsdp, hsdp_expected = _check_sharded_save(results, 4, "-hsdp")
+    with open(hsdp + ".index", "rb") as index:
+        weight = json.loads(index.read())["tensors"]["model/.ATTRIBUTES/0..weight"]
+    assert [shard["offset"] for shard in weight["shards"]] == [[0, 0], [32, 0]]
+    assert [results[("shard-restore", rank)] for rank in range(4)] == [{"ok": {"same": True}}] * 4  # -> 4 columns
+    _check_restored_in_one_process(hsdp, hsdp_expected)
 
 
 @pytest.mark.slow  # three groups (2, 4 and 2 processes) importing torch: ~40 s

@@ -40,6 +40,7 @@ from asyncckpt.restore import (
     InitializationOnlyStatus,
     RestoreCoordinator,
     preload_simple_restoration,
+    restore_by_names,
 )
 from asyncckpt.state_file import _tensorflow_checkpoints_in, update_checkpoint_state
 from asyncckpt.model.trackable import Trackable, TrackableReference
@@ -528,6 +529,8 @@ class Checkpoint(AutoTrackable):
         read_settings = options.read_settings or ckio.ReadSettings()
         yield _WaitForWrites(path, read_settings.storage)
         reader = yield _OpenReader(path, read_settings)
+        if getattr(reader, "name_based", False):  # a TF1 checkpoint: no object graph, values by variable name
+            return (yield from restore_by_names(self._graph_view(), reader, optional=(self._self_save_counter,)))
         coordinator = RestoreCoordinator(
             reader.own_object_graph(), reader, skip_slot_variables=options.experimental_skip_slot_variables
         )

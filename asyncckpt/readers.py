@@ -118,7 +118,7 @@ def object_metadata(save_path) -> dict:
     if _format.OBJECT_GRAPH_KEY not in reader.keys() or not isinstance(graph, dict) or not graph.get("nodes"):
         raise ValueError(
             f'The specified checkpoint "{path}" does not appear to be object-based since it is missing '
-            f'the key "{_format.OBJECT_GRAPH_KEY}": it holds no object graph, so it cannot be restored '
-            "by matching objects (name-based checkpoints are not supported)."
+            f'the key "{_format.OBJECT_GRAPH_KEY}": it holds no object graph (a name-based TensorFlow 1 '
+            "checkpoint: Checkpoint.restore matches its values to variables by their names)."
         )
     return graph

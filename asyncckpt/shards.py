@@ -52,8 +52,11 @@ MAX_SHARDS = 1 << 20
 #: A stored shard's chunks are checksummed in extents of at most this many bytes, so a read of
 #: part of it reads, and verifies, at most one extent beyond what it needs at each end.
 SHARD_EXTENT_BYTES = 1 << 20
-#: Above this many grid cells, :func:`tiling_problem` compares shards pairwise instead.
+#: Above this many grid cells, :func:`tiling_problem` compares shards pairwise instead...
 _MAX_GRID_CELLS = 1 << 22
+#: ...and only this many (a layout that needs the pairwise check and has more shards is refused:
+#: no real slicing is that irregular, and the check would take quadratic time).
+_MAX_IRREGULAR_SHARDS = 2048
 
 
 @dataclass(frozen=True)
@@ -189,19 +192,31 @@ def tiling_problem(global_shape: Sequence[int], boxes: Sequence[Box]) -> str | N
     if len(boxes) > MAX_SHARDS:
         return f"{len(boxes)} shards is more than the {MAX_SHARDS} a value may have"
     full = [box for box in boxes if box.size]
-    if math.prod(global_shape) == 0:
+    total = math.prod(global_shape)
+    if total == 0:
         return None
     if not full:
         return f"no shard holds any of the {list(global_shape)} elements"
+    covered = sum(box.size for box in full)
     cuts = [sorted({0, dim, *(b.offset[d] for b in full), *(b.offset[d] + b.shape[d] for b in full)})
             for d, dim in enumerate(global_shape)]
     cells = math.prod(len(c) - 1 for c in cuts)
     if cells > _MAX_GRID_CELLS:
+        if covered != total:
+            return f"the shards cover {covered} elements, the shape {list(global_shape)} has {total}"
+        if len(full) > _MAX_IRREGULAR_SHARDS:
+            return (f"{len(full)} shards laid out too irregularly to check ({cells} grid cells, at most "
+                    f"{_MAX_GRID_CELLS} allowed)")
         return _pairwise_problem(global_shape, full)
     counts = np.zeros([len(c) - 1 for c in cuts], dtype=np.int32)
+    budget = 2 * cells  # cell updates: a tiling makes exactly ``cells`` of them; past twice that, boxes overlap
     for box in full:
-        counts[tuple(slice(bisect.bisect_left(c, o), bisect.bisect_left(c, o + n))
-                     for c, o, n in zip(cuts, box.offset, box.shape))] += 1
+        region = tuple(slice(bisect.bisect_left(c, o), bisect.bisect_left(c, o + n))
+                       for c, o, n in zip(cuts, box.offset, box.shape))
+        budget -= math.prod(part.stop - part.start for part in region)
+        if budget < 0:  # stopped before counting cost shards x cells
+            return f"shards overlap: together they cover the shape {list(global_shape)} more than twice"
+        counts[region] += 1
     for cell, what in ((np.argwhere(counts > 1), "shards overlap at"), (np.argwhere(counts == 0), "no shard covers")):
         if len(cell):
             index = cell[0]

@@ -22,6 +22,9 @@ __all__ = ["read_bytes", "write_bytes", "delete", "lease_lock"]
 
 #: How long a manager waits for another's lock on the state object before giving up.
 LOCK_WAIT_SECONDS = 120.0
+#: How long the lock's lease lasts: it is held for a few small reads and writes, so a holder that
+#: died leaves the state object locked for no longer than this.
+LOCK_LEASE_SECONDS = 60.0
 
 
 def _backend_and_name(url: str):
@@ -74,7 +77,7 @@ def lease_lock(url: str) -> Iterator[None]:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     delay = 0.01
     while True:
-        lock = runtime.run(backend.lock_new(name)) or runtime.run(backend.try_lock(name))
+        lock = runtime.run(backend.lock_new(name, lease_seconds=LOCK_LEASE_SECONDS)) or runtime.run(backend.try_lock(name))
         if lock is not None:
             break
         if time.monotonic() > deadline:

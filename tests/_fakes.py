@@ -24,7 +24,7 @@ from asyncckpt.naming import index_path
 from asyncckpt.testing.storage import FailingStorage, GatedStorage, WrappingStorage
 
 __all__ = ["FakeVariable", "MemoryReader", "WrappingStorage", "GatedStorage", "FailingStorage", "CopyGate", "manifest_editor", "json_paths",
-           "tensorflow_index_bytes", "write_tensorflow_checkpoints", "files_in"]
+           "tensorflow_index_bytes", "write_tensorflow_checkpoints", "files_in", "TENSORFLOW_FIXTURE"]
 
 
 class FakeVariable:
@@ -149,36 +149,30 @@ def json_paths(node, prefix=()):
             yield from json_paths(value, (*prefix, index))
 
 
-_TENSORFLOW_TABLE_MAGIC = (0xDB4775248B80FB57).to_bytes(8, "little")
+#: A real TensorFlow checkpoint (tests/fixtures/tensorflow/make_fixtures.py): its prefix.
+TENSORFLOW_FIXTURE = Path(__file__).with_name("fixtures") / "tensorflow" / "tf2" / "ckpt-1"
 
 
 def tensorflow_index_bytes(seed: int = 0) -> bytes:
-    """Bytes laid out like a TensorFlow ``P.index``: a data block, its trailer, the 48-byte table footer.
-
-    Only the shape matters here (no reader of them exists in this project): a block of one
-    entry with non-UTF-8 bytes, a 5-byte trailer, then two block handles zero-padded to 40 bytes
-    and the table's magic number, little-endian.
-    """
-    block = b"\x00\x08\x10" + bytes([seed]) * 8 + b"\xff\xfe" * 8 + b"\x00\x00\x00\x00\x01\x00\x00\x00"
-    trailer = b"\x00\x12\x34\x56\x78"
-    footer = bytes([len(block) + 5, 0, 0, len(block)]).ljust(40, b"\x00") + _TENSORFLOW_TABLE_MAGIC
-    return block + trailer + footer
+    """The ``P.index`` of a real TensorFlow checkpoint (a TF2 one, written by ``tf.train.Checkpoint``)."""
+    return TENSORFLOW_FIXTURE.with_name(TENSORFLOW_FIXTURE.name + ".index").read_bytes()
 
 
 def write_tensorflow_checkpoints(directory, numbers=(1, 2, 3), name: str = "ckpt") -> dict[str, bytes]:
     """Make ``directory`` look as ``tf.train.CheckpointManager`` leaves it; return :func:`files_in` of it.
 
-    Each ``<name>-<n>`` gets an index (:func:`tensorflow_index_bytes`) and a data file
-    ``<name>-<n>.data-00000-of-00001``; the ``checkpoint`` state file lists them with recent
+    Each ``<name>-<n>`` is a copy of a real TensorFlow checkpoint (its index and its data file
+    ``<name>-<n>.data-00000-of-00001``); the ``checkpoint`` state file lists them with recent
     timestamps, as a manager recording them would.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     now = time.time()
+    data = TENSORFLOW_FIXTURE.with_name(TENSORFLOW_FIXTURE.name + ".data-00000-of-00001").read_bytes()
     lines = [f'model_checkpoint_path: "{name}-{numbers[-1]}"']
     for number in numbers:
         (directory / f"{name}-{number}.index").write_bytes(tensorflow_index_bytes(number))
-        (directory / f"{name}-{number}.data-00000-of-00001").write_bytes(bytes(range(number, number + 64)))
+        (directory / f"{name}-{number}.data-00000-of-00001").write_bytes(data)
         lines.append(f'all_model_checkpoint_paths: "{name}-{number}"')
     lines += [f"all_model_checkpoint_timestamps: {now - 60 + i!r}" for i in range(len(numbers))]
     lines.append(f"last_preserved_timestamp: {now - 3600!r}")

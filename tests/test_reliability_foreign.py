@@ -1,8 +1,8 @@
 """Files asyncckpt did not write: recognised, reported, and never replaced or deleted.
 
 TensorFlow names its checkpoint index ``P.index`` and keeps the same ``checkpoint`` state file, so
-a TensorFlow checkpoint directory looks like ours by name. Reading one says it is a TensorFlow
-checkpoint (``UnsupportedFormatError``); a save refuses to commit over an index that is not ours
+a TensorFlow checkpoint directory looks like ours by name. Reading one reads it as TensorFlow wrote it
+(a damaged one is corrupt, naming its index); a save refuses to commit over an index that is not ours
 and removes its own new data; deletion and retention leave such an index (and everything beside
 it) with a WARNING; a ``CheckpointManager`` refuses a directory whose state file lists TensorFlow
 checkpoints. Each test compares every byte of the directory before and after.
@@ -28,24 +28,37 @@ def _checkpoint() -> ac.Checkpoint:
     return ac.Checkpoint(v=ac.Variable(np.arange(4, dtype=np.float32)))
 
 
-def test_reading_a_tensorflow_checkpoint_says_what_it_is(tmp_path, capsys):
+def test_a_tensorflow_checkpoint_beside_ours_is_read_as_tensorflow_wrote_it(tmp_path, capsys):
     write_tensorflow_checkpoints(tmp_path)
     prefix = str(tmp_path / "ckpt-1")
+    reader = ckio.open_reader(prefix)
+    assert type(reader).__name__ == "TensorFlowReader" and not reader.name_based
+    assert ("step/.ATTRIBUTES/VARIABLE_VALUE", []) in ac.list_variables(prefix)
+    step = ac.Variable(np.int64(0))
+    ac.Checkpoint(step=step).restore(prefix).expect_partial()
+    assert int(step.numpy()) == 7
+    assert cli.main(["verify", prefix]) == 0
+    capsys.readouterr()
+
+
+def test_a_damaged_tensorflow_index_is_corrupt_naming_it(tmp_path, capsys):
+    write_tensorflow_checkpoints(tmp_path)
+    prefix = str(tmp_path / "ckpt-1")
+    index = Path(f"{prefix}.index")
+    data = bytearray(index.read_bytes())
+    data[10] ^= 0x40  # inside the first data block
+    index.write_bytes(bytes(data))
     readers = {
         "restore": lambda: _checkpoint().restore(prefix),
-        "read": lambda: _checkpoint().read(prefix),
         "open_reader": lambda: ckio.open_reader(prefix),
-        "load_checkpoint": lambda: ac.load_checkpoint(prefix),
         "list_variables": lambda: ac.list_variables(prefix),
     }
     for name, read in readers.items():
-        with pytest.raises(UnsupportedFormatError, match="is a TensorFlow checkpoint") as raised:
+        with pytest.raises(ac.CorruptCheckpointError, match="corrupt TensorFlow checkpoint index") as raised:
             read()
-        assert f"{prefix}.index" in str(raised.value), name
-        assert "cannot read TensorFlow checkpoints" in str(raised.value), name
+        assert f"{prefix}.index" in str(raised.value) and "fails its checksum" in str(raised.value), name
     assert cli.main(["verify", prefix]) == 1
-    assert "TensorFlow checkpoint" in capsys.readouterr().err
-    assert not ac.checkpoint_exists(prefix)
+    assert "corrupt TensorFlow checkpoint index" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("enable_async", [False, True], ids=["sync", "async"])

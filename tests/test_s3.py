@@ -58,33 +58,37 @@ def test_an_asynchronous_save_commits_on_s3_and_the_next_write_replaces_it(s3_se
     np.testing.assert_array_equal(ac.load_variable(path, KEY), values["w"].numpy())
 
 
-def test_eight_writers_racing_to_one_path_commit_exactly_one(s3_server, bucket):
-    """Each writer has a storage of its own, as separate processes would; the server decides."""
-    url = f"s3://{bucket}/race/ckpt"
-    start = threading.Barrier(8)
-    outcomes: dict[int, object] = {}
+RACING_WRITER = '''
+import sys, time, numpy as np
+import asyncckpt as ac
+bucket, number, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+checkpoint = ac.Checkpoint(w=ac.Variable(np.full(1000, float(number))), b=ac.Variable(np.arange(5) + number))
+time.sleep(max(0.0, start - time.time()))  # all start together
+try:
+    print("committed", checkpoint.write(f"s3://{bucket}/race/ckpt"), flush=True)
+except Exception as exc:
+    print("refused", type(exc).__name__, exc, flush=True)
+'''
 
-    def writer(number: int) -> None:
-        settings = ac.WriteSettings(storage=S3Storage(bucket))
-        start.wait()
-        try:
-            outcomes[number] = ac.Checkpoint(**_model(number)).write(
-                url, options=ac.CheckpointOptions(write_settings=settings))
-        except Exception as exc:  # noqa: BLE001 - the test looks at every writer's outcome
-            outcomes[number] = exc
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    winners = [n for n, outcome in outcomes.items() if outcome == url]
-    assert len(winners) == 1, outcomes
-    for number, outcome in outcomes.items():
-        if number not in winners:
-            assert isinstance(outcome, CommitConflictError), outcome
-            assert "another writer committed" in str(outcome) and "race/ckpt.index" in str(outcome)
+def test_eight_writers_racing_to_one_path_commit_exactly_one(s3_server, bucket, tmp_path):
+    """Eight processes (this process's own writes to one path are serialised instead, first come first)."""
+    script = tmp_path / "writer.py"
+    script.write_text(RACING_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(Path(ac.__file__).parents[1])}
+    start = time.time() + 8  # after every interpreter has imported asyncckpt
+    writers = [subprocess.Popen([sys.executable, str(script), bucket, str(n), str(start)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(8)]
+    outputs = [writer.communicate(timeout=120) for writer in writers]
+    lines = [out.strip().splitlines()[-1] if out.strip() else f"nothing ({err[-300:]})" for out, err in outputs]
+    winners = [n for n, line in enumerate(lines) if line.startswith("committed")]
+    assert len(winners) == 1, lines
+    for n, line in enumerate(lines):
+        if n not in winners:
+            assert line.startswith("refused CommitConflictError"), line
+            assert "another writer committed" in line and "race/ckpt.index" in line
     assert len(_data_dirs(s3_server, bucket)) == 1  # the losers deleted their data
+    url = f"s3://{bucket}/race/ckpt"
     np.testing.assert_array_equal(ac.load_variable(url, "b/.ATTRIBUTES/VARIABLE_VALUE"), np.arange(5) + winners[0])
 
 
@@ -241,3 +245,43 @@ def test_the_command_line_reads_checkpoints_in_a_bucket(s3_server, bucket, capsy
     assert cli.main(["verify", f"s3://{bucket}/runs/ckpt-1"]) == 0
     assert "OK" in capsys.readouterr().out
     assert cli.main(["verify", f"s3://{bucket}/runs/ckpt-9"]) == 1
+
+
+def test_two_saves_to_one_path_in_a_row_both_commit(s3_server, bucket):
+    """The second write's conditional commit is on what the first committed, not on what it saw at start."""
+    url = f"s3://{bucket}/ckpt"
+    first, second = ac.Checkpoint(v=ac.Variable(np.ones(8))), ac.Checkpoint(v=ac.Variable(np.full(8, 2.0)))
+    asynchronous = ac.CheckpointOptions(enable_async=True)
+    first.write(url, options=asynchronous)
+    second.write(url, options=asynchronous)
+    first.sync()
+    second.sync()
+    np.testing.assert_array_equal(ac.load_variable(url, "v/.ATTRIBUTES/VARIABLE_VALUE"), np.full(8, 2.0))
+    assert len(_data_dirs(s3_server, bucket)) == 1
+
+
+def test_a_save_whose_lease_ran_out_and_was_taken_over_fails_instead_of_committing(s3_server, bucket):
+    reached, go = threading.Event(), threading.Event()
+
+    class SlowDataWrite(BackendWrapper):
+        async def write(self, key, value):
+            if "/" in key:  # a data file: its directory and lease exist
+                reached.set()
+                while not go.is_set():
+                    await asyncio.sleep(0.01)
+            await super().write(key, value)
+
+    slow = ac.Checkpoint(v=ac.Variable(np.ones(100)))
+    storage = WrappingStorage(S3Storage(bucket, lease_seconds=1), SlowDataWrite)
+    slow.write(f"s3://{bucket}/slow", options=ac.CheckpointOptions(
+        enable_async=True, write_settings=ac.WriteSettings(storage=storage)))
+    assert reached.wait(30)
+    time.sleep(1.5)  # its lease runs out; another writer of the folder cleans its data up
+    other = ac.WriteSettings(storage=S3Storage(bucket, lease_seconds=1))
+    ac.Checkpoint(v=ac.Variable(np.zeros(3))).write(
+        f"s3://{bucket}/other", options=ac.CheckpointOptions(write_settings=other))
+    go.set()
+    with pytest.raises(StorageError, match="lease ran out"):
+        slow.sync()
+    assert not ac.checkpoint_exists(f"s3://{bucket}/slow")
+    np.testing.assert_array_equal(ac.load_variable(f"s3://{bucket}/other", KEY.replace("w/", "v/")), np.zeros(3))

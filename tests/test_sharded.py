@@ -347,3 +347,18 @@ def test_boxes_read_from_any_slicing_equal_numpy_slices(tmp_path_factory, split,
     for box, got in zip(wanted, reader.read_boxes(KEY, wanted)):
         np.testing.assert_array_equal(got, full[box.slices()])
     np.testing.assert_array_equal(reader.read(KEY), full)
+
+
+def test_ranks_past_an_uneven_split_hold_empty_boxes_and_the_save_still_commits(tmp_path):
+    """As DTensor splits 2 rows over 4 ranks: ranks 2 and 3 both hold the empty box at row 2."""
+    rows = np.arange(2 * 3, dtype=np.float32).reshape(2, 3)
+    starts = [0, 1, 2, 2]
+
+    def make(rank):
+        start = starts[rank]
+        piece = rows[start:start + (1 if rank < 2 else 0)]
+        return {"w": ac.ShardedVariable.shard(piece, global_shape=rows.shape, offset=(start, 0), name="w")}
+
+    outcomes = on_ranks(4, make, _save(str(tmp_path / "ckpt")))
+    assert set(outcomes.values()) == {str(tmp_path / "ckpt-1")}, outcomes
+    np.testing.assert_array_equal(ac.load_variable(str(tmp_path / "ckpt-1"), KEY), rows)

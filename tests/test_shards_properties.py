@@ -121,3 +121,18 @@ def test_boxes_meet_where_both_cover():
     assert tiling_problem((), [Box((), ())]) is None
     assert tiling_problem((3,), [Box((0,), (2,)), Box((1,), (2,))]) == "shards overlap at [1:2] of the shape [3]"
     assert "outside" in tiling_problem((3,), [Box((0,), (4,))])
+
+
+def test_a_hostile_layout_is_refused_without_quadratic_work():
+    """A staircase of columns tiles exactly but needs a huge grid; overlapping full boxes cost no grid work."""
+    width = 5000
+    staircase = [box for j in range(width) for box in (Box((0, j), (j + 1, 1)), Box((j + 1, j), (width - j - 1, 1)))
+                 if box.size]
+    problem = tiling_problem((width, width), staircase)  # refused before any pairwise comparison
+    assert problem is not None and "too irregularly" in problem
+    many = [Box((0, 0), (64, 64))] * 10_000
+    assert "more than twice" in tiling_problem((64, 64), many)
+
+
+def test_empty_boxes_are_no_shards():
+    assert tiling_problem((4,), [Box((0,), (4,)), Box((4,), (0,)), Box((4,), (0,))]) is None

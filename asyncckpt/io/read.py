@@ -33,6 +33,7 @@ from asyncckpt.format import (
     ShardedRecord,
     TensorRecord,
     TensorSpec,
+    is_tensorflow_index,
     object_graph_bytes,
     parse_manifest,
 )
@@ -43,6 +44,7 @@ from asyncckpt.io.storage import Backend, NotRegularFileError, TruncatedError
 
 from asyncckpt.io.commit import check_bound, read_index
 from asyncckpt.io.read_boxes import BoxReads, whole_box
+from asyncckpt.io.read_tensorflow import TensorFlowParts, string_tensor, tensorflow_parts
 from asyncckpt.io.read_device import DeviceReads, DeviceTarget
 from asyncckpt.io.plan import ordered, scatter
 from asyncckpt.io.settings import MiB, ReadSettings, check_read_settings, runtime_of, storage_of
@@ -540,6 +542,61 @@ def located(record: TensorRecord | ShardedRecord, data_dirs: Sequence[str]) -> T
     return dataclasses.replace(record, extents=extents)
 
 
+class TensorFlowReader(CheckpointReader):
+    """A TensorFlow checkpoint (TensorBundle), read through the same interface and executor as ours.
+
+    Its tensors are records whose extents lie in ``P.data-NNNNN-of-NNNNN`` beside ``P.index``, a
+    partitioned variable a sharded record of its slices; string tensors are read apart, in
+    TensorFlow's framing (``read_tensorflow``). ``name_based`` is true for a TF1 checkpoint
+    (``tf.compat.v1.train.Saver``), which has no object graph: its keys are variable names.
+    """
+
+    def __init__(self, path: str, parts: TensorFlowParts, backend: Backend, settings: ReadSettings, runtime: Runtime):
+        super().__init__(path, parts.manifest, backend, settings, runtime)
+        self._prefix = ""  # the data files lie beside P.index, not in a data directory
+        self._parts = parts
+        self.name_based = parts.name_based
+
+    def __repr__(self) -> str:
+        return f"TensorFlowReader({self.path!r}, {len(self.keys())} keys)"
+
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        return ()
+
+    def own_object_graph(self) -> dict | None:
+        """The object graph (TensorFlow's proto as asyncckpt's JSON); ``None`` for a name-based checkpoint."""
+        return None if self.name_based else self._manifest.object_graph
+
+    def keys(self) -> list[str]:
+        keys = super().keys()
+        return [key for key in keys if key != OBJECT_GRAPH_KEY] if self.name_based else keys
+
+    def __contains__(self, key: object) -> bool:
+        return not (self.name_based and key == OBJECT_GRAPH_KEY) and super().__contains__(key)
+
+    async def _read(self, keys, *, assemble, out=None, devices=None):
+        strings = [key for key in keys if key in self._parts.strings or key == OBJECT_GRAPH_KEY]
+        if not strings:
+            return await super()._read(keys, assemble=assemble, out=out, devices=devices)
+        if out and any(key in out for key in strings):
+            raise ValueError(f"key {strings[0]!r} holds strings; it cannot be read into an array")
+        others = [key for key in keys if key not in strings]
+        results = await super()._read(others, assemble=assemble, out=out, devices=devices) if others else {}
+        stem = os.path.basename(self.path.rstrip("/"))
+        for key in strings:
+            if key == OBJECT_GRAPH_KEY:
+                if self.name_based:
+                    raise KeyError(f"key {key!r} not found in checkpoint {self.path} (a name-based checkpoint)")
+                value = self._parts.graph_proto  # TensorFlow's own bytes, as its reader gives them
+            else:
+                value = await string_tensor(self._backend, self.path, key, self._parts.strings[key], stem,
+                                            self._parts.shards)
+            if assemble:
+                results[key] = value
+        return results
+
+
 async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointReader:
     storage = storage_of(settings, path)
     folder, stem = storage.split(path)
@@ -551,6 +608,9 @@ async def _open(path, settings: ReadSettings, runtime: Runtime) -> CheckpointRea
             f"Failed to find any matching files for {path}: the checkpoint index {backend.describe(index)} "
             "does not exist"
         )
+    if is_tensorflow_index(data):  # TensorFlow's TensorBundle: read as ours, through its own index
+        parts = await tensorflow_parts(os.fspath(path), data, backend, stem, backend.describe(index))
+        return TensorFlowReader(os.fspath(path), parts, backend, settings, runtime)
     with gc_paused():  # a large manifest is hundreds of thousands of small objects
         manifest = parse_manifest(data, source=backend.describe(index))
     check_bound(backend, stem, manifest)

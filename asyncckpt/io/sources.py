@@ -168,7 +168,8 @@ def _shard_sources(key: str, value: ShardedValue) -> list[Source]:
                 start < 0 or start + size > dim for start, size, dim in zip(offset, source.shape, shape)):
             raise ValueError(f"the shard of {key!r} at offset {list(offset)} with shape {list(source.shape)} "
                              f"does not fit in the value's shape {list(shape)}")
-        sources.append(source)
+        if source.nbytes:  # an empty box covers nothing: the ranks past an uneven split hold one each
+            sources.append(source)
     return sources
 
 

@@ -55,7 +55,7 @@ from asyncckpt.io.snapshot import Snapshot
 from asyncckpt.io.sources import SaveEntry, Source, SourceKind, prepare_source, prepare_sources
 from asyncckpt.shards import SHARD_EXTENT_BYTES, SHARD_SEPARATOR, is_shard_item
 from asyncckpt.io.staging import ByteBudget
-from asyncckpt.io.storage import Backend, Storage
+from asyncckpt.io.storage import Backend, Storage, StorageError
 
 from asyncckpt.io.commit import clean_debris, create_data_dir, discard_uncommitted, publish
 from asyncckpt.io.pending import WriteHandle, pending_writes, quietly_wait
@@ -348,7 +348,9 @@ class _WriteJob:
             await asyncio.to_thread(self.snapshot.start_device_copies)
         backend = part["backend"] = await self.storage.open(self.folder)
         await backend.prepare()
-        await backend.observe(index_name(self.stem))  # on object storage, the commit is conditional on it
+        # On object storage the commit is a conditional write on what P.index holds now: a writer
+        # elsewhere committing this path while this one writes makes this commit fail.
+        await backend.observe(index_name(self.stem))
         nonce, part["lock"] = await create_data_dir(backend, self.stem)
         part["nonce"] = nonce
         data_dir = part["data_dir"] = data_dir_name(self.stem, nonce)
@@ -359,6 +361,12 @@ class _WriteJob:
             part["manifest"] = self._manifest(data_dir)
         for earlier in previous:
             await quietly_wait(earlier)
+        if previous:  # this process's earlier writes to the path come first (FIFO): commit after theirs
+            await backend.observe(index_name(self.stem))
+        if not await part["lock"].renew():
+            raise StorageError(f"{backend.describe(data_dir)} was not committed: its lease ran out and another "
+                               "process took it over (its data may have been cleaned up); the save took longer "
+                               "than the storage's lease_seconds")
 
     async def run(self, previous: list[WriteHandle], started: float) -> str:
         metrics = self.handle.metrics

@@ -185,6 +185,15 @@ class Lock(abc.ABC):
     async def release(self) -> None:
         """Remove the lock marker, then drop the lock. Idempotent."""
 
+    async def renew(self) -> bool:
+        """Whether the lock is still this writer's, extending it when it is a lease (object storage).
+
+        A write asks just before it commits: a lease that ran out and was taken over by another
+        process's cleanup means the data may be gone, and the write must fail instead. Locks that
+        cannot be lost (``flock``, in-process locks) are always still held.
+        """
+        return True
+
 
 class Backend(abc.ABC):
     """Storage for the entries of one folder (the directory holding ``P.index``).

@@ -93,9 +93,12 @@ class _ProcessLock(Lock):
         if backend is None:
             return
         try:
-            await backend.delete(self._name)
+            await backend.delete_marker(self._name)
         finally:
             backend.locks.discard(self._name)
+
+    async def renew(self) -> bool:
+        return self._backend is not None and await self._backend.renew_lease(self._name)
 
 
 #: TensorStore's generation of "no value": a write conditioned on it succeeds only where the key is absent.
@@ -251,10 +254,12 @@ class _KvStoreBackend(Backend):
         finally:
             self.locks.discard(mutex)
 
-    async def lock_new(self, name: str) -> Lock | None:
+    async def lock_new(self, name: str, *, lease_seconds: float | None = None) -> Lock | None:
+        """``lease_seconds`` overrides the backend's lease for this one lock (a short-held one)."""
         if self._lease_seconds is None:
             return await self._holding(name, lambda: self._create_marker(name))
-        return await self._holding(name, lambda: self.create_new(name, self._lease()))
+        lease = self._lease() if lease_seconds is None else json.dumps({"lease_until": time.time() + lease_seconds}).encode()
+        return await self._holding(name, lambda: self.create_new(name, lease))
 
     async def try_lock(self, name: str) -> Lock | None:
         if self._lease_seconds is None:
@@ -263,6 +268,25 @@ class _KvStoreBackend(Backend):
 
     def _lease(self) -> bytes:
         return json.dumps({"lease_until": time.time() + self._lease_seconds}).encode()
+
+    async def renew_lease(self, name: str) -> bool:
+        """Extend the lease ``name`` if it is still the one this backend wrote (no lease: always held)."""
+        if self._lease_seconds is None:
+            return True
+        generation = self._observed.get(name)
+        return generation is not None and await self._write_if(name, self._lease(), generation)
+
+    async def delete_marker(self, name: str) -> None:
+        """Delete lock marker ``name`` -- a lease only while it is still the one this backend wrote."""
+        generation = self._observed.pop(name, None) if self._lease_seconds is not None else None
+        if generation is None:
+            if self._lease_seconds is None:
+                await self.delete(name)
+            return
+        try:
+            await self._kv.write(name, None, if_equal=generation)  # refused if another process took it over
+        except ValueError as exc:
+            raise _translate(exc, f"deleting {self.describe(name)}") from exc
 
 
 def _expired(marker: bytes) -> bool:

@@ -1,0 +1,160 @@
+"""TensorFlow checkpoints, read without TensorFlow: fixtures written by real TensorFlow 2.21.
+
+``tests/fixtures/tensorflow/make_fixtures.py`` wrote them (and ``expected.json``, every value as
+TensorFlow held it): a TF2 object-based ``tf.train.Checkpoint`` and a TF1 name-based
+``tf.compat.v1.train.Saver`` checkpoint with a variable partitioned in three slices.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncckpt as ac
+from asyncckpt import cli
+from asyncckpt.restore import NameBasedSaverStatus
+
+FIXTURES = Path(__file__).with_name("fixtures") / "tensorflow"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
+TF2 = str(FIXTURES / EXPECTED["tf2"]["path"])
+TF1 = str(FIXTURES / EXPECTED["tf1"]["path"])
+VALUES2, VALUES1 = EXPECTED["tf2"]["values"], EXPECTED["tf1"]["values"]
+
+
+def _tf2_objects() -> tuple[ac.Module, ac.Variable]:
+    """Objects shaped as the TF2 fixture's ``tf.Module`` (zeros until restored)."""
+    model = ac.Module()
+    model.dense = ac.Module()
+    model.dense.kernel = ac.Variable(np.zeros((3, 4), np.float32))
+    model.dense.bias = ac.Variable(np.zeros(4, np.float32))
+    model.wide = ac.Variable(np.zeros(6))
+    model.half = ac.Variable(np.zeros(3, np.float16))
+    model.brain = ac.Variable(np.zeros(3, ml_dtypes.bfloat16))
+    model.flags = ac.Variable(np.zeros(3, bool))
+    model.counts = ac.Variable(np.zeros((2, 2), np.int64))
+    model.layers = [ac.Variable(np.zeros(2, np.int32)) for _ in range(2)]
+    return model, ac.Variable(np.int64(0))
+
+
+def test_a_tf2_checkpoint_restores_by_object_graph_with_every_dtype():
+    model, step = _tf2_objects()
+    checkpoint = ac.Checkpoint(model=model, step=step)
+    status = checkpoint.restore(TF2)
+    assert int(step.numpy()) == VALUES2["step"] and int(checkpoint.save_counter.numpy()) == 1
+    for name, variable in [("model/dense/kernel", model.dense.kernel), ("model/dense/bias", model.dense.bias),
+                           ("model/wide", model.wide), ("model/flags", model.flags), ("model/counts", model.counts),
+                           ("model/layers/0", model.layers[0]), ("model/layers/1", model.layers[1])]:
+        np.testing.assert_array_equal(variable.numpy(), np.asarray(VALUES2[name], dtype=variable.dtype), err_msg=name)
+    np.testing.assert_array_equal(model.half.numpy().astype(np.float32), VALUES2["model/half"])
+    np.testing.assert_array_equal(model.brain.numpy().astype(np.float32), VALUES2["model/brain"])
+    status.assert_existing_objects_matched()
+    with pytest.raises(AssertionError, match=r"Unresolved object in checkpoint \(root\).model.name_var"):
+        status.assert_consumed()  # the fixture's string variable has no object here
+
+
+def test_a_tf2_checkpoint_reads_like_tensorflows_reader():
+    reader = ac.load_checkpoint(TF2)
+    assert reader.get_tensor("model/name_var/.ATTRIBUTES/VARIABLE_VALUE") == VALUES2["model/name_var"].encode()
+    assert reader.get_variable_to_shape_map()["model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE"] == [3, 4]
+    assert str(reader.get_variable_to_dtype_map()["model/brain/.ATTRIBUTES/VARIABLE_VALUE"]) == "bfloat16"
+    graph = reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
+    assert isinstance(graph, bytes) and graph.startswith(b"\n")  # TensorFlow's proto bytes, as TensorFlow gives them
+    assert reader.verify().tensors == len(VALUES2) + 1  # and save_counter
+    nodes = ac.object_metadata(TF2)["nodes"]
+    assert [child["local_name"] for child in nodes[0]["children"]] == ["model", "step", "save_counter"]
+    assert ("model/dense/bias/.ATTRIBUTES/VARIABLE_VALUE", [4]) in ac.list_variables(TF2)
+
+
+def test_the_command_line_lists_and_verifies_a_tensorflow_checkpoint(capsys):
+    assert cli.main(["ls", TF2]) == 0
+    listed = capsys.readouterr().out
+    assert "model/dense/kernel" in listed and "[3, 4]" in listed
+    assert cli.main(["verify", TF1]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_a_tf1_checkpoint_restores_by_variable_names_with_its_partitioned_variable_reassembled():
+    model = ac.Module()
+    model.weights = ac.Variable(np.zeros((5, 4), np.float32), name="layer/weights")
+    model.embedding = ac.Variable(np.zeros((7, 3), np.float32), name="embedding")
+    model.step = ac.Variable(np.int64(0), name="global_step")
+    status = ac.Checkpoint(model=model).restore(TF1)
+    assert isinstance(status, NameBasedSaverStatus)
+    status.assert_consumed().assert_nontrivial_match()  # the checkpoint's save_counter is optional
+    np.testing.assert_array_equal(model.weights.numpy(), np.asarray(VALUES1["layer/weights"], np.float32))
+    np.testing.assert_array_equal(model.embedding.numpy(), np.asarray(VALUES1["embedding"], np.float32))
+    assert int(model.step.numpy()) == VALUES1["global_step"]
+
+
+def test_a_tf1_status_names_the_variables_it_could_not_match():
+    model = ac.Module()
+    model.weights = ac.Variable(np.zeros((5, 4), np.float32), name="layer/weights")
+    model.extra = ac.Variable(np.zeros(2), name="not/in/the/checkpoint")
+    status = ac.Checkpoint(model=model).restore(TF1)
+    with pytest.raises(AssertionError, match="not/in/the/checkpoint"):
+        status.assert_consumed()
+    status.expect_partial().assert_nontrivial_match()
+    nothing = ac.Checkpoint(model=ac.Module()).restore(TF1)
+    with pytest.raises(AssertionError, match="No variable's name matched"):
+        nothing.assert_nontrivial_match()
+
+
+def test_a_tf1_variable_of_another_shape_is_refused_before_anything_changes():
+    model = ac.Module()
+    model.weights = ac.Variable(np.ones((4, 5), np.float32), name="layer/weights")
+    with pytest.raises(ValueError, match="incompatible tensor with shape"):
+        ac.Checkpoint(model=model).restore(TF1)
+    np.testing.assert_array_equal(model.weights.numpy(), np.ones((4, 5), np.float32))
+
+
+def test_a_slice_of_a_partitioned_variable_reads_only_its_part():
+    reader = ac.load_checkpoint(TF1)
+    assert reader.name_based and "_CHECKPOINTABLE_OBJECT_GRAPH" not in reader.keys()
+    part = reader.read_boxes("embedding", [ac.Box((2, 1), (3, 2))])[0]  # across the first two slices
+    np.testing.assert_array_equal(part, np.asarray(VALUES1["embedding"], np.float32)[2:5, 1:3])
+    with pytest.raises(ValueError, match="object graph"):
+        ac.object_metadata(TF1)
+
+
+def _copy(tmp_path: Path, prefix: str) -> Path:
+    source = Path(prefix)
+    for path in source.parent.glob(source.name + ".*"):
+        shutil.copy(path, tmp_path / path.name)
+    return tmp_path / source.name
+
+
+def test_a_flipped_data_byte_of_a_tensorflow_checkpoint_is_caught(tmp_path):
+    prefix = _copy(tmp_path, TF2)
+    data = Path(f"{prefix}.data-00000-of-00001")
+    content = bytearray(data.read_bytes())
+    content[130] ^= 0x01  # inside model/dense/kernel (bytes 128..176)
+    data.write_bytes(bytes(content))
+    with pytest.raises(ac.CorruptCheckpointError, match="dense/kernel.*fails its checksum"):
+        ac.load_checkpoint(str(prefix)).verify()
+    model, step = _tf2_objects()
+    with pytest.raises(ac.CorruptCheckpointError):
+        ac.Checkpoint(model=model, step=step).restore(str(prefix))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_a_damaged_tensorflow_index_fails_as_corrupt_never_otherwise(tmp_path_factory, data):
+    index = Path(f"{TF1}.index").read_bytes()
+    position = data.draw(st.integers(0, len(index) - 1))
+    damaged = bytearray(index)
+    damaged[position] ^= data.draw(st.integers(1, 255))
+    folder = tmp_path_factory.mktemp("damaged")
+    prefix = _copy(folder, TF1)
+    Path(f"{prefix}.index").write_bytes(bytes(damaged))
+    try:
+        reader = ac.load_checkpoint(str(prefix))
+        reader.verify()
+    except ac.CorruptCheckpointError:
+        pass  # (UnsupportedFormatError is one too)

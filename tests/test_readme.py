@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import re
 import shlex
 import subprocess
@@ -151,6 +152,8 @@ def test_tf_snippet_and_its_asyncckpt_twin_make_the_same_calls():
 
 
 def run_snippet(directory: Path, body: str) -> None:
+    if "tests/fixtures/" in body:  # a snippet reading the repository's fixtures runs as from its root
+        shutil.copytree(ROOT / "tests" / "fixtures", directory / "tests" / "fixtures")
     # The snippet imports this checkout's asyncckpt, wherever the installed one points.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-W", "error", "-c", body], cwd=directory, capture_output=True, text=True,

@@ -5,9 +5,10 @@ Usage::
     asyncckpt ls PATH        # object paths (``model/layer1.weight``), dtypes and shapes, one per line
     asyncckpt ls --keys PATH # the same with the checkpoint keys themselves
     asyncckpt verify PATH    # check every stored checksum
+    asyncckpt convert SOURCE DESTINATION --to tf  # a TensorFlow checkpoint tf.train.Checkpoint restores
 
-``PATH`` is a checkpoint prefix (``runs/ckpt-40``) or a directory, meaning the checkpoint its
-state file names as latest. Exit status: 0 on success, 1 when the checkpoint is missing or
+``PATH`` is a checkpoint prefix (``runs/ckpt-40``), an ``s3://`` URL, or a directory, meaning the
+checkpoint its state file names as latest; TensorFlow checkpoints are read too. Exit status: 0 on success, 1 when the checkpoint is missing or
 corrupt (the message names the key and the file), 2 on a usage error.
 """
 
@@ -45,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("path", metavar="PATH", help="checkpoint prefix, or a directory (its latest checkpoint)")
     listing.add_argument("--keys", action="store_true",
                          help="print the checkpoint keys themselves instead of the object paths they name")
+    convert = commands.add_parser(
+        "convert",
+        help="write a checkpoint in another format",
+        description="Write the checkpoint at SOURCE (asyncckpt's or TensorFlow's) as a TensorFlow checkpoint at "
+                    "DESTINATION, which tf.train.Checkpoint restores. Nothing existing is overwritten.",
+    )
+    convert.add_argument("source", metavar="SOURCE", help="checkpoint prefix, or a directory (its latest checkpoint)")
+    convert.add_argument("destination", metavar="DESTINATION", help="the new checkpoint's prefix")
+    convert.add_argument("--to", choices=["tf"], required=True, help="the format to write: tf (TensorFlow)")
     return parser
 
 
@@ -110,12 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ls":
             return _ls(args.path, sys.stdout, raw_keys=args.keys)
+        if args.command == "convert":
+            from asyncckpt.convert import to_tensorflow  # noqa: PLC0415 - only this command needs it
+
+            sys.stdout.write(f"wrote TensorFlow checkpoint {to_tensorflow(args.source, args.destination)}\n")
+            return 0
         return _verify(args.path, sys.stdout)
     except CheckpointError as exc:
         kind = "corrupt checkpoint" if isinstance(exc, ValueError) else "error"
         print(f"asyncckpt {args.command}: {kind}: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, TypeError) as exc:  # a missing file, one not to overwrite, a dtype the format lacks
         print(f"asyncckpt {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -242,7 +242,7 @@ def _shape(value: bytes) -> tuple[int, ...]:
     dims = []
     for number, _, item in _fields(value):
         if number == 2:
-            size = -1
+            size = 0  # (proto3: a size of 0 is not written)
             for inner, _, dim in _fields(item):
                 if inner == 1:
                     size = _signed(dim)
@@ -422,3 +422,124 @@ def slice_key(name: str, piece: Slice) -> bytes:
         key += _ordered_signed(start) + _ordered_signed(length)
     return key
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: the same structures the other way (for checkpoints TensorFlow reads)
+
+#: manifest dtype string -> TensorFlow DataType enum.
+TF_DTYPES = {text: number for number, text in _DTYPES.items()}
+_BLOCK_BYTES = 4096
+_RESTART_INTERVAL = 16
+
+
+def mask(crc: int) -> int:
+    """TensorFlow's (and LevelDB's) masked form of a CRC-32C."""
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def _put_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, value: int | bytes, wire: int | None = None) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return _put_varint(number << 3 | 2) + _put_varint(len(value)) + bytes(value)
+    if wire == 5:
+        return _put_varint(number << 3 | 5) + value.to_bytes(4, "little")
+    return _put_varint(number << 3) + _put_varint(value & 0xFFFFFFFFFFFFFFFF)
+
+
+def encode_header(shards: int = 1) -> bytes:
+    """A ``BundleHeaderProto``: ``shards`` data files, little-endian, version producer 1."""
+    return _field(1, shards) + _field(3, _field(1, 1))
+
+
+def encode_entry(tf_dtype: int, shape: tuple[int, ...], offset: int, size: int, crc: int, shard: int = 0) -> bytes:
+    """A ``BundleEntryProto`` for a tensor of ``size`` bytes at ``offset`` of data file ``shard``."""
+    dims = b"".join(_field(2, _field(1, dim) if dim else b"") for dim in shape)
+    entry = _field(1, tf_dtype) + _field(2, dims)
+    if shard:
+        entry += _field(3, shard)
+    if offset:
+        entry += _field(4, offset)
+    if size:
+        entry += _field(5, size)
+    return entry + _field(6, mask(crc), wire=5)
+
+
+def encode_strings(strings: list[bytes]) -> tuple[bytes, int]:
+    """``(stored bytes, entry CRC-32C)`` of a string tensor, framed as TensorFlow frames it."""
+    lengths = b"".join(_put_varint(len(s)) for s in strings)
+    integers = b"".join(struct.pack("<I" if len(s) < 1 << 32 else "<Q", len(s)) for s in strings)
+    length_crc = mask(crc32c.crc32c(integers)).to_bytes(4, "little")
+    data = b"".join(strings)
+    return lengths + length_crc + data, crc32c.crc32c(length_crc + data, crc32c.crc32c(integers))
+
+
+def encode_object_graph(graph: dict) -> bytes:
+    """asyncckpt's object-graph JSON as a serialised ``TrackableObjectGraph``."""
+    out = bytearray()
+    for node in graph.get("nodes", []):
+        body = bytearray()
+        for child in node.get("children", []):
+            body += _field(1, _field(1, int(child["node_id"])) + _field(2, str(child["local_name"]).encode()))
+        for attribute in node.get("attributes", []):
+            body += _field(2, _field(1, str(attribute["name"]).encode())
+                           + _field(2, str(attribute.get("full_name", "")).encode())
+                           + _field(3, str(attribute["checkpoint_key"]).encode()))
+        for slot in node.get("slot_variables", []):
+            body += _field(3, _field(1, int(slot["original_variable_node_id"]))
+                           + _field(2, str(slot["slot_name"]).encode())
+                           + _field(3, int(slot["slot_variable_node_id"])))
+        out += _field(1, bytes(body))
+    return bytes(out)
+
+
+def _put_block(out: bytearray, entries: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+    """Append a block of ``entries`` (prefix-compressed, restart points) and its trailer; its handle."""
+    block, restarts, last = bytearray(), [], b""
+    for number, (key, value) in enumerate(entries):
+        if number % _RESTART_INTERVAL == 0:
+            restarts.append(len(block))
+            shared = 0
+        else:
+            shared = 0
+            while shared < min(len(key), len(last)) and key[shared] == last[shared]:
+                shared += 1
+        block += _put_varint(shared) + _put_varint(len(key) - shared) + _put_varint(len(value))
+        block += key[shared:] + value
+        last = key
+    for restart in restarts or [0]:
+        block += restart.to_bytes(4, "little")
+    block += len(restarts or [0]).to_bytes(4, "little")
+    offset = len(out)
+    out += block + b"\x00" + mask(crc32c.crc32c(b"\x00", crc32c.crc32c(bytes(block)))).to_bytes(4, "little")
+    return offset, len(block)
+
+
+def build_table(items: list[tuple[bytes, bytes]]) -> bytes:
+    """A TensorFlow table of ``items`` (keys sorted bytewise, unique): data blocks, index, footer."""
+    out, index, pending, size = bytearray(), [], [], 0
+    for key, value in items:
+        pending.append((key, value))
+        size += len(key) + len(value) + 8
+        if size >= _BLOCK_BYTES:
+            offset, length = _put_block(out, pending)
+            index.append((pending[-1][0], _put_varint(offset) + _put_varint(length)))
+            pending, size = [], 0
+    if pending:
+        offset, length = _put_block(out, pending)
+        index.append((pending[-1][0], _put_varint(offset) + _put_varint(length)))
+    meta_offset, meta_length = _put_block(out, [])
+    index_offset, index_length = _put_block(out, index)
+    handles = _put_varint(meta_offset) + _put_varint(meta_length) + _put_varint(index_offset) + _put_varint(index_length)
+    return bytes(out) + handles.ljust(40, b"\x00") + TENSORFLOW_TABLE_MAGIC.to_bytes(8, "little")

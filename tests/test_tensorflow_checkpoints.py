@@ -158,3 +158,54 @@ def test_a_damaged_tensorflow_index_fails_as_corrupt_never_otherwise(tmp_path_fa
         reader.verify()
     except ac.CorruptCheckpointError:
         pass  # (UnsupportedFormatError is one too)
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: asyncckpt convert --to tf
+
+
+def _saved(tmp_path: Path) -> tuple[str, dict]:
+    model = ac.Module()
+    model.kernel = ac.Variable(np.arange(12, dtype=np.float32).reshape(3, 4))
+    model.empty = ac.Variable(np.zeros((0, 2)))
+    model.brain = ac.Variable(np.array([1.5, -2.0], ml_dtypes.bfloat16))
+    values = {"model/kernel": model.kernel.numpy(), "model/empty": model.empty.numpy(), "model/brain": model.brain.numpy()}
+    path = ac.Checkpoint(model=model, step=ac.Variable(np.int64(9))).save(str(tmp_path / "ours" / "ckpt"))
+    return path, values
+
+
+def test_convert_to_tf_writes_a_checkpoint_that_reads_back_and_restores(tmp_path, capsys):
+    path, values = _saved(tmp_path)
+    target = str(tmp_path / "tf" / "ckpt-1")
+    assert cli.main(["convert", path, target, "--to", "tf"]) == 0
+    assert f"wrote TensorFlow checkpoint {target}" in capsys.readouterr().out
+    reader = ac.load_checkpoint(target)
+    assert type(reader).__name__ == "TensorFlowReader" and not reader.name_based
+    for name, value in values.items():
+        np.testing.assert_array_equal(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"), value)
+    reader.verify()
+    model = ac.Module()
+    model.kernel = ac.Variable(np.zeros((3, 4), np.float32))
+    model.empty = ac.Variable(np.ones((0, 2)))
+    model.brain = ac.Variable(np.zeros(2, ml_dtypes.bfloat16))
+    step = ac.Variable(np.int64(0))
+    ac.Checkpoint(model=model, step=step).restore(target).assert_consumed()
+    assert int(step.numpy()) == 9 and model.kernel.numpy()[2, 3] == 11
+    assert cli.main(["convert", path, target, "--to", "tf"]) == 1  # never over an existing checkpoint
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_tensorflow_restores_what_convert_wrote(tmp_path):
+    tf = pytest.importorskip("tensorflow", reason="needs TensorFlow (pip install .[tensorflow])")
+    path, values = _saved(tmp_path)
+    target = str(tmp_path / "tf" / "ckpt-1")
+    assert cli.main(["convert", path, target, "--to", "tf"]) == 0
+    module = tf.Module()
+    module.kernel = tf.Variable(np.zeros((3, 4), np.float32))
+    module.empty = tf.Variable(np.ones((0, 2)))
+    module.brain = tf.Variable(tf.zeros(2, tf.bfloat16))
+    step = tf.Variable(0, dtype=tf.int64)
+    tf.train.Checkpoint(model=module, step=step).restore(target).assert_consumed()
+    assert int(step.numpy()) == 9
+    np.testing.assert_array_equal(module.kernel.numpy(), values["model/kernel"])
+    np.testing.assert_array_equal(tf.cast(module.brain, tf.float32).numpy(), values["model/brain"].astype(np.float32))

@@ -1,0 +1,95 @@
+"""Converting checkpoints to other formats: TensorFlow's TensorBundle, so that TensorFlow reads ours.
+
+:func:`to_tensorflow` writes any checkpoint asyncckpt reads (its own, sharded ones assembled, or a
+TensorFlow one) as a TensorFlow checkpoint: ``P.data-00000-of-00001`` with every tensor's bytes,
+then ``P.index`` -- the header, a ``BundleEntryProto`` per tensor (with TensorFlow's masked CRC-32C)
+and the object graph as the ``TrackableObjectGraph`` proto -- written last, atomically, as the
+commit. Keys, the object graph and the checkpoint layout already follow TensorFlow's, so
+``tf.train.Checkpoint.restore`` (or ``tf.train.load_checkpoint``) reads the result. Values are
+converted one at a time, so memory stays at the largest value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import crc32c
+import numpy as np
+
+from asyncckpt import io as ckio
+from asyncckpt import tensorflow_bundle as bundle
+from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
+from asyncckpt.readers import load_checkpoint
+
+__all__ = ["to_tensorflow"]
+
+
+def _tf_dtype(key: str, dtype) -> int:
+    try:
+        return bundle.TF_DTYPES[encode_dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"key {key!r} is {encode_dtype(dtype)}, which TensorFlow checkpoints cannot hold") from None
+
+
+def to_tensorflow(source, prefix) -> str:
+    """Write the checkpoint at ``source`` (a prefix, or a directory: its latest) as a TensorFlow one at ``prefix``.
+
+    Refuses (``FileExistsError``) to write where ``prefix.index`` or its data file already exist:
+    nothing is overwritten. Returns ``prefix``.
+    """
+    reader = load_checkpoint(source)
+    prefix = os.fspath(prefix)
+    index, data_file = f"{prefix}.index", bundle.data_file_name(prefix, 0, 1)
+    for path in (index, data_file):
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; refusing to overwrite it with a converted checkpoint")
+    folder = os.path.dirname(prefix) or "."
+    os.makedirs(folder, exist_ok=True)
+    items: list[tuple[bytes, bytes]] = [(b"", bundle.encode_header())]
+    written = False
+    try:
+        with open(data_file, "xb") as out:
+            written = True
+            offset = 0
+            graph = reader.own_object_graph() if hasattr(reader, "own_object_graph") else reader.object_graph
+            keys = [key for key in reader.keys() if key != OBJECT_GRAPH_KEY]
+            for key in keys:
+                spec = reader.spec(key)
+                value = reader.read(key)
+                if spec.dtype == BYTES_DTYPE:
+                    strings = list(value.reshape(-1)) if isinstance(value, np.ndarray) else [value]
+                    raw, crc = bundle.encode_strings(strings)
+                    entry = bundle.encode_entry(bundle.DT_STRING, tuple(spec.shape), offset, len(raw), crc)
+                else:
+                    raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8).tobytes()
+                    entry = bundle.encode_entry(_tf_dtype(key, spec.dtype), tuple(spec.shape), offset, len(raw),
+                                                crc32c.crc32c(raw))
+                out.write(raw)
+                offset += len(raw)
+                items.append((key.encode("utf-8"), entry))
+            if graph is not None:
+                raw, crc = bundle.encode_strings([bundle.encode_object_graph(graph)])
+                out.write(raw)
+                items.append((OBJECT_GRAPH_KEY.encode(), bundle.encode_entry(bundle.DT_STRING, (), offset, len(raw), crc)))
+            out.flush()
+            os.fsync(out.fileno())
+        items.sort(key=lambda item: item[0])
+        temporary = f"{index}.tmp-{os.getpid()}"
+        with open(temporary, "xb") as out:
+            out.write(bundle.build_table(items))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, index)  # the commit: TensorFlow's too
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except BaseException:
+        if written and not os.path.exists(index):
+            with contextlib.suppress(OSError):
+                os.unlink(data_file)
+        raise
+    ckio.wait_for_pending_writes(prefix)
+    return prefix

@@ -6,6 +6,7 @@ Usage::
     asyncckpt ls --keys PATH # the same with the checkpoint keys themselves
     asyncckpt verify PATH    # check every stored checksum
     asyncckpt convert SOURCE DESTINATION --to tf  # a TensorFlow checkpoint tf.train.Checkpoint restores
+    asyncckpt convert SOURCE model.safetensors --to safetensors   # and back: --to asyncckpt
 
 ``PATH`` is a checkpoint prefix (``runs/ckpt-40``), an ``s3://`` URL, or a directory, meaning the
 checkpoint its state file names as latest; TensorFlow checkpoints are read too. Exit status: 0 on success, 1 when the checkpoint is missing or
@@ -49,12 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert",
         help="write a checkpoint in another format",
-        description="Write the checkpoint at SOURCE (asyncckpt's or TensorFlow's) as a TensorFlow checkpoint at "
-                    "DESTINATION, which tf.train.Checkpoint restores. Nothing existing is overwritten.",
+        description="Write the checkpoint at SOURCE (asyncckpt's or TensorFlow's) as a TensorFlow checkpoint or a "
+                    "safetensors file at DESTINATION, or a .safetensors SOURCE as an asyncckpt checkpoint. "
+                    "Nothing existing is overwritten.",
     )
     convert.add_argument("source", metavar="SOURCE", help="checkpoint prefix, or a directory (its latest checkpoint)")
     convert.add_argument("destination", metavar="DESTINATION", help="the new checkpoint's prefix")
-    convert.add_argument("--to", choices=["tf"], required=True, help="the format to write: tf (TensorFlow)")
+    convert.add_argument("--to", choices=["tf", "safetensors", "asyncckpt"], required=True,
+                         help="the format to write: tf (TensorFlow), safetensors (one file of the arrays, named by "
+                              "object path), asyncckpt (from a .safetensors SOURCE)")
     return parser
 
 
@@ -121,9 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ls":
             return _ls(args.path, sys.stdout, raw_keys=args.keys)
         if args.command == "convert":
-            from asyncckpt.convert import to_tensorflow  # noqa: PLC0415 - only this command needs it
+            from asyncckpt import convert  # noqa: PLC0415 - only this command needs it
 
-            sys.stdout.write(f"wrote TensorFlow checkpoint {to_tensorflow(args.source, args.destination)}\n")
+            if args.to == "tf":
+                sys.stdout.write(f"wrote TensorFlow checkpoint {convert.to_tensorflow(args.source, args.destination)}\n")
+            elif args.to == "safetensors":
+                sys.stdout.write(f"wrote {convert.to_safetensors(args.source, args.destination)}\n")
+            else:
+                sys.stdout.write(f"wrote checkpoint {convert.from_safetensors(args.source, args.destination)}\n")
             return 0
         return _verify(args.path, sys.stdout)
     except CheckpointError as exc:

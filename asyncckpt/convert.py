@@ -1,4 +1,4 @@
-"""Converting checkpoints to other formats: TensorFlow's TensorBundle, so that TensorFlow reads ours.
+"""Converting checkpoints to and from other formats: TensorFlow's TensorBundle, Hugging Face safetensors.
 
 :func:`to_tensorflow` writes any checkpoint asyncckpt reads (its own, sharded ones assembled, or a
 TensorFlow one) as a TensorFlow checkpoint: ``P.data-00000-of-00001`` with every tensor's bytes,
@@ -22,7 +22,7 @@ from asyncckpt import tensorflow_bundle as bundle
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
 from asyncckpt.readers import load_checkpoint
 
-__all__ = ["to_tensorflow"]
+__all__ = ["to_tensorflow", "to_safetensors", "from_safetensors"]
 
 
 def _tf_dtype(key: str, dtype) -> int:
@@ -93,3 +93,43 @@ def to_tensorflow(source, prefix) -> str:
         raise
     ckio.wait_for_pending_writes(prefix)
     return prefix
+
+
+def to_safetensors(source, path, *, readable: bool = True) -> str:
+    """Write every array of the checkpoint at ``source`` into one ``.safetensors`` file at ``path``.
+
+    Tensors are named by their object paths (``model/layer1.weight``, as ``asyncckpt ls`` shows
+    them) unless ``readable`` is false (then by checkpoint key). Byte strings, which safetensors
+    cannot hold, are left out. Needs the ``safetensors`` package. Refuses to overwrite ``path``.
+    """
+    from safetensors.numpy import save_file  # noqa: PLC0415 - an optional dependency
+
+    from asyncckpt.cli import readable_name  # noqa: PLC0415
+
+    path = os.fspath(path)
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} exists; refusing to overwrite it with a converted checkpoint")
+    reader = load_checkpoint(source)
+    keys = [key for key in reader.keys() if key != OBJECT_GRAPH_KEY and reader.spec(key).dtype != BYTES_DTYPE]
+    names = {key: readable_name(key) if readable else key for key in keys}
+    if len(set(names.values())) != len(names):
+        raise ValueError("two keys have the same object path; convert with readable=False to keep the keys")
+    values = reader.read_many(keys)
+    save_file({names[key]: np.ascontiguousarray(values[key]) for key in keys}, path)
+    return path
+
+
+def from_safetensors(path, prefix, *, settings: ckio.WriteSettings | None = None) -> str:
+    """Write the arrays of the ``.safetensors`` file at ``path`` as an asyncckpt checkpoint at ``prefix``.
+
+    Each tensor is stored under its own name (no object graph: read them by key with
+    ``load_checkpoint``, or into a module with ``StateDict``-shaped code). The file is read
+    through safetensors' own reader, which trusts nothing in it but the header it validates.
+    """
+    from safetensors.numpy import load_file  # noqa: PLC0415 - an optional dependency
+
+    tensors = load_file(os.fspath(path))
+    entries = [ckio.SaveEntry(name, value) for name, value in sorted(tensors.items())]
+    handle = ckio.start_write(prefix, entries, {"nodes": [{"children": [], "attributes": [], "slot_variables": []}]},
+                              settings=settings)
+    return handle.result()

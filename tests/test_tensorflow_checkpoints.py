@@ -209,3 +209,19 @@ def test_tensorflow_restores_what_convert_wrote(tmp_path):
     assert int(step.numpy()) == 9
     np.testing.assert_array_equal(module.kernel.numpy(), values["model/kernel"])
     np.testing.assert_array_equal(tf.cast(module.brain, tf.float32).numpy(), values["model/brain"].astype(np.float32))
+
+
+def test_convert_to_safetensors_and_back(tmp_path, capsys):
+    safetensors = pytest.importorskip("safetensors.numpy")
+    path, values = _saved(tmp_path)
+    target = str(tmp_path / "model.safetensors")
+    assert cli.main(["convert", path, target, "--to", "safetensors"]) == 0
+    loaded = safetensors.load_file(target)
+    assert set(loaded) == {"model/kernel", "model/empty", "model/brain", "step", "save_counter"}
+    np.testing.assert_array_equal(loaded["model/kernel"], values["model/kernel"])
+    assert loaded["model/brain"].dtype == ml_dtypes.bfloat16
+    back = str(tmp_path / "back" / "ckpt")
+    assert cli.main(["convert", target, back, "--to", "asyncckpt"]) == 0
+    np.testing.assert_array_equal(ac.load_variable(back, "model/kernel"), values["model/kernel"])
+    assert cli.main(["convert", path, target, "--to", "safetensors"]) == 1  # never over an existing file
+    assert "refusing to overwrite" in capsys.readouterr().err

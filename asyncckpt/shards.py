@@ -39,6 +39,7 @@ __all__ = [
     "intersection",
     "tiling_problem",
     "needed_runs",
+    "is_one_run",
     "touched_extents",
     "row_blocks",
     "spread_writer",
@@ -271,6 +272,18 @@ def needed_runs(shard_shape: Sequence[int], itemsize: int, need: Box) -> tuple[n
         steps = np.arange(need.offset[dim], need.offset[dim] + need.shape[dim], dtype=np.int64)
         starts = np.add.outer(steps * (strides[dim] * itemsize), starts).reshape(-1)
     return starts, length
+
+
+def is_one_run(shape: Sequence[int], box: Box) -> bool:
+    """Whether ``box``'s elements are one contiguous run of an array of ``shape`` (C order).
+
+    That is: the box is one element wide in every dimension before some dimension, and whole in
+    every dimension after it.
+    """
+    dim = 0
+    while dim < len(shape) and box.shape[dim] == 1:
+        dim += 1
+    return all(box.offset[d] == 0 and box.shape[d] == shape[d] for d in range(dim + 1, len(shape)))
 
 
 def touched_extents(bounds: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:

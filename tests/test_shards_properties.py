@@ -136,3 +136,12 @@ def test_a_hostile_layout_is_refused_without_quadratic_work():
 
 def test_empty_boxes_are_no_shards():
     assert tiling_problem((4,), [Box((0,), (4,)), Box((4,), (0,)), Box((4,), (0,))]) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(shapes.flatmap(lambda shape: st.tuples(st.just(shape), box_in(shape))))
+def test_is_one_run_agrees_with_the_runs_themselves(case):
+    from asyncckpt.shards import is_one_run
+
+    shape, box = case
+    assert is_one_run(shape, box) == (len(needed_runs(shape, 4, box)[0]) == 1)

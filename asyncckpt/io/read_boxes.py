@@ -20,7 +20,7 @@ import numpy as np
 from asyncckpt.checksums import crc32c_combine
 from asyncckpt.dtypes import describe_dtype
 from asyncckpt.format import BYTES_DTYPE, ShardedRecord, TensorRecord
-from asyncckpt.shards import Box, ShardedTarget, intersection, needed_runs, row_blocks, touched_extents
+from asyncckpt.shards import Box, ShardedTarget, intersection, is_one_run, needed_runs, row_blocks, touched_extents
 
 __all__ = ["BoxReads", "stored_shards", "whole_box"]
 
@@ -136,9 +136,9 @@ class BoxReads:
         itemsize = dtype.itemsize
         spans = _spans(shard)
         need = Box(tuple(c - o for c, o in zip(common.offset, offset)), common.shape)
-        starts, length = needed_runs(shard.shape, itemsize, need)
         place = Box(tuple(c - b for c, b in zip(common.offset, box.offset)), common.shape)
-        if len(starts) == 1 and len(needed_runs(box.shape, itemsize, place)[0]) == 1:
+        if is_one_run(shard.shape, need) and is_one_run(box.shape, place):
+            starts, length = needed_runs(shard.shape, itemsize, need)
             at = int(needed_runs(box.shape, itemsize, place)[0][0])
             self._plan_run(key, batch, shard, offset, spans, int(starts[0]), length, array, at)
             return

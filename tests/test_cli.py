@@ -1,7 +1,8 @@
-"""The ``asyncckpt`` command (``asyncckpt.cli``): ``ls`` and ``verify``."""
+"""The ``asyncckpt`` command (``asyncckpt.cli``) through its entry point: every command, text and ``--json``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_verify_of_a_directory_checks_its_latest_checkpoint(capsys, tmp_path):
     latest = checkpoint.save(str(tmp_path / "ckpt"))
     code, out, _ = run(capsys, "verify", str(tmp_path))
     # save() adds the save counter (one int64) to the three variables.
-    assert (code, out) == (0, f"OK: 4 tensors, {EXPECTED_BYTES + 8} bytes verified\n")
+    assert (code, out) == (0, f"latest checkpoint of {tmp_path}: {latest}\nOK: 4 tensors, {EXPECTED_BYTES + 8} bytes verified\n")
     corrupt_value(latest, B_KEY)
     assert run(capsys, "verify", str(tmp_path))[0] == 1
     assert run(capsys, "verify", str(tmp_path / "ckpt-1"))[0] == 0
@@ -140,3 +141,61 @@ def test_module_runs_as_a_program(written):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"OK: 3 tensors, {EXPECTED_BYTES} bytes verified\n"
+
+
+# ---------------------------------------------------------------- show, diff, latest, du, --json
+
+
+def test_show_summarises_one_value_by_object_path_or_key(capsys, written):
+    code, out, _ = run(capsys, "show", written, "c")
+    assert code == 0
+    assert "dtype float64  shape [5000]" in out and "min 0.0  max 4999.0  mean 2499.5" in out
+    assert "first [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]" in out
+    code, out, _ = run(capsys, "show", written, "b/.ATTRIBUTES/VARIABLE_VALUE", "--json", "--first", "2")
+    shown = json.loads(out)
+    assert (code, shown["dtype"], shown["shape"], shown["first"], shown["max"]) == (0, "int64", [], [7], 7.0)
+    code, out, err = run(capsys, "show", written, "nothing/here", "--json")
+    assert code == 1 and "no key or object path 'nothing/here'" in err and json.loads(out)["kind"] == "error"
+
+
+def test_diff_names_added_removed_and_changed_keys_with_the_largest_difference(capsys, tmp_path):
+    first = make_checkpoint().write(str(tmp_path / "first"))
+    changed = make_checkpoint()
+    changed.c.assign(np.arange(5000, dtype=np.float64) + np.eye(1, 5000, 17).ravel() * 2.5)
+    changed.d = ac.Variable(np.ones(2))
+    del changed.a
+    second = changed.write(str(tmp_path / "second"))
+    assert run(capsys, "diff", first, first)[:2] == (0, "equal\n")
+    code, out, _ = run(capsys, "diff", first, second)
+    assert code == 3
+    assert f"+ d/.ATTRIBUTES/VARIABLE_VALUE" in out and f"- {A_KEY}" in out
+    assert "~ c/.ATTRIBUTES/VARIABLE_VALUE: max |a - b| = 2.5" in out
+    code, out, _ = run(capsys, "diff", first, second, "--json")
+    result = json.loads(out)
+    assert (code, result["equal"], result["removed"], result["changed"][0]["max_abs_difference"]) == (
+        3, False, [A_KEY], 2.5)
+
+
+def test_latest_and_du_of_a_directory(capsys, tmp_path):
+    checkpoint = make_checkpoint()
+    checkpoint.save(str(tmp_path / "ckpt"))
+    latest = checkpoint.save(str(tmp_path / "ckpt"))
+    assert run(capsys, "latest", str(tmp_path))[:2] == (0, f"{latest}\n")
+    assert json.loads(run(capsys, "latest", str(tmp_path), "--json")[1]) == {"directory": str(tmp_path),
+                                                                           "latest": latest}
+    code, out, _ = run(capsys, "du", str(tmp_path), "--json")
+    usage = json.loads(out)
+    assert (code, usage["checkpoint"], usage["bytes"]) == (0, latest, {"c": 40000, "a": 48, "b": 8, "save_counter": 8})
+    code, out, _ = run(capsys, "du", latest)
+    assert out.splitlines()[0] == "40000  c"
+    assert run(capsys, "latest", str(tmp_path / "nowhere"))[0] == 1
+
+
+def test_every_command_speaks_json(capsys, written):
+    code, out, _ = run(capsys, "ls", written, "--json")
+    listing = json.loads(out)
+    assert code == 0 and {row["name"] for row in listing["values"]} >= {"a", "b", "c"}
+    assert json.loads(run(capsys, "verify", written, "--json")[1])["ok"] is True
+    corrupt_value(written, B_KEY)
+    code, out, _ = run(capsys, "verify", written, "--json")
+    assert code == 1 and json.loads(out)["kind"] == "corrupt checkpoint"

@@ -132,6 +132,10 @@ class CheckpointReader(DeviceReads, BoxReads):
         except (KeyError, TypeError):
             raise KeyError(f"key {key!r} not found in checkpoint {self.path}") from None
 
+    def stored_bytes(self, key: str) -> int:
+        """How many bytes the value of ``key`` takes in the data files (every shard of a sharded one)."""
+        return self._record(key).nbytes
+
     def has_tensor(self, key: str) -> bool:
         """True when ``key`` is saved in this checkpoint (``tf.train.CheckpointReader``'s name)."""
         return isinstance(key, str) and key in self

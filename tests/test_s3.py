@@ -59,13 +59,28 @@ def test_an_asynchronous_save_commits_on_s3_and_the_next_write_replaces_it(s3_se
 
 
 RACING_WRITER = '''
-import sys, time, numpy as np
+import os, sys, time, numpy as np
 import asyncckpt as ac
-bucket, number, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+from asyncckpt.io.storage import BackendWrapper
+from asyncckpt.io.storage.s3 import S3Storage
+from asyncckpt.testing.storage import WrappingStorage
+
+bucket, number, gate, writers = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+class AllAtTheCommit(BackendWrapper):
+    async def commit(self, name, tmp_name, value):
+        # Every writer has noted what P.index held and written its data before any commits: a real race.
+        open(os.path.join(gate, f"ready-{number}"), "w").close()
+        while len(os.listdir(gate)) < writers:
+            time.sleep(0.01)
+        await super().commit(name, tmp_name, value)
+
+storage = WrappingStorage(S3Storage(bucket), AllAtTheCommit)
 checkpoint = ac.Checkpoint(w=ac.Variable(np.full(1000, float(number))), b=ac.Variable(np.arange(5) + number))
-time.sleep(max(0.0, start - time.time()))  # all start together
 try:
-    print("committed", checkpoint.write(f"s3://{bucket}/race/ckpt"), flush=True)
+    path = checkpoint.write(f"s3://{bucket}/race/ckpt",
+                            options=ac.CheckpointOptions(write_settings=ac.WriteSettings(storage=storage)))
+    print("committed", path, flush=True)
 except Exception as exc:
     print("refused", type(exc).__name__, exc, flush=True)
 '''
@@ -76,8 +91,9 @@ def test_eight_writers_racing_to_one_path_commit_exactly_one(s3_server, bucket, 
     script = tmp_path / "writer.py"
     script.write_text(RACING_WRITER)
     env = {**os.environ, "PYTHONPATH": str(Path(ac.__file__).parents[1])}
-    start = time.time() + 8  # after every interpreter has imported asyncckpt
-    writers = [subprocess.Popen([sys.executable, str(script), bucket, str(n), str(start)], env=env,
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    writers = [subprocess.Popen([sys.executable, str(script), bucket, str(n), str(gate), "8"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(8)]
     outputs = [writer.communicate(timeout=120) for writer in writers]
     lines = [out.strip().splitlines()[-1] if out.strip() else f"nothing ({err[-300:]})" for out, err in outputs]

@@ -91,16 +91,25 @@ def test_example_command_runs_and_resumes(tmp_path, capsys):
     demo_dir = run[run.index("--dir") + 1]
     bash = "\n".join(block["body"] for block in FENCE.finditer(README) if block["lang"] == "bash")
     cli_lines = re.findall(r"^asyncckpt (.*?)(?:\s+#.*)?$", bash, re.MULTILINE)
-    assert {line.split()[0] for line in cli_lines} == {"ls", "verify"}, cli_lines
+    assert {line.split()[0] for line in cli_lines} == {"ls", "verify", "show", "diff", "latest", "du", "convert"}
     from asyncckpt.cli import main  # what the `asyncckpt` command runs; here without an interpreter per line
 
+    # The README names the checkpoints one run leaves (ckpt-180, ckpt-200); this test ran it twice.
+    kept = sorted((path.name[:-len(".index")] for path in (tmp_path / "demo").glob("ckpt-*.index")),
+                  key=lambda name: int(name.split("-")[1]))
+    renamed = {"ckpt-180": kept[-2], "ckpt-200": kept[-1]}
     for line in cli_lines:
-        args = [str(tmp_path / "demo") if word == demo_dir else word for word in shlex.split(line)]
+        args = []
+        for word in shlex.split(line):
+            word = word.replace(demo_dir, str(tmp_path / "demo"))  # and paths beside it, for the converted files
+            for old, new in renamed.items():
+                word = word.replace(f"/{old}", f"/{new}")
+            args.append(word)
         capsys.readouterr()
         code = main(args)
         out, err = capsys.readouterr()
-        assert code == 0, f"asyncckpt {line}: {out}{err}"
-        assert "model/w1 " in out or out.startswith("OK:"), out
+        assert code in ((0, 3) if args[0] == "diff" else (0,)), f"asyncckpt {line}: {out}{err}"
+        assert out.strip(), f"asyncckpt {line} printed nothing"
 
 
 def test_relative_links_resolve():

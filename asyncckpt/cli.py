@@ -30,6 +30,7 @@ import numpy as np
 
 from asyncckpt.checkpoint_management import latest_checkpoint
 from asyncckpt.errors import CheckpointError, NotFoundError
+from asyncckpt.naming import readable_name
 from asyncckpt.readers import load_checkpoint, resolve_checkpoint_path
 
 __all__ = ["main", "build_parser", "readable_name"]
@@ -81,15 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert",
         help="write a checkpoint in another format",
-        description="Write the checkpoint at SOURCE (asyncckpt's or TensorFlow's) as a TensorFlow checkpoint or a "
-                    "safetensors file at DESTINATION, or a .safetensors SOURCE as an asyncckpt checkpoint. "
-                    "Nothing existing is overwritten.",
+        description="Write the checkpoint at SOURCE (asyncckpt's or TensorFlow's) as a TensorFlow checkpoint, a "
+                    "safetensors file or a torch state dict at DESTINATION, or a .safetensors or .pt SOURCE as an "
+                    "asyncckpt checkpoint. Nothing existing is overwritten; .pt files are read with "
+                    "weights_only=True.",
     )
     convert.add_argument("source", metavar="SOURCE", help="checkpoint prefix, or a directory (its latest checkpoint)")
     convert.add_argument("destination", metavar="DESTINATION", help="the new checkpoint's prefix")
-    convert.add_argument("--to", choices=["tf", "safetensors", "asyncckpt"], required=True,
-                         help="the format to write: tf (TensorFlow), safetensors (one file of the arrays, named by "
-                              "object path), asyncckpt (from a .safetensors SOURCE)")
+    convert.add_argument("--to", choices=["tf", "safetensors", "pt", "asyncckpt"], required=True,
+                         help="the format to write: tf (TensorFlow), safetensors or pt (one file of the arrays, "
+                              "named by object path), asyncckpt (from a .safetensors or torch .pt SOURCE)")
     for command in commands.choices.values():
         command.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
@@ -97,25 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _format_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
-
-
-_ATTRIBUTES = "/.ATTRIBUTES/"
-_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-def _unescape(segment: str) -> str:
-    """A key segment as the name it escapes (``..`` is ``.``, ``.S`` is ``/``)."""
-    return segment.replace(".S", "/").replace("..", ".")
-
-
-def readable_name(key: str) -> str:
-    """A checkpoint key as a path of the names a user gave: ``model/.ATTRIBUTES/layer1..weight`` → ``model/layer1.weight``.
-
-    A variable's value is its object's path; other attributes follow their object's path.
-    """
-    if key.endswith(_VALUE):
-        key = key[: -len(_VALUE)]
-    return "/".join(_unescape(segment) for segment in key.replace(_ATTRIBUTES, "/").split("/"))
 
 
 def _resolved(path: str) -> tuple[str, str | None]:
@@ -255,8 +238,10 @@ def _convert(args) -> tuple[int, dict, list[str]]:
         written, what = convert.to_tensorflow(args.source, args.destination), "TensorFlow checkpoint"
     elif args.to == "safetensors":
         written, what = convert.to_safetensors(args.source, args.destination), "safetensors file"
+    elif args.to == "pt":
+        written, what = convert.to_torch(args.source, args.destination), "torch state dict"
     else:
-        written, what = convert.from_safetensors(args.source, args.destination), "checkpoint"
+        written, what = convert.from_file(args.source, args.destination), "checkpoint"
     return 0, {"written": written, "format": args.to}, [f"wrote {what} {written}"]
 
 

@@ -1,4 +1,6 @@
-"""Converting checkpoints to and from other formats: TensorFlow's TensorBundle, Hugging Face safetensors.
+"""Converting checkpoints to and from other formats: TensorFlow's TensorBundle, Hugging Face safetensors,
+and torch ``.pt`` state dicts (read with ``weights_only=True``: nothing in them is unpickled but tensors
+and plain containers).
 
 :func:`to_tensorflow` writes any checkpoint asyncckpt reads (its own, sharded ones assembled, or a
 TensorFlow one) as a TensorFlow checkpoint: ``P.data-00000-of-00001`` with every tensor's bytes,
@@ -20,9 +22,10 @@ import numpy as np
 from asyncckpt import io as ckio
 from asyncckpt import tensorflow_bundle as bundle
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, encode_dtype
+from asyncckpt.naming import readable_name
 from asyncckpt.readers import load_checkpoint
 
-__all__ = ["to_tensorflow", "to_safetensors", "from_safetensors"]
+__all__ = ["to_tensorflow", "to_safetensors", "from_safetensors", "to_torch", "from_torch", "from_file"]
 
 
 def _tf_dtype(key: str, dtype) -> int:
@@ -95,28 +98,71 @@ def to_tensorflow(source, prefix) -> str:
     return prefix
 
 
-def to_safetensors(source, path, *, readable: bool = True) -> str:
+def to_safetensors(source, path) -> str:
     """Write every array of the checkpoint at ``source`` into one ``.safetensors`` file at ``path``.
 
     Tensors are named by their object paths (``model/layer1.weight``, as ``asyncckpt ls`` shows
-    them) unless ``readable`` is false (then by checkpoint key). Byte strings, which safetensors
-    cannot hold, are left out. Needs the ``safetensors`` package. Refuses to overwrite ``path``.
+    them); byte strings, which safetensors cannot hold, are left out. Needs the ``safetensors``
+    package. Refuses to overwrite ``path``.
     """
     from safetensors.numpy import save_file  # noqa: PLC0415 - an optional dependency
-
-    from asyncckpt.cli import readable_name  # noqa: PLC0415
 
     path = os.fspath(path)
     if os.path.lexists(path):
         raise FileExistsError(f"{path} exists; refusing to overwrite it with a converted checkpoint")
+    save_file({name: np.ascontiguousarray(value) for name, value in _arrays_of(source).items()}, path)
+    return path
+
+
+def _arrays_of(source) -> dict:
+    """Every array of the checkpoint at ``source`` by object path (byte strings left out)."""
     reader = load_checkpoint(source)
     keys = [key for key in reader.keys() if key != OBJECT_GRAPH_KEY and reader.spec(key).dtype != BYTES_DTYPE]
-    names = {key: readable_name(key) if readable else key for key in keys}
+    names = {key: readable_name(key) for key in keys}
     if len(set(names.values())) != len(names):
-        raise ValueError("two keys have the same object path; convert with readable=False to keep the keys")
+        raise ValueError("two keys of the checkpoint have the same object path")
     values = reader.read_many(keys)
-    save_file({names[key]: np.ascontiguousarray(values[key]) for key in keys}, path)
+    return {names[key]: values[key] for key in keys}
+
+
+def to_torch(source, path) -> str:
+    """Write the arrays of the checkpoint at ``source`` as a torch state dict (``torch.save``) at ``path``."""
+    from asyncckpt.model.adapters import torch as torch_adapter  # noqa: PLC0415 - imports torch
+
+    path = os.fspath(path)
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} exists; refusing to overwrite it with a converted checkpoint")
+    torch_adapter.save_arrays(_arrays_of(source), path)
     return path
+
+
+def from_torch(path, prefix, *, settings: ckio.WriteSettings | None = None) -> str:
+    """Write the tensors of a torch state dict file (``.pt``) as an asyncckpt checkpoint at ``prefix``.
+
+    The file is read with ``torch.load(weights_only=True)``, which builds tensors and plain
+    containers only; nested dicts and lists are flattened into ``/``-separated names. Values that
+    are not tensors (a step count as a number) are refused, naming them.
+    """
+    from asyncckpt.model.adapters import torch as torch_adapter  # noqa: PLC0415 - imports torch
+
+    return _write_arrays(torch_adapter.load_arrays(os.fspath(path)), prefix, settings)
+
+
+def from_file(path, prefix) -> str:
+    """A ``.safetensors`` or torch ``.pt``/``.pth``/``.bin`` file as an asyncckpt checkpoint (by its suffix)."""
+    name = os.fspath(path)
+    if name.endswith(".safetensors"):
+        return from_safetensors(name, prefix)
+    if name.endswith((".pt", ".pth", ".bin")):
+        return from_torch(name, prefix)
+    raise ValueError(f"{name}: expected a .safetensors or a torch .pt/.pth/.bin file to convert to asyncckpt")
+
+
+def _write_arrays(arrays: dict, prefix, settings: ckio.WriteSettings | None) -> str:
+    entries = [ckio.SaveEntry(name, value) for name, value in sorted(arrays.items())]
+    handle = ckio.start_write(prefix, entries, {"nodes": [{"children": [], "attributes": [], "slot_variables": []}]},
+                              settings=settings)
+    return handle.result()
 
 
 def from_safetensors(path, prefix, *, settings: ckio.WriteSettings | None = None) -> str:
@@ -128,8 +174,4 @@ def from_safetensors(path, prefix, *, settings: ckio.WriteSettings | None = None
     """
     from safetensors.numpy import load_file  # noqa: PLC0415 - an optional dependency
 
-    tensors = load_file(os.fspath(path))
-    entries = [ckio.SaveEntry(name, value) for name, value in sorted(tensors.items())]
-    handle = ckio.start_write(prefix, entries, {"nodes": [{"children": [], "attributes": [], "slot_variables": []}]},
-                              settings=settings)
-    return handle.result()
+    return _write_arrays(load_file(os.fspath(path)), prefix, settings)

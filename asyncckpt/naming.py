@@ -10,6 +10,7 @@ import re
 from typing import Any, NamedTuple
 
 __all__ = [
+    "readable_name",
     "INDEX_SUFFIX",
     "index_path",
     "index_name",
@@ -160,3 +161,25 @@ def lock_probe_name(stem: str, save_id: str) -> str:
 def lock_probe_result_name(stem: str, save_id: str, worker: int, excluded: bool) -> str:
     """Where worker ``worker`` reports whether the chief's lock kept it out (``excluded``)."""
     return f"{stem}.index.probe-{save_id[:16]}-{worker:05d}-{'held' if excluded else 'free'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint keys as the names a user gave
+
+_ATTRIBUTES = "/.ATTRIBUTES/"
+_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _unescape(segment: str) -> str:
+    """A key segment as the name it escapes (``..`` is ``.``, ``.S`` is ``/``)."""
+    return segment.replace(".S", "/").replace("..", ".")
+
+
+def readable_name(key: str) -> str:
+    """A checkpoint key as a path of the names a user gave: ``model/.ATTRIBUTES/layer1..weight`` → ``model/layer1.weight``.
+
+    A variable's value is its object's path; other attributes follow their object's path.
+    """
+    if key.endswith(_VALUE):
+        key = key[: -len(_VALUE)]
+    return "/".join(_unescape(segment) for segment in key.replace(_ATTRIBUTES, "/").split("/"))

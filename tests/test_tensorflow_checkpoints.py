@@ -225,3 +225,28 @@ def test_convert_to_safetensors_and_back(tmp_path, capsys):
     np.testing.assert_array_equal(ac.load_variable(back, "model/kernel"), values["model/kernel"])
     assert cli.main(["convert", path, target, "--to", "safetensors"]) == 1  # never over an existing file
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_convert_to_a_torch_state_dict_and_back_unpickling_nothing_else(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    path, values = _saved(tmp_path)
+    target = str(tmp_path / "weights.pt")
+    assert cli.main(["convert", path, target, "--to", "pt"]) == 0
+    state = torch.load(target, weights_only=True)
+    assert state["model/brain"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(state["model/kernel"].numpy(), values["model/kernel"])
+    back = str(tmp_path / "back" / "ckpt")
+    assert cli.main(["convert", target, back, "--to", "asyncckpt"]) == 0
+    np.testing.assert_array_equal(ac.load_variable(back, "model/kernel"), values["model/kernel"])
+    torch.save({"layer": {"w": torch.ones(2)}, "step": 3}, tmp_path / "mixed.pt")
+    assert cli.main(["convert", str(tmp_path / "mixed.pt"), str(tmp_path / "x" / "ckpt"), "--to", "asyncckpt"]) == 1
+    assert "step is a int, not a tensor" in capsys.readouterr().err
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"w": torch.ones(1), "evil": Payload()}, tmp_path / "evil.pt")
+    assert cli.main(["convert", str(tmp_path / "evil.pt"), str(tmp_path / "y" / "ckpt"), "--to", "asyncckpt"]) == 1
+    out, err = capsys.readouterr()
+    assert "unpickled!" not in out and "torch.load(weights_only=True) refused it (Weights only load failed" in err

@@ -19,6 +19,7 @@ the current stream) when CuPy is installed, and copied to the host at ``save()``
 
 from __future__ import annotations
 
+import pickle
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,7 @@ import torch
 
 from asyncckpt import _arrays
 from asyncckpt.dtypes import describe_dtype, dtype_from_string
+from asyncckpt.errors import UnsupportedFormatError
 from asyncckpt._runtime import process_state
 from asyncckpt.model.adapters import leaves
 from asyncckpt.model.adapters.pytree import PyTree
@@ -510,3 +512,39 @@ def adapt(value: Any) -> Any:
     if callable(getattr(kind, "state_dict", None)) and callable(getattr(kind, "load_state_dict", None)):
         return state_dict_class(value)(value)  # modules, optimizers, LR schedulers, GradScaler
     return None
+
+
+def save_arrays(arrays: Mapping[str, np.ndarray], path: str) -> None:
+    """``torch.save`` a state dict of CPU tensors over ``arrays`` (bfloat16 and float8 included)."""
+    torch.save({name: from_numpy(np.ascontiguousarray(value)) for name, value in arrays.items()}, path)
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a torch file as host arrays by ``/``-joined path, read with ``weights_only=True``.
+
+    ``torch.load(weights_only=True)`` builds tensors and plain containers only, never other objects;
+    anything else in the file, or a value that is not a tensor, is refused naming it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedFormatError(f"{path} holds more than tensors, or is not a torch file: "
+                                     f"torch.load(weights_only=True) refused it ({first})") from None
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[name] = np.ascontiguousarray(to_numpy_view(value.detach().cpu()))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{name}/{key}" if name else str(key), item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(f"{name}/{index}" if name else str(index), item)
+        else:
+            raise TypeError(f"{path}: {name or 'the file'} is a {type(value).__name__}, not a tensor; only "
+                            "tensors (in dicts and lists) are converted")
+
+    walk("", state)
+    return flat

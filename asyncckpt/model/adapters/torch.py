@@ -19,7 +19,6 @@ the current stream) when CuPy is installed, and copied to the host at ``save()``
 
 from __future__ import annotations
 
-import pickle
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -527,7 +526,9 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch's refusals (an UnpicklingError among them) end here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedFormatError(f"{path} holds more than tensors, or is not a torch file: "
                                      f"torch.load(weights_only=True) refused it ({first})") from None

@@ -228,9 +228,9 @@ def parse_header(value: bytes, *, source: str) -> tuple[int, int]:
         shards, endianness = 1, 0
         for number, _, item in _fields(value):
             if number == 1:
-                shards = item
+                shards = _int(item)
             elif number == 2:
-                endianness = item
+                endianness = _int(item)
         if not 1 <= shards <= 1 << 20:
             raise _Corrupt(f"num_shards {shards}")
         return shards, endianness
@@ -243,9 +243,9 @@ def _shape(value: bytes) -> tuple[int, ...]:
     for number, _, item in _fields(value):
         if number == 2:
             size = 0  # (proto3: a size of 0 is not written)
-            for inner, _, dim in _fields(item):
+            for inner, _, dim in _fields(_nested(bytes)(item)):
                 if inner == 1:
-                    size = _signed(dim)
+                    size = _signed(_int(dim))
             if size < 0:
                 raise _Corrupt("a shape of unknown size")
             dims.append(size)
@@ -261,34 +261,52 @@ def _slice(value: bytes) -> Slice:
     for number, _, item in _fields(value):
         if number == 1:
             start, length = 0, -1
-            for inner, _, part in _fields(item):
+            for inner, _, part in _fields(_nested(bytes)(item)):
                 if inner == 1:
-                    start = _signed(part)
+                    start = _signed(_int(part))
                 elif inner == 2:
-                    length = _signed(part)
+                    length = _signed(_int(part))
             extents.append((start, length))
     return Slice(tuple(extents))
+
+
+def _message(value: bytes, schema: dict[int, tuple[str, Any]], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a message by ``schema`` (number -> (name, decode)); a list default collects repeats."""
+    found = {name: list(default) if isinstance(default, list) else default for name, default in defaults.items()}
+    for number, _, item in _fields(value):
+        if number in schema:
+            name, decode = schema[number]
+            if isinstance(found.get(name), list):
+                found[name].append(decode(item))
+            else:
+                found[name] = decode(item)
+    return found
+
+
+def _int(item: Any) -> int:
+    if not isinstance(item, int):
+        raise _Corrupt("a number field of the wrong wire type")
+    return item
+
+
+def _nested(decode):
+    """``decode`` of an embedded message, refusing a field of another wire type."""
+    def decoded(item: Any) -> Any:
+        if not isinstance(item, bytes):
+            raise _Corrupt("a message field of the wrong wire type")
+        return decode(item)
+    return decoded
+
+
+_ENTRY = {1: ("dtype", _int), 2: ("shape", _nested(_shape)), 3: ("shard_id", _int),
+          4: ("offset", lambda item: _signed(_int(item))), 5: ("size", lambda item: _signed(_int(item))),
+          6: ("crc32c", lambda item: unmask(_int(item))), 7: ("slices", _nested(_slice))}
 
 
 def parse_entry(value: bytes, key: str, *, source: str) -> BundleEntry:
     """The ``BundleEntryProto`` of tensor ``key``."""
     try:
-        fields: dict[str, Any] = {"dtype": 0, "shape": (), "slices": []}
-        for number, _, item in _fields(value):
-            if number == 1:
-                fields["dtype"] = item
-            elif number == 2:
-                fields["shape"] = _shape(item)
-            elif number == 3:
-                fields["shard_id"] = item
-            elif number == 4:
-                fields["offset"] = _signed(item)
-            elif number == 5:
-                fields["size"] = _signed(item)
-            elif number == 6:
-                fields["crc32c"] = unmask(item)
-            elif number == 7:
-                fields["slices"].append(_slice(item))
+        fields = _message(value, _ENTRY, {"dtype": 0, "shape": (), "slices": []})
         entry = BundleEntry(fields.pop("dtype"), fields.pop("shape"), slices=tuple(fields.pop("slices")), **fields)
         if entry.offset < 0 or entry.size < 0 or entry.offset + entry.size > 2**53:
             raise _Corrupt(f"an impossible byte range [{entry.offset}, {entry.offset + entry.size})")
@@ -321,41 +339,26 @@ def data_file_name(stem: str, shard: int, shards: int) -> str:
     return f"{stem}.data-{shard:05d}-of-{shards:05d}"
 
 
+_CHILD = {1: ("node_id", _int), 2: ("local_name", _text)}
+_ATTRIBUTE = {1: ("name", _text), 2: ("full_name", _text), 3: ("checkpoint_key", _text)}
+_SLOT = {1: ("original_variable_node_id", _int), 2: ("slot_name", _text), 3: ("slot_variable_node_id", _int)}
+_NODE = {
+    1: ("children", _nested(lambda item: _message(item, _CHILD, {"node_id": 0, "local_name": ""}))),
+    2: ("attributes", _nested(lambda item: _message(item, _ATTRIBUTE, {"name": "", "full_name": "",
+                                                                        "checkpoint_key": ""}))),
+    3: ("slot_variables", _nested(lambda item: _message(item, _SLOT, {"original_variable_node_id": 0, "slot_name": "",
+                                                                       "slot_variable_node_id": 0}))),
+}
+
+
 def parse_object_graph(value: bytes, *, source: str) -> dict:
     """A serialised ``TrackableObjectGraph`` as asyncckpt's object-graph JSON (the same fields)."""
     try:
         nodes = []
         for number, _, node_bytes in _fields(value):
-            if number != 1:
-                continue
-            node: dict[str, list] = {"children": [], "attributes": [], "slot_variables": []}
-            for field_number, _, item in _fields(node_bytes):
-                if field_number == 1:
-                    child = {"node_id": 0, "local_name": ""}
-                    for inner, _, part in _fields(item):
-                        if inner == 1:
-                            child["node_id"] = part
-                        elif inner == 2:
-                            child["local_name"] = _text(part)
-                    node["children"].append(child)
-                elif field_number == 2:
-                    attribute = {"name": "", "full_name": "", "checkpoint_key": ""}
-                    for inner, _, part in _fields(item):
-                        name = {1: "name", 2: "full_name", 3: "checkpoint_key"}.get(inner)
-                        if name is not None:
-                            attribute[name] = _text(part)
-                    node["attributes"].append(attribute)
-                elif field_number == 3:
-                    slot = {"original_variable_node_id": 0, "slot_name": "", "slot_variable_node_id": 0}
-                    for inner, _, part in _fields(item):
-                        if inner == 1:
-                            slot["original_variable_node_id"] = part
-                        elif inner == 2:
-                            slot["slot_name"] = _text(part)
-                        elif inner == 3:
-                            slot["slot_variable_node_id"] = part
-                    node["slot_variables"].append(slot)
-            nodes.append(node)
+            if number == 1:
+                nodes.append(_nested(lambda item: _message(item, _NODE, {"children": [], "attributes": [],
+                                                                          "slot_variables": []}))(node_bytes))
         return {"nodes": nodes}
     except _Corrupt as exc:
         raise CorruptCheckpointError(f"corrupt TensorFlow checkpoint {source}: its object graph: {exc}") from None

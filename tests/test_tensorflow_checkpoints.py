@@ -250,3 +250,22 @@ def test_convert_to_a_torch_state_dict_and_back_unpickling_nothing_else(tmp_path
     assert cli.main(["convert", str(tmp_path / "evil.pt"), str(tmp_path / "y" / "ckpt"), "--to", "asyncckpt"]) == 1
     out, err = capsys.readouterr()
     assert "unpickled!" not in out and "torch.load(weights_only=True) refused it (Weights only load failed" in err
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_hostile_protos_with_valid_checksums_are_corrupt_never_otherwise(blob):
+    """An index a hostile writer sealed with correct block checksums: each proto decoder alone."""
+    from asyncckpt import tensorflow_bundle as bundle
+
+    for decode in (lambda: bundle.parse_entry(blob, "k", source="s"), lambda: bundle.parse_header(blob, source="s"),
+                   lambda: bundle.parse_object_graph(blob, source="s"),
+                   lambda: bundle.decode_strings(blob, 3, what="s")):
+        try:
+            decode()
+        except ac.CorruptCheckpointError:
+            pass
+    try:
+        bundle.read_table(bundle.build_table([(b"", blob), (b"k", blob)]), source="s")
+    except ac.CorruptCheckpointError:
+        pass

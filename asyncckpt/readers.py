@@ -102,8 +102,29 @@ def list_variables(ckpt_dir_or_file) -> list[tuple[str, list[int]]]:
     return [(key, shapes[key]) for key in sorted(shapes, key=lambda k: k.encode("utf-8"))]
 
 
-def object_metadata(save_path) -> dict:
-    """The object graph saved in a checkpoint, as a dict (``nodes``, ``children``, ...).
+_REPEATED = frozenset({"nodes", "children", "attributes", "slot_variables"})
+
+
+class ObjectGraph(dict):
+    """A saved object graph: a dict (``graph["nodes"][0]["children"]``) that also reads like TensorFlow's
+    ``TrackableObjectGraph`` proto (``graph.nodes[0].children[0].node_id``, ``.local_name``,
+    ``.attributes[k].checkpoint_key``, ``.slot_variables[...]``), so code written against
+    ``tf.train.load_checkpoint``'s object metadata runs unchanged."""
+
+    def __getattr__(self, name: str):
+        try:
+            value = self[name]
+        except KeyError:
+            if name in _REPEATED:
+                return []  # a repeated proto field left out is empty
+            raise AttributeError(name) from None
+        if isinstance(value, list):
+            return [ObjectGraph(item) if isinstance(item, dict) else item for item in value]
+        return ObjectGraph(value) if isinstance(value, dict) else value
+
+
+def object_metadata(save_path) -> ObjectGraph:
+    """The object graph saved in a checkpoint (ours or TensorFlow's), as a dict that reads like TF's proto.
 
     Raises
     ------
@@ -121,4 +142,4 @@ def object_metadata(save_path) -> dict:
             f'the key "{_format.OBJECT_GRAPH_KEY}": it holds no object graph (a name-based TensorFlow 1 '
             "checkpoint: Checkpoint.restore matches its values to variables by their names)."
         )
-    return graph
+    return ObjectGraph(graph)

@@ -269,3 +269,16 @@ def test_hostile_protos_with_valid_checksums_are_corrupt_never_otherwise(blob):
         bundle.read_table(bundle.build_table([(b"", blob), (b"k", blob)]), source="s")
     except ac.CorruptCheckpointError:
         pass
+
+
+def test_object_metadata_reads_like_tensorflows_proto_for_both_formats(tmp_path):
+    for path in (TF2, ac.Checkpoint(model=_tf2_objects()[0]).save(str(tmp_path / "ours"))):
+        graph = ac.object_metadata(path)
+        root = graph.nodes[0]
+        model = graph.nodes[root.children[0].node_id]
+        assert root.children[0].local_name == "model" and graph["nodes"][0]["children"][0]["local_name"] == "model"
+        dense = graph.nodes[[child.node_id for child in model.children if child.local_name == "dense"][0]]
+        kernel = graph.nodes[[child.node_id for child in dense.children if child.local_name == "kernel"][0]]
+        assert kernel.attributes[0].name == "VARIABLE_VALUE"
+        assert kernel.attributes[0].checkpoint_key == "model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE"
+        assert kernel.slot_variables == []

@@ -21,6 +21,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -109,8 +110,10 @@ class CheckpointOptions:
     experimental_metrics_callback : callable, optional
         Called once after each write ends (committed or failed), in a worker thread, with a
         frozen :class:`~asyncckpt.io.ckio.WriteStats`: bytes and files written, and seconds per
-        stage (snapshot -- the caller's stall --, data write, commit, total). Its exceptions are
-        logged, never raised.
+        stage (snapshot -- the caller's stall --, data write, commit, total); and once after each
+        restore or read, on the restoring thread, with a :class:`~asyncckpt.io.ckio.ReadStats`:
+        values, bytes and data files read (every byte verified), seconds opening and reading.
+        Its exceptions are logged, never raised.
     multi_worker : asyncckpt.MultiWorker, optional
         This process is worker ``index`` of ``count`` saving the same checkpoints to a shared
         filesystem: each writes its share of the bytes, the chief (worker 0) merges the sections,
@@ -130,7 +133,7 @@ class CheckpointOptions:
     experimental_skip_slot_variables: bool = False
     write_settings: ckio.WriteSettings | None = None
     read_settings: ckio.ReadSettings | None = None
-    experimental_metrics_callback: Callable[[ckio.WriteStats], None] | None = None
+    experimental_metrics_callback: Callable[[Any], None] | None = None  # WriteStats, or ReadStats
     multi_worker: ckio.MultiWorker | None = None
 
     def __post_init__(self):
@@ -528,17 +531,28 @@ class Checkpoint(AutoTrackable):
         path = os.fspath(save_path)
         read_settings = options.read_settings or ckio.ReadSettings()
         yield _WaitForWrites(path, read_settings.storage)
-        reader = yield _OpenReader(path, read_settings)
-        if getattr(reader, "name_based", False):  # a TF1 checkpoint: no object graph, values by variable name
-            return (yield from restore_by_names(self._graph_view(), reader, optional=(self._self_save_counter,)))
-        coordinator = RestoreCoordinator(
-            reader.own_object_graph(), reader, skip_slot_variables=options.experimental_skip_slot_variables
-        )
-        view = self._graph_view()
-        root = view.root_object
-        yield from CheckpointPosition(coordinator, 0).restore_steps(root)
-        yield from self._restore_attached(coordinator, root)
-        return CheckpointLoadStatus(coordinator, view)
+        started = time.perf_counter()
+        reader, opened = None, 0.0
+        try:
+            reader = yield _OpenReader(path, read_settings)
+            opened = time.perf_counter() - started
+            logger.debug("restore of %s: opened in %.3f s", path, opened)
+            if getattr(reader, "name_based", False):  # a TF1 checkpoint: no object graph, values by variable name
+                status = yield from restore_by_names(self._graph_view(), reader, optional=(self._self_save_counter,))
+            else:
+                coordinator = RestoreCoordinator(
+                    reader.own_object_graph(), reader, skip_slot_variables=options.experimental_skip_slot_variables
+                )
+                view = self._graph_view()
+                root = view.root_object
+                yield from CheckpointPosition(coordinator, 0).restore_steps(root)
+                yield from self._restore_attached(coordinator, root)
+                status = CheckpointLoadStatus(coordinator, view)
+        except Exception as error:
+            _report_read(options, path, reader, started, opened, error)
+            raise
+        _report_read(options, path, reader, started, opened, None)
+        return status
 
     def _restore_attached(self, coordinator: RestoreCoordinator, root: Trackable):
         """Match kwargs attached to an explicit root against the saved root's children (steps)."""
@@ -580,6 +594,25 @@ class Checkpoint(AutoTrackable):
                 value = copy.deepcopy(value, memo)
             object.__setattr__(copied, name, value)
         return copied
+
+
+def _report_read(options: CheckpointOptions, path: str, reader, started: float, opened: float,
+                 error: Exception | None) -> None:
+    """Log a restore's figures at DEBUG and hand them to the metrics callback (whose errors are logged)."""
+    counts = getattr(reader, "counts", None)
+    tensors, nbytes, files, reading = (counts.tensors, counts.bytes, len(counts.files), counts.seconds) if counts \
+        else (0, 0, 0, 0.0)
+    total = time.perf_counter() - started
+    stats = ckio.ReadStats(path, tensors, nbytes, files, opened, reading, total, error)
+    logger.debug("restore of %s: %d values, %d bytes from %d data files in %.3f s (%.3f s reading)%s", path,
+                 stats.tensors, stats.bytes_read, stats.files_read, total, stats.read_seconds,
+                 f", failed: {error}" if error else "")
+    callback = options.experimental_metrics_callback
+    if callback is not None:
+        try:
+            callback(stats)
+        except Exception:  # noqa: BLE001 - observing a restore must never change its outcome
+            logger.exception("the metrics callback for the restore of %s failed", path)
 
 
 @dataclasses.dataclass(frozen=True)

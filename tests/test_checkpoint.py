@@ -374,3 +374,30 @@ def test_a_missing_checkpoint_names_its_index_and_says_savedmodels_are_not_read(
     assert message.startswith(f"Error when restoring from checkpoint or SavedModel at {missing}: ")
     assert f"{missing}.index does not exist" in message
     assert message.endswith("asyncckpt reads asyncckpt checkpoints only, not SavedModel directories.")
+
+
+def test_the_metrics_callback_sees_each_restore_with_its_bytes_files_and_seconds(tmp_path, caplog):
+    import logging
+
+    values = {"a": ac.Variable(np.arange(1000, dtype=np.float64)), "b": ac.Variable(np.ones(3, np.float32))}
+    path = ac.Checkpoint(**values).save(str(tmp_path / "ckpt"))
+    seen = []
+    options = ac.CheckpointOptions(experimental_metrics_callback=seen.append)
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    ac.Checkpoint(a=ac.Variable(np.zeros(1000)), b=ac.Variable(np.zeros(3, np.float32))).restore(path, options=options)
+    (stats,) = seen
+    assert type(stats).__name__ == "ReadStats" and stats.path == path and stats.error is None
+    assert stats.tensors == 2 and stats.bytes_read == 8000 + 12 and stats.files_read >= 1
+    assert 0 <= stats.open_seconds <= stats.total_seconds and 0 <= stats.read_seconds <= stats.total_seconds
+    assert f"restore of {path}: 2 values, 8012 bytes" in caplog.text
+    with pytest.raises(ValueError):
+        ac.Checkpoint(a=ac.Variable(np.zeros(7))).restore(path, options=options)
+    assert isinstance(seen[-1].error, ValueError)
+
+
+def test_each_save_logs_its_figures_at_debug(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    path = ac.Checkpoint(a=ac.Variable(np.ones(100))).save(str(tmp_path / "ckpt"))
+    assert f"save of {path}: 2 values, 808 bytes in 1 data files" in caplog.text

@@ -16,7 +16,7 @@ from asyncckpt.io.commit import checkpoint_exists, delete_checkpoint
 from asyncckpt.io.settings import MultiWorker
 from asyncckpt.io.pending import WriteHandle, await_pending_writes, has_pending_writes, wait_for_pending_writes
 from asyncckpt.io.read import CheckpointReader, VerifyReport, aopen_reader, open_reader
-from asyncckpt.io.settings import ReadSettings, WriteMetrics, WriteSettings, WriteStats
+from asyncckpt.io.settings import ReadSettings, ReadStats, WriteMetrics, WriteSettings, WriteStats
 from asyncckpt.io.sources import SaveEntry
 from asyncckpt.io.storage import storage_for_path
 from asyncckpt.io.write import PreparedWrite, prepare_write, start_write
@@ -26,6 +26,7 @@ __all__ = [
     "MultiWorker",
     "PreparedWrite",
     "ReadSettings",
+    "ReadStats",
     "SaveEntry",
     "TensorSpec",
     "VerifyReport",

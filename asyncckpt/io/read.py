@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,21 @@ from asyncckpt.io.tasks import first_error
 logger = logging.getLogger("asyncckpt")
 
 
+@dataclass
+class ReadCounts:
+    """Running totals of a reader's reads (for ``ReadStats`` and the DEBUG log)."""
+
+    tensors: int = 0
+    bytes: int = 0
+    files: set = dataclasses.field(default_factory=set)
+    seconds: float = 0.0
+
+    def add(self, tensors: int, ranges: Sequence[ReadRange]) -> None:
+        self.tensors += tensors
+        self.bytes += sum(read_range.stop - read_range.start for read_range in ranges)
+        self.files.update(read_range.file for read_range in ranges)
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     """What :meth:`CheckpointReader.verify` checked: how many values and bytes."""
@@ -83,6 +99,8 @@ class CheckpointReader(DeviceReads, BoxReads):
         self._backend = backend
         self._settings = settings
         self._runtime = runtime
+        #: What reads through this reader have read so far: values, data bytes, data files, seconds.
+        self.counts = ReadCounts()
 
     @property
     def object_graph(self) -> dict:
@@ -349,6 +367,8 @@ class CheckpointReader(DeviceReads, BoxReads):
             max_range_bytes=self._settings.max_read_bytes,
         )
         await self._check_lengths(ranges)  # before allocating what a crafted manifest claims
+        started = time.perf_counter()
+        self.counts.add(len(records), ranges)
         values: dict[str, Any] = {}
         views: dict[str, memoryview] = {}
         if assemble:
@@ -384,6 +404,7 @@ class CheckpointReader(DeviceReads, BoxReads):
             raise _naming_modified(first_error(group), touched) from None
         except CorruptCheckpointError as error:
             raise _naming_modified(error, touched) from None
+        self.counts.seconds += time.perf_counter() - started
         for key, record in records.items():
             try:
                 self._check_whole(key, record, crcs[key])

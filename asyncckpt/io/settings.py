@@ -206,6 +206,36 @@ class WriteMetrics:
 
 
 @dataclass(frozen=True)
+class ReadStats:
+    """What one restore read, per stage: handed to ``CheckpointOptions.experimental_metrics_callback``.
+
+    Attributes
+    ----------
+    path:
+        The checkpoint path.
+    tensors, bytes_read, files_read:
+        Values read, bytes read from data files (every one verified) and data files read from.
+    open_seconds:
+        Reading and checking ``P.index``.
+    read_seconds:
+        Reading and verifying values (every batch of the restore together).
+    total_seconds:
+        From the restore's start to its end.
+    error:
+        The exception that failed the restore, or ``None``.
+    """
+
+    path: str
+    tensors: int
+    bytes_read: int
+    files_read: int
+    open_seconds: float
+    read_seconds: float
+    total_seconds: float
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
 class WriteStats:
     """What one finished write did, per stage: handed to ``start_write(on_stats=...)``.
 

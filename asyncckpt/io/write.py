@@ -391,6 +391,10 @@ class _WriteJob:
             if metrics.files_written:
                 metrics.writing_seconds = self._write_span[1] - self._write_span[0]
             metrics.total_seconds = time.perf_counter() - started
+            logger.debug("save of %s: %d values, %d bytes in %d data files in %.3f s (stall %.3f s, data %.3f s, "
+                         "commit %.3f s)%s", self.handle.path, len(self.sources), metrics.bytes_written,
+                         metrics.files_written, metrics.total_seconds, metrics.snapshot_seconds,
+                         metrics.writing_seconds, metrics.commit_seconds, f", failed: {error}" if error else "")
             if self.on_stats is not None:
                 await self._report(error)
 

@@ -31,6 +31,7 @@ import numpy as np
 from asyncckpt.checkpoint_management import latest_checkpoint
 from asyncckpt.errors import CheckpointError, NotFoundError
 from asyncckpt.naming import readable_name
+from asyncckpt.progress import for_terminal
 from asyncckpt.readers import load_checkpoint, resolve_checkpoint_path
 
 __all__ = ["main", "build_parser", "readable_name"]
@@ -126,7 +127,13 @@ def _dtype_name(dtype) -> str:
 
 def _verify(args) -> tuple[int, dict, list[str]]:
     prefix, note = _resolved(args.path)
-    report = ckio.open_reader(prefix).verify()
+    reader = ckio.open_reader(prefix)
+    reader.on_progress = progress = for_terminal(sys.stderr, "verify")  # a progress line on a terminal only
+    try:
+        report = reader.verify()
+    finally:
+        if progress is not None:
+            progress.close()
     lines = ([note] if note else []) + [f"OK: {report.tensors} tensors, {report.bytes} bytes verified"]
     return 0, {"checkpoint": prefix, "ok": True, "tensors": report.tensors, "bytes": report.bytes}, lines
 

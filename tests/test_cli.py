@@ -199,3 +199,21 @@ def test_every_command_speaks_json(capsys, written):
     corrupt_value(written, B_KEY)
     code, out, _ = run(capsys, "verify", written, "--json")
     assert code == 1 and json.loads(out)["kind"] == "corrupt checkpoint"
+
+
+def test_verify_draws_a_progress_line_only_on_a_terminal(capsys, tmp_path):
+    import io
+
+    from asyncckpt.progress import Progress, for_terminal
+
+    path = ac.Checkpoint(v=ac.Variable(np.zeros(3 << 20, np.uint8))).write(str(tmp_path / "big"))
+    reader = ac.load_checkpoint(path)
+    stream = io.StringIO()
+    reader.on_progress = Progress(stream, "verify", interval=0)
+    reader.verify()
+    reader.on_progress.close()
+    drawn = stream.getvalue()
+    assert drawn.startswith("\rverify  ") and drawn.endswith("3/3 MiB (100%)\n")
+    assert for_terminal(io.StringIO(), "verify") is None  # a pipe or a log: no progress at all
+    code, out, err = run(capsys, "verify", path)
+    assert code == 0 and "\r" not in out + err

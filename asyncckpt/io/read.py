@@ -101,6 +101,9 @@ class CheckpointReader(DeviceReads, BoxReads):
         self._runtime = runtime
         #: What reads through this reader have read so far: values, data bytes, data files, seconds.
         self.counts = ReadCounts()
+        #: Called as ``on_progress(bytes done, bytes in all)`` as each batch's byte ranges arrive
+        #: (``asyncckpt.progress.Progress`` draws a progress line); ``None``: nobody watches.
+        self.on_progress = None
 
     @property
     def object_graph(self) -> dict:
@@ -383,6 +386,8 @@ class CheckpointReader(DeviceReads, BoxReads):
         destined = set(out)
         touched: set[str] = set()  # keys whose destination a read has started to fill
 
+        progress, total, done = self.on_progress, sum(r.stop - r.start for r in ranges), [0]
+
         async def fetch(read_range: ReadRange) -> None:
             async with semaphore:
                 touched.update(target.key for target in read_range.targets if target.key in destined)
@@ -392,6 +397,9 @@ class CheckpointReader(DeviceReads, BoxReads):
                     checked = await self._verify_range(read_range)
             for target, crc in zip(read_range.targets, checked):
                 crcs[target.key][target.extent_index] = crc
+            if progress is not None:
+                done[0] += read_range.stop - read_range.start
+                progress(done[0], total)
 
         try:
             if len(ranges) == 1:

@@ -401,3 +401,25 @@ def test_each_save_logs_its_figures_at_debug(tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="asyncckpt")
     path = ac.Checkpoint(a=ac.Variable(np.ones(100))).save(str(tmp_path / "ckpt"))
     assert f"save of {path}: 2 values, 808 bytes in 1 data files" in caplog.text
+
+
+def test_a_save_reports_its_progress_file_by_file(tmp_path):
+    import io
+
+    from asyncckpt.progress import Progress
+
+    seen = []
+    settings = ac.WriteSettings(chunk_bytes=1 << 20, pack_bytes=1 << 20, on_progress=lambda done, total: seen.append(
+        (done, total)))
+    ac.Checkpoint(v=ac.Variable(np.zeros(3 << 20, np.uint8))).save(
+        str(tmp_path / "ckpt"), options=ac.CheckpointOptions(write_settings=settings))
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1][0] == seen[-1][1]
+    assert len(seen) >= 3 and seen[-1][1] == (3 << 20) + 8  # three chunks and the save counter's pack
+    stream = io.StringIO()
+    line = Progress(stream, "save", interval=0)
+    path = ac.Checkpoint(v=ac.Variable(np.zeros(10))).save(
+        str(tmp_path / "other"), options=ac.CheckpointOptions(write_settings=ac.WriteSettings(on_progress=line)))
+    line.close()
+    assert stream.getvalue().endswith("(100%)\n") and ac.checkpoint_exists(path)
+    with pytest.raises(TypeError, match="on_progress must be callable"):
+        ac.WriteSettings(on_progress=3)

@@ -123,6 +123,9 @@ class WriteSettings:
         A :class:`MultiWorker`: this write is one worker's part of a
         save by several workers to a shared filesystem (each writes its share of the bytes; the
         chief merges and commits). ``None`` or ``count == 1``: a single writer.
+    on_progress:
+        Called as ``on_progress(bytes written, bytes in all)`` as each data file is durable, on the
+        background loop (keep it quick: ``asyncckpt.progress.Progress`` draws a progress line).
     """
 
     staging_budget_bytes: int = 256 * MiB
@@ -134,8 +137,11 @@ class WriteSettings:
     runtime: Runtime | None = None
     device_backend: Any = None
     multi_worker: MultiWorker | None = None
+    on_progress: Any = None
 
     def __post_init__(self) -> None:
+        if self.on_progress is not None and not callable(self.on_progress):
+            raise TypeError(f"WriteSettings.on_progress must be callable or None, got {self.on_progress!r}")
         if self.multi_worker is not None and not isinstance(self.multi_worker, MultiWorker):
             raise TypeError(
                 f"WriteSettings.multi_worker must be an asyncckpt.MultiWorker or None, got {self.multi_worker!r}"

@@ -484,6 +484,12 @@ class _WriteJob:
             self._write_span[1] = max(self._write_span[1], time.perf_counter())
             self.handle.metrics.bytes_written += file.size
             self.handle.metrics.files_written += 1
+            progress = self.settings.on_progress
+            if progress is not None:
+                try:
+                    progress(self.handle.metrics.bytes_written, self.plan.total_bytes)
+                except Exception:  # noqa: BLE001 - watching a write must never fail it
+                    logger.exception("the progress callback of %s failed", self.handle.path)
         finally:
             self.snapshot.file_written(index)
             semaphore.release()

@@ -41,8 +41,8 @@ from asyncckpt.restore import (
     InitializationOnlyStatus,
     RestoreCoordinator,
     preload_simple_restoration,
-    restore_by_names,
 )
+from asyncckpt.name_based import restore_by_names
 from asyncckpt.state_file import _tensorflow_checkpoints_in, update_checkpoint_state
 from asyncckpt.model.trackable import Trackable, TrackableReference
 from asyncckpt.model.variable import Variable

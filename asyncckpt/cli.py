@@ -153,10 +153,9 @@ def _summary(value, first: int) -> dict:
         return {"dtype": "bytes", "shape": [], "length": len(value), "first": value[:first].decode("latin-1")}
     array = np.asarray(value)
     summary = {"dtype": _dtype_name(array.dtype), "shape": list(array.shape), "size": int(array.size)}
-    if array.size and array.dtype.kind in "biufc" or str(array.dtype) == "bfloat16":
+    if array.size and (array.dtype.kind in "biufc" or str(array.dtype) == "bfloat16"):
         wide = array.astype(np.complex128 if array.dtype.kind == "c" else np.float64)
-        if array.size:
-            summary.update(min=_plain(wide.min()), max=_plain(wide.max()), mean=_plain(wide.mean()))
+        summary.update(min=_plain(wide.min()), max=_plain(wide.max()), mean=_plain(wide.mean()))
     summary["first"] = [_plain(item) for item in array.reshape(-1)[:first].tolist()]
     return summary
 

@@ -55,7 +55,7 @@ def to_tensorflow(source, prefix) -> str:
         with open(data_file, "xb") as out:
             written = True
             offset = 0
-            graph = reader.own_object_graph() if hasattr(reader, "own_object_graph") else reader.object_graph
+            graph = reader.own_object_graph()  # None for a name-based TensorFlow checkpoint
             keys = [key for key in reader.keys() if key != OBJECT_GRAPH_KEY]
             for key in keys:
                 spec = reader.spec(key)
@@ -94,7 +94,6 @@ def to_tensorflow(source, prefix) -> str:
             with contextlib.suppress(OSError):
                 os.unlink(data_file)
         raise
-    ckio.wait_for_pending_writes(prefix)
     return prefix
 
 

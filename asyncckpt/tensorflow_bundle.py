@@ -40,6 +40,7 @@ __all__ = [
     "parse_object_graph",
     "slice_key",
     "decode_strings",
+    "string_frame_crc",
     "data_file_name",
     "numpy_dtype_of",
     "manifest_dtype",
@@ -364,6 +365,18 @@ def parse_object_graph(value: bytes, *, source: str) -> dict:
         raise CorruptCheckpointError(f"corrupt TensorFlow checkpoint {source}: its object graph: {exc}") from None
 
 
+def _length_integers(lengths) -> bytes:
+    """String lengths as TensorFlow checksums them: little-endian uint32s (uint64 from 4 GiB on)."""
+    return b"".join(struct.pack("<I" if length < 1 << 32 else "<Q", length) for length in lengths)
+
+
+def string_frame_crc(data: bytes, strings: list[bytes]) -> int:
+    """The entry CRC-32C of a string tensor stored as ``data``: its lengths as integers, then the
+    lengths' masked checksum and the bytes (the rest of the frame after the varints)."""
+    return crc32c.crc32c(data[len(data) - sum(map(len, strings)) - 4:],
+                         crc32c.crc32c(_length_integers(map(len, strings))))
+
+
 def decode_strings(data: bytes, count: int, *, what: str) -> list[bytes]:
     """The ``count`` strings of a ``DT_STRING`` tensor's stored bytes: varint lengths, their masked
     CRC-32C (over the lengths as little-endian uint32s, uint64 for a string of 4 GiB or more), then
@@ -377,8 +390,7 @@ def decode_strings(data: bytes, count: int, *, what: str) -> list[bytes]:
             raise _Corrupt("the string lengths' checksum is missing")
         masked = int.from_bytes(data[position:position + 4], "little")
         position += 4
-        packed = b"".join(struct.pack("<I" if length < 1 << 32 else "<Q", length) for length in lengths)
-        if crc32c.crc32c(packed) != unmask(masked):
+        if crc32c.crc32c(_length_integers(lengths)) != unmask(masked):
             raise _Corrupt("the string lengths fail their checksum")
         strings = []
         for length in lengths:
@@ -482,10 +494,9 @@ def encode_entry(tf_dtype: int, shape: tuple[int, ...], offset: int, size: int, 
 def encode_strings(strings: list[bytes]) -> tuple[bytes, int]:
     """``(stored bytes, entry CRC-32C)`` of a string tensor, framed as TensorFlow frames it."""
     lengths = b"".join(_put_varint(len(s)) for s in strings)
-    integers = b"".join(struct.pack("<I" if len(s) < 1 << 32 else "<Q", len(s)) for s in strings)
-    length_crc = mask(crc32c.crc32c(integers)).to_bytes(4, "little")
-    data = b"".join(strings)
-    return lengths + length_crc + data, crc32c.crc32c(length_crc + data, crc32c.crc32c(integers))
+    length_crc = mask(crc32c.crc32c(_length_integers(map(len, strings)))).to_bytes(4, "little")
+    data = lengths + length_crc + b"".join(strings)
+    return data, string_frame_crc(data, strings)
 
 
 def encode_object_graph(graph: dict) -> bytes:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import asyncckpt as ac
 from asyncckpt import cli
-from asyncckpt.restore import NameBasedSaverStatus
+from asyncckpt.name_based import NameBasedSaverStatus
 
 FIXTURES = Path(__file__).with_name("fixtures") / "tensorflow"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())

@@ -616,7 +616,7 @@ class TensorFlowReader(CheckpointReader):
             raise ValueError(f"key {strings[0]!r} holds strings; it cannot be read into an array")
         others = [key for key in keys if key not in strings]
         results = await super()._read(others, assemble=assemble, out=out, devices=devices) if others else {}
-        stem = os.path.basename(self.path.rstrip("/"))
+        stem = self._manifest.data_dir  # (a TensorFlow checkpoint's data files are named after its stem)
         for key in strings:
             if key == OBJECT_GRAPH_KEY:
                 if self.name_based:

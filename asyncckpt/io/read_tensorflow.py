@@ -13,28 +13,22 @@ checksums the frame its own way. The object graph of a TF2 checkpoint comes from
 from __future__ import annotations
 
 import math
-import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import crc32c
 import numpy as np
 
 from asyncckpt import tensorflow_bundle as bundle
 from asyncckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from asyncckpt.format import BYTES_DTYPE, OBJECT_GRAPH_KEY, Extent, Manifest, ShardedRecord, TensorRecord
 from asyncckpt.io.storage import Backend
+from asyncckpt.shards import Box, tiling_problem
 
 __all__ = ["TensorFlowParts", "tensorflow_parts", "string_tensor"]
 
 #: The largest string tensor read (its frame is read whole to check it).
 MAX_STRING_TENSOR_BYTES = 256 << 20
-
-
-def _stem_of(path: str) -> str:
-    return os.path.basename(os.fspath(path).rstrip("/"))
 
 
 async def string_tensor(backend: Backend, path: str, key: str, entry: bundle.BundleEntry, stem: str,
@@ -56,9 +50,7 @@ async def string_tensor(backend: Backend, path: str, key: str, entry: bundle.Bun
     data = await backend.read(file, entry.offset, entry.offset + entry.size) if entry.size else b""
     count = math.prod(entry.shape)
     strings = bundle.decode_strings(data, count, what=f"{path}: string tensor {key!r}")
-    # TensorFlow's checksum of a string tensor: the lengths as integers, then the rest of the frame.
-    checked = crc32c.crc32c(b"".join(struct.pack("<I" if len(s) < 1 << 32 else "<Q", len(s)) for s in strings))
-    checked = crc32c.crc32c(data[len(data) - sum(len(s) for s in strings) - 4:], checked)
+    checked = bundle.string_frame_crc(data, strings)
     if checked != entry.crc32c:
         raise CorruptCheckpointError(f"corrupt TensorFlow checkpoint {path}: key {key!r}: data file "
                                      f"{backend.describe(file)} fails its checksum (crc32c {checked:#010x}, "
@@ -126,8 +118,6 @@ def _sliced(table, key, entry, dtype, stem, shards, source) -> ShardedRecord:
                                          f"{list(offset)} is {list(part.shape)}, not {list(shape)}")
         pieces.append((offset, _record(part, dtype, stem, shards)))
     pieces.sort(key=lambda item: item[0])
-    from asyncckpt.shards import Box, tiling_problem  # noqa: PLC0415
-
     problem = tiling_problem(entry.shape, [Box(offset, record.shape) for offset, record in pieces])
     if problem is not None:
         raise CorruptCheckpointError(f"corrupt TensorFlow checkpoint index {source} (key {key!r}): {problem}")

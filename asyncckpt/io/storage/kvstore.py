@@ -258,7 +258,7 @@ class _KvStoreBackend(Backend):
         """``lease_seconds`` overrides the backend's lease for this one lock (a short-held one)."""
         if self._lease_seconds is None:
             return await self._holding(name, lambda: self._create_marker(name))
-        lease = self._lease() if lease_seconds is None else json.dumps({"lease_until": time.time() + lease_seconds}).encode()
+        lease = self._lease(lease_seconds)
         return await self._holding(name, lambda: self.create_new(name, lease))
 
     async def try_lock(self, name: str) -> Lock | None:
@@ -266,8 +266,9 @@ class _KvStoreBackend(Backend):
             return await self._holding(name, lambda: self._marker_exists(name))
         return await self._holding(name, lambda: self._lease_taken_over(name))
 
-    def _lease(self) -> bytes:
-        return json.dumps({"lease_until": time.time() + self._lease_seconds}).encode()
+    def _lease(self, seconds: float | None = None) -> bytes:
+        """A lease marker's bytes: until when it is held (``seconds`` from now, the backend's lease by default)."""
+        return json.dumps({"lease_until": time.time() + (self._lease_seconds if seconds is None else seconds)}).encode()
 
     async def renew_lease(self, name: str) -> bool:
         """Extend the lease ``name`` if it is still the one this backend wrote (no lease: always held)."""

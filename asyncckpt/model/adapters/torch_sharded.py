@@ -94,7 +94,7 @@ def restored(value: Any, like: Any, *, into: bool = False) -> Any:
         raise ValueError(f"the restored box is {list(array.shape)} but this rank's part is {list(box.shape)}")
     local = local_tensor(like)
     if into and local.device.type != "meta":
-        if local.device.type == "cpu" and array is not None and _shares_memory(array, local):
+        if local.device.type == "cpu" and _shares_memory(array, local):
             return like  # read straight into it
         if local.is_cpu:
             torch_adapter.before_change([local])
